@@ -1,0 +1,90 @@
+package api
+
+import (
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+
+	"github.com/labstack/echo/v5"
+
+	"github.com/sluice-dev/sluice/jobs"
+)
+
+// Error is an error a client sees: DESIGN.md §3's
+// {"error": {"type", "message", ...}} with the fields its type adds. Every
+// error a handler returns becomes one of these in exactly one place
+// (httpErrorHandler); anything else is a 500 whose details stay in the log.
+type Error struct {
+	Status     int
+	Type       string
+	Message    string
+	Field      string         // JSON path of the offending field (invalid_request)
+	Extra      map[string]any // fields the type adds (reset_at, retry_after_seconds…)
+	RetryAfter int            // seconds; sets Retry-After
+}
+
+func (e *Error) Error() string { return e.Type + ": " + e.Message }
+
+func (e *Error) body() map[string]any {
+	inner := map[string]any{"type": e.Type, "message": e.Message}
+	if e.Field != "" {
+		inner["field"] = e.Field
+	}
+	for k, v := range e.Extra {
+		inner[k] = v
+	}
+	return map[string]any{"error": inner}
+}
+
+func invalid(field, format string, args ...any) *Error {
+	return &Error{Status: http.StatusBadRequest, Type: "invalid_request", Field: field, Message: fmt.Sprintf(format, args...)}
+}
+
+var (
+	errNoCredentials = &Error{Status: http.StatusUnauthorized, Type: "authentication_error",
+		Message: "This request has no API key. Send your sluice API key as the x-api-key header or as Authorization: Bearer <key>."}
+	errBadCredentials = &Error{Status: http.StatusUnauthorized, Type: "authentication_error",
+		Message: "This API key is not valid. Check that you are using a current sluice API key for your tenant."}
+	errJobNotFound = &Error{Status: http.StatusNotFound, Type: "not_found",
+		Message: "No job with this id exists for you. It may have expired, or the id may be mistyped."}
+	errRouteNotFound = &Error{Status: http.StatusNotFound, Type: "not_found",
+		Message: "There is no such endpoint. See the README for the routes sluice serves."}
+	errMethodNotAllowed = &Error{Status: http.StatusMethodNotAllowed, Type: "invalid_request",
+		Message: "This endpoint does not accept that HTTP method."}
+	errInternal = &Error{Status: http.StatusInternalServerError, Type: "internal_error",
+		Message: "sluice hit an internal problem and could not finish this request. Nothing you sent was lost; please try again, and tell the operator if it keeps happening."}
+)
+
+// httpErrorHandler writes every error in the contract's shape.
+func (s *Server) httpErrorHandler(c *echo.Context, err error) {
+	if r, _ := echo.UnwrapResponse(c.Response()); r != nil && r.Committed {
+		return
+	}
+	var e *Error
+	switch {
+	case errors.As(err, &e):
+	case errors.Is(err, jobs.ErrNotFound):
+		e = errJobNotFound
+	case errors.Is(err, echo.ErrNotFound):
+		e = errRouteNotFound
+	case errors.Is(err, echo.ErrMethodNotAllowed):
+		e = errMethodNotAllowed
+	default:
+		var sc echo.HTTPStatusCoder
+		if errors.As(err, &sc) && sc.StatusCode() < 500 && sc.StatusCode() >= 400 {
+			e = &Error{Status: sc.StatusCode(), Type: "invalid_request", Message: http.StatusText(sc.StatusCode()) + "."}
+		} else {
+			s.log.Error("request failed", "method", c.Request().Method, "path", c.Request().URL.Path, "err", err)
+			e = errInternal
+		}
+	}
+	if e.RetryAfter > 0 {
+		c.Response().Header().Set("Retry-After", strconv.Itoa(e.RetryAfter))
+	}
+	if c.Request().Method == http.MethodHead {
+		_ = c.NoContent(e.Status)
+		return
+	}
+	_ = c.JSON(e.Status, e.body())
+}

@@ -1,0 +1,28 @@
+package api
+
+import (
+	"net/http"
+
+	"github.com/labstack/echo/v5"
+)
+
+// routes is the whole HTTP surface, one line a route.
+func (s *Server) routes() {
+	e := s.echo
+	e.GET("/healthz", s.healthz)
+	e.GET("/readyz", s.readyz)
+
+	e.POST("/v1/jobs", s.createJob, s.tenantAuth)
+	e.GET("/v1/jobs/:id", s.getJob, s.optionalTenantAuth)
+	e.GET("/v1/jobs/:id/events", s.jobEvents, s.optionalTenantAuth)
+
+	if s.d.Monitoring != nil {
+		mon := echo.WrapHandler(s.d.Monitoring)
+		e.GET("/monitoring", func(c *echo.Context) error { return c.Redirect(http.StatusMovedPermanently, "/monitoring/") }, s.adminAuth)
+		e.Any("/monitoring/*", mon, s.adminAuth)
+	}
+	if s.d.Web != nil {
+		e.GET("/*", echo.WrapHandler(s.d.Web))
+	}
+	e.RouteNotFound("/*", func(c *echo.Context) error { return errRouteNotFound })
+}

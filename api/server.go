@@ -1,0 +1,115 @@
+// Package api is sluice's HTTP server (Echo v5): authentication, validation,
+// admission, the job routes and their Server-Sent Events, health checks, and
+// the embedded asynqmon and web pages. routes.go lists the whole surface.
+package api
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"time"
+
+	"github.com/hibiken/asynq"
+	"github.com/labstack/echo/v5"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/sluice-dev/sluice/config"
+	"github.com/sluice-dev/sluice/jobs"
+)
+
+// Enqueuer hands a task to asynq (asynq.Client in production).
+type Enqueuer interface {
+	EnqueueContext(ctx context.Context, task *asynq.Task, opts ...asynq.Option) (*asynq.TaskInfo, error)
+}
+
+// Deps are what the api needs.
+type Deps struct {
+	Config     *config.Config
+	Redis      redis.UniversalClient
+	Store      *jobs.Store
+	Hub        *jobs.Hub
+	Enqueuer   Enqueuer
+	Monitoring http.Handler // asynqmon, mounted at /monitoring/ behind admin auth; nil = not mounted
+	Web        http.Handler // the embedded pages at /; nil = none
+	Logger     *slog.Logger
+	Clock      func() time.Time // nil = time.Now
+}
+
+// Server is the api.
+type Server struct {
+	cfg   *config.Config
+	d     Deps
+	log   *slog.Logger
+	now   func() time.Time
+	echo  *echo.Echo
+	stop  context.Context // ends when the server shuts down: SSE streams close
+	close context.CancelFunc
+
+	// SSE heartbeat period: a comment line keeps idle streams alive through
+	// proxies that cut silent connections.
+	heartbeat time.Duration
+}
+
+// DefaultHeartbeat is the SSE heartbeat period.
+const DefaultHeartbeat = 15 * time.Second
+
+// New builds the api server.
+func New(d Deps) *Server {
+	if d.Clock == nil {
+		d.Clock = time.Now
+	}
+	s := &Server{cfg: d.Config, d: d, log: d.Logger, now: d.Clock, heartbeat: DefaultHeartbeat}
+	s.stop, s.close = context.WithCancel(context.Background())
+	e := echo.New()
+	e.Logger = d.Logger
+	e.HTTPErrorHandler = s.httpErrorHandler
+	s.echo = e
+	s.routes()
+	return s
+}
+
+// ServeHTTP serves the api.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.echo.ServeHTTP(w, r) }
+
+// CloseStreams ends every open event stream; call it when shutdown begins,
+// since http.Server.Shutdown waits for handlers but does not cancel them.
+func (s *Server) CloseStreams() { s.close() }
+
+// readBody reads the request body up to the configured limit; larger is a 413.
+func (s *Server) readBody(c *echo.Context) ([]byte, error) {
+	limit := s.cfg.API.BodyLimitBytes
+	r := c.Request()
+	if r.ContentLength > limit {
+		return nil, tooLarge(r.ContentLength, limit)
+	}
+	b, err := io.ReadAll(io.LimitReader(r.Body, limit+1))
+	if err != nil {
+		return nil, invalid("", "The request body could not be read: the connection broke while sending it.")
+	}
+	if int64(len(b)) > limit {
+		return nil, tooLarge(-1, limit)
+	}
+	return b, nil
+}
+
+func tooLarge(size, limit int64) *Error {
+	msg := fmt.Sprintf("The request body is larger than the %s this server accepts. Shorten the conversation or send less at once.", byteSize(limit))
+	if size > 0 {
+		msg = fmt.Sprintf("The request body is %s; this server accepts at most %s. Shorten the conversation or send less at once.", byteSize(size), byteSize(limit))
+	}
+	return &Error{Status: http.StatusRequestEntityTooLarge, Type: "request_too_large", Message: msg}
+}
+
+func byteSize(n int64) string {
+	switch {
+	case n >= 1<<20 && n%(1<<20) == 0:
+		return fmt.Sprintf("%d MiB", n>>20)
+	case n >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+	case n >= 1<<10:
+		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
+	}
+	return fmt.Sprintf("%d bytes", n)
+}

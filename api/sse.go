@@ -1,0 +1,75 @@
+package api
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+
+	"github.com/labstack/echo/v5"
+
+	"github.com/sluice-dev/sluice/jobs"
+)
+
+// jobEvents is GET /v1/jobs/{id}/events: the job's Server-Sent Events. It
+// replays what the client missed (Last-Event-ID or ?last_event_id=), then
+// follows live events until the terminal one, the client leaving, or the
+// server shutting down.
+func (s *Server) jobEvents(c *echo.Context) error {
+	job, err := s.authorizedJob(c)
+	if err != nil {
+		return err
+	}
+	after := c.Request().Header.Get("Last-Event-ID")
+	if q := c.QueryParam("last_event_id"); q != "" {
+		after = q
+	}
+	if after != "" && !jobs.ValidEventID(after) {
+		return invalid("last_event_id", "Last-Event-ID %q is not an event id of this stream; reconnect without it to get the whole history.", truncate(after, 64))
+	}
+	ctx, cancel := context.WithCancel(c.Request().Context())
+	defer cancel()
+	stopWatch := context.AfterFunc(s.stop, cancel)
+	defer stopWatch()
+
+	// Subscribe before reading the log, so nothing falls between the two.
+	sub, err := s.d.Hub.Subscribe(ctx, job.ID)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
+	defer sub.Close()
+
+	w := c.Response()
+	h := w.Header()
+	h.Set("Content-Type", "text/event-stream")
+	h.Set("Cache-Control", "no-cache")
+	h.Set("Connection", "keep-alive")
+	h.Set("X-Accel-Buffering", "no") // nginx: do not buffer
+	w.WriteHeader(http.StatusOK)
+	flush := http.NewResponseController(w)
+	if _, err := fmt.Fprint(w, ": sluice event stream\nretry: 2000\n\n"); err != nil {
+		return nil
+	}
+	_ = flush.Flush()
+
+	err = sub.Follow(ctx, after, s.heartbeat,
+		func() error {
+			if _, err := fmt.Fprint(w, ": heartbeat\n\n"); err != nil {
+				return err
+			}
+			return flush.Flush()
+		},
+		func(ev jobs.Event) (bool, error) {
+			if _, err := fmt.Fprintf(w, "id: %s\nevent: %s\ndata: %s\n\n", ev.ID, ev.Name, ev.Data); err != nil {
+				return true, err
+			}
+			return false, flush.Flush()
+		})
+	if err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, jobs.ErrHubClosed) {
+		s.log.Debug("event stream ended", "job_id", job.ID, "err", err)
+	}
+	return nil // the response is committed; errors end the stream
+}

@@ -1,0 +1,232 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/hibiken/asynq"
+	"github.com/hibiken/asynqmon"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/sluice-dev/sluice/api"
+	"github.com/sluice-dev/sluice/config"
+	"github.com/sluice-dev/sluice/jobs"
+	"github.com/sluice-dev/sluice/limiter"
+	"github.com/sluice-dev/sluice/upstream"
+	"github.com/sluice-dev/sluice/web"
+	"github.com/sluice-dev/sluice/worker"
+)
+
+const serverHelp = `Usage: sluice %[1]s [flags]
+
+%[2]s
+
+Flags:
+  --config PATH   the YAML configuration file (env SLUICE_CONFIG); see sluice.example.yaml
+  --listen ADDR   %[3]s
+
+Environment (each beats the file):
+  SLUICE_CONFIG         the configuration file, as --config
+  %[4]s
+  REDIS_URL             the Redis that holds jobs, queues and limits (redis://host:port/db)
+  ANTHROPIC_BASE_URL    the upstream's base URL (default https://api.anthropic.com)
+  ANTHROPIC_API_KEY     the upstream key: only ever from the environment
+  SLUICE_ADMIN_KEY      an extra admin key (for /monitoring/)
+  SLUICE_LOG_FORMAT     text or json
+  SLUICE_LOG_LEVEL      debug, info, warn or error
+`
+
+var roleText = map[string][2]string{
+	"serve":  {"Runs the HTTP api and a worker in one process.", "the api's address, host:port (default :8080)"},
+	"api":    {"Runs the HTTP api only. Run as many as you like against one Redis.", "the api's address, host:port (default :8080)"},
+	"worker": {"Runs a worker only: it takes queued jobs and calls the upstream. Run as many as you like.", "the health endpoint's address, host:port (default :8081)"},
+}
+
+// runServer runs `sluice serve`, `sluice api` or `sluice worker`.
+func runServer(ctx context.Context, role string, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet(role, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	listenEnv := "SLUICE_LISTEN          the api's address, as --listen"
+	if role == "worker" {
+		listenEnv = "SLUICE_WORKER_LISTEN  the health endpoint's address, as --listen"
+	}
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, serverHelp, role, roleText[role][0], roleText[role][1], listenEnv)
+	}
+	configPath := fs.String("config", getenv("SLUICE_CONFIG"), "")
+	listen := fs.String("listen", "", "")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, err := config.Load(*configPath, getenv)
+	if err != nil {
+		return fmt.Errorf("configuration:\n%w", err)
+	}
+	if *listen != "" {
+		if role == "worker" {
+			cfg.WorkerListen = *listen
+		} else {
+			cfg.Listen = *listen
+		}
+	}
+	return serve(ctx, cfg, roles{api: role != "worker", worker: role != "api"}, stdout, stderr, nil)
+}
+
+type roles struct{ api, worker bool }
+
+// serve runs the parts of sluice that r names until ctx ends. ready, if not
+// nil, gets the bound address once the HTTP listener is up.
+func serve(ctx context.Context, cfg *config.Config, r roles, stdout, stderr io.Writer, ready func(addr string)) error {
+	log := newLogger(cfg.Log, stderr)
+	cfg.Dump(stderr)
+	if r.worker && cfg.Upstream.APIKey == "" {
+		log.Warn("ANTHROPIC_API_KEY is not set: upstream calls will be refused unless the upstream needs no key")
+	}
+
+	opt, err := redis.ParseURL(cfg.RedisURL)
+	if err != nil {
+		return fmt.Errorf("redis_url: %w", err)
+	}
+	rdb := redis.NewClient(opt)
+	defer rdb.Close()
+	pingCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	err = rdb.Ping(pingCtx).Err()
+	cancel()
+	if err != nil {
+		return fmt.Errorf("cannot reach Redis at %s: %w (is it running? set REDIS_URL or redis_url)", redactRedis(cfg.RedisURL), err)
+	}
+
+	addr := cfg.Listen
+	if !r.api {
+		addr = cfg.WorkerListen
+	}
+	// Listen before serving, so a busy port fails at once.
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", addr, err)
+	}
+	defer ln.Close()
+
+	store := jobs.NewStore(rdb, jobs.Options{})
+	var wk *worker.Worker
+	if r.worker {
+		up := upstream.New(upstream.Options{BaseURL: cfg.Upstream.BaseURL, APIKey: cfg.Upstream.APIKey})
+		defer up.Close()
+		wk = worker.New(worker.Deps{
+			Config: cfg, Redis: rdb, Store: store, Upstream: up,
+			Leases: limiter.NewLeases(rdb, 0), Logger: log.With("component", "worker"),
+		})
+		if err := wk.Start(); err != nil {
+			return err
+		}
+		defer wk.Shutdown()
+	}
+
+	var handler http.Handler
+	var apiSrv *api.Server
+	if r.api {
+		hub := jobs.NewHub(store, log.With("component", "events"))
+		defer hub.Close()
+		aq := asynq.NewClientFromRedisClient(rdb)
+		defer aq.Close()
+		var mon http.Handler
+		if len(cfg.AdminKeys) > 0 {
+			connOpt, err := asynq.ParseRedisURI(cfg.RedisURL)
+			if err != nil {
+				return fmt.Errorf("redis_url for asynqmon: %w", err)
+			}
+			m := asynqmon.New(asynqmon.Options{RootPath: "/monitoring", RedisConnOpt: connOpt, ReadOnly: true})
+			defer m.Close()
+			mon = m
+		} else {
+			log.Info("no admin key configured: /monitoring/ is off (set admin_keys or SLUICE_ADMIN_KEY)")
+		}
+		apiSrv = api.New(api.Deps{
+			Config: cfg, Redis: rdb, Store: store, Hub: hub, Enqueuer: aq,
+			Monitoring: mon, Web: web.Handler(), Logger: log.With("component", "api"),
+		})
+		handler = apiSrv
+	} else {
+		handler = healthOnly(rdb)
+	}
+
+	srv := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	what := map[bool]string{true: "api", false: "worker health"}[r.api]
+	log.Info("listening", "what", what, "addr", "http://"+ln.Addr().String())
+	if ready != nil {
+		ready(ln.Addr().String())
+	}
+
+	select {
+	case <-ctx.Done():
+	case err := <-errc:
+		if !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("http server: %w", err)
+		}
+	}
+	log.Info("shutting down")
+	if apiSrv != nil {
+		apiSrv.CloseStreams()
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), cfg.API.ShutdownTimeout)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil {
+		log.Warn("http shutdown did not finish in time", "err", err)
+	}
+	if wk != nil {
+		wk.Shutdown()
+	}
+	log.Info("stopped")
+	return nil
+}
+
+// healthOnly serves /healthz and /readyz for a worker process.
+func healthOnly(rdb redis.UniversalClient) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = io.WriteString(w, `{"status":"ok"}`)
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		defer cancel()
+		if err := rdb.Ping(ctx).Err(); err != nil {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			_, _ = io.WriteString(w, `{"status":"unavailable","redis":"unreachable"}`)
+			return
+		}
+		_, _ = io.WriteString(w, `{"status":"ready","redis":"ok"}`)
+	})
+	return mux
+}
+
+func newLogger(c config.Log, w io.Writer) *slog.Logger {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(c.Level))
+	opts := &slog.HandlerOptions{Level: level}
+	if strings.EqualFold(c.Format, "json") {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// redactRedis hides a password in a Redis URL.
+func redactRedis(u string) string {
+	if i := strings.Index(u, "@"); i > 0 {
+		if j := strings.Index(u, "://"); j > 0 && j < i {
+			return u[:j+3] + "***@" + u[i+1:]
+		}
+	}
+	return u
+}

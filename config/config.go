@@ -1,0 +1,418 @@
+// Package config is sluice's configuration: one YAML file plus environment
+// overrides, read once at start.
+//
+// Precedence is environment, then file, then the defaults below. A field the
+// file leaves out (or leaves empty) takes its default; a field the file sets is
+// used as given, so `rpm: 0` is reported as an error rather than quietly
+// replaced. Secrets come only from the environment: the upstream API key is
+// never read from the file. Tenant and admin keys may be written hashed
+// ("sha256:<hex>"), and the config only ever keeps their digests.
+//
+// Load and Parse report every problem at once (errors.Join), each prefixed
+// with its path in the file, such as `model_groups[1].rpm: must be > 0`.
+//
+// This package and cmd/sluice are the only readers of the environment, and
+// this package reads it only through the getenv function it is given.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Defaults. Every field that has a default takes it from one of these.
+const (
+	DefaultListen            = ":8080"
+	DefaultWorkerListen      = ":8081"
+	DefaultRedisURL          = "redis://127.0.0.1:6379/0"
+	DefaultUpstreamBaseURL   = "https://api.anthropic.com"
+	DefaultAttemptTimeout    = 10 * time.Minute
+	DefaultMaxAttempts       = 4
+	DefaultBackoffBase       = time.Second
+	DefaultBackoffMax        = 30 * time.Second
+	DefaultMaxTokens         = 1024
+	DefaultMaxConcurrency    = 8
+	DefaultBodyLimitBytes    = 8 << 20 // 8 MiB
+	DefaultAPIShutdown       = 10 * time.Second
+	DefaultWorkerShutdown    = 25 * time.Second
+	DefaultTaskCheckInterval = 5 * time.Millisecond
+	DefaultLogFormat         = "text"
+	DefaultLogLevel          = "info"
+)
+
+// Environment variables read by Load and Parse. Each one, when set and not
+// empty, beats the file.
+const (
+	envListen       = "SLUICE_LISTEN"
+	envWorkerListen = "SLUICE_WORKER_LISTEN"
+	envRedisURL     = "REDIS_URL"
+	envBaseURL      = "ANTHROPIC_BASE_URL"
+	envAPIKey       = "ANTHROPIC_API_KEY"
+	envAdminKey     = "SLUICE_ADMIN_KEY"
+	envLogFormat    = "SLUICE_LOG_FORMAT"
+	envLogLevel     = "SLUICE_LOG_LEVEL"
+)
+
+// Config is the whole configuration of a sluice process.
+type Config struct {
+	// Listen is the api's HTTP address, host:port. Default ":8080"; env SLUICE_LISTEN.
+	Listen string `yaml:"listen"`
+	// WorkerListen is the worker's health endpoint address, host:port.
+	// Default ":8081"; env SLUICE_WORKER_LISTEN.
+	WorkerListen string `yaml:"worker_listen"`
+	// RedisURL locates the Redis that holds jobs, queues and limiter state
+	// (redis://, rediss:// or unix://). Default "redis://127.0.0.1:6379/0"; env REDIS_URL.
+	RedisURL string   `yaml:"redis_url"`
+	Upstream Upstream `yaml:"upstream"`
+	// AdminKeys open /monitoring/, /dashboard and the admin routes. Empty
+	// (the default) disables them. Env SLUICE_ADMIN_KEY adds one.
+	AdminKeys []Key `yaml:"admin_keys"`
+	// Tenants are the apps allowed to use sluice. At least one.
+	Tenants []Tenant `yaml:"tenants"`
+	// ModelGroups are the upstream models, grouped by shared rate limits. At least one.
+	ModelGroups []ModelGroup `yaml:"model_groups"`
+	API         API          `yaml:"api"`
+	Worker      Worker       `yaml:"worker"`
+	Log         Log          `yaml:"log"`
+}
+
+// Upstream is the Anthropic API that sluice forwards to.
+type Upstream struct {
+	// BaseURL is an absolute http(s) URL. Default "https://api.anthropic.com";
+	// env ANTHROPIC_BASE_URL.
+	BaseURL string `yaml:"base_url"`
+	// APIKey comes only from env ANTHROPIC_API_KEY, never from the file (an
+	// api_key field there is an error). Empty means not set.
+	APIKey string `yaml:"-" json:"-"`
+	// AttemptTimeout bounds one upstream call, streaming included. Default 10m.
+	AttemptTimeout time.Duration `yaml:"attempt_timeout"`
+	// MaxAttempts is how many failed attempts a job may have before it fails;
+	// waits for rate limits do not count. Default 4.
+	MaxAttempts int `yaml:"max_attempts"`
+	// BackoffBase is the delay before the first retry after a failure; it
+	// doubles on each further retry, with full jitter. Default 1s.
+	BackoffBase time.Duration `yaml:"backoff_base"`
+	// BackoffMax caps the retry delay. Default 30s.
+	BackoffMax time.Duration `yaml:"backoff_max"`
+}
+
+// String describes u without its API key, so that printing a Config with
+// %v or %+v never shows the secret.
+func (u Upstream) String() string {
+	return fmt.Sprintf("{BaseURL:%s APIKey:%s AttemptTimeout:%s MaxAttempts:%d BackoffBase:%s BackoffMax:%s}",
+		redactURL(u.BaseURL), setOrNot(u.APIKey), u.AttemptTimeout, u.MaxAttempts, u.BackoffBase, u.BackoffMax)
+}
+
+// Tenant is one app that uses sluice on behalf of its users.
+type Tenant struct {
+	// Name is unique, [a-z0-9][a-z0-9_-]*, at most 64 characters. Required.
+	Name string `yaml:"name"`
+	// Keys are the tenant's API keys, plain or "sha256:<hex>". At least one.
+	Keys []Key `yaml:"keys"`
+	// DefaultMaxTokens is the max_tokens of a request that gives none, in
+	// tokens. Default 1024.
+	DefaultMaxTokens int `yaml:"default_max_tokens"`
+}
+
+// ModelGroup is a set of models that share upstream rate limits, with its own
+// fair queue.
+type ModelGroup struct {
+	// Name is unique, [a-z0-9][a-z0-9_-]*, at most 64 characters. Required.
+	Name string `yaml:"name"`
+	// Models are exact model names or path.Match patterns ("claude-sonnet-*").
+	// At least one; a name may appear in one group only.
+	Models []string `yaml:"models"`
+	// RPM is the group's limit in requests per minute. Required, > 0.
+	RPM int `yaml:"rpm"`
+	// InputTPM is the group's limit in input tokens per minute. Required, > 0.
+	InputTPM int `yaml:"input_tpm"`
+	// OutputTPM is the group's limit in output tokens per minute. Required, > 0.
+	OutputTPM int `yaml:"output_tpm"`
+	// MaxConcurrency caps simultaneous upstream calls across the fleet.
+	// Default 8; if set, > 0.
+	MaxConcurrency int `yaml:"max_concurrency"`
+	// CountCacheReads makes cache reads count against InputTPM, as they do for
+	// legacy models. Default false.
+	CountCacheReads bool `yaml:"count_cache_reads"`
+}
+
+// API configures the HTTP server.
+type API struct {
+	// BodyLimitBytes is the largest request body accepted, in bytes; larger
+	// is a 413. Default 8 MiB (8388608).
+	BodyLimitBytes int64 `yaml:"body_limit_bytes"`
+	// ShutdownTimeout is how long a stopping api waits for open requests and
+	// streams. Default 10s.
+	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
+}
+
+// Worker configures the upstream workers.
+type Worker struct {
+	// ShutdownTimeout is how long a stopping worker lets running calls finish
+	// before handing them back to the queue. Default 25s.
+	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
+	// TaskCheckInterval is how often an idle worker polls for tasks (asynq's
+	// own default of 1s would add up to a second of latency). Default 5ms.
+	TaskCheckInterval time.Duration `yaml:"task_check_interval"`
+}
+
+// Log configures logging.
+type Log struct {
+	// Format is "text" or "json". Default "text"; env SLUICE_LOG_FORMAT.
+	Format string `yaml:"format"`
+	// Level is debug, info, warn or error. Default "info"; env SLUICE_LOG_LEVEL.
+	Level string `yaml:"level"`
+}
+
+// Default returns a Config with every default filled in and no tenants,
+// model groups or admin keys.
+func Default() *Config {
+	return &Config{
+		Listen:       DefaultListen,
+		WorkerListen: DefaultWorkerListen,
+		RedisURL:     DefaultRedisURL,
+		Upstream: Upstream{
+			BaseURL:        DefaultUpstreamBaseURL,
+			AttemptTimeout: DefaultAttemptTimeout,
+			MaxAttempts:    DefaultMaxAttempts,
+			BackoffBase:    DefaultBackoffBase,
+			BackoffMax:     DefaultBackoffMax,
+		},
+		API: API{
+			BodyLimitBytes:  DefaultBodyLimitBytes,
+			ShutdownTimeout: DefaultAPIShutdown,
+		},
+		Worker: Worker{
+			ShutdownTimeout:   DefaultWorkerShutdown,
+			TaskCheckInterval: DefaultTaskCheckInterval,
+		},
+		Log: Log{
+			Format: DefaultLogFormat,
+			Level:  DefaultLogLevel,
+		},
+	}
+}
+
+// Load reads the YAML file at path, applies defaults and environment
+// overrides, and validates the result. A path of "" means no file: defaults
+// and environment only. getenv is usually os.Getenv; nil means an empty
+// environment. Every problem found is returned, joined with errors.Join.
+func Load(path string, getenv func(string) string) (*Config, error) {
+	var data []byte
+	if path != "" {
+		var err error
+		data, err = os.ReadFile(path)
+		if err != nil {
+			return nil, fmt.Errorf("read config: %w", err)
+		}
+	}
+	return Parse(data, getenv)
+}
+
+// Parse is Load from the bytes of a YAML document.
+func Parse(data []byte, getenv func(string) string) (*Config, error) {
+	if getenv == nil {
+		getenv = func(string) string { return "" }
+	}
+
+	// The document as a tree first: syntax errors stop here (with their
+	// line), and the tree gives the paths for the decoder's messages.
+	var root yaml.Node
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	switch err := dec.Decode(&root); {
+	case errors.Is(err, io.EOF): // empty file: defaults only
+	case err != nil:
+		return nil, err
+	default:
+		var next yaml.Node
+		if err := dec.Decode(&next); !errors.Is(err, io.EOF) {
+			if err != nil {
+				return nil, err
+			}
+			return nil, fmt.Errorf("line %d: the file must hold one YAML document, found another", next.Line)
+		}
+	}
+
+	// Decoding over the defaults leaves them in place for every field the
+	// file omits or leaves empty (yaml.v3 does not zero a struct, string or
+	// number for a null value).
+	c := Default()
+	var decodeErrs []*fieldError
+	if root.Kind != 0 {
+		strict := yaml.NewDecoder(bytes.NewReader(data))
+		strict.KnownFields(true)
+		var msgs []string
+		var te *yaml.TypeError
+		switch err := strict.Decode(c); {
+		case errors.As(err, &te):
+			msgs = te.Errors
+		case err != nil:
+			return nil, err
+		}
+		decodeErrs = decodeProblems(&root, msgs)
+		applyElementDefaults(c, &root)
+	}
+
+	envErrs, fromEnv := applyEnv(c, getenv)
+	c.Log.Format = strings.ToLower(strings.TrimSpace(c.Log.Format))
+	c.Log.Level = strings.ToLower(strings.TrimSpace(c.Log.Level))
+
+	// A field the decoder could not read holds a default or a zero value;
+	// validating it too would only repeat the same problem less clearly.
+	var errs []error
+	for _, e := range decodeErrs {
+		errs = append(errs, e)
+	}
+	for _, e := range envErrs {
+		errs = append(errs, e)
+	}
+	for _, p := range c.problems() {
+		if coveredBy(p.Path, decodeErrs) {
+			continue
+		}
+		if env, ok := fromEnv[p.Path]; ok {
+			p.Msg += " (set by " + env + ")"
+		}
+		errs = append(errs, p)
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	return c, nil
+}
+
+// applyElementDefaults fills the defaults of list elements' fields. Decoding
+// over Default() handles the top-level sections, but yaml.v3 builds each list
+// element from its zero value. A second, lenient decode of just those fields
+// into yaml.Node tells an omitted (or empty) field from one set to 0, merge
+// keys included.
+// Both decodes drop the same malformed elements, so the indexes agree.
+func applyElementDefaults(c *Config, root *yaml.Node) {
+	var given struct {
+		Tenants []struct {
+			DefaultMaxTokens yaml.Node `yaml:"default_max_tokens"`
+		} `yaml:"tenants"`
+		ModelGroups []struct {
+			MaxConcurrency yaml.Node `yaml:"max_concurrency"`
+		} `yaml:"model_groups"`
+	}
+	// Errors were already collected by the strict decode.
+	_ = root.Decode(&given)
+	omitted := func(n yaml.Node) bool { return n.Kind == 0 || n.ShortTag() == "!!null" }
+	for i := range c.Tenants {
+		if i >= len(given.Tenants) || omitted(given.Tenants[i].DefaultMaxTokens) {
+			c.Tenants[i].DefaultMaxTokens = DefaultMaxTokens
+		}
+	}
+	for i := range c.ModelGroups {
+		if i >= len(given.ModelGroups) || omitted(given.ModelGroups[i].MaxConcurrency) {
+			c.ModelGroups[i].MaxConcurrency = DefaultMaxConcurrency
+		}
+	}
+}
+
+// applyEnv applies the environment overrides to c. It returns the problems
+// with SLUICE_ADMIN_KEY, and the config paths it set with the variable that
+// set them, so that validation can say where a bad value came from.
+func applyEnv(c *Config, getenv func(string) string) ([]*fieldError, map[string]string) {
+	fromEnv := map[string]string{}
+	set := func(dst *string, path, env string) {
+		if v := strings.TrimSpace(getenv(env)); v != "" {
+			*dst = v
+			fromEnv[path] = env
+		}
+	}
+	set(&c.Listen, "listen", envListen)
+	set(&c.WorkerListen, "worker_listen", envWorkerListen)
+	set(&c.RedisURL, "redis_url", envRedisURL)
+	set(&c.Upstream.BaseURL, "upstream.base_url", envBaseURL)
+	set(&c.Upstream.APIKey, "upstream.api_key", envAPIKey)
+	set(&c.Log.Format, "log.format", envLogFormat)
+	set(&c.Log.Level, "log.level", envLogLevel)
+
+	v := strings.TrimSpace(getenv(envAdminKey))
+	if v == "" {
+		return nil, fromEnv
+	}
+	k, err := ParseKey(v)
+	if err != nil {
+		return []*fieldError{{Path: envAdminKey, Msg: err.Error()}}, fromEnv
+	}
+	// The same key in the file and the environment is one admin key, not a
+	// duplicate; the same key as a tenant's would give that tenant admin
+	// rights, so it is refused.
+	for _, a := range c.AdminKeys {
+		if a.valid && a.digest == k.digest {
+			return nil, fromEnv
+		}
+	}
+	for i, t := range c.Tenants {
+		for j, tk := range t.Keys {
+			if tk.valid && tk.digest == k.digest {
+				return []*fieldError{{Path: envAdminKey, Msg: fmt.Sprintf("same key as tenants[%d].keys[%d]; an admin key must not also be a tenant's key", i, j)}}, fromEnv
+			}
+		}
+	}
+	c.AdminKeys = append(c.AdminKeys, k)
+	return nil, fromEnv
+}
+
+// GroupFor returns the model group that serves model: a group that lists the
+// name exactly wins; otherwise the first group, in order, with a pattern that
+// matches it.
+func (c *Config) GroupFor(model string) (*ModelGroup, bool) {
+	for i := range c.ModelGroups {
+		for _, m := range c.ModelGroups[i].Models {
+			if !isPattern(m) && m == model {
+				return &c.ModelGroups[i], true
+			}
+		}
+	}
+	for i := range c.ModelGroups {
+		for _, m := range c.ModelGroups[i].Models {
+			if isPattern(m) {
+				if ok, _ := path.Match(m, model); ok {
+					return &c.ModelGroups[i], true
+				}
+			}
+		}
+	}
+	return nil, false
+}
+
+// TenantForKey returns the tenant that owns the presented API key. Every key
+// of every tenant is compared in constant time, with no early exit, so the
+// time taken does not tell which tenant (if any) matched.
+func (c *Config) TenantForKey(presented string) (*Tenant, bool) {
+	d := digestOf(presented)
+	var found *Tenant
+	for i := range c.Tenants {
+		for _, k := range c.Tenants[i].Keys {
+			if k.matchesDigest(d) && found == nil {
+				found = &c.Tenants[i]
+			}
+		}
+	}
+	return found, found != nil
+}
+
+// IsAdminKey reports whether presented is one of the admin keys, comparing
+// with every one in constant time.
+func (c *Config) IsAdminKey(presented string) bool {
+	d := digestOf(presented)
+	ok := false
+	for _, k := range c.AdminKeys {
+		if k.matchesDigest(d) {
+			ok = true
+		}
+	}
+	return ok
+}

@@ -1,0 +1,209 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"path"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+const maxNameLen = 64
+
+var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]*$`)
+
+// Validate checks the whole configuration and returns every problem found,
+// joined with errors.Join, each prefixed with its path. It does not fill
+// defaults: see Default and Load.
+func (c *Config) Validate() error {
+	ps := c.problems()
+	errs := make([]error, len(ps))
+	for i, p := range ps {
+		errs[i] = p
+	}
+	return errors.Join(errs...)
+}
+
+func (c *Config) problems() []*fieldError {
+	var v validator
+
+	v.addr("listen", c.Listen)
+	v.addr("worker_listen", c.WorkerListen)
+	if c.RedisURL == "" {
+		v.add("redis_url", "required")
+	} else if _, err := redis.ParseURL(c.RedisURL); err != nil {
+		v.add("redis_url", "not a valid Redis URL (redis://host:port/db, rediss:// or unix://): %s", urlErr(err))
+	}
+
+	u := c.Upstream
+	v.baseURL("upstream.base_url", u.BaseURL)
+	v.positiveDuration("upstream.attempt_timeout", u.AttemptTimeout)
+	v.positive("upstream.max_attempts", int64(u.MaxAttempts))
+	v.positiveDuration("upstream.backoff_base", u.BackoffBase)
+	v.positiveDuration("upstream.backoff_max", u.BackoffMax)
+	if u.BackoffBase > 0 && u.BackoffMax > 0 && u.BackoffMax < u.BackoffBase {
+		v.add("upstream.backoff_max", "must not be less than upstream.backoff_base (%s)", u.BackoffBase)
+	}
+
+	// Keys are unique across admins and tenants: a shared key would make one
+	// tenant's requests another's, or give a tenant admin rights.
+	seenKey := map[[32]byte]string{}
+	key := func(p string, k Key) {
+		if msg := k.check(); msg != "" {
+			v.add(p, "%s", msg)
+			return
+		}
+		if first, dup := seenKey[k.digest]; dup {
+			v.add(p, "same key as %s; every key must be unique", first)
+			return
+		}
+		seenKey[k.digest] = p
+	}
+	for i, k := range c.AdminKeys {
+		key(fmt.Sprintf("admin_keys[%d]", i), k)
+	}
+
+	if len(c.Tenants) == 0 {
+		v.add("tenants", "at least one tenant is required")
+	}
+	tenantNames := map[string]string{}
+	for i, t := range c.Tenants {
+		p := fmt.Sprintf("tenants[%d]", i)
+		v.name(p+".name", t.Name, tenantNames)
+		if len(t.Keys) == 0 {
+			v.add(p+".keys", "at least one key is required")
+		}
+		for j, k := range t.Keys {
+			key(fmt.Sprintf("%s.keys[%d]", p, j), k)
+		}
+		v.positive(p+".default_max_tokens", int64(t.DefaultMaxTokens))
+	}
+
+	if len(c.ModelGroups) == 0 {
+		v.add("model_groups", "at least one model group is required")
+	}
+	groupNames := map[string]string{}
+	// Each model name or pattern belongs to one group: listed twice, the
+	// second would never be used (GroupFor takes the first).
+	seenModel := map[string]string{}
+	for i, g := range c.ModelGroups {
+		p := fmt.Sprintf("model_groups[%d]", i)
+		v.name(p+".name", g.Name, groupNames)
+		if len(g.Models) == 0 {
+			v.add(p+".models", "at least one model name or pattern is required")
+		}
+		for j, m := range g.Models {
+			mp := fmt.Sprintf("%s.models[%d]", p, j)
+			switch _, err := path.Match(m, ""); {
+			case strings.TrimSpace(m) == "":
+				v.add(mp, "must not be empty")
+			case err != nil:
+				v.add(mp, "%q is not a valid pattern (see Go's path.Match: *, ?, [a-z], \\ to escape)", m)
+			default:
+				if first, dup := seenModel[m]; dup {
+					v.add(mp, "%q is already listed at %s", m, first)
+				} else {
+					seenModel[m] = mp
+				}
+			}
+		}
+		v.positive(p+".rpm", int64(g.RPM))
+		v.positive(p+".input_tpm", int64(g.InputTPM))
+		v.positive(p+".output_tpm", int64(g.OutputTPM))
+		v.positive(p+".max_concurrency", int64(g.MaxConcurrency))
+	}
+
+	v.positive("api.body_limit_bytes", c.API.BodyLimitBytes)
+	v.positiveDuration("api.shutdown_timeout", c.API.ShutdownTimeout)
+	v.positiveDuration("worker.shutdown_timeout", c.Worker.ShutdownTimeout)
+	v.positiveDuration("worker.task_check_interval", c.Worker.TaskCheckInterval)
+
+	switch c.Log.Format {
+	case "text", "json":
+	default:
+		v.add("log.format", `must be "text" or "json", got %q`, c.Log.Format)
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		v.add("log.level", "must be one of debug, info, warn, error, got %q", c.Log.Level)
+	}
+	return v.errs
+}
+
+type validator struct{ errs []*fieldError }
+
+func (v *validator) add(path, format string, args ...any) {
+	v.errs = append(v.errs, &fieldError{Path: path, Msg: fmt.Sprintf(format, args...)})
+}
+
+func (v *validator) positive(path string, n int64) {
+	if n <= 0 {
+		v.add(path, "must be > 0")
+	}
+}
+
+func (v *validator) positiveDuration(path string, d time.Duration) {
+	if d <= 0 {
+		v.add(path, "must be > 0")
+	}
+}
+
+// addr checks a listen address: host:port, the host optional, the port a
+// number (0 picks a free one).
+func (v *validator) addr(path, a string) {
+	_, port, err := net.SplitHostPort(a)
+	if err == nil {
+		_, err = strconv.ParseUint(port, 10, 16)
+	}
+	if err != nil {
+		v.add(path, `want host:port such as ":8080" or "127.0.0.1:8080", got %q`, a)
+	}
+}
+
+func (v *validator) baseURL(path, s string) {
+	u, err := url.Parse(s)
+	switch {
+	case err != nil:
+		v.add(path, "not a valid URL: %s", urlErr(err))
+	case (u.Scheme != "http" && u.Scheme != "https") || u.Host == "":
+		v.add(path, `want an absolute http or https URL such as "https://api.anthropic.com", got %q`, u.Redacted())
+	}
+}
+
+// name checks a tenant or group name and that it is the first of its kind.
+func (v *validator) name(path, n string, seen map[string]string) {
+	switch {
+	case n == "":
+		v.add(path, "required")
+	case len(n) > maxNameLen:
+		v.add(path, "must be at most %d characters, got %d", maxNameLen, len(n))
+	case !nameRE.MatchString(n):
+		v.add(path, "must be lowercase letters, digits, '_' and '-', starting with a letter or digit; got %q", n)
+	default:
+		if first, dup := seen[n]; dup {
+			v.add(path, "%q is already the name at %s", n, first)
+			return
+		}
+		seen[n] = path
+	}
+}
+
+// urlErr drops the URL from a url.Error: it may hold a password.
+func urlErr(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return ue.Err
+	}
+	return err
+}
+
+// isPattern reports whether a model entry is a path.Match pattern rather
+// than an exact name.
+func isPattern(m string) bool { return strings.ContainsAny(m, `*?[\`) }

@@ -1,0 +1,361 @@
+package fakeanthropic
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strconv"
+	"time"
+)
+
+// handleMessages answers POST /v1/messages and accounts for it in Stats.
+func (s *Server) handleMessages(w http.ResponseWriter, r *http.Request) {
+	c := &call{s: s, rec: RequestRecord{At: s.now()}}
+	s.requestStarted()
+	defer func() {
+		c.settle() // if no answer settled it: a canceled request, or a panic
+		rec := c.rec
+		s.logger.Debug("fake-anthropic request", "request_id", w.Header().Get("request-id"),
+			"group", rec.Group, "model", rec.Model, "status", rec.Status, "fault", rec.Fault,
+			"stream", rec.Stream, "input_tokens", rec.InputTokens, "output_tokens", rec.OutputTokens)
+	}()
+	s.serveMessages(w, r, c)
+}
+
+// call is the bookkeeping of one /v1/messages request.
+type call struct {
+	s        *Server
+	rec      RequestRecord
+	group    *groupState // nil until the model is known
+	left     func()      // counts the call out of its group
+	reserved int         // output tokens reserved (reserve mode)
+	settled  bool
+}
+
+// settle closes the books of the call: it gives back the unused output
+// reservation and records the call in Stats. The answer calls it just before
+// its last bytes, so that a client that has read its answer finds it in
+// Stats; later calls do nothing.
+func (c *call) settle() {
+	if c.settled {
+		return
+	}
+	c.settled = true
+	s := c.s
+	if c.reserved > 0 {
+		s.mu.Lock()
+		c.group.refill(s.now())
+		c.group.output.give(float64(c.reserved - c.rec.OutputTokens))
+		s.mu.Unlock()
+	}
+	if c.left != nil {
+		c.left()
+	}
+	s.requestFinished(c.rec)
+}
+
+// serveMessages runs one Messages call and fills in c. The steps follow the
+// API: size, auth, body, model; then a queued or random fault; then the rate
+// limiter; then the paced reply.
+func (s *Server) serveMessages(w http.ResponseWriter, r *http.Request, c *call) {
+	rec := &c.rec
+	fail := func(e *apiError) {
+		rec.Status = e.status
+		c.settle()
+		writeError(w, e)
+	}
+	req, apiErr, tooLarge := s.readRequest(w, r, false)
+	switch {
+	case tooLarge:
+		rec.Status = http.StatusRequestEntityTooLarge
+		c.settle()
+		writeTooLarge(w)
+		return
+	case apiErr != nil:
+		fail(apiErr)
+		return
+	}
+	rec.Model, rec.Stream, rec.UserID = req.model, req.stream, req.userID
+	g := s.groupFor(req.model)
+	if g == nil {
+		fail(modelNotFound(req.model))
+		return
+	}
+	rec.Group, c.group, c.left = g.Name, g, s.groupEntered(g.Name)
+
+	u := usage{
+		InputTokens:              req.inputTokens,
+		CacheCreationInputTokens: max(0, req.directives.cacheWrite),
+		CacheReadInputTokens:     max(0, req.directives.cacheRead),
+	}
+	// ITPM counts input tokens and cache writes, not cache reads.
+	charged := u.InputTokens + u.CacheCreationInputTokens
+	rec.InputTokens = charged
+
+	rule, queued := s.drawFault()
+	rec.Fault = rule.Kind
+	now := s.now()
+	if rule.Kind == FaultDrop {
+		rec.Status = 0
+		c.settle()
+		dropConnection(w)
+		return
+	}
+	if !rule.Kind.admitted(req.stream) {
+		e := faultError(rule, now)
+		if e.status == http.StatusTooManyRequests {
+			s.mu.Lock()
+			g.refill(now)
+			h := g.headers(now)
+			s.mu.Unlock()
+			h.write(w.Header())
+		}
+		fail(e)
+		return
+	}
+
+	s.mu.Lock()
+	charge, h, refused := s.admit(g, charged, req.maxTokens, now)
+	if refused == nil {
+		s.stats.AdmittedRequests[g.Name]++
+		s.stats.AdmittedInputTokens[g.Name] += int64(charge.input)
+	}
+	s.mu.Unlock()
+	h.write(w.Header())
+	if refused != nil {
+		if queued {
+			s.requeue(rule) // the stream fault waits for a request that runs
+		}
+		rec.Fault = ""
+		fail(refused)
+		return
+	}
+	c.reserved = charge.reserved
+
+	out := &output{s: s, c: c, ctx: r.Context(), start: time.Now(), plan: planReply(req, s.cfg.ReplyTokens)}
+	msg := message{
+		ID:      "msg_" + rand.Text(),
+		Type:    "message",
+		Role:    "assistant",
+		Model:   req.model,
+		Content: []textBlock{},
+		Usage:   u,
+	}
+	if req.stream {
+		s.writeStream(w, out, msg, rule.Kind)
+	} else {
+		s.writeMessage(w, out, msg, rule.Kind)
+	}
+}
+
+// output produces the tokens of one reply at the configured pace.
+type output struct {
+	s     *Server
+	c     *call
+	ctx   context.Context
+	start time.Time // wall clock
+	plan  reply
+}
+
+func (o *output) produced() int { return o.c.rec.OutputTokens }
+
+// firstByte waits for the configured latency.
+func (o *output) firstByte() error {
+	return o.s.pause(o.ctx, o.start.Add(o.s.cfg.Latency))
+}
+
+// next waits until the next token is due, then produces it: it counts in
+// Stats and, in realtime OTPM mode, in the output bucket. It returns the
+// token, or an error if the client went away.
+func (o *output) next() (string, error) {
+	due := o.start.Add(o.s.cfg.Latency)
+	if tps := o.s.cfg.TokensPerSecond; tps > 0 {
+		due = due.Add(time.Duration(float64(o.produced()+1) / tps * float64(time.Second)))
+	}
+	if err := o.s.pause(o.ctx, due); err != nil {
+		return "", err
+	}
+	s, g := o.s, o.c.group
+	s.mu.Lock()
+	s.stats.AdmittedOutputTokens[g.Name]++
+	if s.cfg.OTPMMode == OTPMRealtime {
+		g.output.refill(s.now())
+		g.output.take(1)
+	}
+	s.mu.Unlock()
+	tok := o.plan.tokens[o.produced()]
+	o.c.rec.OutputTokens++
+	return tok, nil
+}
+
+// Wire types of the Messages API, in the API's field order.
+type (
+	usage struct {
+		InputTokens              int `json:"input_tokens"`
+		CacheCreationInputTokens int `json:"cache_creation_input_tokens"`
+		CacheReadInputTokens     int `json:"cache_read_input_tokens"`
+		OutputTokens             int `json:"output_tokens"`
+	}
+	textBlock struct {
+		Type string `json:"type"`
+		Text string `json:"text"`
+	}
+	message struct {
+		ID           string      `json:"id"`
+		Type         string      `json:"type"`
+		Role         string      `json:"role"`
+		Model        string      `json:"model"`
+		Content      []textBlock `json:"content"`
+		StopReason   *string     `json:"stop_reason"`
+		StopSequence *string     `json:"stop_sequence"`
+		Usage        usage       `json:"usage"`
+	}
+	messageStartEvent struct {
+		Type    string  `json:"type"`
+		Message message `json:"message"`
+	}
+	contentBlockStartEvent struct {
+		Type         string    `json:"type"`
+		Index        int       `json:"index"`
+		ContentBlock textBlock `json:"content_block"`
+	}
+	contentBlockDeltaEvent struct {
+		Type  string    `json:"type"`
+		Index int       `json:"index"`
+		Delta textDelta `json:"delta"`
+	}
+	textDelta struct {
+		Type string `json:"type"`
+		Text string `json:"text"`
+	}
+	contentBlockStopEvent struct {
+		Type  string `json:"type"`
+		Index int    `json:"index"`
+	}
+	messageDeltaEvent struct {
+		Type  string       `json:"type"`
+		Delta messageDelta `json:"delta"`
+		Usage usage        `json:"usage"`
+	}
+	messageDelta struct {
+		StopReason   *string `json:"stop_reason"`
+		StopSequence *string `json:"stop_sequence"`
+	}
+	typeOnlyEvent struct {
+		Type string `json:"type"`
+	}
+)
+
+// writeMessage produces the whole reply, then answers it as one JSON
+// message. A client that leaves first is logged as 499.
+func (s *Server) writeMessage(w http.ResponseWriter, out *output, msg message, fault FaultKind) {
+	c := out.c
+	c.rec.Status = statusClientClosed
+	if out.firstByte() != nil {
+		return
+	}
+	for out.produced() < len(out.plan.tokens) {
+		if _, err := out.next(); err != nil {
+			return
+		}
+	}
+	msg.Content = []textBlock{{Type: "text", Text: out.plan.text(out.produced())}}
+	msg.StopReason = &out.plan.stopReason
+	msg.StopSequence = out.plan.stopSequence
+	msg.Usage.OutputTokens = out.produced()
+	c.rec.Status = http.StatusOK
+	c.settle()
+	if fault != FaultStreamCut {
+		writeJSON(w, http.StatusOK, msg)
+		return
+	}
+
+	// Cut: announce the whole body, send half of it, close the connection.
+	b, _ := json.Marshal(msg)
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(b[:len(b)/2])
+	_ = http.NewResponseController(w).Flush()
+	dropConnection(w)
+}
+
+// writeStream answers with server-sent events, one text_delta per token,
+// flushed as produced. A stream fault stops after half of the deltas, with an
+// error event (stream_error) or nothing more (stream_cut).
+func (s *Server) writeStream(w http.ResponseWriter, out *output, msg message, fault FaultKind) {
+	c := out.c
+	c.rec.Status = statusClientClosed
+	if out.firstByte() != nil {
+		return
+	}
+	h := w.Header()
+	h.Set("Content-Type", "text/event-stream")
+	h.Set("Cache-Control", "no-cache")
+	if fault == FaultStreamCut {
+		h.Set("Connection", "close")
+	}
+	c.rec.Status = http.StatusOK
+	w.WriteHeader(http.StatusOK)
+	ev := &eventWriter{w: w, rc: http.NewResponseController(w)}
+
+	start := msg
+	start.Usage.OutputTokens = 1
+	ev.send("message_start", messageStartEvent{Type: "message_start", Message: start})
+	ev.send("ping", typeOnlyEvent{Type: "ping"})
+	ev.send("content_block_start", contentBlockStartEvent{Type: "content_block_start",
+		ContentBlock: textBlock{Type: "text", Text: ""}})
+
+	n := len(out.plan.tokens)
+	if fault == FaultStreamError || fault == FaultStreamCut {
+		n = cutPoint(n)
+	}
+	for ev.err == nil && out.produced() < n {
+		tok, err := out.next()
+		if err != nil {
+			return
+		}
+		if out.produced() == n && fault == FaultStreamCut {
+			c.settle() // the last bytes of a cut stream
+		}
+		ev.send("content_block_delta", contentBlockDeltaEvent{Type: "content_block_delta",
+			Delta: textDelta{Type: "text_delta", Text: tok}})
+	}
+	c.settle()
+	switch fault {
+	case FaultStreamError:
+		ev.send("error", overloaded().body(h.Get("request-id")))
+		return
+	case FaultStreamCut:
+		return
+	}
+	u := msg.Usage
+	u.OutputTokens = out.produced()
+	ev.send("content_block_stop", contentBlockStopEvent{Type: "content_block_stop"})
+	ev.send("message_delta", messageDeltaEvent{Type: "message_delta",
+		Delta: messageDelta{StopReason: &out.plan.stopReason, StopSequence: out.plan.stopSequence}, Usage: u})
+	ev.send("message_stop", typeOnlyEvent{Type: "message_stop"})
+}
+
+// eventWriter writes server-sent events, each flushed at once. After the
+// first write error (the client left) it writes nothing more.
+type eventWriter struct {
+	w   http.ResponseWriter
+	rc  *http.ResponseController
+	err error
+}
+
+func (e *eventWriter) send(event string, data any) {
+	if e.err != nil {
+		return
+	}
+	b, err := json.Marshal(data)
+	if err != nil {
+		panic(fmt.Sprintf("fakeanthropic: marshal %T: %v", data, err))
+	}
+	if _, e.err = fmt.Fprintf(e.w, "event: %s\ndata: %s\n\n", event, b); e.err == nil {
+		e.err = e.rc.Flush()
+	}
+}

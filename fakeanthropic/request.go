@@ -1,0 +1,264 @@
+package fakeanthropic
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"regexp"
+	"strconv"
+	"strings"
+)
+
+// messagesRequest is a validated Messages (or count_tokens) request body.
+type messagesRequest struct {
+	model         string
+	maxTokens     int
+	stream        bool
+	userID        string
+	stopSequences []string
+	system        []block
+	turns         []turn
+
+	inputTokens int // CountTokens of the body
+	directives  directives
+}
+
+// directives are the [[name=N]] markers of the last user message, with
+// which a prompt steers the fake. -1 means absent.
+type directives struct {
+	replyTokens int // [[reply_tokens=N]]: reply length in output tokens
+	cacheRead   int // [[cache_read=N]]: cache_read_input_tokens
+	cacheWrite  int // [[cache_write=N]]: cache_creation_input_tokens
+}
+
+var directiveRE = regexp.MustCompile(`\[\[(reply_tokens|cache_read|cache_write)=(\d{1,9})\]\]`)
+
+// parseRequest validates body the way the API does and reports the first
+// problem as a 400 invalid_request_error with the field's path, in the
+// wording of the real API. count_tokens requests carry no max_tokens.
+func parseRequest(body []byte, countOnly bool) (*messagesRequest, *apiError) {
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(body, &fields); err != nil || fields == nil {
+		return nil, invalidRequest("There was an issue with your request body: it is not a valid JSON object.")
+	}
+	req := &messagesRequest{}
+
+	raw, ok := fields["model"]
+	if !ok || isNull(raw) {
+		return nil, invalidRequest("model: Field required")
+	}
+	if json.Unmarshal(raw, &req.model) != nil {
+		return nil, invalidRequest("model: Input should be a valid string")
+	}
+	if req.model == "" {
+		return nil, invalidRequest("model: String should have at least 1 character")
+	}
+
+	if !countOnly {
+		raw, ok = fields["max_tokens"]
+		if !ok || isNull(raw) {
+			return nil, invalidRequest("max_tokens: Field required")
+		}
+		n, err := parseInt(raw)
+		if err != nil {
+			return nil, invalidRequest("max_tokens: Input should be a valid integer")
+		}
+		if n < 1 {
+			return nil, invalidRequest("max_tokens: Input should be greater than or equal to 1")
+		}
+		req.maxTokens = n
+	}
+
+	raw, ok = fields["messages"]
+	if !ok || isNull(raw) {
+		return nil, invalidRequest("messages: Field required")
+	}
+	var apiErr *apiError
+	if req.turns, apiErr = parseMessages(raw); apiErr != nil {
+		return nil, apiErr
+	}
+	if len(req.turns) == 0 {
+		return nil, invalidRequest("messages: at least one message is required")
+	}
+	if req.system, apiErr = parseSystem(fields["system"]); apiErr != nil {
+		return nil, apiErr
+	}
+
+	if raw := fields["stream"]; !isNull(raw) {
+		if json.Unmarshal(raw, &req.stream) != nil {
+			return nil, invalidRequest("stream: Input should be a valid boolean")
+		}
+	}
+	if raw := fields["metadata"]; !isNull(raw) {
+		var md map[string]json.RawMessage
+		if json.Unmarshal(raw, &md) != nil {
+			return nil, invalidRequest("metadata: Input should be a valid dictionary")
+		}
+		if raw := md["user_id"]; !isNull(raw) {
+			if json.Unmarshal(raw, &req.userID) != nil {
+				return nil, invalidRequest("metadata.user_id: Input should be a valid string")
+			}
+		}
+	}
+	if raw := fields["stop_sequences"]; !isNull(raw) {
+		if json.Unmarshal(raw, &req.stopSequences) != nil {
+			return nil, invalidRequest("stop_sequences: Input should be a valid list of strings")
+		}
+	}
+
+	req.inputTokens = countPrompt(req.system, req.turns)
+	req.directives = parseDirectives(lastUserText(req.turns))
+	return req, nil
+}
+
+// parseInt accepts a JSON number with an integral value (100 or 100.0).
+func parseInt(raw json.RawMessage) (int, error) {
+	var f float64
+	if err := json.Unmarshal(raw, &f); err != nil {
+		return 0, err
+	}
+	if f != float64(int64(f)) || f > 1<<40 || f < -(1<<40) {
+		return 0, fmt.Errorf("not an integer: %s", raw)
+	}
+	return int(f), nil
+}
+
+// parseSystem parses the optional system prompt: a string or a list of text
+// blocks.
+func parseSystem(raw json.RawMessage) ([]block, *apiError) {
+	if isNull(raw) {
+		return nil, nil
+	}
+	var s string
+	if json.Unmarshal(raw, &s) == nil {
+		return []block{{typ: "text", text: s}}, nil
+	}
+	var items []json.RawMessage
+	if json.Unmarshal(raw, &items) != nil {
+		return nil, invalidRequest("system: Input should be a valid string or a list of text blocks")
+	}
+	blocks := make([]block, 0, len(items))
+	for i, item := range items {
+		b, apiErr := parseBlock(item, fmt.Sprintf("system.%d", i))
+		if apiErr != nil {
+			return nil, apiErr
+		}
+		if b.typ != "text" {
+			return nil, invalidRequest("system.%d.type: Input should be 'text'", i)
+		}
+		blocks = append(blocks, b)
+	}
+	return blocks, nil
+}
+
+// parseMessages parses the messages list: each an object with role user or
+// assistant and content a string or a list of content blocks.
+func parseMessages(raw json.RawMessage) ([]turn, *apiError) {
+	var items []json.RawMessage
+	if json.Unmarshal(raw, &items) != nil {
+		return nil, invalidRequest("messages: Input should be a valid list")
+	}
+	turns := make([]turn, 0, len(items))
+	for i, item := range items {
+		var m map[string]json.RawMessage
+		if json.Unmarshal(item, &m) != nil || m == nil {
+			return nil, invalidRequest("messages.%d: Input should be a valid dictionary", i)
+		}
+		var t turn
+		if rawRole, ok := m["role"]; !ok || isNull(rawRole) {
+			return nil, invalidRequest("messages.%d.role: Field required", i)
+		} else if json.Unmarshal(rawRole, &t.role) != nil || (t.role != "user" && t.role != "assistant") {
+			return nil, invalidRequest("messages.%d.role: Input should be 'user' or 'assistant'", i)
+		}
+		content, ok := m["content"]
+		if !ok || isNull(content) {
+			return nil, invalidRequest("messages.%d.content: Field required", i)
+		}
+		var s string
+		if json.Unmarshal(content, &s) == nil {
+			t.blocks = []block{{typ: "text", text: s}}
+			turns = append(turns, t)
+			continue
+		}
+		var rawBlocks []json.RawMessage
+		if json.Unmarshal(content, &rawBlocks) != nil {
+			return nil, invalidRequest("messages.%d.content: Input should be a valid string or a list of content blocks", i)
+		}
+		t.blocks = make([]block, 0, len(rawBlocks))
+		for j, rb := range rawBlocks {
+			b, apiErr := parseBlock(rb, fmt.Sprintf("messages.%d.content.%d", i, j))
+			if apiErr != nil {
+				return nil, apiErr
+			}
+			t.blocks = append(t.blocks, b)
+		}
+		turns = append(turns, t)
+	}
+	return turns, nil
+}
+
+// parseBlock parses one content block: an object with a string type; a text
+// block also needs a string text.
+func parseBlock(raw json.RawMessage, at string) (block, *apiError) {
+	var m map[string]json.RawMessage
+	if json.Unmarshal(raw, &m) != nil || m == nil {
+		return block{}, invalidRequest("%s: Input should be a valid dictionary", at)
+	}
+	var b block
+	if rawType, ok := m["type"]; !ok || isNull(rawType) {
+		return block{}, invalidRequest("%s.type: Field required", at)
+	} else if json.Unmarshal(rawType, &b.typ) != nil {
+		return block{}, invalidRequest("%s.type: Input should be a valid string", at)
+	}
+	if b.typ == "text" {
+		if rawText, ok := m["text"]; !ok || isNull(rawText) {
+			return block{}, invalidRequest("%s.text: Field required", at)
+		} else if json.Unmarshal(rawText, &b.text) != nil {
+			return block{}, invalidRequest("%s.text: Input should be a valid string", at)
+		}
+		return b, nil
+	}
+	var compact bytes.Buffer
+	if err := json.Compact(&compact, raw); err != nil {
+		return block{}, invalidRequest("%s: Input should be a valid dictionary", at)
+	}
+	b.raw = compact.Bytes()
+	return b, nil
+}
+
+// lastUserText is the text of the last user message, its text blocks joined
+// by newlines.
+func lastUserText(turns []turn) string {
+	for i := len(turns) - 1; i >= 0; i-- {
+		if turns[i].role != "user" {
+			continue
+		}
+		var texts []string
+		for _, b := range turns[i].blocks {
+			if b.typ == "text" {
+				texts = append(texts, b.text)
+			}
+		}
+		return strings.Join(texts, "\n")
+	}
+	return ""
+}
+
+func parseDirectives(text string) directives {
+	d := directives{replyTokens: -1, cacheRead: -1, cacheWrite: -1}
+	for _, m := range directiveRE.FindAllStringSubmatch(text, -1) {
+		n, err := strconv.Atoi(m[2])
+		if err != nil {
+			continue
+		}
+		switch m[1] {
+		case "reply_tokens":
+			d.replyTokens = n
+		case "cache_read":
+			d.cacheRead = n
+		case "cache_write":
+			d.cacheWrite = n
+		}
+	}
+	return d
+}

@@ -1,0 +1,292 @@
+// Package harness runs a whole sluice in-process for tests: a private
+// redis-server, the fake upstream over real HTTP, the api behind an
+// httptest server and a worker, all wired as cmd/sluice wires them.
+package harness
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hibiken/asynq"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/sluice-dev/sluice/api"
+	"github.com/sluice-dev/sluice/config"
+	"github.com/sluice-dev/sluice/fakeanthropic"
+	"github.com/sluice-dev/sluice/internal/redistest"
+	"github.com/sluice-dev/sluice/jobs"
+	"github.com/sluice-dev/sluice/limiter"
+	"github.com/sluice-dev/sluice/upstream"
+	"github.com/sluice-dev/sluice/worker"
+)
+
+// Keys the harness configures.
+const (
+	TenantKey      = "sk-test-tenant-a-0123456789"
+	OtherTenantKey = "sk-test-tenant-b-0123456789"
+	AdminKey       = "sk-test-admin-0123456789abc"
+	UpstreamKey    = "sk-ant-test-upstream-key-000"
+	Model          = "claude-sonnet-4-6"
+)
+
+// Options tune Start.
+type Options struct {
+	Fake        fakeanthropic.Config // Groups default to roomy limits; APIKeys to UpstreamKey
+	ExtraConfig string               // YAML appended to the harness config
+	NoWorker    bool
+}
+
+// Env is a running sluice.
+type Env struct {
+	Redis  *redistest.Server
+	RDB    *redis.Client
+	Fake   *fakeanthropic.Server
+	Config *config.Config
+	Store  *jobs.Store
+	API    *httptest.Server
+	Server *api.Server
+	Worker *worker.Worker
+	logs   *lockedWriter
+}
+
+// BaseConfig is the harness's configuration, for a given upstream URL.
+func BaseConfig(redisURL, upstreamURL string) string {
+	return fmt.Sprintf(`redis_url: %q
+upstream:
+  base_url: %q
+  max_attempts: 3
+  backoff_base: 20ms
+  backoff_max: 100ms
+  attempt_timeout: 30s
+admin_keys: [%q]
+tenants:
+  - name: acme
+    keys: [%q]
+  - name: other
+    keys: [%q]
+model_groups:
+  - name: sonnet
+    models: ["claude-sonnet-*"]
+    rpm: 6000
+    input_tpm: 10000000
+    output_tpm: 10000000
+    max_concurrency: 8
+api:
+  body_limit_bytes: 65536
+  shutdown_timeout: 5s
+worker:
+  shutdown_timeout: 5s
+  task_check_interval: 5ms
+`, redisURL, upstreamURL, AdminKey, TenantKey, OtherTenantKey)
+}
+
+// Start runs sluice for the test and stops it when the test ends.
+func Start(tb testing.TB, o Options) *Env {
+	tb.Helper()
+	e := &Env{logs: &lockedWriter{w: &bytes.Buffer{}}}
+	e.Redis = redistest.Start(tb)
+	e.RDB = e.Redis.Client(tb)
+
+	fc := o.Fake
+	if fc.Groups == nil {
+		fc.Groups = []fakeanthropic.Group{{Name: "sonnet", Models: []string{"claude-sonnet-*"}, RPM: 100000, InputTPM: 100000000, OutputTPM: 100000000}}
+	}
+	if fc.APIKeys == nil {
+		fc.APIKeys = []string{UpstreamKey}
+	}
+	fake, err := fakeanthropic.New(fc)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	e.Fake = fake
+	fsrv := httptest.NewServer(fake)
+	tb.Cleanup(fsrv.Close)
+
+	getenv := func(k string) string {
+		if k == "ANTHROPIC_API_KEY" {
+			return UpstreamKey
+		}
+		return ""
+	}
+	cfg, err := config.Parse([]byte(BaseConfig(e.Redis.URL, fsrv.URL)+o.ExtraConfig), getenv)
+	if err != nil {
+		tb.Fatalf("harness config: %v", err)
+	}
+	e.Config = cfg
+	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	e.Store = jobs.NewStore(e.RDB, jobs.Options{})
+
+	if !o.NoWorker {
+		up := upstream.New(upstream.Options{BaseURL: cfg.Upstream.BaseURL, APIKey: cfg.Upstream.APIKey})
+		e.Worker = worker.New(worker.Deps{Config: cfg, Redis: e.RDB, Store: e.Store, Upstream: up,
+			Leases: limiter.NewLeases(e.RDB, 0), Logger: log})
+		if err := e.Worker.Start(); err != nil {
+			tb.Fatal(err)
+		}
+		tb.Cleanup(func() { e.Worker.Shutdown(); up.Close() })
+	}
+	hub := jobs.NewHub(e.Store, log)
+	aq := asynq.NewClientFromRedisClient(e.RDB)
+	e.Server = api.New(api.Deps{Config: cfg, Redis: e.RDB, Store: e.Store, Hub: hub, Enqueuer: aq, Logger: log})
+	e.API = httptest.NewServer(e.Server)
+	tb.Cleanup(func() {
+		e.Server.CloseStreams()
+		e.API.Close()
+		_ = hub.Close()
+		_ = aq.Close()
+	})
+	return e
+}
+
+// Do sends a request to the api with the tenant key (key "" = none).
+func (e *Env) Do(tb testing.TB, method, path, key string, body any) (*http.Response, []byte) {
+	tb.Helper()
+	var r io.Reader
+	switch b := body.(type) {
+	case nil:
+	case string:
+		r = strings.NewReader(b)
+	case []byte:
+		r = bytes.NewReader(b)
+	default:
+		j, err := json.Marshal(b)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		r = bytes.NewReader(j)
+	}
+	req, err := http.NewRequest(method, e.API.URL+path, r)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if key != "" {
+		req.Header.Set("x-api-key", key)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer resp.Body.Close()
+	out, err := io.ReadAll(resp.Body)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return resp, out
+}
+
+// JobBody is a POST /v1/jobs body for user with one message.
+func JobBody(user, text string) map[string]any {
+	return map[string]any{
+		"user_id": user,
+		"request": map[string]any{"model": Model, "max_tokens": 100, "messages": []any{map[string]any{"role": "user", "content": text}}},
+	}
+}
+
+// Submit creates a job and returns its view (with token).
+func (e *Env) Submit(tb testing.TB, body any) jobs.View {
+	tb.Helper()
+	resp, b := e.Do(tb, http.MethodPost, "/v1/jobs", TenantKey, body)
+	if resp.StatusCode != http.StatusAccepted {
+		tb.Fatalf("submit: %d %s", resp.StatusCode, b)
+	}
+	var v jobs.View
+	if err := json.Unmarshal(b, &v); err != nil {
+		tb.Fatal(err)
+	}
+	return v
+}
+
+// Get reads a job through the api.
+func (e *Env) Get(tb testing.TB, id string) jobs.View {
+	tb.Helper()
+	resp, b := e.Do(tb, http.MethodGet, "/v1/jobs/"+id, TenantKey, nil)
+	if resp.StatusCode != http.StatusOK {
+		tb.Fatalf("get %s: %d %s", id, resp.StatusCode, b)
+	}
+	var v jobs.View
+	if err := json.Unmarshal(b, &v); err != nil {
+		tb.Fatal(err)
+	}
+	return v
+}
+
+// WaitTerminal polls the job until it is terminal, failing the test after
+// the deadline.
+func (e *Env) WaitTerminal(tb testing.TB, id string, within time.Duration) jobs.View {
+	tb.Helper()
+	var v jobs.View
+	Eventually(tb, within, func() bool {
+		v = e.Get(tb, id)
+		return v.Status.Terminal()
+	}, "job %s to finish", id)
+	return v
+}
+
+// Eventually polls cond until it holds or the deadline passes.
+func Eventually(tb testing.TB, within time.Duration, cond func() bool, what string, args ...any) {
+	tb.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			tb.Fatalf("timed out after %s waiting for "+what, append([]any{within}, args...)...)
+		}
+		time.Sleep(5 * time.Millisecond) // polling a condition with a deadline
+	}
+}
+
+// Events reads a job's SSE stream until its terminal event (or the
+// deadline) and returns the events.
+func (e *Env) Events(tb testing.TB, ctx context.Context, id, key, lastEventID string) []SSEEvent {
+	tb.Helper()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, e.API.URL+"/v1/jobs/"+id+"/events", nil)
+	if key != "" {
+		req.Header.Set("x-api-key", key)
+	}
+	if lastEventID != "" {
+		req.Header.Set("Last-Event-ID", lastEventID)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(resp.Body)
+		tb.Fatalf("events: %d %s", resp.StatusCode, b)
+	}
+	return ReadSSE(tb, resp.Body, -1)
+}
+
+// Logs is everything the api and worker logged so far (for secret checks).
+func (e *Env) Logs() string {
+	e.logs.mu.Lock()
+	defer e.logs.mu.Unlock()
+	return e.logs.w.(*bytes.Buffer).String()
+}
+
+// StartWorker starts one more worker on e's Redis, config and upstream (a
+// second worker process, or the first when Options.NoWorker was set).
+func StartWorker(tb testing.TB, e *Env) *worker.Worker {
+	tb.Helper()
+	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	up := upstream.New(upstream.Options{BaseURL: e.Config.Upstream.BaseURL, APIKey: e.Config.Upstream.APIKey})
+	w := worker.New(worker.Deps{Config: e.Config, Redis: e.RDB, Store: e.Store, Upstream: up,
+		Leases: limiter.NewLeases(e.RDB, 0), Logger: log})
+	if err := w.Start(); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { w.Shutdown(); up.Close() })
+	return w
+}

@@ -1,0 +1,160 @@
+// Package redistest starts a private redis-server for a test: a free port, a
+// temporary folder, stopped when the test ends. Tests never share the Redis
+// that may already run on the machine.
+package redistest
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Server is one running redis-server.
+type Server struct {
+	Addr string // host:port
+	URL  string // redis://host:port/0
+	Dir  string // its data folder (AOF lives here)
+	cmd  *exec.Cmd
+}
+
+// Start starts redis-server on a free port with its data in tb.TempDir() and
+// stops it when the test ends. AOF is on (appendfsync everysec) so tests can
+// restart it and find their data. The test fails if redis-server is missing:
+// install it (Debian: apt-get install redis-server); .ci/run does.
+func Start(tb testing.TB) *Server {
+	tb.Helper()
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		tb.Fatalf("redistest: redis-server not found on PATH (apt-get install redis-server): %v", err)
+	}
+	dir := tb.TempDir()
+	var lastErr error
+	for try := 0; try < 5; try++ {
+		port, err := freePort()
+		if err != nil {
+			tb.Fatalf("redistest: %v", err)
+		}
+		s := &Server{Addr: fmt.Sprintf("127.0.0.1:%d", port), Dir: dir}
+		s.URL = "redis://" + s.Addr + "/0"
+		if lastErr = s.start(bin, port); lastErr == nil {
+			tb.Cleanup(s.Stop)
+			return s
+		}
+	}
+	tb.Fatalf("redistest: could not start redis-server: %v", lastErr)
+	return nil
+}
+
+func (s *Server) start(bin string, port int) error {
+	cmd := exec.Command(bin,
+		"--port", fmt.Sprint(port),
+		"--bind", "127.0.0.1",
+		"--dir", s.Dir,
+		"--save", "",
+		"--appendonly", "yes",
+		"--appendfsync", "everysec",
+		"--maxmemory-policy", "noeviction",
+		"--daemonize", "no",
+		"--loglevel", "warning",
+	)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return err
+	}
+	cmd.Stderr = cmd.Stdout
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	s.cmd = cmd
+	// Drain its output so it never blocks on a full pipe; keep the tail for errors.
+	tail := make(chan string, 1)
+	go func() {
+		var last []string
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			last = append(last, sc.Text())
+			if len(last) > 20 {
+				last = last[1:]
+			}
+		}
+		tail <- strings.Join(last, "\n")
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	c := redis.NewClient(&redis.Options{Addr: s.Addr, MaxRetries: -1})
+	defer c.Close()
+	for time.Now().Before(deadline) {
+		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+		err := c.Ping(ctx).Err()
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if cmd.ProcessState != nil {
+			break
+		}
+		time.Sleep(10 * time.Millisecond) // waiting for an external process to listen: there is no signal to wait on
+	}
+	_ = cmd.Process.Kill()
+	_ = cmd.Wait()
+	return fmt.Errorf("redis-server on port %d did not answer: %s", port, <-tail)
+}
+
+// Client returns a go-redis client for this server, closed when the test ends.
+func (s *Server) Client(tb testing.TB) *redis.Client {
+	tb.Helper()
+	c := redis.NewClient(&redis.Options{Addr: s.Addr})
+	tb.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+// Stop stops the server (SIGTERM, then waits). Safe to call twice.
+func (s *Server) Stop() {
+	if s.cmd == nil || s.cmd.Process == nil {
+		return
+	}
+	_ = s.cmd.Process.Signal(os.Interrupt)
+	done := make(chan struct{})
+	go func() { _ = s.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		_ = s.cmd.Process.Kill()
+		<-done
+	}
+	s.cmd = nil
+}
+
+// Restart stops the server and starts it again on the same port and folder;
+// with AOF on, written data survives.
+func (s *Server) Restart(tb testing.TB) {
+	tb.Helper()
+	s.Stop()
+	bin, _ := exec.LookPath("redis-server")
+	_, portStr, _ := net.SplitHostPort(s.Addr)
+	var port int
+	fmt.Sscan(portStr, &port)
+	if err := s.start(bin, port); err != nil {
+		tb.Fatalf("redistest: restart: %v", err)
+	}
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// Path is where redis-server keeps its append-only files.
+func (s *Server) Path() string { return filepath.Join(s.Dir, "appendonlydir") }

@@ -1,0 +1,321 @@
+package jobs
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Hub fans the live events of jobs out to this process's subscribers over a
+// single Redis Pub/Sub connection (not one connection per client). A channel
+// is subscribed while at least one local subscriber follows that job.
+//
+// The event log (a Redis Stream per job) is the truth; Pub/Sub only carries
+// events fast. A subscriber that falls behind, or any subscriber when the
+// Pub/Sub connection was lost, is told to resync from the log, so nothing is
+// lost and nothing is delivered twice (Follow dedupes by event id).
+type Hub struct {
+	store *Store
+	log   *slog.Logger
+	ps    *redis.PubSub
+
+	mu        sync.Mutex
+	subs      map[string]map[*Subscription]struct{} // job id → subscribers
+	confirmed map[string]chan struct{}              // channel → closed once SUBSCRIBE is confirmed
+	closed    bool
+	done      chan struct{}
+}
+
+// Subscription receives one job's live events.
+type Subscription struct {
+	hub    *Hub
+	job    string
+	events chan Event
+	resync chan struct{} // signaled when events were dropped: re-read the log
+	once   sync.Once
+}
+
+const (
+	subscriptionBuffer = 256
+	pingEvery          = 30 * time.Second
+)
+
+// NewHub starts the hub's receive loop; Close stops it.
+func NewHub(store *Store, log *slog.Logger) *Hub {
+	h := &Hub{
+		store:     store,
+		log:       log,
+		subs:      map[string]map[*Subscription]struct{}{},
+		confirmed: map[string]chan struct{}{},
+		done:      make(chan struct{}),
+	}
+	// Subscribe to a channel nobody publishes on so the connection exists and
+	// Receive has something to wait on.
+	h.ps = store.rdb.Subscribe(context.Background(), eventsChannel+"_hub")
+	go h.loop()
+	return h
+}
+
+// Close ends the hub; every subscription's channel is closed.
+func (h *Hub) Close() error {
+	h.mu.Lock()
+	if h.closed {
+		h.mu.Unlock()
+		return nil
+	}
+	h.closed = true
+	h.mu.Unlock()
+	err := h.ps.Close()
+	<-h.done
+	h.mu.Lock()
+	for _, set := range h.subs {
+		for s := range set {
+			s.closeLocked()
+		}
+	}
+	h.subs = map[string]map[*Subscription]struct{}{}
+	h.mu.Unlock()
+	return err
+}
+
+func (h *Hub) loop() {
+	defer close(h.done)
+	ctx := context.Background()
+	for {
+		msg, err := h.ps.ReceiveTimeout(ctx, pingEvery)
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				_ = h.ps.Ping(ctx) // keep the connection checked; the reply arrives as a Pong
+				continue
+			}
+			h.mu.Lock()
+			closed := h.closed
+			h.mu.Unlock()
+			if closed || errors.Is(err, redis.ErrClosed) {
+				return
+			}
+			// go-redis reconnects and resubscribes on the next Receive; events
+			// published meanwhile are in the log: every subscriber resyncs.
+			h.log.Warn("event hub: pubsub receive failed; resyncing subscribers", "err", err)
+			h.resyncAll()
+			select {
+			case <-time.After(100 * time.Millisecond):
+			case <-h.done:
+			}
+			continue
+		}
+		switch m := msg.(type) {
+		case *redis.Subscription:
+			if m.Kind == "subscribe" {
+				h.mu.Lock()
+				if c, ok := h.confirmed[m.Channel]; ok {
+					select {
+					case <-c:
+					default:
+						close(c)
+					}
+				}
+				h.mu.Unlock()
+			}
+		case *redis.Message:
+			h.dispatch(m)
+		}
+	}
+}
+
+func (h *Hub) dispatch(m *redis.Message) {
+	id := strings.TrimPrefix(m.Channel, eventsChannel)
+	var ev Event
+	if err := json.Unmarshal([]byte(m.Payload), &ev); err != nil {
+		h.log.Error("event hub: bad event payload", "job_id", id, "err", err)
+		return
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for s := range h.subs[id] {
+		select {
+		case s.events <- ev:
+		default:
+			s.signalResync()
+		}
+	}
+}
+
+func (h *Hub) resyncAll() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, set := range h.subs {
+		for s := range set {
+			s.signalResync()
+		}
+	}
+}
+
+// Subscribe follows job id's live events. It returns once Redis has confirmed
+// the subscription, so an event logged after Subscribe returns is delivered
+// live (an earlier one is in the log).
+func (h *Hub) Subscribe(ctx context.Context, id string) (*Subscription, error) {
+	s := &Subscription{hub: h, job: id, events: make(chan Event, subscriptionBuffer), resync: make(chan struct{}, 1)}
+	ch := channel(id)
+	h.mu.Lock()
+	if h.closed {
+		h.mu.Unlock()
+		return nil, errors.New("event hub closed")
+	}
+	set, ok := h.subs[id]
+	if !ok {
+		set = map[*Subscription]struct{}{}
+		h.subs[id] = set
+	}
+	set[s] = struct{}{}
+	conf, ok := h.confirmed[ch]
+	first := !ok
+	if first {
+		conf = make(chan struct{})
+		h.confirmed[ch] = conf
+	}
+	var err error
+	if first {
+		// Under h.mu so that SUBSCRIBE and UNSUBSCRIBE of one channel reach
+		// Redis in the order the hub decided them. go-redis only writes here.
+		err = h.ps.Subscribe(ctx, ch)
+	}
+	h.mu.Unlock()
+	if err != nil {
+		s.Close()
+		return nil, err
+	}
+	select {
+	case <-conf:
+		return s, nil
+	case <-ctx.Done():
+		s.Close()
+		return nil, ctx.Err()
+	case <-time.After(5 * time.Second):
+		// Confirmation lost (a reconnect in between): the subscriber will
+		// still catch up from the log on resync.
+		s.signalResync()
+		return s, nil
+	}
+}
+
+// Events delivers live events; it is closed when the hub closes.
+func (s *Subscription) Events() <-chan Event { return s.events }
+
+// Resync is signaled when live events were dropped: re-read the log.
+func (s *Subscription) Resync() <-chan struct{} { return s.resync }
+
+func (s *Subscription) signalResync() {
+	select {
+	case s.resync <- struct{}{}:
+	default:
+	}
+}
+
+func (s *Subscription) closeLocked() { s.once.Do(func() { close(s.events) }) }
+
+// Close stops the subscription (the Redis channel is unsubscribed when its
+// last local subscriber leaves).
+func (s *Subscription) Close() {
+	h := s.hub
+	h.mu.Lock()
+	set := h.subs[s.job]
+	delete(set, s)
+	last := len(set) == 0
+	if last {
+		delete(h.subs, s.job)
+		delete(h.confirmed, channel(s.job))
+	}
+	if last && !h.closed {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_ = h.ps.Unsubscribe(ctx, channel(s.job))
+		cancel()
+	}
+	s.closeLocked()
+	h.mu.Unlock()
+}
+
+// Follow calls fn with every event of job id after the event id after, in
+// order and exactly once each: first what the log holds, then live ones,
+// until fn returns stop, a terminal event was delivered, or ctx ends. The
+// subscription must have been made before Follow reads the log.
+//
+// While nothing happens, idle is called every idleEvery (SSE heartbeats).
+func (s *Subscription) Follow(ctx context.Context, after string, idleEvery time.Duration, idle func() error, fn func(Event) (stop bool, err error)) error {
+	last := after
+	tick := time.NewTicker(idleEvery)
+	defer tick.Stop()
+	deliver := func(ev Event) (bool, error) {
+		if last != "" && compareEventIDs(ev.ID, last) <= 0 {
+			return false, nil // already delivered (replay and live overlap)
+		}
+		last = ev.ID
+		stop, err := fn(ev)
+		if err != nil || stop {
+			return true, err
+		}
+		return ev.Terminal(), nil
+	}
+	catchUp := func() (bool, error) {
+		for {
+			evs, err := s.hub.store.Events(ctx, s.job, last, 1000)
+			if err != nil {
+				return true, err
+			}
+			for _, ev := range evs {
+				if done, err := deliver(ev); done || err != nil {
+					return true, err
+				}
+			}
+			if len(evs) < 1000 {
+				return false, nil
+			}
+		}
+	}
+	if done, err := catchUp(); done || err != nil {
+		return err
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-tick.C:
+			if err := idle(); err != nil {
+				return err
+			}
+		case ev, ok := <-s.events:
+			if !ok {
+				return ErrHubClosed
+			}
+			if done, err := deliver(ev); done || err != nil {
+				return err
+			}
+		case <-s.resync:
+			// Drain what is buffered (the log has it too) and re-read.
+			for drained := false; !drained; {
+				select {
+				case _, ok := <-s.events:
+					if !ok {
+						return ErrHubClosed
+					}
+				default:
+					drained = true
+				}
+			}
+			if done, err := catchUp(); done || err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// ErrHubClosed ends a Follow when the process is shutting down.
+var ErrHubClosed = errors.New("event hub closed")

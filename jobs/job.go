@@ -1,0 +1,176 @@
+// Package jobs owns the job record and its event log in Redis: what a job is,
+// who owns it, the status transitions it may make, and the per-job stream of
+// events that SSE clients replay and follow.
+package jobs
+
+import (
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/base32"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"strings"
+	"time"
+)
+
+// Status is where a job is in its life.
+//
+//	queued → running → succeeded | failed
+//	queued → canceled | expired
+//	running → canceled
+//
+// Terminal states are final; a retried attempt stays running.
+type Status string
+
+const (
+	Queued    Status = "queued"
+	Running   Status = "running"
+	Succeeded Status = "succeeded"
+	Failed    Status = "failed"
+	Canceled  Status = "canceled"
+	Expired   Status = "expired"
+)
+
+// Terminal reports whether no further transition is possible.
+func (s Status) Terminal() bool {
+	switch s {
+	case Succeeded, Failed, Canceled, Expired:
+		return true
+	}
+	return false
+}
+
+// Usage is the upstream's token usage of a job (the Messages API names).
+type Usage struct {
+	InputTokens              int `json:"input_tokens"`
+	OutputTokens             int `json:"output_tokens"`
+	CacheCreationInputTokens int `json:"cache_creation_input_tokens"`
+	CacheReadInputTokens     int `json:"cache_read_input_tokens"`
+}
+
+// Error is why a job failed, in words for a person.
+type Error struct {
+	Type    string `json:"type"`
+	Message string `json:"message"`
+}
+
+// Job is one chat request on behalf of one user of one tenant.
+type Job struct {
+	ID        string
+	Tenant    string
+	UserID    string
+	Model     string
+	Group     string
+	Status    Status
+	MaxTokens int
+	Attempts  int
+	// Request is the Messages body as the upstream will get it, minus
+	// stream and with the user's own metadata.user_id removed.
+	Request    json.RawMessage
+	Metadata   json.RawMessage // the client's own job metadata, returned as given
+	CreatedAt  time.Time
+	DeadlineAt time.Time // zero = none: a job not started by then expires
+	StartedAt  time.Time
+	FinishedAt time.Time
+	NotBefore  time.Time       // the next attempt waits until then (a retry's delay)
+	Result     json.RawMessage // the upstream Message
+	Text       string
+	Usage      *Usage
+	Error      *Error
+	TokenHash  string // sha256 of the job's read token, hex
+}
+
+// View is a job as the API shows it (DESIGN.md §3).
+type View struct {
+	ID         string          `json:"id"`
+	Status     Status          `json:"status"`
+	UserID     string          `json:"user_id"`
+	Model      string          `json:"model"`
+	MaxTokens  int             `json:"max_tokens"`
+	Position   *int            `json:"position,omitempty"`
+	ETASeconds *int            `json:"eta_seconds,omitempty"`
+	Attempts   int             `json:"attempts"`
+	CreatedAt  time.Time       `json:"created_at"`
+	DeadlineAt *time.Time      `json:"deadline_at,omitempty"`
+	StartedAt  *time.Time      `json:"started_at,omitempty"`
+	FinishedAt *time.Time      `json:"finished_at,omitempty"`
+	Result     json.RawMessage `json:"result,omitempty"`
+	Text       *string         `json:"text,omitempty"`
+	Usage      *Usage          `json:"usage,omitempty"`
+	Error      *Error          `json:"error,omitempty"`
+	Metadata   json.RawMessage `json:"metadata,omitempty"`
+	Token      string          `json:"token,omitempty"`
+}
+
+// View renders the job for a client. Position and eta are filled by the
+// caller, and only while the job is queued.
+func (j *Job) View() View {
+	v := View{
+		ID: j.ID, Status: j.Status, UserID: j.UserID, Model: j.Model,
+		MaxTokens: j.MaxTokens, Attempts: j.Attempts, CreatedAt: j.CreatedAt,
+		Result: j.Result, Usage: j.Usage, Error: j.Error, Metadata: j.Metadata,
+	}
+	if !j.DeadlineAt.IsZero() {
+		t := j.DeadlineAt
+		v.DeadlineAt = &t
+	}
+	if !j.StartedAt.IsZero() {
+		t := j.StartedAt
+		v.StartedAt = &t
+	}
+	if !j.FinishedAt.IsZero() {
+		t := j.FinishedAt
+		v.FinishedAt = &t
+	}
+	if j.Status == Succeeded {
+		text := j.Text
+		v.Text = &text
+	}
+	return v
+}
+
+// NewID returns an unguessable job id: "job_" and 128 random bits.
+func NewID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails (Go 1.24+)
+	return "job_" + strings.ToLower(base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(b[:]))
+}
+
+// ValidID reports whether s has the shape of a job id, so a malformed id is
+// a 404 without a Redis call and never becomes part of a key.
+func ValidID(s string) bool {
+	if len(s) != 4+26 || !strings.HasPrefix(s, "job_") {
+		return false
+	}
+	for _, c := range s[4:] {
+		if !(c >= 'a' && c <= 'z' || c >= '2' && c <= '7') {
+			return false
+		}
+	}
+	return true
+}
+
+// NewToken returns a job's read token (given to the client once) and the hash
+// kept in the record.
+func NewToken() (token, hash string) {
+	var b [24]byte
+	_, _ = rand.Read(b[:])
+	token = "jt_" + base64.RawURLEncoding.EncodeToString(b[:])
+	return token, HashToken(token)
+}
+
+// HashToken is how a token is kept: its SHA-256, hex.
+func HashToken(token string) string {
+	sum := sha256.Sum256([]byte(token))
+	return hex.EncodeToString(sum[:])
+}
+
+// TokenMatches compares a presented token with the job's, in constant time.
+func (j *Job) TokenMatches(token string) bool {
+	if token == "" || j.TokenHash == "" {
+		return false
+	}
+	return subtle.ConstantTimeCompare([]byte(HashToken(token)), []byte(j.TokenHash)) == 1
+}

@@ -1,0 +1,54 @@
+-- transition.lua: move a job from one status to another, update its fields and
+-- log the event that says so, atomically. Refuses when the job is not in one
+-- of the allowed statuses, so two racing writers (a worker finishing, a user
+-- canceling) cannot both win.
+-- KEYS[1] job hash   KEYS[2] job event stream   KEYS[3] group queue (zset)
+-- ARGV[1] allowed current statuses, space separated
+-- ARGV[2] new status
+-- ARGV[3] event name ("" = log no event)   ARGV[4] event data (JSON); the
+--         text "__ATTEMPTS__" (quoted) in it becomes the attempt count
+-- ARGV[5] event channel   ARGV[6] ttl seconds ("0" = keep)
+-- ARGV[7] "1" to count an attempt          ARGV[8] stream max length
+-- ARGV[9] job id (its member in the queue)
+-- ARGV[10..] field, value pairs; a field named "?name" is set only if absent
+-- Reply: {event id or "", attempts}; errors "NOTFOUND" or "STATE <current>".
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then
+  return redis.error_reply('NOTFOUND')
+end
+local ok = false
+for s in string.gmatch(ARGV[1], '%S+') do
+  if s == cur then ok = true end
+end
+if not ok then
+  return redis.error_reply('STATE ' .. cur)
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
+if ARGV[2] ~= 'queued' then
+  redis.call('ZREM', KEYS[3], ARGV[9])
+end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+if ARGV[7] == '1' then
+  attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+end
+for i = 10, #ARGV, 2 do
+  local f = ARGV[i]
+  if string.sub(f, 1, 1) == '?' then
+    redis.call('HSETNX', KEYS[1], string.sub(f, 2), ARGV[i + 1])
+  else
+    redis.call('HSET', KEYS[1], f, ARGV[i + 1])
+  end
+end
+if ARGV[6] ~= '0' then
+  redis.call('EXPIRE', KEYS[1], ARGV[6])
+end
+local id = ''
+if ARGV[3] ~= '' then
+  local data = string.gsub(ARGV[4], '"__ATTEMPTS__"', tostring(attempts))
+  id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'event', ARGV[3], 'data', data)
+  if ARGV[6] ~= '0' then
+    redis.call('EXPIRE', KEYS[2], ARGV[6])
+  end
+  redis.call('PUBLISH', ARGV[5], '{"id":"' .. id .. '","event":"' .. ARGV[3] .. '","data":' .. data .. '}')
+end
+return {id, attempts}

@@ -1,0 +1,351 @@
+package jobs
+
+import (
+	"context"
+	_ "embed"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Key layout. Every key sluice owns starts with "sluice:".
+const (
+	keyPrefix     = "sluice:"
+	seqKey        = keyPrefix + "seq"
+	eventsChannel = keyPrefix + "jobev:" // + job id: live events of one job
+)
+
+func jobKey(id string) string        { return keyPrefix + "job:" + id }
+func eventsKey(id string) string     { return keyPrefix + "job:" + id + ":events" }
+func channel(id string) string       { return eventsChannel + id }
+func queueKey(group string) string   { return keyPrefix + "queue:" + group }
+func nowMillis(t time.Time) string   { return strconv.FormatInt(t.UnixMilli(), 10) }
+func parseMillis(s string) time.Time { return timeFromMillis(s) }
+
+// Defaults for Options.
+const (
+	// DefaultRetention is how long a job record and its events are kept after
+	// the job was created or last finished.
+	DefaultRetention = 7 * 24 * time.Hour
+	// DefaultMaxEvents caps one job's event log (a delta per output token;
+	// 64k output tokens fit).
+	DefaultMaxEvents = 100_000
+)
+
+// Errors of the store. The api maps them to HTTP statuses in one place.
+var (
+	ErrNotFound = errors.New("job not found")
+	ErrExists   = errors.New("job id already exists")
+)
+
+// StateError says a transition was refused because of the job's status.
+type StateError struct{ Current Status }
+
+func (e *StateError) Error() string { return "job is " + string(e.Current) }
+
+// Options tune a Store.
+type Options struct {
+	Retention time.Duration // default DefaultRetention
+	MaxEvents int           // default DefaultMaxEvents
+	Clock     func() time.Time
+}
+
+// Store keeps jobs and their events in Redis. Safe for concurrent use by any
+// number of processes: every write that checks a status is one Lua script.
+type Store struct {
+	rdb       redis.UniversalClient
+	retention time.Duration
+	maxEvents int
+	now       func() time.Time
+}
+
+var (
+	//go:embed lua/create.lua
+	createSrc    string
+	createScript = redis.NewScript(createSrc)
+	//go:embed lua/transition.lua
+	transitionSrc    string
+	transitionScript = redis.NewScript(transitionSrc)
+	//go:embed lua/append.lua
+	appendSrc    string
+	appendScript = redis.NewScript(appendSrc)
+)
+
+// NewStore returns a Store on rdb.
+func NewStore(rdb redis.UniversalClient, o Options) *Store {
+	if o.Retention <= 0 {
+		o.Retention = DefaultRetention
+	}
+	if o.MaxEvents <= 0 {
+		o.MaxEvents = DefaultMaxEvents
+	}
+	if o.Clock == nil {
+		o.Clock = time.Now
+	}
+	return &Store{rdb: rdb, retention: o.Retention, maxEvents: o.MaxEvents, now: o.Clock}
+}
+
+// Redis is the client the store uses.
+func (s *Store) Redis() redis.UniversalClient { return s.rdb }
+
+func (s *Store) ttl() string { return strconv.Itoa(int(s.retention / time.Second)) }
+
+// Create stores a new queued job, puts it at the back of its group's queue
+// and logs its `queued` event. secondsPerRequest (60/rpm) gives the first eta.
+// It returns the job's position in its group's queue.
+func (s *Store) Create(ctx context.Context, j *Job, secondsPerRequest float64) (position int, err error) {
+	j.Status = Queued
+	if j.CreatedAt.IsZero() {
+		j.CreatedAt = s.now()
+	}
+	fields := []any{
+		"tenant", j.Tenant, "user_id", j.UserID, "model", j.Model, "group", j.Group,
+		"status", string(Queued), "max_tokens", j.MaxTokens, "attempts", 0,
+		"request", string(j.Request), "created_at", nowMillis(j.CreatedAt),
+		"token_hash", j.TokenHash,
+	}
+	if !j.DeadlineAt.IsZero() {
+		fields = append(fields, "deadline_at", nowMillis(j.DeadlineAt))
+	}
+	if len(j.Metadata) > 0 {
+		fields = append(fields, "metadata", string(j.Metadata))
+	}
+	args := append([]any{j.ID, s.ttl(), channel(j.ID), secondsPerRequest, s.maxEvents}, fields...)
+	res, err := createScript.Run(ctx, s.rdb,
+		[]string{jobKey(j.ID), eventsKey(j.ID), queueKey(j.Group), seqKey}, args...).Slice()
+	if err != nil {
+		if strings.Contains(err.Error(), "EXISTS") {
+			return 0, ErrExists
+		}
+		return 0, fmt.Errorf("jobs: create %s: %w", j.ID, err)
+	}
+	pos, _ := res[1].(int64)
+	return int(pos), nil
+}
+
+// Get reads a job. A missing (or expired) job is ErrNotFound.
+func (s *Store) Get(ctx context.Context, id string) (*Job, error) {
+	if !ValidID(id) {
+		return nil, ErrNotFound
+	}
+	m, err := s.rdb.HGetAll(ctx, jobKey(id)).Result()
+	if err != nil {
+		return nil, fmt.Errorf("jobs: get %s: %w", id, err)
+	}
+	if len(m) == 0 || m["status"] == "" {
+		return nil, ErrNotFound
+	}
+	return fromHash(id, m)
+}
+
+// Position is a queued job's place in its group's queue (1 = next) and how
+// many jobs are ahead; ok is false when the job is not queued.
+func (s *Store) Position(ctx context.Context, j *Job) (position int, ok bool, err error) {
+	r, err := s.rdb.ZRank(ctx, queueKey(j.Group), j.ID).Result()
+	if errors.Is(err, redis.Nil) {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, false, fmt.Errorf("jobs: position %s: %w", j.ID, err)
+	}
+	return int(r) + 1, true, nil
+}
+
+// QueueLength is how many jobs wait in a group's queue.
+func (s *Store) QueueLength(ctx context.Context, group string) (int64, error) {
+	return s.rdb.ZCard(ctx, queueKey(group)).Result()
+}
+
+// Transition is a status change with the fields it sets and the event it logs.
+type Transition struct {
+	From          []Status
+	To            Status
+	CountAttempt  bool
+	Set           map[string]string // field → value
+	SetIfAbsent   map[string]string
+	Event         string // "" = none
+	EventData     any    // marshaled to JSON; the string "__ATTEMPTS__" becomes the attempt count
+	EventDataJSON []byte // used instead of EventData when set
+}
+
+// Apply performs t on job id atomically. It fails with *StateError when the
+// job's status is not one of t.From, and ErrNotFound when there is no job.
+// It returns the attempt count after the change.
+func (s *Store) Apply(ctx context.Context, id, group string, t Transition) (attempts int, err error) {
+	from := make([]string, len(t.From))
+	for i, f := range t.From {
+		from[i] = string(f)
+	}
+	data := t.EventDataJSON
+	if data == nil && t.EventData != nil {
+		if data, err = json.Marshal(t.EventData); err != nil {
+			return 0, err
+		}
+	}
+	if data == nil {
+		data = []byte("{}")
+	}
+	count := "0"
+	if t.CountAttempt {
+		count = "1"
+	}
+	ttl := "0"
+	if t.To.Terminal() {
+		ttl = s.ttl()
+	}
+	args := []any{strings.Join(from, " "), string(t.To), t.Event, string(data), channel(id), ttl, count, s.maxEvents, id}
+	for k, v := range t.Set {
+		args = append(args, k, v)
+	}
+	for k, v := range t.SetIfAbsent {
+		args = append(args, "?"+k, v)
+	}
+	res, err := transitionScript.Run(ctx, s.rdb, []string{jobKey(id), eventsKey(id), queueKey(group)}, args...).Slice()
+	if err != nil {
+		return 0, scriptError(id, err)
+	}
+	n, _ := res[1].(int64)
+	return int(n), nil
+}
+
+// Append logs an event of a job that must be in status want.
+func (s *Store) Append(ctx context.Context, id string, want Status, event string, data any) (string, error) {
+	b, err := json.Marshal(data)
+	if err != nil {
+		return "", err
+	}
+	evID, err := appendScript.Run(ctx, s.rdb, []string{jobKey(id), eventsKey(id)},
+		string(want), event, string(b), channel(id), s.maxEvents).Text()
+	if err != nil {
+		return "", scriptError(id, err)
+	}
+	return evID, nil
+}
+
+func scriptError(id string, err error) error {
+	msg := err.Error()
+	switch {
+	case strings.Contains(msg, "NOTFOUND"):
+		return ErrNotFound
+	case strings.HasPrefix(msg, "STATE "):
+		return &StateError{Current: Status(strings.TrimPrefix(msg, "STATE "))}
+	}
+	return fmt.Errorf("jobs: %s: %w", id, err)
+}
+
+// Event is one entry of a job's event log.
+type Event struct {
+	ID   string          `json:"id"`
+	Name string          `json:"event"`
+	Data json.RawMessage `json:"data"`
+}
+
+// Terminal reports whether the event ends the job's stream.
+func (e Event) Terminal() bool { return Status(e.Name).Terminal() }
+
+// Events returns up to count events logged after the event id after ("" =
+// from the start).
+func (s *Store) Events(ctx context.Context, id, after string, count int64) ([]Event, error) {
+	start := "-"
+	if after != "" {
+		start = "(" + after
+	}
+	msgs, err := s.rdb.XRangeN(ctx, eventsKey(id), start, "+", count).Result()
+	if err != nil {
+		return nil, fmt.Errorf("jobs: events of %s: %w", id, err)
+	}
+	out := make([]Event, 0, len(msgs))
+	for _, m := range msgs {
+		name, _ := m.Values["event"].(string)
+		data, _ := m.Values["data"].(string)
+		out = append(out, Event{ID: m.ID, Name: name, Data: json.RawMessage(data)})
+	}
+	return out, nil
+}
+
+// ValidEventID reports whether s looks like an event id ("ms-seq"), so a
+// client's Last-Event-ID never reaches Redis malformed.
+func ValidEventID(s string) bool {
+	ms, seq, ok := strings.Cut(s, "-")
+	if !ok {
+		return false
+	}
+	_, err1 := strconv.ParseUint(ms, 10, 64)
+	_, err2 := strconv.ParseUint(seq, 10, 64)
+	return err1 == nil && err2 == nil
+}
+
+func compareEventIDs(a, b string) int {
+	am, as, _ := strings.Cut(a, "-")
+	bm, bs, _ := strings.Cut(b, "-")
+	x, _ := strconv.ParseUint(am, 10, 64)
+	y, _ := strconv.ParseUint(bm, 10, 64)
+	if x != y {
+		if x < y {
+			return -1
+		}
+		return 1
+	}
+	x, _ = strconv.ParseUint(as, 10, 64)
+	y, _ = strconv.ParseUint(bs, 10, 64)
+	switch {
+	case x < y:
+		return -1
+	case x > y:
+		return 1
+	}
+	return 0
+}
+
+func timeFromMillis(s string) time.Time {
+	if s == "" {
+		return time.Time{}
+	}
+	ms, err := strconv.ParseInt(s, 10, 64)
+	if err != nil {
+		return time.Time{}
+	}
+	return time.UnixMilli(ms).UTC()
+}
+
+func fromHash(id string, m map[string]string) (*Job, error) {
+	j := &Job{
+		ID: id, Tenant: m["tenant"], UserID: m["user_id"], Model: m["model"], Group: m["group"],
+		Status: Status(m["status"]), Text: m["text"], TokenHash: m["token_hash"],
+		CreatedAt: parseMillis(m["created_at"]), StartedAt: parseMillis(m["started_at"]),
+		FinishedAt: parseMillis(m["finished_at"]), DeadlineAt: parseMillis(m["deadline_at"]),
+		NotBefore: parseMillis(m["not_before"]),
+	}
+	j.MaxTokens, _ = strconv.Atoi(m["max_tokens"])
+	j.Attempts, _ = strconv.Atoi(m["attempts"])
+	if v := m["request"]; v != "" {
+		j.Request = json.RawMessage(v)
+	}
+	if v := m["metadata"]; v != "" {
+		j.Metadata = json.RawMessage(v)
+	}
+	if v := m["result"]; v != "" {
+		j.Result = json.RawMessage(v)
+	}
+	if v := m["usage"]; v != "" {
+		j.Usage = new(Usage)
+		if err := json.Unmarshal([]byte(v), j.Usage); err != nil {
+			return nil, fmt.Errorf("jobs: %s: bad usage: %w", id, err)
+		}
+	}
+	if v := m["error"]; v != "" {
+		j.Error = new(Error)
+		if err := json.Unmarshal([]byte(v), j.Error); err != nil {
+			return nil, fmt.Errorf("jobs: %s: bad error: %w", id, err)
+		}
+	}
+	return j, nil
+}
+
+// MillisString formats a time as the store keeps it.
+func MillisString(t time.Time) string { return nowMillis(t) }

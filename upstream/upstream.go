@@ -1,0 +1,271 @@
+// Package upstream calls the Anthropic Messages API for sluice: one streamed
+// call at a time through the official Go SDK, with the SDK's own retries off
+// (sluice owns retries), and every failure classified into what the worker
+// should do about it.
+package upstream
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/anthropics/anthropic-sdk-go/v2"
+	"github.com/anthropics/anthropic-sdk-go/v2/option"
+)
+
+// Options configure a Client.
+type Options struct {
+	BaseURL string // e.g. https://api.anthropic.com
+	APIKey  string // the account's key; never logged
+	// MaxConnsPerHost bounds the pooled connections to the upstream (default 256).
+	MaxConnsPerHost int
+}
+
+// Client is a pooled, retry-free client of the Messages API.
+type Client struct {
+	sdk  anthropic.Client
+	http *http.Client
+}
+
+// New builds a Client with its own http.Client: the SDK's default transport
+// keeps 2 idle connections per host, far too few for a gateway.
+func New(o Options) *Client {
+	if o.MaxConnsPerHost <= 0 {
+		o.MaxConnsPerHost = 256
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.MaxIdleConns = o.MaxConnsPerHost
+	tr.MaxIdleConnsPerHost = o.MaxConnsPerHost
+	tr.MaxConnsPerHost = o.MaxConnsPerHost
+	tr.IdleConnTimeout = 90 * time.Second
+	hc := &http.Client{Transport: tr}
+	sdk := anthropic.NewClient(
+		option.WithoutEnvironmentDefaults(), // only cmd/sluice reads the environment
+		option.WithBaseURL(o.BaseURL),
+		option.WithAPIKey(o.APIKey),
+		option.WithMaxRetries(0),
+		option.WithHTTPClient(hc),
+	)
+	return &Client{sdk: sdk, http: hc}
+}
+
+// Close releases idle connections.
+func (c *Client) Close() { c.http.CloseIdleConnections() }
+
+// Result is a finished call.
+type Result struct {
+	Message json.RawMessage // the upstream Message, as the non-streaming API returns it
+	Text    string          // its text blocks joined
+	Usage   Usage
+	Header  http.Header // the response headers (anthropic-ratelimit-*, request-id)
+}
+
+// Usage is the token usage the upstream reported.
+type Usage struct {
+	InputTokens              int `json:"input_tokens"`
+	OutputTokens             int `json:"output_tokens"`
+	CacheCreationInputTokens int `json:"cache_creation_input_tokens"`
+	CacheReadInputTokens     int `json:"cache_read_input_tokens"`
+}
+
+// Stream sends body (a complete Messages request; stream is forced on) and
+// calls onText for every piece of text as the model writes it. A stream that
+// ends without message_stop is an error (Kind Cut), never a short success.
+func (c *Client) Stream(ctx context.Context, body []byte, onText func(string)) (*Result, error) {
+	var resp *http.Response
+	stream := c.sdk.Messages.NewStreaming(ctx, anthropic.MessageNewParams{},
+		option.WithRequestBody("application/json", body),
+		option.WithResponseInto(&resp),
+	)
+	defer stream.Close()
+	acc := newAccumulator()
+	for stream.Next() {
+		ev := stream.Current()
+		if err := acc.add(ev.Type, []byte(ev.RawJSON())); err != nil {
+			return nil, &Error{Kind: KindCut, Message: "the upstream sent a malformed stream: " + err.Error()}
+		}
+		if ev.Type == "content_block_delta" && ev.Delta.Type == "text_delta" && ev.Delta.Text != "" && onText != nil {
+			onText(ev.Delta.Text)
+		}
+	}
+	if err := stream.Err(); err != nil {
+		return nil, classify(ctx, err, resp)
+	}
+	if ctx.Err() != nil {
+		return nil, classify(ctx, ctx.Err(), resp)
+	}
+	if !acc.stopped {
+		return nil, &Error{Kind: KindCut, Message: "the upstream stream ended before message_stop"}
+	}
+	msg, text, usage, err := acc.result()
+	if err != nil {
+		return nil, &Error{Kind: KindCut, Message: "the upstream sent a malformed stream: " + err.Error()}
+	}
+	r := &Result{Message: msg, Text: text, Usage: usage}
+	if resp != nil {
+		r.Header = resp.Header
+	}
+	return r, nil
+}
+
+// Kind is what a failure means for the job.
+type Kind int
+
+const (
+	// KindRateLimited: a 429 with retry-after. Wait, then try again; not the
+	// job's fault, so it does not use up the job's attempts.
+	KindRateLimited Kind = iota + 1
+	// KindSpendLimit: the account's spend limit; retrying is pointless.
+	KindSpendLimit
+	// KindRetryable: 529, 500, 503, 504, a dropped connection, a cut stream,
+	// an error event mid-stream. Back off with jitter and try again.
+	KindRetryable
+	// KindCut: the stream ended early or was malformed. Retryable.
+	KindCut
+	// KindFatal: the request itself was refused (400, 401, 402, 403, 404,
+	// 413). Fail the job at once.
+	KindFatal
+	// KindCanceled: our own context ended (shutdown or cancel).
+	KindCanceled
+)
+
+// Retryable reports whether another attempt may succeed.
+func (k Kind) Retryable() bool {
+	return k == KindRateLimited || k == KindRetryable || k == KindCut
+}
+
+// Error is a classified upstream failure.
+type Error struct {
+	Kind       Kind
+	Status     int           // HTTP status; 0 for connection errors
+	Type       string        // the upstream's error.type (e.g. overloaded_error)
+	Code       string        // error.details.error_code, if any
+	Message    string        // the upstream's message, or what happened
+	RetryAfter time.Duration // from retry-after, 0 if absent
+	RequestID  string
+	Err        error
+}
+
+func (e *Error) Error() string {
+	var b strings.Builder
+	b.WriteString("upstream")
+	if e.Status != 0 {
+		fmt.Fprintf(&b, " %d", e.Status)
+	}
+	if e.Type != "" {
+		b.WriteString(" " + e.Type)
+	}
+	if e.Code != "" {
+		b.WriteString(" (" + e.Code + ")")
+	}
+	if e.Message != "" {
+		b.WriteString(": " + e.Message)
+	}
+	return b.String()
+}
+
+func (e *Error) Unwrap() error { return e.Err }
+
+// Reason is a short machine word for the failure (SSE `retrying` reason).
+func (e *Error) Reason() string {
+	switch {
+	case e.Kind == KindRateLimited:
+		return "rate_limited"
+	case e.Kind == KindCut:
+		return "stream_interrupted"
+	case e.Status == 529 || e.Type == "overloaded_error":
+		return "overloaded"
+	case e.Status == 0:
+		return "connection_error"
+	case e.Status == 504:
+		return "timeout"
+	}
+	return "upstream_error"
+}
+
+func classify(ctx context.Context, err error, resp *http.Response) error {
+	if ctx.Err() != nil && !isAPIError(err) {
+		return &Error{Kind: KindCanceled, Message: "the call was stopped", Err: ctx.Err()}
+	}
+	var ae *anthropic.Error
+	if !errors.As(err, &ae) {
+		msg := "the connection to the upstream failed"
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			msg = "the upstream did not answer in time"
+		}
+		return &Error{Kind: KindRetryable, Message: msg, Err: err}
+	}
+	e := &Error{Status: ae.StatusCode, Type: string(ae.Type()), Code: string(ae.ErrorCode()), Message: ae.Message, RequestID: ae.RequestID, Err: err}
+	h := http.Header(nil)
+	if ae.Response != nil {
+		h = ae.Response.Header
+	} else if resp != nil {
+		h = resp.Header
+	}
+	if h != nil {
+		e.RetryAfter = parseRetryAfter(h.Get("retry-after"))
+		if e.RequestID == "" {
+			e.RequestID = h.Get("request-id")
+		}
+	}
+	switch s := ae.StatusCode; {
+	case s == http.StatusOK: // an `event: error` inside a stream that began well
+		e.Kind = KindRetryable
+		if e.Type == "invalid_request_error" {
+			e.Kind = KindFatal
+		}
+	case s == http.StatusTooManyRequests:
+		switch {
+		case e.Code == "enforced_spend_limit_reached":
+			e.Kind = KindSpendLimit
+		case e.RetryAfter == 0 && h != nil && strings.EqualFold(h.Get("x-should-retry"), "false"):
+			e.Kind = KindSpendLimit
+		default:
+			e.Kind = KindRateLimited
+			if e.RetryAfter == 0 {
+				e.RetryAfter = time.Second
+			}
+		}
+	case s == 529 || s == 500 || s == 502 || s == 503 || s == 504 || s == 408:
+		e.Kind = KindRetryable
+	default:
+		e.Kind = KindFatal
+	}
+	return e
+}
+
+func isAPIError(err error) bool {
+	var ae *anthropic.Error
+	return errors.As(err, &ae)
+}
+
+func parseRetryAfter(v string) time.Duration {
+	if v == "" {
+		return 0
+	}
+	if s, err := strconv.ParseFloat(strings.TrimSpace(v), 64); err == nil && s >= 0 {
+		return time.Duration(s * float64(time.Second))
+	}
+	if t, err := http.ParseTime(v); err == nil {
+		if d := time.Until(t); d > 0 {
+			return d
+		}
+	}
+	return 0
+}
+
+// UserHash is the opaque metadata.user_id sent upstream for a tenant's user:
+// stable (so the upstream can spot abuse by one user) and not reversible.
+func UserHash(tenant, user string) string {
+	sum := sha256.Sum256([]byte("sluice\x00" + tenant + "\x00" + user))
+	return "u_" + hex.EncodeToString(sum[:16])
+}
