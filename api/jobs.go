@@ -1,8 +1,6 @@
 package api
 
 import (
-	"context"
-	"math"
 	"net/http"
 	"time"
 
@@ -10,10 +8,10 @@ import (
 
 	"github.com/sluice-dev/sluice/config"
 	"github.com/sluice-dev/sluice/jobs"
-	"github.com/sluice-dev/sluice/tasks"
 )
 
-// createJob is POST /v1/jobs: validate, store the job, queue it.
+// createJob is POST /v1/jobs: validate, estimate, store and queue the job
+// fairly (one Lua script), answer with its position.
 func (s *Server) createJob(c *echo.Context) error {
 	tenant := tenantOf(c)
 	body, err := s.readBody(c)
@@ -22,6 +20,11 @@ func (s *Server) createJob(c *echo.Context) error {
 	}
 	req, err := parseCreate(body, s.cfg, tenant)
 	if err != nil {
+		return err
+	}
+	ctx := c.Request().Context()
+	input := s.d.Estimator.Input(ctx, req.Model, req.Request)
+	if err := fitsGroup(req, input); err != nil {
 		return err
 	}
 	token, tokenHash := jobs.NewToken()
@@ -34,48 +37,29 @@ func (s *Server) createJob(c *echo.Context) error {
 	if req.DeadlineSeconds > 0 {
 		job.DeadlineAt = now.Add(time.Duration(req.DeadlineSeconds * float64(time.Second)))
 	}
-	ctx := c.Request().Context()
-	position, err := s.d.Store.Create(ctx, job, secondsPerRequest(req.Group))
+	position, eta, err := s.d.Scheduler.Admit(ctx, job, req.Group, input, tenant.WeightOf(req.UserID))
 	if err != nil {
-		return err
-	}
-	if err := s.enqueue(ctx, job); err != nil {
 		return err
 	}
 	v := job.View()
 	v.Token = token
-	s.fillPosition(&v, req.Group, position)
-	s.log.Info("job accepted", "job_id", job.ID, "tenant", tenant.Name, "user_id", job.UserID, "model", job.Model, "position", position)
+	v.Position, v.ETASeconds = &position, &eta
+	s.log.Info("job accepted", "job_id", job.ID, "tenant", tenant.Name, "user_id", job.UserID, "model", job.Model, "position", position, "input_estimate", input)
 	c.Response().Header().Set("Location", "/v1/jobs/"+job.ID)
 	return c.JSON(http.StatusAccepted, v)
 }
 
-// enqueue hands the job to its group's asynq queue. If that fails the job is
-// marked failed (nothing was sent upstream) and the client told to retry.
-func (s *Server) enqueue(ctx context.Context, job *jobs.Job) error {
-	t, err := tasks.NewRunJob(tasks.RunJob{JobID: job.ID, Group: job.Group}, tasks.RunJobOptions{
-		MaxRetry:  s.cfg.Upstream.MaxAttempts,
-		Timeout:   s.cfg.Upstream.AttemptTimeout + time.Minute, // the worker's own attempt timeout fires first
-		Retention: time.Hour,
-	})
-	if err == nil {
-		_, err = s.d.Enqueuer.EnqueueContext(ctx, t)
+// fitsGroup refuses a request the group's limits could never carry: the
+// upstream itself would answer 429 to it forever.
+func fitsGroup(req *createRequest, input int) error {
+	g := req.Group
+	if req.MaxTokens > g.OutputTPM {
+		return invalid("request.max_tokens", "request.max_tokens is %d, but this model's output limit is %d tokens per minute, so the request could never run. Ask for at most %d.", req.MaxTokens, g.OutputTPM, g.OutputTPM)
 	}
-	if err == nil {
-		return nil
+	if input > g.InputTPM {
+		return invalid("request.messages", "This request is about %d input tokens, but this model's input limit is %d tokens per minute, so it could never run. Shorten the conversation.", input, g.InputTPM)
 	}
-	s.log.Error("could not queue job", "job_id", job.ID, "err", err)
-	_, ferr := s.d.Store.Apply(context.WithoutCancel(ctx), job.ID, job.Group, jobs.Transition{
-		From: []jobs.Status{jobs.Queued}, To: jobs.Failed,
-		Set:   map[string]string{"error": `{"type":"internal_error","message":"sluice could not queue this job."}`, "finished_at": jobs.MillisString(s.now())},
-		Event: "failed", EventData: map[string]any{"error": map[string]string{"type": "internal_error", "message": "sluice could not queue this job."}},
-	})
-	if ferr != nil {
-		s.log.Error("could not mark unqueued job failed", "job_id", job.ID, "err", ferr)
-	}
-	return &Error{Status: http.StatusServiceUnavailable, Type: "overloaded", RetryAfter: 1,
-		Message: "sluice could not queue this job just now; nothing was charged. Please try again in a moment.",
-		Extra:   map[string]any{"retry_after_seconds": 1}}
+	return nil
 }
 
 // getJob is GET /v1/jobs/{id}.
@@ -87,13 +71,14 @@ func (s *Server) getJob(c *echo.Context) error {
 	v := job.View()
 	if job.Status == jobs.Queued {
 		if g, ok := s.group(job.Group); ok {
-			pos, queued, err := s.d.Store.Position(c.Request().Context(), job)
+			pos, eta, queued, err := s.d.Scheduler.Position(c.Request().Context(), job, g)
 			if err != nil {
 				return err
 			}
-			if queued {
-				s.fillPosition(&v, g, pos)
+			if !queued { // dispatched, about to start
+				pos, eta = 1, 0
 			}
+			v.Position, v.ETASeconds = &pos, &eta
 		}
 	}
 	return c.JSON(http.StatusOK, v)
@@ -134,15 +119,4 @@ func (s *Server) group(name string) (*config.ModelGroup, bool) {
 		}
 	}
 	return nil, false
-}
-
-// secondsPerRequest is the group's request pacing: 60 / rpm.
-func secondsPerRequest(g *config.ModelGroup) float64 { return 60 / float64(g.RPM) }
-
-// fillPosition sets position and a first eta: the jobs ahead, paced at the
-// group's request rate. (The engine refines the eta with tokens ahead.)
-func (s *Server) fillPosition(v *jobs.View, g *config.ModelGroup, position int) {
-	p := position
-	eta := int(math.Round(float64(position-1) * secondsPerRequest(g)))
-	v.Position, v.ETASeconds = &p, &eta
 }

@@ -11,18 +11,14 @@ import (
 	"net/http"
 	"time"
 
-	"github.com/hibiken/asynq"
 	"github.com/labstack/echo/v5"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/sluice-dev/sluice/config"
+	"github.com/sluice-dev/sluice/estimate"
 	"github.com/sluice-dev/sluice/jobs"
+	"github.com/sluice-dev/sluice/scheduler"
 )
-
-// Enqueuer hands a task to asynq (asynq.Client in production).
-type Enqueuer interface {
-	EnqueueContext(ctx context.Context, task *asynq.Task, opts ...asynq.Option) (*asynq.TaskInfo, error)
-}
 
 // Deps are what the api needs.
 type Deps struct {
@@ -30,7 +26,8 @@ type Deps struct {
 	Redis      redis.UniversalClient
 	Store      *jobs.Store
 	Hub        *jobs.Hub
-	Enqueuer   Enqueuer
+	Scheduler  *scheduler.Scheduler
+	Estimator  *estimate.Calibrator
 	Monitoring http.Handler // asynqmon, mounted at /monitoring/ behind admin auth; nil = not mounted
 	Web        http.Handler // the embedded pages at /; nil = none
 	Logger     *slog.Logger

@@ -40,10 +40,13 @@ const (
 	DefaultBackoffMax        = 30 * time.Second
 	DefaultMaxTokens         = 1024
 	DefaultMaxConcurrency    = 8
+	DefaultBurst             = 3 * time.Second
+	DefaultWeight            = 1.0
 	DefaultBodyLimitBytes    = 8 << 20 // 8 MiB
 	DefaultAPIShutdown       = 10 * time.Second
 	DefaultWorkerShutdown    = 25 * time.Second
-	DefaultTaskCheckInterval = 5 * time.Millisecond
+	DefaultTaskCheckInterval = 2 * time.Millisecond
+	DefaultLeaseTTL          = 15 * time.Second
 	DefaultLogFormat         = "text"
 	DefaultLogLevel          = "info"
 )
@@ -120,6 +123,20 @@ type Tenant struct {
 	// DefaultMaxTokens is the max_tokens of a request that gives none, in
 	// tokens. Default 1024.
 	DefaultMaxTokens int `yaml:"default_max_tokens"`
+	// Weight is the fair-queue weight of each of the tenant's users: a user
+	// of weight 2 is served twice the tokens of a user of weight 1 when both
+	// wait. Default 1; if set, > 0.
+	Weight float64 `yaml:"weight"`
+	// UserWeights overrides Weight for named users (user_id → weight > 0).
+	UserWeights map[string]float64 `yaml:"user_weights,omitempty"`
+}
+
+// WeightOf is the fair-queue weight of one of the tenant's users.
+func (t *Tenant) WeightOf(user string) float64 {
+	if w, ok := t.UserWeights[user]; ok {
+		return w
+	}
+	return t.Weight
 }
 
 // ModelGroup is a set of models that share upstream rate limits, with its own
@@ -142,6 +159,12 @@ type ModelGroup struct {
 	// CountCacheReads makes cache reads count against InputTPM, as they do for
 	// legacy models. Default false.
 	CountCacheReads bool `yaml:"count_cache_reads"`
+	// Burst is how much of the per-minute limits sluice may send at once,
+	// as a duration of the limit: 3s of 60 RPM is 3 requests. Small keeps
+	// the group paced (the upstream may enforce 60 RPM as 1 request per
+	// second); the long-run rate is the limit either way. A single request
+	// larger than the burst is sent when the bucket is full. Default 3s.
+	Burst time.Duration `yaml:"burst"`
 }
 
 // API configures the HTTP server.
@@ -160,8 +183,13 @@ type Worker struct {
 	// before handing them back to the queue. Default 25s.
 	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
 	// TaskCheckInterval is how often an idle worker polls for tasks (asynq's
-	// own default of 1s would add up to a second of latency). Default 5ms.
+	// own default of 1s would add up to a second of latency). Default 2ms (an idle worker then polls Redis about 500 times a second per model group).
 	TaskCheckInterval time.Duration `yaml:"task_check_interval"`
+	// LeaseTTL is how long a running call's concurrency slot stays taken
+	// without a heartbeat (workers renew every third of it): when a worker
+	// dies mid-call, its slot returns and its job is queued again within
+	// this time. Default 15s.
+	LeaseTTL time.Duration `yaml:"lease_ttl"`
 }
 
 // Log configures logging.
@@ -193,6 +221,7 @@ func Default() *Config {
 		Worker: Worker{
 			ShutdownTimeout:   DefaultWorkerShutdown,
 			TaskCheckInterval: DefaultTaskCheckInterval,
+			LeaseTTL:          DefaultLeaseTTL,
 		},
 		Log: Log{
 			Format: DefaultLogFormat,
@@ -299,9 +328,11 @@ func applyElementDefaults(c *Config, root *yaml.Node) {
 	var given struct {
 		Tenants []struct {
 			DefaultMaxTokens yaml.Node `yaml:"default_max_tokens"`
+			Weight           yaml.Node `yaml:"weight"`
 		} `yaml:"tenants"`
 		ModelGroups []struct {
 			MaxConcurrency yaml.Node `yaml:"max_concurrency"`
+			Burst          yaml.Node `yaml:"burst"`
 		} `yaml:"model_groups"`
 	}
 	// Errors were already collected by the strict decode.
@@ -311,10 +342,16 @@ func applyElementDefaults(c *Config, root *yaml.Node) {
 		if i >= len(given.Tenants) || omitted(given.Tenants[i].DefaultMaxTokens) {
 			c.Tenants[i].DefaultMaxTokens = DefaultMaxTokens
 		}
+		if i >= len(given.Tenants) || omitted(given.Tenants[i].Weight) {
+			c.Tenants[i].Weight = DefaultWeight
+		}
 	}
 	for i := range c.ModelGroups {
 		if i >= len(given.ModelGroups) || omitted(given.ModelGroups[i].MaxConcurrency) {
 			c.ModelGroups[i].MaxConcurrency = DefaultMaxConcurrency
+		}
+		if i >= len(given.ModelGroups) || omitted(given.ModelGroups[i].Burst) {
+			c.ModelGroups[i].Burst = DefaultBurst
 		}
 	}
 }

@@ -122,15 +122,15 @@ log: {format: JSON, level: debug}
 		},
 		AdminKeys: []Key{mustKey(t, "admin-key-0123456789")},
 		Tenants: []Tenant{
-			{Name: "acme", Keys: []Key{mustKey(t, "acme-key-0123456789"), mustKey(t, "example-research-key-0002")}, DefaultMaxTokens: 2048},
-			{Name: "beta_2", Keys: []Key{mustKey(t, "beta-key-0123456789")}, DefaultMaxTokens: DefaultMaxTokens},
+			{Name: "acme", Keys: []Key{mustKey(t, "acme-key-0123456789"), mustKey(t, "example-research-key-0002")}, DefaultMaxTokens: 2048, Weight: 1},
+			{Name: "beta_2", Keys: []Key{mustKey(t, "beta-key-0123456789")}, DefaultMaxTokens: DefaultMaxTokens, Weight: 1},
 		},
 		ModelGroups: []ModelGroup{
-			{Name: "sonnet", Models: []string{"claude-sonnet-4-5", "claude-sonnet-*"}, RPM: 50, InputTPM: 30000, OutputTPM: 8000, MaxConcurrency: 4, CountCacheReads: true},
-			{Name: "haiku", Models: []string{"claude-haiku-*"}, RPM: 100, InputTPM: 50000, OutputTPM: 10000, MaxConcurrency: DefaultMaxConcurrency},
+			{Name: "sonnet", Models: []string{"claude-sonnet-4-5", "claude-sonnet-*"}, RPM: 50, InputTPM: 30000, OutputTPM: 8000, MaxConcurrency: 4, CountCacheReads: true, Burst: DefaultBurst},
+			{Name: "haiku", Models: []string{"claude-haiku-*"}, RPM: 100, InputTPM: 50000, OutputTPM: 10000, MaxConcurrency: DefaultMaxConcurrency, Burst: DefaultBurst},
 		},
 		API:    API{BodyLimitBytes: 1 << 20, ShutdownTimeout: 5 * time.Second},
-		Worker: Worker{ShutdownTimeout: 20 * time.Second, TaskCheckInterval: 10 * time.Millisecond},
+		Worker: Worker{ShutdownTimeout: 20 * time.Second, TaskCheckInterval: 10 * time.Millisecond, LeaseTTL: DefaultLeaseTTL},
 		Log:    Log{Format: "json", Level: "debug"},
 	}
 	if diff := cmp.Diff(want, got); diff != "" {
@@ -141,8 +141,8 @@ log: {format: JSON, level: debug}
 func TestDefaultsFilled(t *testing.T) {
 	got := mustParse(t, minimal, env())
 	want := Default()
-	want.Tenants = []Tenant{{Name: "acme", Keys: []Key{mustKey(t, "acme-key-0123456789")}, DefaultMaxTokens: 1024}}
-	want.ModelGroups = []ModelGroup{{Name: "sonnet", Models: []string{"claude-sonnet-*"}, RPM: 50, InputTPM: 30000, OutputTPM: 8000, MaxConcurrency: 8}}
+	want.Tenants = []Tenant{{Name: "acme", Keys: []Key{mustKey(t, "acme-key-0123456789")}, DefaultMaxTokens: 1024, Weight: 1}}
+	want.ModelGroups = []ModelGroup{{Name: "sonnet", Models: []string{"claude-sonnet-*"}, RPM: 50, InputTPM: 30000, OutputTPM: 8000, MaxConcurrency: 8, Burst: DefaultBurst}}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("defaults (-want +got):\n%s", diff)
 	}
@@ -163,7 +163,8 @@ func TestDefaultsFilled(t *testing.T) {
 		{"body_limit_bytes", d.API.BodyLimitBytes, int64(8388608)},
 		{"api.shutdown_timeout", d.API.ShutdownTimeout, 10 * time.Second},
 		{"worker.shutdown_timeout", d.Worker.ShutdownTimeout, 25 * time.Second},
-		{"task_check_interval", d.Worker.TaskCheckInterval, 5 * time.Millisecond},
+		{"task_check_interval", d.Worker.TaskCheckInterval, 2 * time.Millisecond},
+		{"lease_ttl", d.Worker.LeaseTTL, 15 * time.Second},
 		{"log.format", d.Log.Format, "text"},
 		{"log.level", d.Log.Level, "info"},
 	} {
@@ -484,8 +485,8 @@ model_groups:
   - {name: g, models: [m], rpm: 1, input_tpm: 1, output_tpm: 1, max_concurency: 3}
 `,
 			want: []string{
-				"model_groups[0].max_concurency: unknown field; the fields here are name, models, rpm, input_tpm, output_tpm, max_concurrency, count_cache_reads (line 6)",
-				"tenants[0].key: unknown field; the fields here are name, keys, default_max_tokens (line 4)",
+				"model_groups[0].max_concurency: unknown field; the fields here are name, models, rpm, input_tpm, output_tpm, max_concurrency, count_cache_reads, burst (line 6)",
+				"tenants[0].key: unknown field; the fields here are name, keys, default_max_tokens, weight, user_weights (line 4)",
 				"tenants[0].keys: at least one key is required",
 			},
 		},
@@ -621,8 +622,8 @@ func TestValidateDefault(t *testing.T) {
 		t.Errorf("problems (-want +got):\n%s", diff)
 	}
 	c := Default()
-	c.Tenants = []Tenant{{Name: "a", Keys: []Key{mustKey(t, "a-key-0123456789abc")}, DefaultMaxTokens: 1}}
-	c.ModelGroups = []ModelGroup{{Name: "g", Models: []string{"m"}, RPM: 1, InputTPM: 1, OutputTPM: 1, MaxConcurrency: 1}}
+	c.Tenants = []Tenant{{Name: "a", Keys: []Key{mustKey(t, "a-key-0123456789abc")}, DefaultMaxTokens: 1, Weight: 1}}
+	c.ModelGroups = []ModelGroup{{Name: "g", Models: []string{"m"}, RPM: 1, InputTPM: 1, OutputTPM: 1, MaxConcurrency: 1, Burst: DefaultBurst}}
 	if err := c.Validate(); err != nil {
 		t.Errorf("Validate: %v", err)
 	}

@@ -3,10 +3,12 @@ package config
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/url"
 	"path"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -83,6 +85,14 @@ func (c *Config) problems() []*fieldError {
 			key(fmt.Sprintf("%s.keys[%d]", p, j), k)
 		}
 		v.positive(p+".default_max_tokens", int64(t.DefaultMaxTokens))
+		if !(t.Weight > 0) {
+			v.add(p+".weight", "must be > 0")
+		}
+		for _, u := range slices.Sorted(maps.Keys(t.UserWeights)) {
+			if w := t.UserWeights[u]; !(w > 0) {
+				v.add(fmt.Sprintf("%s.user_weights[%q]", p, u), "must be > 0")
+			}
+		}
 	}
 
 	if len(c.ModelGroups) == 0 {
@@ -117,12 +127,14 @@ func (c *Config) problems() []*fieldError {
 		v.positive(p+".input_tpm", int64(g.InputTPM))
 		v.positive(p+".output_tpm", int64(g.OutputTPM))
 		v.positive(p+".max_concurrency", int64(g.MaxConcurrency))
+		v.positiveDuration(p+".burst", g.Burst)
 	}
 
 	v.positive("api.body_limit_bytes", c.API.BodyLimitBytes)
 	v.positiveDuration("api.shutdown_timeout", c.API.ShutdownTimeout)
 	v.positiveDuration("worker.shutdown_timeout", c.Worker.ShutdownTimeout)
 	v.positiveDuration("worker.task_check_interval", c.Worker.TaskCheckInterval)
+	v.positiveDuration("worker.lease_ttl", c.Worker.LeaseTTL)
 
 	switch c.Log.Format {
 	case "text", "json":

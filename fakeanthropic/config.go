@@ -46,7 +46,8 @@ type Config struct {
 	// second of wall-clock time. Default 0: as fast as possible.
 	TokensPerSecond float64
 	// Latency is the wall-clock wait between admitting a request and the
-	// first byte of its answer. Default 0.
+	// first byte of its answer. Errors and 429s are answered at once.
+	// Default 0.
 	Latency time.Duration
 	// ReplyTokens is the reply length in output tokens when the prompt has
 	// no [[reply_tokens=N]] directive; replies are always capped by
@@ -66,7 +67,7 @@ type Config struct {
 	// Seed seeds the random fault draws; the same seed and the same arrival
 	// order give the same faults. Default 0: a random seed.
 	Seed int64
-	// Logger receives a debug line per request and warnings. Default: discard.
+	// Logger receives a debug line per /v1/messages request. Default: discard.
 	Logger *slog.Logger
 }
 

@@ -61,7 +61,8 @@
 // 2xx and 429 of /v1/messages carries anthropic-ratelimit-{requests,
 // input-tokens,output-tokens,tokens}-{limit,remaining,reset}, read just
 // after the request's own charge; the tokens axis is whichever of input and
-// output has fewer tokens left.
+// output has fewer tokens left. count_tokens answers carry the
+// anthropic-ratelimit-requests-* headers of their own bucket.
 //
 // # Faults
 //

@@ -61,10 +61,11 @@ func (s *Server) requeue(rule FaultRule) {
 // faultError is the error answer of a fault that is an error status. The
 // stream faults answer 200 and are handled by the reply; drop has no answer.
 func faultError(rule FaultRule, now time.Time) *apiError {
-	retryAfter := retryAfterSeconds(rule.RetryAfter.Seconds())
-	if rule.RetryAfter == 0 {
-		retryAfter = int(DefaultRetryAfter / time.Second)
+	wait := rule.RetryAfter
+	if wait == 0 {
+		wait = DefaultRetryAfter
 	}
+	retryAfter := retryAfterSeconds(wait.Seconds())
 	switch rule.Kind {
 	case FaultOverloaded, FaultStreamError:
 		return overloaded()

@@ -159,8 +159,10 @@ func TestCanceledRequestEndsPromptly(t *testing.T) {
 				`,"messages":[{"role":"user","content":"go"}]}`
 			req := newPost(ctx, t, srv.URL, body)
 			done := make(chan error, 1)
+			answered := make(chan struct{})
 			go func() {
 				res, err := srv.Client().Do(req)
+				close(answered)
 				if err == nil {
 					// Read until the cancel cuts the body.
 					_, err = bufio.NewReader(res.Body).ReadString(0)
@@ -169,6 +171,9 @@ func TestCanceledRequestEndsPromptly(t *testing.T) {
 				done <- err
 			}()
 			waitUntil(t, "the request in flight", func() bool { return s.Stats().InFlight == 1 })
+			if tt.stream {
+				<-answered // the stream has started: 200 is on the wire
+			}
 			cancel()
 			waitUntil(t, "the handler to finish", func() bool { return s.Stats().InFlight == 0 })
 			if err := <-done; err == nil {

@@ -28,7 +28,10 @@ type Stats struct {
 	// Dropped is the number of connections closed without any answer
 	// (FaultDrop).
 	Dropped int64 `json:"dropped"`
-	// InFlight is the number of /v1/messages calls being handled now.
+	// InFlight is the number of /v1/messages calls being handled now, from
+	// arrival until just before the last bytes of the answer (so that a
+	// client that has read its answer already finds it counted out and
+	// logged).
 	InFlight int64 `json:"in_flight"`
 	// MaxInFlight is the highest InFlight seen.
 	MaxInFlight int64 `json:"max_in_flight"`

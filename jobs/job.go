@@ -80,6 +80,14 @@ type Job struct {
 	Usage      *Usage
 	Error      *Error
 	TokenHash  string // sha256 of the job's read token, hex
+
+	// Scheduling state, kept by the scheduler's scripts.
+	FQMember string // the job's member in its group's fair queue
+	FQTag    string // its start tag there (kept across retries)
+	CostIn   int    // input tokens estimated at admission
+	CostOut  int    // output tokens reserved (max_tokens)
+	Dispatch int    // how many times it was handed to a worker
+	Failures int    // failed upstream attempts (rate-limit waits excluded)
 }
 
 // View is a job as the API shows it (DESIGN.md §3).

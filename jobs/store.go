@@ -16,14 +16,24 @@ import (
 // Key layout. Every key sluice owns starts with "sluice:".
 const (
 	keyPrefix     = "sluice:"
-	seqKey        = keyPrefix + "seq"
 	eventsChannel = keyPrefix + "jobev:" // + job id: live events of one job
 )
 
-func jobKey(id string) string        { return keyPrefix + "job:" + id }
-func eventsKey(id string) string     { return keyPrefix + "job:" + id + ":events" }
-func channel(id string) string       { return eventsChannel + id }
-func queueKey(group string) string   { return keyPrefix + "queue:" + group }
+// KeyPrefix prefixes every job record's key: KeyPrefix + id.
+const KeyPrefix = keyPrefix + "job:"
+
+func jobKey(id string) string    { return KeyPrefix + id }
+func eventsKey(id string) string { return KeyPrefix + id + ":events" }
+func channel(id string) string   { return eventsChannel + id }
+
+// Key is the Redis key of a job record.
+func Key(id string) string { return jobKey(id) }
+
+// EventsKey is the Redis key of a job's event log.
+func EventsKey(id string) string { return eventsKey(id) }
+
+// Channel is the Pub/Sub channel of a job's live events.
+func Channel(id string) string { return channel(id) }
 func nowMillis(t time.Time) string   { return strconv.FormatInt(t.UnixMilli(), 10) }
 func parseMillis(s string) time.Time { return timeFromMillis(s) }
 
@@ -65,9 +75,6 @@ type Store struct {
 }
 
 var (
-	//go:embed lua/create.lua
-	createSrc    string
-	createScript = redis.NewScript(createSrc)
 	//go:embed lua/transition.lua
 	transitionSrc    string
 	transitionScript = redis.NewScript(transitionSrc)
@@ -95,14 +102,9 @@ func (s *Store) Redis() redis.UniversalClient { return s.rdb }
 
 func (s *Store) ttl() string { return strconv.Itoa(int(s.retention / time.Second)) }
 
-// Create stores a new queued job, puts it at the back of its group's queue
-// and logs its `queued` event. secondsPerRequest (60/rpm) gives the first eta.
-// It returns the job's position in its group's queue.
-func (s *Store) Create(ctx context.Context, j *Job, secondsPerRequest float64) (position int, err error) {
-	j.Status = Queued
-	if j.CreatedAt.IsZero() {
-		j.CreatedAt = s.now()
-	}
+// Fields are the hash fields of a new job record (the scheduler stores it
+// in the same atomic step that queues it).
+func (s *Store) Fields(j *Job) []any {
 	fields := []any{
 		"tenant", j.Tenant, "user_id", j.UserID, "model", j.Model, "group", j.Group,
 		"status", string(Queued), "max_tokens", j.MaxTokens, "attempts", 0,
@@ -115,18 +117,14 @@ func (s *Store) Create(ctx context.Context, j *Job, secondsPerRequest float64) (
 	if len(j.Metadata) > 0 {
 		fields = append(fields, "metadata", string(j.Metadata))
 	}
-	args := append([]any{j.ID, s.ttl(), channel(j.ID), secondsPerRequest, s.maxEvents}, fields...)
-	res, err := createScript.Run(ctx, s.rdb,
-		[]string{jobKey(j.ID), eventsKey(j.ID), queueKey(j.Group), seqKey}, args...).Slice()
-	if err != nil {
-		if strings.Contains(err.Error(), "EXISTS") {
-			return 0, ErrExists
-		}
-		return 0, fmt.Errorf("jobs: create %s: %w", j.ID, err)
-	}
-	pos, _ := res[1].(int64)
-	return int(pos), nil
+	return fields
 }
+
+// TTLSeconds is how long records and event logs are kept, in seconds.
+func (s *Store) TTLSeconds() int { return int(s.retention / time.Second) }
+
+// MaxEvents caps one job's event log.
+func (s *Store) MaxEvents() int { return s.maxEvents }
 
 // Get reads a job. A missing (or expired) job is ErrNotFound.
 func (s *Store) Get(ctx context.Context, id string) (*Job, error) {
@@ -143,29 +141,12 @@ func (s *Store) Get(ctx context.Context, id string) (*Job, error) {
 	return fromHash(id, m)
 }
 
-// Position is a queued job's place in its group's queue (1 = next) and how
-// many jobs are ahead; ok is false when the job is not queued.
-func (s *Store) Position(ctx context.Context, j *Job) (position int, ok bool, err error) {
-	r, err := s.rdb.ZRank(ctx, queueKey(j.Group), j.ID).Result()
-	if errors.Is(err, redis.Nil) {
-		return 0, false, nil
-	}
-	if err != nil {
-		return 0, false, fmt.Errorf("jobs: position %s: %w", j.ID, err)
-	}
-	return int(r) + 1, true, nil
-}
-
-// QueueLength is how many jobs wait in a group's queue.
-func (s *Store) QueueLength(ctx context.Context, group string) (int64, error) {
-	return s.rdb.ZCard(ctx, queueKey(group)).Result()
-}
-
 // Transition is a status change with the fields it sets and the event it logs.
 type Transition struct {
 	From          []Status
 	To            Status
 	CountAttempt  bool
+	Dispatch      int // > 0: only if the job's current dispatch is this one
 	Set           map[string]string // field → value
 	SetIfAbsent   map[string]string
 	Event         string // "" = none
@@ -176,7 +157,7 @@ type Transition struct {
 // Apply performs t on job id atomically. It fails with *StateError when the
 // job's status is not one of t.From, and ErrNotFound when there is no job.
 // It returns the attempt count after the change.
-func (s *Store) Apply(ctx context.Context, id, group string, t Transition) (attempts int, err error) {
+func (s *Store) Apply(ctx context.Context, id string, t Transition) (attempts int, err error) {
 	from := make([]string, len(t.From))
 	for i, f := range t.From {
 		from[i] = string(f)
@@ -198,14 +179,14 @@ func (s *Store) Apply(ctx context.Context, id, group string, t Transition) (atte
 	if t.To.Terminal() {
 		ttl = s.ttl()
 	}
-	args := []any{strings.Join(from, " "), string(t.To), t.Event, string(data), channel(id), ttl, count, s.maxEvents, id}
+	args := []any{strings.Join(from, " "), string(t.To), t.Event, string(data), channel(id), ttl, count, s.maxEvents, t.Dispatch}
 	for k, v := range t.Set {
 		args = append(args, k, v)
 	}
 	for k, v := range t.SetIfAbsent {
 		args = append(args, "?"+k, v)
 	}
-	res, err := transitionScript.Run(ctx, s.rdb, []string{jobKey(id), eventsKey(id), queueKey(group)}, args...).Slice()
+	res, err := transitionScript.Run(ctx, s.rdb, []string{jobKey(id), eventsKey(id)}, args...).Slice()
 	if err != nil {
 		return 0, scriptError(id, err)
 	}
@@ -213,14 +194,15 @@ func (s *Store) Apply(ctx context.Context, id, group string, t Transition) (atte
 	return int(n), nil
 }
 
-// Append logs an event of a job that must be in status want.
-func (s *Store) Append(ctx context.Context, id string, want Status, event string, data any) (string, error) {
+// Append logs an event of a job that must be in status want (and, when
+// dispatch > 0, at that dispatch).
+func (s *Store) Append(ctx context.Context, id string, want Status, dispatch int, event string, data any) (string, error) {
 	b, err := json.Marshal(data)
 	if err != nil {
 		return "", err
 	}
 	evID, err := appendScript.Run(ctx, s.rdb, []string{jobKey(id), eventsKey(id)},
-		string(want), event, string(b), channel(id), s.maxEvents).Text()
+		string(want), event, string(b), channel(id), s.maxEvents, dispatch).Text()
 	if err != nil {
 		return "", scriptError(id, err)
 	}
@@ -320,9 +302,14 @@ func fromHash(id string, m map[string]string) (*Job, error) {
 		CreatedAt: parseMillis(m["created_at"]), StartedAt: parseMillis(m["started_at"]),
 		FinishedAt: parseMillis(m["finished_at"]), DeadlineAt: parseMillis(m["deadline_at"]),
 		NotBefore: parseMillis(m["not_before"]),
+		FQMember:  m["fq_member"], FQTag: m["fq_tag"],
 	}
 	j.MaxTokens, _ = strconv.Atoi(m["max_tokens"])
 	j.Attempts, _ = strconv.Atoi(m["attempts"])
+	j.CostIn, _ = strconv.Atoi(m["cost_in"])
+	j.CostOut, _ = strconv.Atoi(m["cost_out"])
+	j.Dispatch, _ = strconv.Atoi(m["dispatch"])
+	j.Failures, _ = strconv.Atoi(m["failures"])
 	if v := m["request"]; v != "" {
 		j.Request = json.RawMessage(v)
 	}

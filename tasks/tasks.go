@@ -22,17 +22,29 @@ const QueuePrefix = "group:"
 // Queue is the asynq queue that holds a model group's runnable jobs.
 func Queue(group string) string { return QueuePrefix + group }
 
-// RunJob is the payload of TypeRunJob.
+// RunJob is the payload of TypeRunJob: one dispatch of one job.
 type RunJob struct {
-	JobID string `json:"job_id"`
-	Group string `json:"group"`
+	JobID    string `json:"job_id"`
+	Group    string `json:"group"`
+	Dispatch int    `json:"dispatch"` // 1 for the first dispatch, 2 after a retry…
+}
+
+// TaskID is the asynq task id of a dispatch: the job id for the first, the
+// job id and the dispatch number for later ones. asynq refuses a second task
+// with the same id, so each dispatch is handed over at most once.
+func (p RunJob) TaskID() string {
+	if p.Dispatch <= 1 {
+		return p.JobID
+	}
+	return fmt.Sprintf("%s.%d", p.JobID, p.Dispatch)
 }
 
 // RunJobOptions are how a job is enqueued.
 type RunJobOptions struct {
-	// MaxRetry is asynq's retry budget for failures. Rate-limit waits do not
-	// consume it (the worker's IsFailure says so), but asynq archives a task
-	// whose budget is exhausted before asking, so it must be at least 1.
+	// MaxRetry is asynq's retry budget for a task whose handler failed for
+	// an internal reason (Redis unreachable). Upstream retries do not use
+	// it: a failed attempt goes back to the fair queue and is dispatched
+	// again as a new task. At least 1.
 	MaxRetry int
 	// Timeout bounds one attempt.
 	Timeout time.Duration
@@ -40,8 +52,8 @@ type RunJobOptions struct {
 	Retention time.Duration
 }
 
-// NewRunJob builds the task for a job. Its TaskID is the job id, so a job is
-// handed to asynq at most once: a second enqueue gets asynq.ErrTaskIDConflict.
+// NewRunJob builds the task for a dispatch of a job (see RunJob.TaskID): a
+// second enqueue of the same dispatch gets asynq.ErrTaskIDConflict.
 func NewRunJob(p RunJob, o RunJobOptions) (*asynq.Task, error) {
 	if p.JobID == "" || p.Group == "" {
 		return nil, fmt.Errorf("tasks: run job needs a job id and a group")
@@ -54,7 +66,7 @@ func NewRunJob(p RunJob, o RunJobOptions) (*asynq.Task, error) {
 		o.MaxRetry = 1
 	}
 	opts := []asynq.Option{
-		asynq.TaskID(p.JobID),
+		asynq.TaskID(p.TaskID()),
 		asynq.Queue(Queue(p.Group)),
 		asynq.MaxRetry(o.MaxRetry),
 	}

@@ -151,6 +151,7 @@ type Error struct {
 	Message    string        // the upstream's message, or what happened
 	RetryAfter time.Duration // from retry-after, 0 if absent
 	RequestID  string
+	Header     http.Header // the response headers, when there was a response
 	Err        error
 }
 
@@ -211,6 +212,7 @@ func classify(ctx context.Context, err error, resp *http.Response) error {
 	} else if resp != nil {
 		h = resp.Header
 	}
+	e.Header = h
 	if h != nil {
 		e.RetryAfter = parseRetryAfter(h.Get("retry-after"))
 		if e.RequestID == "" {

@@ -1,7 +1,8 @@
 // Package worker runs jobs: the asynq handler that makes one upstream call
-// for a queued chat request, with a concurrency slot in hand, streams its
-// text into the job's event log, stores the result and usage, and decides
-// what a failure means (wait, back off, or give up). Retry policy lives here.
+// for a dispatched job, with the scheduler's reservation and concurrency
+// lease in hand; it streams the text into the job's event log, stores the
+// result, settles the reservation with the real usage, and decides what a
+// failure means (wait, retry later, or give up). Retry policy lives here.
 package worker
 
 import (
@@ -13,43 +14,46 @@ import (
 	"math"
 	"math/rand/v2"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hibiken/asynq"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/sluice-dev/sluice/config"
+	"github.com/sluice-dev/sluice/estimate"
 	"github.com/sluice-dev/sluice/jobs"
-	"github.com/sluice-dev/sluice/limiter"
+	"github.com/sluice-dev/sluice/scheduler"
 	"github.com/sluice-dev/sluice/tasks"
 	"github.com/sluice-dev/sluice/upstream"
 )
 
 // Deps are what a Worker needs.
 type Deps struct {
-	Config   *config.Config
-	Redis    redis.UniversalClient
-	Store    *jobs.Store
-	Upstream *upstream.Client
-	Leases   *limiter.Leases
-	Logger   *slog.Logger
-	Clock    func() time.Time // nil = time.Now
+	Config    *config.Config
+	Redis     redis.UniversalClient
+	Store     *jobs.Store
+	Scheduler *scheduler.Scheduler
+	Estimator *estimate.Calibrator
+	Upstream  *upstream.Client
+	Logger    *slog.Logger
+	Clock     func() time.Time // nil = time.Now
 }
 
 // Worker is an asynq server with one queue per model group.
 type Worker struct {
-	d      Deps
-	srv    *asynq.Server
-	base   context.Context
-	cancel context.CancelFunc
-	groups map[string]*config.ModelGroup
+	d        Deps
+	srv      *asynq.Server
+	aq       *asynq.Client
+	disp     *scheduler.Dispatcher
+	dispWG   sync.WaitGroup
+	dispStop context.CancelFunc
+	base     context.Context
+	cancel   context.CancelFunc
+	groups   map[string]*config.ModelGroup
 
 	stopOnce sync.Once
 }
-
-// slotWait is how long a job waits before trying again for a concurrency
-// slot of its group (jittered by half on each side).
-const slotWait = 100 * time.Millisecond
 
 // New builds a Worker; Start runs it.
 func New(d Deps) *Worker {
@@ -65,29 +69,33 @@ func New(d Deps) *Worker {
 		g := &cfg.ModelGroups[i]
 		w.groups[g.Name] = g
 		queues[tasks.Queue(g.Name)] = 1
-		// Each process may run up to a group's cap; the fleet-wide cap is the
-		// group's concurrency leases, which every process shares.
+		// The fleet-wide cap is the scheduler's leases; a process can run
+		// every lease of every group, so a dispatched job never waits for a
+		// worker slot.
 		concurrency += g.MaxConcurrency
 	}
 	w.srv = asynq.NewServerFromRedisClient(d.Redis, asynq.Config{
-		Concurrency:              concurrency,
-		Queues:                   queues,
-		BaseContext:              func() context.Context { return w.base },
-		TaskCheckInterval:        cfg.Worker.TaskCheckInterval,
-		DelayedTaskCheckInterval: 50 * time.Millisecond,
-		ShutdownTimeout:          cfg.Worker.ShutdownTimeout,
-		IsFailure:                isFailure,
-		RetryDelayFunc:           retryDelay,
-		Logger:                   asynqLogger{d.Logger.With("component", "asynq")},
-		LogLevel:                 asynq.WarnLevel,
+		Concurrency:       concurrency,
+		Queues:            queues,
+		BaseContext:       func() context.Context { return w.base },
+		TaskCheckInterval: cfg.Worker.TaskCheckInterval,
+		ShutdownTimeout:   cfg.Worker.ShutdownTimeout,
+		Logger:            asynqLogger{d.Logger.With("component", "asynq")},
+		LogLevel:          asynq.WarnLevel,
 		ErrorHandler: asynq.ErrorHandlerFunc(func(ctx context.Context, t *asynq.Task, err error) {
-			var w *waitError
-			if errors.As(err, &w) {
-				return // an expected wait, not worth a log line
-			}
 			id, _ := asynq.GetTaskID(ctx)
-			d.Logger.Debug("task attempt ended with an error", "job_id", id, "err", err)
+			d.Logger.Warn("task failed inside sluice; asynq retries it", "task_id", id, "err", err)
 		}),
+	})
+	w.aq = asynq.NewClientFromRedisClient(d.Redis)
+	w.disp = scheduler.NewDispatcher(scheduler.DispatcherDeps{
+		Scheduler: d.Scheduler, Redis: d.Redis, Groups: cfg.ModelGroups, Enqueuer: w.aq,
+		Task: tasks.RunJobOptions{
+			MaxRetry:  3,
+			Timeout:   cfg.Upstream.AttemptTimeout + time.Minute, // the worker's own attempt timeout fires first
+			Retention: time.Hour,                                 // finished tasks stay visible in asynqmon
+		},
+		Logger: d.Logger.With("component", "dispatcher"),
 	})
 	return w
 }
@@ -99,63 +107,47 @@ func (w *Worker) Handler() asynq.Handler {
 	return mux
 }
 
-// Start begins processing; it returns at once.
+// Start begins processing and dispatching; it returns at once.
 func (w *Worker) Start() error {
 	if err := w.srv.Start(w.Handler()); err != nil {
 		return fmt.Errorf("worker: start: %w", err)
 	}
+	ctx, cancel := context.WithCancel(context.Background())
+	w.dispStop = cancel
+	w.dispWG.Add(1)
+	go func() {
+		defer w.dispWG.Done()
+		_ = w.disp.Run(ctx)
+	}()
 	return nil
 }
 
 // Shutdown stops taking tasks, lets running calls finish within the
-// configured shutdown timeout, then cancels them (they go back to their queue
-// and run again elsewhere, as a new attempt).
+// configured shutdown timeout, then stops them: they are handed back to the
+// fair queue (first in line) and run again elsewhere, as a new attempt.
 func (w *Worker) Shutdown() {
 	w.stopOnce.Do(func() {
 		grace := w.d.Config.Worker.ShutdownTimeout
-		// Cancel handlers a little before asynq gives up on them, so they
-		// return cleanly and asynq re-queues them without a lost update.
+		// Stop handlers a little before asynq gives up on them, so each hands
+		// its job back itself.
+		if w.dispStop != nil {
+			w.dispStop() // dispatch no more: other processes' dispatchers take over
+			w.dispWG.Wait()
+		}
 		t := time.AfterFunc(grace*9/10, w.cancel)
 		defer t.Stop()
 		w.srv.Shutdown()
 		w.cancel()
+		_ = w.aq.Close()
 	})
 }
 
-// waitError asks asynq to run the task again after delay. failure says
-// whether it used up one of the job's attempts.
-type waitError struct {
-	delay   time.Duration
-	failure bool
-	cause   error
-}
-
-func (e *waitError) Error() string {
-	return fmt.Sprintf("retry in %s: %v", e.delay.Round(time.Millisecond), e.cause)
-}
-func (e *waitError) Unwrap() error { return e.cause }
-
-// errShutdown: the process is stopping; the task goes back to the queue
-// without using up an attempt.
-var errShutdown = errors.New("worker shutting down")
-
-func isFailure(err error) bool {
-	var w *waitError
-	if errors.As(err, &w) {
-		return w.failure
-	}
-	return !errors.Is(err, errShutdown)
-}
-
-func retryDelay(n int, err error, t *asynq.Task) time.Duration {
-	var w *waitError
-	if errors.As(err, &w) {
-		return w.delay
-	}
-	if errors.Is(err, errShutdown) {
-		return 0
-	}
-	return asynq.DefaultRetryDelayFunc(n, err, t)
+// attempt is one run of a dispatched job.
+type attempt struct {
+	job      *jobs.Job
+	group    *config.ModelGroup
+	dispatch int
+	log      *slog.Logger
 }
 
 // RunJob is the handler of tasks.TypeRunJob.
@@ -164,157 +156,174 @@ func (w *Worker) RunJob(ctx context.Context, t *asynq.Task) error {
 	if err != nil {
 		return fmt.Errorf("%v: %w", err, asynq.SkipRetry)
 	}
-	log := w.d.Logger.With("job_id", p.JobID, "group", p.Group)
+	log := w.d.Logger.With("job_id", p.JobID, "group", p.Group, "dispatch", p.Dispatch)
+	g, ok := w.groups[p.Group]
+	if !ok {
+		log.Error("task for a model group that is not configured here; dropping it")
+		return fmt.Errorf("unknown group %q: %w", p.Group, asynq.SkipRetry)
+	}
 	job, err := w.d.Store.Get(ctx, p.JobID)
 	if errors.Is(err, jobs.ErrNotFound) {
-		log.Warn("job record is gone (expired or deleted); dropping its task")
+		log.Warn("job record is gone (expired); returning its reservation")
+		w.settle(ctx, log, g, p.JobID, scheduler.Used{}, 0)
 		return nil
 	}
 	if err != nil {
-		return w.stopping(ctx, err)
+		return err
 	}
-	log = log.With("tenant", job.Tenant, "user_id", job.UserID)
-	if job.Status.Terminal() {
-		return nil // canceled or expired while queued, or a duplicate delivery
-	}
-	if job.Status == jobs.Queued && !job.DeadlineAt.IsZero() && w.d.Clock().After(job.DeadlineAt) {
-		// Not started by its deadline: it expires without an upstream call.
-		_, err := w.d.Store.Apply(ctx, job.ID, job.Group, jobs.Transition{
-			From: []jobs.Status{jobs.Queued}, To: jobs.Expired,
-			Set:   map[string]string{"finished_at": jobs.MillisString(w.now())},
-			Event: "expired", EventData: struct{}{},
-		})
-		var se *jobs.StateError
-		if err != nil && !errors.As(err, &se) {
-			return w.stopping(ctx, err)
-		}
-		log.Info("job expired before it could start")
+	a := &attempt{job: job, group: g, dispatch: p.Dispatch,
+		log: log.With("tenant", job.Tenant, "user_id", job.UserID)}
+	switch {
+	case job.Dispatch != p.Dispatch:
+		return nil // superseded: the job was queued again and handed to another task
+	case job.Status.Terminal():
+		// Canceled or expired after dispatch: the upstream was never paid.
+		w.settle(ctx, a.log, g, job.ID, scheduler.Used{}, 0)
+		return nil
+	case job.Status == jobs.Queued && !job.DeadlineAt.IsZero() && w.d.Clock().After(job.DeadlineAt):
+		w.expire(ctx, a)
 		return nil
 	}
-	g, ok := w.groups[job.Group]
-	if !ok {
-		w.fail(ctx, log, job, &jobs.Error{Type: "invalid_request",
-			Message: fmt.Sprintf("The model group %q of this job is no longer configured, so it cannot run.", job.Group)})
-		return fmt.Errorf("unknown group %q: %w", job.Group, asynq.SkipRetry)
-	}
+	return w.run(ctx, a)
+}
 
-	// asynq schedules retries to the whole second, rounding down: wait out
-	// the rest of a retry's delay here, so a retry-after is never cut short.
-	if wait := job.NotBefore.Sub(w.d.Clock()); wait > 0 {
-		select {
-		case <-time.After(wait):
-		case <-ctx.Done():
-			return errShutdown
-		}
-	}
-
-	// A fleet-wide concurrency slot of the group, renewed while we work.
-	got, _, err := w.d.Leases.Acquire(ctx, g.Name, g.MaxConcurrency, job.ID)
+func (w *Worker) run(ctx context.Context, a *attempt) error {
+	job, g := a.job, a.group
+	held, err := w.d.Scheduler.Renew(ctx, g.Name, job.ID)
 	if err != nil {
-		return w.stopping(ctx, err)
+		return err
 	}
-	if !got {
-		return &waitError{delay: jitter(slotWait), cause: errors.New("no concurrency slot free")}
+	if !held {
+		a.log.Info("lease expired before the call started; the job was queued again")
+		return nil
 	}
-	leaseCtx, stopLease := context.WithCancel(ctx)
-	var leaseWG sync.WaitGroup
-	leaseWG.Add(1)
-	go func(log *slog.Logger) { defer leaseWG.Done(); w.renewLease(leaseCtx, log, g.Name, job.ID) }(log)
-	defer func() {
-		stopLease()
-		leaseWG.Wait()
-		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
-		defer cancel()
-		if err := w.d.Leases.Release(rctx, g.Name, job.ID); err != nil {
-			log.Warn("could not release concurrency slot; it expires with its lease", "err", err)
-		}
+	callCtx, cancelCall := context.WithCancel(ctx)
+	defer cancelCall()
+	var lost atomic.Bool
+	var hb sync.WaitGroup
+	hb.Add(1)
+	go func() {
+		defer hb.Done()
+		w.heartbeat(callCtx, a, func() { lost.Store(true); cancelCall() })
 	}()
+	defer hb.Wait()
 
 	if job.StartedAt.IsZero() {
 		job.StartedAt = w.now() // the first attempt's start is the job's
 	}
-	attempt, err := w.d.Store.Apply(ctx, job.ID, job.Group, jobs.Transition{
+	n, err := w.d.Store.Apply(ctx, job.ID, jobs.Transition{
 		From: []jobs.Status{jobs.Queued, jobs.Running}, To: jobs.Running, CountAttempt: true,
+		Dispatch:      a.dispatch,
 		SetIfAbsent:   map[string]string{"started_at": jobs.MillisString(job.StartedAt)},
 		Event:         "started",
 		EventDataJSON: []byte(`{"attempt":"__ATTEMPTS__"}`),
 	})
 	var se *jobs.StateError
 	if errors.As(err, &se) || errors.Is(err, jobs.ErrNotFound) {
-		return nil // canceled meanwhile
+		cancelCall()
+		w.settle(ctx, a.log, g, job.ID, scheduler.Used{}, 0) // canceled meanwhile: never reached upstream
+		return nil
 	}
 	if err != nil {
-		return w.stopping(ctx, err)
+		return err
 	}
-	job.Attempts = attempt
-	log = log.With("attempt", attempt)
+	job.Attempts = n
+	a.log = a.log.With("attempt", n)
 
 	body, err := upstreamBody(job)
 	if err != nil {
-		w.fail(ctx, log, job, &jobs.Error{Type: "invalid_request", Message: "This job's request could not be read: " + err.Error()})
-		return fmt.Errorf("%v: %w", err, asynq.SkipRetry)
+		cancelCall()
+		w.settle(ctx, a.log, g, job.ID, scheduler.Used{}, 0)
+		w.fail(ctx, a, &jobs.Error{Type: "invalid_request", Message: "This job's request could not be read: " + err.Error()})
+		return nil
 	}
-	callCtx, cancelCall := context.WithTimeout(leaseCtx, w.d.Config.Upstream.AttemptTimeout)
-	defer cancelCall()
+	attemptCtx, cancelAttempt := context.WithTimeout(callCtx, w.d.Config.Upstream.AttemptTimeout)
+	defer cancelAttempt()
 	var appendErr error
-	res, err := w.d.Upstream.Stream(callCtx, body, func(text string) {
+	start := time.Now()
+	res, err := w.d.Upstream.Stream(attemptCtx, body, func(text string) {
 		if appendErr != nil {
 			return
 		}
-		if _, appendErr = w.d.Store.Append(ctx, job.ID, jobs.Running, "delta", map[string]string{"text": text}); appendErr != nil {
-			cancelCall() // canceled by its user, or the store is gone: stop paying for output
+		if _, appendErr = w.d.Store.Append(ctx, job.ID, jobs.Running, a.dispatch, "delta", map[string]string{"text": text}); appendErr != nil {
+			cancelAttempt() // canceled by its user, or superseded: stop paying for output
 		}
 	})
+	elapsed := time.Since(start)
+	cancelCall() // stop the heartbeat; the lease is released by settle or requeue
+	if res != nil {
+		w.observe(ctx, a, res.Header)
+	}
 	if appendErr != nil {
 		if errors.As(appendErr, &se) {
-			log.Info("job left running during the call; upstream call stopped", "status", se.Current)
+			a.log.Info("job left running during the call; upstream call stopped", "status", se.Current)
+			w.settleUsedAll(ctx, a) // the call ran: charge what was reserved
 			return nil
 		}
-		return w.stopping(ctx, appendErr)
+		a.log.Error("could not log the answer's text; handing the job back", "err", appendErr)
+		w.handBack(ctx, a)
+		return nil
 	}
 	if err != nil {
-		return w.failedAttempt(ctx, callCtx, log, job, err)
+		if lost.Load() {
+			a.log.Warn("lease lost during the call (heartbeats failed); the job runs again elsewhere")
+			return nil
+		}
+		return w.failedAttempt(ctx, a, err, elapsed)
 	}
-	return w.succeed(ctx, log, job, res)
+	return w.succeed(ctx, a, res, elapsed)
 }
 
-// now is the clock as job records keep it: UTC, whole milliseconds.
-func (w *Worker) now() time.Time { return w.d.Clock().UTC().Truncate(time.Millisecond) }
-
-// stopping turns an error seen while the process stops into errShutdown.
-func (w *Worker) stopping(ctx context.Context, err error) error {
-	if ctx.Err() != nil {
-		return errShutdown
-	}
-	return err
-}
-
-func (w *Worker) renewLease(ctx context.Context, log *slog.Logger, group, holder string) {
-	tick := time.NewTicker(w.d.Leases.TTL() / 3)
+// heartbeat renews the job's lease every third of its TTL; onLost is called
+// when the lease turns out to have expired (the job may be running again
+// elsewhere).
+func (w *Worker) heartbeat(ctx context.Context, a *attempt, onLost func()) {
+	tick := time.NewTicker(w.d.Scheduler.LeaseTTL() / 3)
 	defer tick.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
-			ok, err := w.d.Leases.Renew(ctx, group, holder)
-			if err != nil && ctx.Err() == nil {
-				log.Warn("could not renew concurrency slot", "err", err)
-			} else if !ok && ctx.Err() == nil {
-				log.Warn("concurrency slot lease had expired; renewed late")
+			ok, err := w.d.Scheduler.Renew(ctx, a.group.Name, a.job.ID)
+			switch {
+			case err != nil && ctx.Err() == nil:
+				a.log.Warn("could not renew the job's lease", "err", err)
+			case err == nil && !ok:
+				onLost()
+				return
 			}
 		}
 	}
 }
 
-func (w *Worker) succeed(ctx context.Context, log *slog.Logger, job *jobs.Job, res *upstream.Result) error {
+func (w *Worker) observe(ctx context.Context, a *attempt, h map[string][]string) {
+	if err := w.d.Scheduler.Observe(context.WithoutCancel(ctx), a.group, h); err != nil {
+		a.log.Warn("could not record rate-limit headers", "err", err)
+	}
+}
+
+// now is the clock as job records keep it: UTC, whole milliseconds.
+func (w *Worker) now() time.Time { return w.d.Clock().UTC().Truncate(time.Millisecond) }
+
+// inputCounted is what the group's input limit counts of a usage.
+func inputCounted(g *config.ModelGroup, u upstream.Usage) int {
+	n := u.InputTokens + u.CacheCreationInputTokens
+	if g.CountCacheReads {
+		n += u.CacheReadInputTokens
+	}
+	return n
+}
+
+func (w *Worker) succeed(ctx context.Context, a *attempt, res *upstream.Result, elapsed time.Duration) error {
+	job, g := a.job, a.group
 	now := w.now()
 	usage := jobs.Usage(res.Usage)
 	ub, _ := json.Marshal(usage)
 	job.Status, job.Result, job.Text, job.Usage, job.FinishedAt = jobs.Succeeded, res.Message, res.Text, &usage, now
 	view := job.View()
-	_, err := w.d.Store.Apply(context.WithoutCancel(ctx), job.ID, job.Group, jobs.Transition{
-		From: []jobs.Status{jobs.Running}, To: jobs.Succeeded,
+	_, err := w.d.Store.Apply(context.WithoutCancel(ctx), job.ID, jobs.Transition{
+		From: []jobs.Status{jobs.Running}, To: jobs.Succeeded, Dispatch: a.dispatch,
 		Set: map[string]string{
 			"result": string(res.Message), "text": res.Text, "usage": string(ub),
 			"finished_at": jobs.MillisString(now),
@@ -322,95 +331,173 @@ func (w *Worker) succeed(ctx context.Context, log *slog.Logger, job *jobs.Job, r
 		Event: "succeeded", EventData: view,
 	})
 	var se *jobs.StateError
-	if errors.As(err, &se) {
-		log.Info("job finished upstream after leaving running; result not stored", "status", se.Current)
-		return nil
-	}
-	if err != nil {
+	if err != nil && !errors.As(err, &se) {
 		return err
 	}
-	log.Info("job succeeded", "input_tokens", usage.InputTokens, "output_tokens", usage.OutputTokens)
+	input := inputCounted(g, res.Usage)
+	w.settle(ctx, a.log, g, job.ID, scheduler.Used{Requests: 1, Input: input, Output: res.Usage.OutputTokens}, elapsed)
+	if w.d.Estimator != nil {
+		if err := w.d.Estimator.Observe(context.WithoutCancel(ctx), job.Model, estimate.Raw(job.Request), input); err != nil {
+			a.log.Warn("could not update the token estimate", "err", err)
+		}
+	}
+	if se != nil {
+		a.log.Info("job finished upstream after leaving running; result not stored", "status", se.Current)
+		return nil
+	}
+	a.log.Info("job succeeded", "input_tokens", usage.InputTokens, "output_tokens", usage.OutputTokens, "seconds", math.Round(elapsed.Seconds()*1000)/1000)
 	return nil
 }
 
+func (w *Worker) settle(ctx context.Context, log *slog.Logger, g *config.ModelGroup, id string, used scheduler.Used, elapsed time.Duration) {
+	if _, err := w.d.Scheduler.Settle(context.WithoutCancel(ctx), g, id, used, elapsed); err != nil {
+		log.Error("could not settle the job's reservation", "err", err)
+	}
+}
+
+// settleUsedAll charges everything that was reserved: the call reached the
+// upstream and what it used is unknown.
+func (w *Worker) settleUsedAll(ctx context.Context, a *attempt) {
+	w.settle(ctx, a.log, a.group, a.job.ID, scheduler.Used{Requests: 1, Input: a.job.CostIn, Output: a.job.CostOut}, 0)
+}
+
+// handBack returns a job whose call was interrupted on our side (shutdown)
+// to the front of its queue. Its reservation stays: the call may have
+// reached the upstream, and the next dispatch reuses it.
+func (w *Worker) handBack(ctx context.Context, a *attempt) {
+	if err := w.d.Scheduler.Requeue(context.WithoutCancel(ctx), a.group, a.job, 0); err != nil {
+		a.log.Error("could not hand the job back to the queue; its lease expiry will", "err", err)
+		return
+	}
+	a.log.Info("call stopped by shutdown; job handed back to the queue")
+}
+
+func (w *Worker) expire(ctx context.Context, a *attempt) {
+	_, err := w.d.Store.Apply(ctx, a.job.ID, jobs.Transition{
+		From: []jobs.Status{jobs.Queued}, To: jobs.Expired, Dispatch: a.dispatch,
+		Set:   map[string]string{"finished_at": jobs.MillisString(w.now())},
+		Event: "expired", EventData: struct{}{},
+	})
+	var se *jobs.StateError
+	if err != nil && !errors.As(err, &se) {
+		a.log.Error("could not expire job", "err", err)
+		return
+	}
+	w.settle(ctx, a.log, a.group, a.job.ID, scheduler.Used{}, 0)
+	a.log.Info("job expired before it could start; nothing was sent upstream")
+}
+
 // fail ends the job as failed with a message for a person.
-func (w *Worker) fail(ctx context.Context, log *slog.Logger, job *jobs.Job, e *jobs.Error) {
+func (w *Worker) fail(ctx context.Context, a *attempt, e *jobs.Error) {
 	eb, _ := json.Marshal(e)
-	_, err := w.d.Store.Apply(context.WithoutCancel(ctx), job.ID, job.Group, jobs.Transition{
-		From: []jobs.Status{jobs.Queued, jobs.Running}, To: jobs.Failed,
+	_, err := w.d.Store.Apply(context.WithoutCancel(ctx), a.job.ID, jobs.Transition{
+		From: []jobs.Status{jobs.Queued, jobs.Running}, To: jobs.Failed, Dispatch: a.dispatch,
 		Set:   map[string]string{"error": string(eb), "finished_at": jobs.MillisString(w.now())},
 		Event: "failed", EventData: map[string]any{"error": e},
 	})
 	if err != nil {
 		var se *jobs.StateError
 		if !errors.As(err, &se) {
-			log.Error("could not record job failure", "err", err)
+			a.log.Error("could not record job failure", "err", err)
 		}
 		return
 	}
-	log.Warn("job failed", "error_type", e.Type)
+	a.log.Warn("job failed", "error_type", e.Type)
 }
 
-// failedAttempt decides what an upstream failure means: wait (rate limit),
-// back off and retry (transient), or fail the job (the request is refused,
-// the spend limit is reached, or the attempts are used up).
-func (w *Worker) failedAttempt(ctx, callCtx context.Context, log *slog.Logger, job *jobs.Job, err error) error {
+// failedAttempt decides what an upstream failure means. Every outcome
+// settles the attempt's reservation first (what the upstream counted), then
+// either fails the job or queues it again at the front of its lane.
+func (w *Worker) failedAttempt(ctx context.Context, a *attempt, err error, elapsed time.Duration) error {
 	var ue *upstream.Error
 	if !errors.As(err, &ue) {
 		ue = &upstream.Error{Kind: upstream.KindRetryable, Message: err.Error(), Err: err}
 	}
+	if ue.Header != nil {
+		w.observe(ctx, a, ue.Header)
+	}
 	if ue.Kind == upstream.KindCanceled {
 		if ctx.Err() != nil {
-			return errShutdown // the process is stopping: another worker takes it
+			w.handBack(ctx, a) // the process is stopping
+			return nil
 		}
-		// Our own attempt timeout.
-		ue = &upstream.Error{Kind: upstream.KindRetryable, Message: fmt.Sprintf("the upstream call took longer than %s", w.d.Config.Upstream.AttemptTimeout), Err: callCtx.Err()}
+		ue = &upstream.Error{Kind: upstream.KindRetryable, Message: fmt.Sprintf("the upstream call took longer than %s", w.d.Config.Upstream.AttemptTimeout), Err: err}
 	}
-	log = log.With("upstream_status", ue.Status, "upstream_type", ue.Type, "request_id", ue.RequestID)
+	job, g := a.job, a.group
+	a.log = a.log.With("upstream_status", ue.Status, "upstream_type", ue.Type, "request_id", ue.RequestID)
 	switch ue.Kind {
 	case upstream.KindFatal, upstream.KindSpendLimit:
-		w.fail(ctx, log, job, jobError(ue))
-		return fmt.Errorf("%v: %w", ue, asynq.SkipRetry)
+		// Refused before any work: nothing counted upstream.
+		w.settle(ctx, a.log, g, job.ID, scheduler.Used{}, 0)
+		w.fail(ctx, a, jobError(ue))
+		return nil
 	case upstream.KindRateLimited:
-		delay := ue.RetryAfter + jitterUp(ue.RetryAfter/10+50*time.Millisecond)
-		w.announceRetry(ctx, log, job, ue, delay)
-		return &waitError{delay: delay, failure: false, cause: ue}
+		kind := scheduler.Pushback429
+		if ue.Code == "ramp_limit_exceeded" {
+			kind = scheduler.PushbackRamp
+		}
+		until, ferr := w.d.Scheduler.Freeze(context.WithoutCancel(ctx), g, kind, ue.RetryAfter)
+		if ferr != nil {
+			a.log.Error("could not freeze the group", "err", ferr)
+		}
+		a.log.Warn("upstream rate limit: group frozen", "until", until.UTC().Format(time.RFC3339Nano))
+		w.settle(ctx, a.log, g, job.ID, scheduler.Used{}, 0) // a 429 is not admitted
+		return w.retry(ctx, a, ue, ue.RetryAfter, false)
 	}
-	failures := 0
-	if n, ok := asynq.GetRetryCount(ctx); ok {
-		failures = n
+	// Transient: 529/5xx and broken connections before the answer are not
+	// billed; a stream that broke after starting may have been.
+	used := scheduler.Used{Requests: 1, Input: job.CostIn}
+	if ue.Status == 200 || ue.Kind == upstream.KindCut {
+		used.Output = job.CostOut
 	}
-	failures++ // this one
+	w.settle(ctx, a.log, g, job.ID, used, 0)
+	if ue.Status == 529 || ue.Type == "overloaded_error" {
+		if _, ferr := w.d.Scheduler.Freeze(context.WithoutCancel(ctx), g, scheduler.Pushback529, ue.RetryAfter+time.Second); ferr != nil {
+			a.log.Error("could not record overload", "err", ferr)
+		}
+	}
+	failures := job.Failures + 1
 	if failures >= w.d.Config.Upstream.MaxAttempts {
-		w.fail(ctx, log, job, &jobs.Error{Type: "upstream_unavailable", Message: fmt.Sprintf(
+		w.fail(ctx, a, &jobs.Error{Type: "upstream_unavailable", Message: fmt.Sprintf(
 			"The Anthropic API failed %d times in a row for this request (last: %s). Please try again later.",
 			failures, describe(ue))})
-		return fmt.Errorf("%v: %w", ue, asynq.SkipRetry)
+		return nil
 	}
 	delay := backoff(w.d.Config.Upstream.BackoffBase, w.d.Config.Upstream.BackoffMax, failures)
-	if ue.RetryAfter > delay {
-		delay = ue.RetryAfter
-	}
-	w.announceRetry(ctx, log, job, ue, delay)
-	return &waitError{delay: delay, failure: true, cause: ue}
+	delay = max(delay, ue.RetryAfter)
+	job.Failures = failures
+	return w.retry(ctx, a, ue, delay, true)
 }
 
-func (w *Worker) announceRetry(ctx context.Context, log *slog.Logger, job *jobs.Job, ue *upstream.Error, delay time.Duration) {
-	log.Info("attempt failed; retrying", "reason", ue.Reason(), "retry_in", delay.Round(time.Millisecond))
-	_, err := w.d.Store.Apply(context.WithoutCancel(ctx), job.ID, job.Group, jobs.Transition{
-		From: []jobs.Status{jobs.Running}, To: jobs.Running,
-		Set:   map[string]string{"not_before": jobs.MillisString(w.d.Clock().Add(delay))},
+// retry announces the retry and puts the job back in its queue, due after
+// delay. The announcement comes first: once queued, another dispatch may
+// start at once.
+func (w *Worker) retry(ctx context.Context, a *attempt, ue *upstream.Error, delay time.Duration, failure bool) error {
+	job := a.job
+	set := map[string]string{}
+	if failure {
+		set["failures"] = fmt.Sprint(job.Failures)
+	}
+	a.log.Info("attempt failed; retrying", "reason", ue.Reason(), "retry_in", delay.Round(time.Millisecond))
+	_, err := w.d.Store.Apply(context.WithoutCancel(ctx), job.ID, jobs.Transition{
+		From: []jobs.Status{jobs.Running}, To: jobs.Running, Dispatch: a.dispatch,
+		Set:   set,
 		Event: "retrying",
 		EventData: map[string]any{
 			"attempt": job.Attempts, "reason": ue.Reason(), "retry_in_seconds": math.Round(delay.Seconds()*1000) / 1000,
 		},
 	})
-	if err != nil {
-		var se *jobs.StateError
-		if !errors.As(err, &se) {
-			log.Warn("could not log retrying event", "err", err)
-		}
+	var se *jobs.StateError
+	if errors.As(err, &se) {
+		return nil // canceled meanwhile, or superseded
 	}
+	if err != nil {
+		return err
+	}
+	if err := w.d.Scheduler.Requeue(context.WithoutCancel(ctx), a.group, job, delay); err != nil {
+		return err
+	}
+	return nil
 }
 
 // backoff is exponential with full jitter: a random delay in
@@ -425,12 +512,6 @@ func backoff(base, max time.Duration, n int) time.Duration {
 	}
 	return d/2 + rand.N(d/2+1)
 }
-
-// jitter spreads d by ±50%.
-func jitter(d time.Duration) time.Duration { return d/2 + rand.N(d+1) }
-
-// jitterUp adds up to d.
-func jitterUp(d time.Duration) time.Duration { return rand.N(d + 1) }
 
 // asynqLogger routes asynq's logs to slog.
 type asynqLogger struct{ l *slog.Logger }

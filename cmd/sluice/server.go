@@ -18,8 +18,9 @@ import (
 
 	"github.com/sluice-dev/sluice/api"
 	"github.com/sluice-dev/sluice/config"
+	"github.com/sluice-dev/sluice/estimate"
 	"github.com/sluice-dev/sluice/jobs"
-	"github.com/sluice-dev/sluice/limiter"
+	"github.com/sluice-dev/sluice/scheduler"
 	"github.com/sluice-dev/sluice/upstream"
 	"github.com/sluice-dev/sluice/web"
 	"github.com/sluice-dev/sluice/worker"
@@ -116,13 +117,15 @@ func serve(ctx context.Context, cfg *config.Config, r roles, stdout, stderr io.W
 	defer ln.Close()
 
 	store := jobs.NewStore(rdb, jobs.Options{})
+	sched := scheduler.New(rdb, store, scheduler.Options{LeaseTTL: cfg.Worker.LeaseTTL})
+	estimator := estimate.NewCalibrator(rdb)
 	var wk *worker.Worker
 	if r.worker {
 		up := upstream.New(upstream.Options{BaseURL: cfg.Upstream.BaseURL, APIKey: cfg.Upstream.APIKey})
 		defer up.Close()
 		wk = worker.New(worker.Deps{
-			Config: cfg, Redis: rdb, Store: store, Upstream: up,
-			Leases: limiter.NewLeases(rdb, 0), Logger: log.With("component", "worker"),
+			Config: cfg, Redis: rdb, Store: store, Scheduler: sched, Estimator: estimator,
+			Upstream: up, Logger: log.With("component", "worker"),
 		})
 		if err := wk.Start(); err != nil {
 			return err
@@ -135,8 +138,6 @@ func serve(ctx context.Context, cfg *config.Config, r roles, stdout, stderr io.W
 	if r.api {
 		hub := jobs.NewHub(store, log.With("component", "events"))
 		defer hub.Close()
-		aq := asynq.NewClientFromRedisClient(rdb)
-		defer aq.Close()
 		var mon http.Handler
 		if len(cfg.AdminKeys) > 0 {
 			connOpt, err := asynq.ParseRedisURI(cfg.RedisURL)
@@ -150,7 +151,7 @@ func serve(ctx context.Context, cfg *config.Config, r roles, stdout, stderr io.W
 			log.Info("no admin key configured: /monitoring/ is off (set admin_keys or SLUICE_ADMIN_KEY)")
 		}
 		apiSrv = api.New(api.Deps{
-			Config: cfg, Redis: rdb, Store: store, Hub: hub, Enqueuer: aq,
+			Config: cfg, Redis: rdb, Store: store, Hub: hub, Scheduler: sched, Estimator: estimator,
 			Monitoring: mon, Web: web.Handler(), Logger: log.With("component", "api"),
 		})
 		handler = apiSrv

@@ -16,15 +16,15 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hibiken/asynq"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/sluice-dev/sluice/api"
 	"github.com/sluice-dev/sluice/config"
+	"github.com/sluice-dev/sluice/estimate"
 	"github.com/sluice-dev/sluice/fakeanthropic"
 	"github.com/sluice-dev/sluice/internal/redistest"
 	"github.com/sluice-dev/sluice/jobs"
-	"github.com/sluice-dev/sluice/limiter"
+	"github.com/sluice-dev/sluice/scheduler"
 	"github.com/sluice-dev/sluice/upstream"
 	"github.com/sluice-dev/sluice/worker"
 )
@@ -52,6 +52,7 @@ type Env struct {
 	Fake   *fakeanthropic.Server
 	Config *config.Config
 	Store  *jobs.Store
+	Sched  *scheduler.Scheduler
 	API    *httptest.Server
 	Server *api.Server
 	Worker *worker.Worker
@@ -85,7 +86,6 @@ api:
   shutdown_timeout: 5s
 worker:
   shutdown_timeout: 5s
-  task_check_interval: 5ms
 `, redisURL, upstreamURL, AdminKey, TenantKey, OtherTenantKey)
 }
 
@@ -124,25 +124,19 @@ func Start(tb testing.TB, o Options) *Env {
 	e.Config = cfg
 	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	e.Store = jobs.NewStore(e.RDB, jobs.Options{})
+	e.Sched = scheduler.New(e.RDB, e.Store, scheduler.Options{LeaseTTL: cfg.Worker.LeaseTTL})
 
 	if !o.NoWorker {
-		up := upstream.New(upstream.Options{BaseURL: cfg.Upstream.BaseURL, APIKey: cfg.Upstream.APIKey})
-		e.Worker = worker.New(worker.Deps{Config: cfg, Redis: e.RDB, Store: e.Store, Upstream: up,
-			Leases: limiter.NewLeases(e.RDB, 0), Logger: log})
-		if err := e.Worker.Start(); err != nil {
-			tb.Fatal(err)
-		}
-		tb.Cleanup(func() { e.Worker.Shutdown(); up.Close() })
+		e.Worker = StartWorker(tb, e)
 	}
 	hub := jobs.NewHub(e.Store, log)
-	aq := asynq.NewClientFromRedisClient(e.RDB)
-	e.Server = api.New(api.Deps{Config: cfg, Redis: e.RDB, Store: e.Store, Hub: hub, Enqueuer: aq, Logger: log})
+	e.Server = api.New(api.Deps{Config: cfg, Redis: e.RDB, Store: e.Store, Hub: hub,
+		Scheduler: e.Sched, Estimator: estimate.NewCalibrator(e.RDB), Logger: log})
 	e.API = httptest.NewServer(e.Server)
 	tb.Cleanup(func() {
 		e.Server.CloseStreams()
 		e.API.Close()
 		_ = hub.Close()
-		_ = aq.Close()
 	})
 	return e
 }
@@ -282,8 +276,8 @@ func StartWorker(tb testing.TB, e *Env) *worker.Worker {
 	tb.Helper()
 	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	up := upstream.New(upstream.Options{BaseURL: e.Config.Upstream.BaseURL, APIKey: e.Config.Upstream.APIKey})
-	w := worker.New(worker.Deps{Config: e.Config, Redis: e.RDB, Store: e.Store, Upstream: up,
-		Leases: limiter.NewLeases(e.RDB, 0), Logger: log})
+	w := worker.New(worker.Deps{Config: e.Config, Redis: e.RDB, Store: e.Store, Scheduler: e.Sched,
+		Estimator: estimate.NewCalibrator(e.RDB), Upstream: up, Logger: log})
 	if err := w.Start(); err != nil {
 		tb.Fatal(err)
 	}

@@ -2,14 +2,15 @@
 -- log the event that says so, atomically. Refuses when the job is not in one
 -- of the allowed statuses, so two racing writers (a worker finishing, a user
 -- canceling) cannot both win.
--- KEYS[1] job hash   KEYS[2] job event stream   KEYS[3] group queue (zset)
+-- KEYS[1] job hash   KEYS[2] job event stream
 -- ARGV[1] allowed current statuses, space separated
 -- ARGV[2] new status
 -- ARGV[3] event name ("" = log no event)   ARGV[4] event data (JSON); the
 --         text "__ATTEMPTS__" (quoted) in it becomes the attempt count
 -- ARGV[5] event channel   ARGV[6] ttl seconds ("0" = keep)
 -- ARGV[7] "1" to count an attempt          ARGV[8] stream max length
--- ARGV[9] job id (its member in the queue)
+-- ARGV[9] dispatch number the job must be at ("0" = any): a worker whose
+--         dispatch was superseded (its lease expired) cannot write
 -- ARGV[10..] field, value pairs; a field named "?name" is set only if absent
 -- Reply: {event id or "", attempts}; errors "NOTFOUND" or "STATE <current>".
 local cur = redis.call('HGET', KEYS[1], 'status')
@@ -23,10 +24,10 @@ end
 if not ok then
   return redis.error_reply('STATE ' .. cur)
 end
-redis.call('HSET', KEYS[1], 'status', ARGV[2])
-if ARGV[2] ~= 'queued' then
-  redis.call('ZREM', KEYS[3], ARGV[9])
+if ARGV[9] ~= '0' and redis.call('HGET', KEYS[1], 'dispatch') ~= ARGV[9] then
+  return redis.error_reply('STATE superseded')
 end
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
 if ARGV[7] == '1' then
   attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)

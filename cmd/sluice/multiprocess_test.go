@@ -1,0 +1,333 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/sluice-dev/sluice/fakeanthropic"
+	"github.com/sluice-dev/sluice/internal/harness"
+	"github.com/sluice-dev/sluice/internal/redistest"
+	"github.com/sluice-dev/sluice/jobs"
+)
+
+// These tests run sluice as separate OS processes (one api, several
+// workers) against one Redis and the fake upstream: the engine's decisions
+// must hold across processes, and a worker must be killable.
+
+var (
+	binOnce sync.Once
+	binPath string
+	binErr  error
+)
+
+// sluiceBinary builds the sluice binary once for the test run.
+func sluiceBinary(t *testing.T) string {
+	t.Helper()
+	binOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "sluice-bin-")
+		if err != nil {
+			binErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "sluice")
+		out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
+		if err != nil {
+			binErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if binErr != nil {
+		t.Fatal(binErr)
+	}
+	return binPath
+}
+
+type proc struct {
+	cmd  *exec.Cmd
+	mu   sync.Mutex
+	out  strings.Builder
+	addr chan string
+}
+
+func (p *proc) log() string { p.mu.Lock(); defer p.mu.Unlock(); return p.out.String() }
+
+// startProc runs `sluice role --config cfg --listen 127.0.0.1:0`.
+func startProc(t *testing.T, role, cfgPath string, env []string) *proc {
+	t.Helper()
+	cmd := exec.Command(sluiceBinary(t), role, "--config", cfgPath, "--listen", "127.0.0.1:0")
+	cmd.Env = append(os.Environ(), env...)
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stdout = io.Discard
+	p := &proc{cmd: cmd, addr: make(chan string, 1)}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			line := sc.Text()
+			p.mu.Lock()
+			p.out.WriteString(line + "\n")
+			p.mu.Unlock()
+			if i := strings.Index(line, "addr=http://"); i >= 0 && strings.Contains(line, "msg=listening") {
+				select {
+				case p.addr <- strings.Fields(line[i+5:])[0]:
+				default:
+				}
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			_ = cmd.Process.Signal(syscall.SIGTERM)
+			done := make(chan struct{})
+			go func() { _ = cmd.Wait(); close(done) }()
+			select {
+			case <-done:
+			case <-time.After(20 * time.Second):
+				_ = cmd.Process.Kill()
+				<-done
+			}
+		}
+		if t.Failed() {
+			t.Logf("%s log:\n%s", role, p.log())
+		}
+	})
+	return p
+}
+
+func (p *proc) baseURL(t *testing.T) string {
+	t.Helper()
+	select {
+	case a := <-p.addr:
+		return a
+	case <-time.After(20 * time.Second):
+		t.Fatalf("process did not start listening:\n%s", p.log())
+	}
+	return ""
+}
+
+type cluster struct {
+	redis *redistest.Server
+	fake  *fakeanthropic.Server
+	cfg   string
+	env   []string
+	api   string
+}
+
+// startCluster starts the fake with the given limits, writes a config with
+// the same limits, and starts one api process.
+func startCluster(t *testing.T, g fakeanthropic.Group, maxConc int, fc fakeanthropic.Config, extra string) *cluster {
+	t.Helper()
+	r := redistest.Start(t)
+	fc.Groups = []fakeanthropic.Group{g}
+	fc.APIKeys = []string{harness.UpstreamKey}
+	fake, err := fakeanthropic.New(fc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fsrv := httptest.NewServer(fake)
+	t.Cleanup(fsrv.Close)
+	cfg := fmt.Sprintf(`admin_keys: [%q]
+tenants:
+  - name: acme
+    keys: [%q]
+model_groups:
+  - name: %s
+    models: ["claude-sonnet-*"]
+    rpm: %d
+    input_tpm: %d
+    output_tpm: %d
+    max_concurrency: %d
+upstream:
+  backoff_base: 50ms
+  backoff_max: 200ms
+worker:
+  shutdown_timeout: 5s
+%s`, harness.AdminKey, harness.TenantKey, g.Name, g.RPM, g.InputTPM, g.OutputTPM, maxConc, extra)
+	path := filepath.Join(t.TempDir(), "sluice.yaml")
+	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := &cluster{redis: r, fake: fake, cfg: path,
+		env: []string{"REDIS_URL=" + r.URL, "ANTHROPIC_BASE_URL=" + fsrv.URL, "ANTHROPIC_API_KEY=" + harness.UpstreamKey, "SLUICE_LOG_LEVEL=debug"}}
+	c.api = c.start(t, "api").baseURL(t)
+	return c
+}
+
+func (c *cluster) start(t *testing.T, role string) *proc { return startProc(t, role, c.cfg, c.env) }
+
+func (c *cluster) submit(t *testing.T, user, text string, maxTokens int) jobs.View {
+	t.Helper()
+	body := fmt.Sprintf(`{"user_id":%q,"request":{"model":"claude-sonnet-4-6","max_tokens":%d,"messages":[{"role":"user","content":%q}]}}`, user, maxTokens, text)
+	req, _ := http.NewRequest(http.MethodPost, c.api+"/v1/jobs", strings.NewReader(body))
+	req.Header.Set("x-api-key", harness.TenantKey)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var v jobs.View
+	_ = json.NewDecoder(resp.Body).Decode(&v)
+	if resp.StatusCode != http.StatusAccepted {
+		t.Fatalf("submit: %d", resp.StatusCode)
+	}
+	return v
+}
+
+func (c *cluster) get(t *testing.T, id string) jobs.View {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodGet, c.api+"/v1/jobs/"+id, nil)
+	req.Header.Set("x-api-key", harness.TenantKey)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var v jobs.View
+	_ = json.NewDecoder(resp.Body).Decode(&v)
+	return v
+}
+
+func (c *cluster) waitAll(t *testing.T, ids []string, within time.Duration) map[string]jobs.View {
+	t.Helper()
+	done := map[string]jobs.View{}
+	harness.Eventually(t, within, func() bool {
+		for _, id := range ids {
+			if _, ok := done[id]; ok {
+				continue
+			}
+			if v := c.get(t, id); v.Status.Terminal() {
+				done[id] = v
+			}
+		}
+		return len(done) == len(ids)
+	}, "%d jobs to finish", len(ids))
+	return done
+}
+
+func TestMultiProcessRespectsLimits(t *testing.T) {
+	const rpm, maxConc = 240, 3
+	c := startCluster(t, fakeanthropic.Group{Name: "sonnet", Models: []string{"claude-sonnet-*"}, RPM: rpm, InputTPM: 100000, OutputTPM: 100000},
+		maxConc, fakeanthropic.Config{TokensPerSecond: 100, ReplyTokens: 10}, "")
+	c.start(t, "worker")
+	c.start(t, "worker")
+	var ids []string
+	for i := range 40 {
+		ids = append(ids, c.submit(t, fmt.Sprintf("user-%d", i%7), "hello there", 50).ID)
+	}
+	done := c.waitAll(t, ids, 60*time.Second)
+	for id, v := range done {
+		if v.Status != jobs.Succeeded {
+			t.Fatalf("job %s: %s %+v", id, v.Status, v.Error)
+		}
+	}
+	st := c.fake.Stats()
+	if st.RateLimited != 0 {
+		t.Fatalf("the fake sent %d 429s", st.RateLimited)
+	}
+	if st.MaxInFlight > maxConc {
+		t.Fatalf("the fake saw %d calls at once; max_concurrency is %d", st.MaxInFlight, maxConc)
+	}
+	// sluice's own pacing: in any window, at most burst (3 s of the limit)
+	// plus the refill of the window were sent.
+	var at []time.Time
+	for _, r := range st.Log {
+		at = append(at, r.At)
+	}
+	burst := float64(rpm) * 3 / 60
+	for i := range at {
+		for j := i; j < len(at); j++ {
+			n := float64(j - i + 1)
+			allowed := burst + at[j].Sub(at[i]).Seconds()*rpm/60 + 1 // +1: clock skew between Redis TIME and the fake
+			if n > allowed {
+				t.Fatalf("%v requests within %s: more than the %.1f the limiter allows", n, at[j].Sub(at[i]), allowed)
+			}
+		}
+	}
+}
+
+func TestKilledWorkersJobCompletesAndSlotReturns(t *testing.T) {
+	c := startCluster(t, fakeanthropic.Group{Name: "sonnet", Models: []string{"claude-sonnet-*"}, RPM: 1000, InputTPM: 1000000, OutputTPM: 1000000},
+		1, fakeanthropic.Config{TokensPerSecond: 20}, "  lease_ttl: 2s\n")
+	victim := c.start(t, "worker")
+	v := c.submit(t, "alice", "tell me a long story [[reply_tokens=40]]", 100)
+	harness.Eventually(t, 20*time.Second, func() bool { return c.fake.Stats().InFlight == 1 }, "the call to start")
+	if err := victim.cmd.Process.Kill(); err != nil { // SIGKILL: no cleanup at all
+		t.Fatal(err)
+	}
+	_ = victim.cmd.Wait()
+	c.start(t, "worker")
+	got := c.waitAll(t, []string{v.ID}, 60*time.Second)[v.ID]
+	if got.Status != jobs.Succeeded || got.Attempts != 2 || got.Usage.OutputTokens != 40 {
+		t.Fatalf("job %s attempts %d usage %+v", got.Status, got.Attempts, got.Usage)
+	}
+	// The slot came back and the reservation was settled once.
+	rdb := c.redis.Client(t)
+	ctx := context.Background()
+	if n, _ := rdb.ZCard(ctx, "sluice:lim:sonnet:leases").Result(); n != 0 {
+		t.Fatalf("%d leases still held", n)
+	}
+	if n, _ := rdb.HLen(ctx, "sluice:lim:sonnet:res").Result(); n != 0 {
+		t.Fatalf("%d reservations still open", n)
+	}
+	if n := c.fake.Stats().Requests; n != 2 {
+		t.Fatalf("upstream calls = %d, want 2 (the killed one and the retry)", n)
+	}
+}
+
+func TestUpstream429FreezesEveryProcess(t *testing.T) {
+	c := startCluster(t, fakeanthropic.Group{Name: "sonnet", Models: []string{"claude-sonnet-*"}, RPM: 6000, InputTPM: 1000000, OutputTPM: 1000000},
+		1, fakeanthropic.Config{TokensPerSecond: 0, ReplyTokens: 3}, "")
+	c.start(t, "worker")
+	c.start(t, "worker")
+	c.fake.QueueFaults(fakeanthropic.FaultRule{Kind: fakeanthropic.FaultRateLimit, RetryAfter: 2 * time.Second})
+	var ids []string
+	for i := range 6 {
+		ids = append(ids, c.submit(t, fmt.Sprintf("u%d", i), "hi", 20).ID)
+	}
+	done := c.waitAll(t, ids, 60*time.Second)
+	for _, v := range done {
+		if v.Status != jobs.Succeeded {
+			t.Fatalf("job %s %+v", v.Status, v.Error)
+		}
+	}
+	log := c.fake.Stats().Log
+	var limited time.Time
+	for _, r := range log {
+		if r.Status == 429 {
+			limited = r.At
+		}
+	}
+	if limited.IsZero() {
+		t.Fatal("no 429 was sent")
+	}
+	for _, r := range log {
+		if r.At.After(limited) && r.At.Before(limited.Add(2*time.Second)) {
+			t.Fatalf("a request %s after the 429 (retry-after 2 s): %+v", r.At.Sub(limited), r)
+		}
+	}
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binPath != "" {
+		_ = os.RemoveAll(filepath.Dir(binPath))
+	}
+	os.Exit(code)
+}

@@ -1,0 +1,205 @@
+package scheduler
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/hibiken/asynq"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/sluice-dev/sluice/config"
+	"github.com/sluice-dev/sluice/tasks"
+)
+
+// Enqueuer hands a task to asynq (asynq.Client).
+type Enqueuer interface {
+	EnqueueContext(ctx context.Context, task *asynq.Task, opts ...asynq.Option) (*asynq.TaskInfo, error)
+}
+
+// DispatcherDeps are what a Dispatcher needs.
+type DispatcherDeps struct {
+	Scheduler *Scheduler
+	Redis     redis.UniversalClient
+	Groups    []config.ModelGroup
+	Enqueuer  Enqueuer
+	Task      tasks.RunJobOptions
+	Logger    *slog.Logger
+}
+
+// Dispatcher moves jobs from the fair queues to asynq, one loop per model
+// group. Every worker process runs one.
+//
+// Why every process and no leader: the decision (pick the next job if the
+// limiter has room, reserve, lease) is one atomic Lua script, so two
+// dispatchers can never pick the same job, and nothing needs electing,
+// fencing or failing over. A dispatcher that dies loses nothing: a job it
+// picked but did not hand to asynq stays in the group's dispatching set and
+// another dispatcher hands it over (asynq's TaskID makes that exactly once).
+//
+// A loop sleeps until something can change its answer: a Pub/Sub wake (a job
+// arrived, a call finished, a retry was queued) or the time the script said
+// the next job fits, a retry falls due, or a lease ends. A long safety
+// timer only covers a lost Pub/Sub message.
+type Dispatcher struct {
+	d     DispatcherDeps
+	batch int
+}
+
+const (
+	// dispatchBatch is how many jobs one script call may pick.
+	dispatchBatch = 32
+	// safetyWake bounds a sleep in case a wake message was lost.
+	safetyWake = 5 * time.Second
+	// handOverGrace is how old a picked-but-not-handed job must be before
+	// another dispatcher hands it over.
+	handOverGrace = 5 * time.Second
+)
+
+// NewDispatcher returns a Dispatcher; Run runs it.
+func NewDispatcher(d DispatcherDeps) *Dispatcher {
+	return &Dispatcher{d: d, batch: dispatchBatch}
+}
+
+// Run dispatches until ctx ends.
+func (d *Dispatcher) Run(ctx context.Context) error {
+	wakes := map[string]chan struct{}{}
+	channels := make([]string, 0, len(d.d.Groups))
+	for _, g := range d.d.Groups {
+		wakes[wakeChannel(g.Name)] = make(chan struct{}, 1)
+		channels = append(channels, wakeChannel(g.Name))
+	}
+	ps := d.d.Redis.Subscribe(ctx, channels...)
+	defer ps.Close()
+	// Wait for the subscription before the first round, so no wake is missed.
+	if _, err := ps.Receive(ctx); err != nil && ctx.Err() == nil {
+		d.d.Logger.Warn("dispatcher: wake subscription not confirmed; relying on timers", "err", err)
+	}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		ch := ps.Channel(redis.WithChannelHealthCheckInterval(10 * time.Second))
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case m, ok := <-ch:
+				if !ok {
+					return
+				}
+				signal(wakes[m.Channel])
+			}
+		}
+	}()
+	for i := range d.d.Groups {
+		g := &d.d.Groups[i]
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			d.loop(ctx, g, wakes[wakeChannel(g.Name)])
+		}()
+	}
+	wg.Wait()
+	return nil
+}
+
+func signal(c chan struct{}) {
+	select {
+	case c <- struct{}{}:
+	default:
+	}
+}
+
+func (d *Dispatcher) loop(ctx context.Context, g *config.ModelGroup, wake chan struct{}) {
+	log := d.d.Logger.With("group", g.Name)
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	lastHandOver := time.Time{}
+	for {
+		sleep := d.round(ctx, log, g)
+		if time.Since(lastHandOver) > handOverGrace {
+			d.handOver(ctx, log, g)
+			lastHandOver = time.Now()
+		}
+		if sleep == 0 {
+			if ctx.Err() != nil {
+				return
+			}
+			continue
+		}
+		if !timer.Stop() {
+			select {
+			case <-timer.C:
+			default:
+			}
+		}
+		timer.Reset(sleep)
+		select {
+		case <-ctx.Done():
+			return
+		case <-wake:
+		case <-timer.C:
+		}
+	}
+}
+
+// round runs dispatch rounds until one says to wait, and returns how long.
+func (d *Dispatcher) round(ctx context.Context, log *slog.Logger, g *config.ModelGroup) time.Duration {
+	res, err := d.d.Scheduler.Dispatch(ctx, g, d.batch)
+	if err != nil {
+		if ctx.Err() == nil {
+			log.Error("dispatch failed; retrying shortly", "err", err)
+		}
+		return 500 * time.Millisecond
+	}
+	for _, p := range res.Jobs {
+		d.enqueue(ctx, log, g.Name, p)
+	}
+	switch res.State {
+	case More:
+		return 0
+	case Wait, Full:
+		return min(max(res.Wait, time.Millisecond), safetyWake)
+	default: // Empty
+		if res.Wait > 0 {
+			return min(res.Wait, safetyWake)
+		}
+		return safetyWake
+	}
+}
+
+// enqueue hands one dispatch to asynq. A TaskID conflict means it was
+// already handed over: fine.
+func (d *Dispatcher) enqueue(ctx context.Context, log *slog.Logger, group string, p Picked) {
+	task, err := tasks.NewRunJob(tasks.RunJob{JobID: p.JobID, Group: group, Dispatch: p.Dispatch}, d.d.Task)
+	if err == nil {
+		_, err = d.d.Enqueuer.EnqueueContext(context.WithoutCancel(ctx), task)
+	}
+	if err != nil && !errors.Is(err, asynq.ErrTaskIDConflict) {
+		// Left in the dispatching set: handOver retries it.
+		log.Error("could not hand a job to asynq; will retry", "job_id", p.JobID, "dispatch", p.Dispatch, "err", err)
+		return
+	}
+	if err := d.d.Scheduler.Handed(context.WithoutCancel(ctx), group, p); err != nil {
+		log.Warn("could not mark job handed over", "job_id", p.JobID, "err", err)
+	}
+}
+
+// handOver finishes the dispatches of a dispatcher that died between
+// picking a job and handing it to asynq.
+func (d *Dispatcher) handOver(ctx context.Context, log *slog.Logger, g *config.ModelGroup) {
+	stale, err := d.d.Scheduler.Unhanded(ctx, g.Name, handOverGrace)
+	if err != nil {
+		if ctx.Err() == nil {
+			log.Warn("could not list unhanded dispatches", "err", err)
+		}
+		return
+	}
+	for _, p := range stale {
+		log.Info("handing over a dispatch left by another dispatcher", "job_id", p.JobID, "dispatch", p.Dispatch)
+		d.enqueue(ctx, log, g.Name, p)
+	}
+}

@@ -1,0 +1,123 @@
+-- dispatch.lua: the dispatcher's one decision. Take the group's next jobs in
+-- fair order while the limiter has room for them, reserving for each 1
+-- request, its input estimate and max_tokens of output, and a concurrency
+-- lease; or say why not and until when.
+--
+-- Before picking it returns due retries (delayed set) and jobs whose lease
+-- expired (their worker died) to the queue at their original start tag.
+-- A job that already holds a reservation (its worker died after dispatch)
+-- keeps it: it is not charged twice.
+--
+-- Any number of dispatchers (one per worker process) may run this at once:
+-- the script is atomic, so a job is picked once. Picked jobs go to a
+-- `dispatching` set until they are handed to asynq, so a dispatcher that
+-- dies in between leaves them for another to hand over.
+--
+-- KEYS[1] order   KEYS[2] delayed   KEYS[3] V   KEYS[4] finish tags
+-- KEYS[5] costs   KEYS[6] totals    KEYS[7] limiter state
+-- KEYS[8] reservations   KEYS[9] leases   KEYS[10] dispatching
+-- KEYS[11] delayed tags
+-- ARGV[1] now ms (0 = Redis TIME)  ARGV[2..5] rpm, input_tpm, output_tpm, burst ms
+-- ARGV[6] max concurrency   ARGV[7] lease ms   ARGV[8] most jobs to pick
+-- ARGV[9] job hash key prefix ("sluice:job:")
+-- Reply: {state, ms, job id 1, dispatch 1, job id 2, dispatch 2, ...}
+--   state "more"  the pick limit was reached: call again at once
+--         "wait"  the next job fits in ms (limiter or freeze)
+--         "full"  every concurrency slot is taken; the first lease ends in ms
+--         "empty" nothing queued; the next retry is due in ms (-1: none)
+local now = clock(ARGV[1])
+local cfg = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])}
+local max_conc, lease_ms, max_pick, prefix = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
+
+local function back_to_queue(member, tag, cost)
+  redis.call('ZADD', KEYS[1], tag, member)
+  local cin, cout = split2(cost)
+  redis.call('HSET', KEYS[5], member, cost)
+  redis.call('HINCRBY', KEYS[6], 'n', 1)
+  redis.call('HINCRBY', KEYS[6], 'in', cin)
+  redis.call('HINCRBY', KEYS[6], 'out', cout)
+end
+
+-- Retries whose delay is over.
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
+  local tc = redis.call('HGET', KEYS[11], member)
+  redis.call('ZREM', KEYS[2], member)
+  redis.call('HDEL', KEYS[11], member)
+  if tc then
+    local tag, cost = string.match(tc, '^([^;]*);(.*)$')
+    back_to_queue(member, tonumber(tag), cost)
+  end
+end
+
+-- Leases whose holder stopped renewing: the worker died mid-call.
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', now)) do
+  redis.call('ZREM', KEYS[9], id)
+  local j = redis.call('HMGET', prefix .. id, 'status', 'fq_member', 'fq_tag', 'cost_in', 'cost_out')
+  if (j[1] == 'queued' or j[1] == 'running') and j[2] then
+    if not redis.call('ZSCORE', KEYS[1], j[2]) then
+      back_to_queue(j[2], tonumber(j[3]), j[4] .. ',' .. j[5])
+    end
+  end
+end
+
+local st = lim_load(KEYS[7], now, cfg)
+local out = {'', 0}
+local picked = 0
+local v = num(redis.call('GET', KEYS[3]), 0)
+local v0 = v
+while true do
+  if picked >= max_pick then
+    out[1], out[2] = 'more', 0
+    break
+  end
+  if st.frozen > now then
+    out[1], out[2] = 'wait', st.frozen - now
+    break
+  end
+  if redis.call('ZCARD', KEYS[9]) >= max_conc then
+    local first = redis.call('ZRANGE', KEYS[9], 0, 0, 'WITHSCORES')
+    out[1], out[2] = 'full', math.max(1, tonumber(first[2]) - now)
+    break
+  end
+  local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  if #head == 0 then
+    local d = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    out[1], out[2] = 'empty', -1
+    if #d > 0 then out[2] = math.max(1, tonumber(d[2]) - now) end
+    break
+  end
+  local member, tag = head[1], tonumber(head[2])
+  local id = string.match(member, '|(.*)$')
+  local cost = redis.call('HGET', KEYS[5], member) or '0,0'
+  local cin, cout = split2(cost)
+  if redis.call('HEXISTS', KEYS[8], id) == 0 then
+    local nr, ni, no = need(1, st.cr), need(cin, st.ci), need(cout, st.co)
+    if st.r < nr or st.i < ni or st.o < no then
+      out[1] = 'wait'
+      out[2] = math.max(1, math.ceil(math.max(wait_ms(nr, st.r, st.rr), wait_ms(ni, st.i, st.ri), wait_ms(no, st.o, st.ro))))
+      break
+    end
+    st.r, st.i, st.o = st.r - 1, st.i - cin, st.o - cout
+    redis.call('HSET', KEYS[8], id, '1,' .. cin .. ',' .. cout)
+  end
+  redis.call('ZREM', KEYS[1], member)
+  redis.call('HDEL', KEYS[5], member)
+  redis.call('HINCRBY', KEYS[6], 'n', -1)
+  redis.call('HINCRBY', KEYS[6], 'in', -cin)
+  redis.call('HINCRBY', KEYS[6], 'out', -cout)
+  if tag > v then v = tag end
+  redis.call('ZADD', KEYS[9], now + lease_ms, id)
+  local n = redis.call('HINCRBY', prefix .. id, 'dispatch', 1)
+  redis.call('ZADD', KEYS[10], now, id .. '|' .. n)
+  out[#out + 1] = id
+  out[#out + 1] = n
+  picked = picked + 1
+end
+if v > v0 then
+  redis.call('SET', KEYS[3], tostring(v))
+  -- Finish tags at or below V no longer matter: max(V, F) is V.
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', v)
+end
+lim_save(st)
+out[2] = math.floor(out[2])
+return out

@@ -1,0 +1,404 @@
+// Package scheduler is sluice's engine: per-user fair queues, the global
+// RPM/ITPM/OTPM limiter with concurrency leases, positions and etas, and the
+// dispatcher that turns queued jobs into asynq tasks exactly when the
+// upstream has room for them.
+//
+// Every decision that reads and writes shared state is one Lua script
+// (lua/*.lua, each prefixed with lua/prelude.lua) with Redis TIME as the
+// clock, so any number of api and worker processes can share one Redis.
+package scheduler
+
+import (
+	"context"
+	_ "embed"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/sluice-dev/sluice/config"
+	"github.com/sluice-dev/sluice/jobs"
+)
+
+var (
+	//go:embed lua/prelude.lua
+	prelude string
+	//go:embed lua/admit.lua
+	admitSrc string
+	//go:embed lua/dispatch.lua
+	dispatchSrc string
+	//go:embed lua/settle.lua
+	settleSrc string
+	//go:embed lua/observe.lua
+	observeSrc string
+	//go:embed lua/freeze.lua
+	freezeSrc string
+	//go:embed lua/renew.lua
+	renewSrc string
+	//go:embed lua/requeue.lua
+	requeueSrc string
+	//go:embed lua/position.lua
+	positionSrc string
+
+	admitScript    = redis.NewScript(prelude + admitSrc)
+	dispatchScript = redis.NewScript(prelude + dispatchSrc)
+	settleScript   = redis.NewScript(prelude + settleSrc)
+	observeScript  = redis.NewScript(prelude + observeSrc)
+	freezeScript   = redis.NewScript(prelude + freezeSrc)
+	renewScript    = redis.NewScript(prelude + renewSrc)
+	requeueScript  = redis.NewScript(prelude + requeueSrc)
+	positionScript = redis.NewScript(prelude + positionSrc)
+)
+
+// DefaultLeaseTTL is how long a concurrency lease lasts without a heartbeat:
+// the slot of a worker killed mid-call returns (and its job is queued again)
+// within this time.
+const DefaultLeaseTTL = 15 * time.Second
+
+// Options tune a Scheduler.
+type Options struct {
+	LeaseTTL time.Duration // default DefaultLeaseTTL
+	// Clock, when set, replaces Redis TIME in every script (tests).
+	Clock func() time.Time
+}
+
+// Scheduler runs the engine's scripts.
+type Scheduler struct {
+	rdb   redis.UniversalClient
+	store *jobs.Store
+	lease time.Duration
+	clock func() time.Time
+}
+
+// New returns a Scheduler on rdb; store supplies job-record settings.
+func New(rdb redis.UniversalClient, store *jobs.Store, o Options) *Scheduler {
+	if o.LeaseTTL <= 0 {
+		o.LeaseTTL = DefaultLeaseTTL
+	}
+	return &Scheduler{rdb: rdb, store: store, lease: o.LeaseTTL, clock: o.Clock}
+}
+
+// LeaseTTL is the lease time; workers renew at a third of it.
+func (s *Scheduler) LeaseTTL() time.Duration { return s.lease }
+
+// now is the clock argument of the scripts: 0 means Redis TIME.
+func (s *Scheduler) now() int64 {
+	if s.clock == nil {
+		return 0
+	}
+	return s.clock().UnixMilli()
+}
+
+// keys of a group's engine state.
+type keys struct{ g string }
+
+func (k keys) p(s string) string      { return "sluice:fq:" + k.g + ":" + s }
+func (k keys) order() string          { return k.p("order") }
+func (k keys) delayed() string        { return k.p("delayed") }
+func (k keys) delayedTags() string    { return k.p("delayed_tags") }
+func (k keys) vtime() string          { return k.p("vtime") }
+func (k keys) finish() string         { return k.p("finish") }
+func (k keys) costs() string          { return k.p("costs") }
+func (k keys) totals() string         { return k.p("totals") }
+func (k keys) seq() string            { return k.p("seq") }
+func (k keys) dispatching() string    { return k.p("dispatching") }
+func (k keys) lim() string            { return "sluice:lim:" + k.g }
+func (k keys) reservations() string   { return "sluice:lim:" + k.g + ":res" }
+func (k keys) leases() string         { return "sluice:lim:" + k.g + ":leases" }
+func wakeChannel(group string) string { return "sluice:wake:" + group }
+
+// limits are the configured-limit arguments every limiter script takes.
+func limits(g *config.ModelGroup) []any {
+	return []any{g.RPM, g.InputTPM, g.OutputTPM, g.Burst.Milliseconds()}
+}
+
+// UserKey identifies a user within the fair queue: tenant and user id.
+func UserKey(tenant, user string) string { return tenant + "\x00" + user }
+
+// Admit stores a new job, queues it fairly and logs its `queued` event,
+// atomically; it returns the job's position and eta. cost is the input
+// estimate; the job's MaxTokens is its output reservation.
+func (s *Scheduler) Admit(ctx context.Context, j *jobs.Job, g *config.ModelGroup, inputEstimate int, weight float64) (position, eta int, err error) {
+	j.Status = jobs.Queued
+	k := keys{g.Name}
+	args := []any{s.now(), j.ID, s.store.TTLSeconds(), jobs.Channel(j.ID), s.store.MaxEvents(),
+		UserKey(j.Tenant, j.UserID), inputEstimate, j.MaxTokens, weight, wakeChannel(g.Name)}
+	args = append(args, limits(g)...)
+	args = append(args, g.MaxConcurrency)
+	args = append(args, s.store.Fields(j)...)
+	res, err := admitScript.Run(ctx, s.rdb, []string{
+		jobs.Key(j.ID), jobs.EventsKey(j.ID), k.seq(), k.order(), k.finish(), k.vtime(),
+		k.costs(), k.totals(), k.lim(),
+	}, args...).Slice()
+	if err != nil {
+		if strings.Contains(err.Error(), "EXISTS") {
+			return 0, 0, jobs.ErrExists
+		}
+		return 0, 0, fmt.Errorf("scheduler: admit %s: %w", j.ID, err)
+	}
+	j.CostIn, j.CostOut = inputEstimate, j.MaxTokens
+	return toInt(res[1]), toInt(res[2]), nil
+}
+
+// Position is a queued job's place in its group's fair order (1 = next)
+// and its eta; ok is false when the job is not waiting in the queue (it was
+// dispatched, or is waiting to retry).
+func (s *Scheduler) Position(ctx context.Context, j *jobs.Job, g *config.ModelGroup) (position, eta int, ok bool, err error) {
+	if j.FQMember == "" {
+		return 0, 0, false, nil
+	}
+	k := keys{g.Name}
+	args := append([]any{s.now(), j.FQMember}, limits(g)...)
+	args = append(args, g.MaxConcurrency)
+	res, err := positionScript.Run(ctx, s.rdb, []string{k.order(), k.totals(), k.lim()}, args...).Int64Slice()
+	if err != nil {
+		return 0, 0, false, fmt.Errorf("scheduler: position of %s: %w", j.ID, err)
+	}
+	if res[0] == 0 {
+		return 0, 0, false, nil
+	}
+	return int(res[0]), int(res[1]), true, nil
+}
+
+// State says why a dispatch round stopped.
+type State string
+
+const (
+	More  State = "more"  // the pick limit was reached: go again at once
+	Wait  State = "wait"  // the next job fits after Result.Wait
+	Full  State = "full"  // every concurrency slot is taken
+	Empty State = "empty" // nothing queued (Result.Wait: the next retry, or -1)
+)
+
+// Picked is a job handed out by a dispatch round.
+type Picked struct {
+	JobID    string
+	Dispatch int
+}
+
+// Result of one dispatch round.
+type Result struct {
+	State State
+	Wait  time.Duration
+	Jobs  []Picked
+}
+
+// Dispatch picks up to max jobs of group g in fair order that the limiter
+// has room for, reserving for each and leasing it a concurrency slot.
+func (s *Scheduler) Dispatch(ctx context.Context, g *config.ModelGroup, max int) (Result, error) {
+	k := keys{g.Name}
+	args := append([]any{s.now()}, limits(g)...)
+	args = append(args, g.MaxConcurrency, s.lease.Milliseconds(), max, jobs.KeyPrefix)
+	res, err := dispatchScript.Run(ctx, s.rdb, []string{
+		k.order(), k.delayed(), k.vtime(), k.finish(), k.costs(), k.totals(), k.lim(),
+		k.reservations(), k.leases(), k.dispatching(), k.delayedTags(),
+	}, args...).Slice()
+	if err != nil {
+		return Result{}, fmt.Errorf("scheduler: dispatch %s: %w", g.Name, err)
+	}
+	r := Result{State: State(fmt.Sprint(res[0])), Wait: time.Duration(toInt(res[1])) * time.Millisecond}
+	for i := 2; i+1 < len(res); i += 2 {
+		r.Jobs = append(r.Jobs, Picked{JobID: fmt.Sprint(res[i]), Dispatch: toInt(res[i+1])})
+	}
+	return r, nil
+}
+
+// Handed marks a picked job as handed to asynq.
+func (s *Scheduler) Handed(ctx context.Context, group string, p Picked) error {
+	return s.rdb.ZRem(ctx, keys{group}.dispatching(), p.JobID+"|"+strconv.Itoa(p.Dispatch)).Err()
+}
+
+// Unhanded lists jobs picked more than olderThan ago and not yet handed to
+// asynq: their dispatcher died between the two steps.
+func (s *Scheduler) Unhanded(ctx context.Context, group string, olderThan time.Duration) ([]Picked, error) {
+	now, err := s.nowTime(ctx)
+	if err != nil {
+		return nil, err
+	}
+	ms, err := s.rdb.ZRangeByScore(ctx, keys{group}.dispatching(), &redis.ZRangeBy{
+		Min: "-inf", Max: strconv.FormatInt(now.Add(-olderThan).UnixMilli(), 10),
+	}).Result()
+	if err != nil {
+		return nil, err
+	}
+	var out []Picked
+	for _, m := range ms {
+		id, n, ok := strings.Cut(m, "|")
+		d, err := strconv.Atoi(n)
+		if ok && err == nil {
+			out = append(out, Picked{JobID: id, Dispatch: d})
+		}
+	}
+	return out, nil
+}
+
+func (s *Scheduler) nowTime(ctx context.Context) (time.Time, error) {
+	if s.clock != nil {
+		return s.clock(), nil
+	}
+	return s.rdb.Time(ctx).Result()
+}
+
+// Used is what the upstream counted for one call.
+type Used struct {
+	Requests, Input, Output int
+}
+
+// Settle closes job id's reservation exactly once: the buckets get back
+// what the upstream did not use. duration > 0 records a completed call for
+// the throughput estimate. It also releases the job's lease and wakes the
+// dispatchers. It reports whether there was a reservation to settle.
+func (s *Scheduler) Settle(ctx context.Context, g *config.ModelGroup, id string, used Used, duration time.Duration) (bool, error) {
+	k := keys{g.Name}
+	args := []any{s.now(), id, used.Requests, used.Input, used.Output}
+	args = append(args, limits(g)...)
+	args = append(args, duration.Milliseconds(), wakeChannel(g.Name))
+	n, err := settleScript.Run(ctx, s.rdb, []string{k.lim(), k.reservations(), k.leases()}, args...).Int()
+	if err != nil {
+		return false, fmt.Errorf("scheduler: settle %s: %w", id, err)
+	}
+	return n == 1, nil
+}
+
+// Renew is a worker's heartbeat on its job's lease; false means the lease
+// had expired and the job may be running elsewhere: stop.
+func (s *Scheduler) Renew(ctx context.Context, group, id string) (bool, error) {
+	n, err := renewScript.Run(ctx, s.rdb, []string{keys{group}.leases()}, s.now(), id, s.lease.Milliseconds()).Int()
+	if err != nil {
+		return false, fmt.Errorf("scheduler: renew %s: %w", id, err)
+	}
+	return n == 1, nil
+}
+
+// Requeue puts a dispatched job back in its group's queue at its original
+// start tag, due after delay, and releases its lease.
+func (s *Scheduler) Requeue(ctx context.Context, g *config.ModelGroup, j *jobs.Job, delay time.Duration) error {
+	if j.FQMember == "" {
+		return errors.New("scheduler: requeue: job has no queue member")
+	}
+	k := keys{g.Name}
+	cost := strconv.Itoa(j.CostIn) + "," + strconv.Itoa(j.CostOut)
+	err := requeueScript.Run(ctx, s.rdb, []string{k.delayed(), k.delayedTags(), k.leases()},
+		s.now(), j.ID, j.FQMember, j.FQTag, cost, delay.Milliseconds(), wakeChannel(g.Name)).Err()
+	if err != nil {
+		return fmt.Errorf("scheduler: requeue %s: %w", j.ID, err)
+	}
+	return nil
+}
+
+// Pushback is the upstream telling the group to slow down.
+type Pushback string
+
+const (
+	Pushback429  Pushback = "429"  // rate limited: freeze until retry-after
+	PushbackRamp Pushback = "ramp" // ramp_limit_exceeded: freeze and slow
+	Pushback529  Pushback = "529"  // overloaded: a burst slows the group
+)
+
+// Freeze applies upstream pushback to the whole group, fleet-wide, and
+// returns until when the group is frozen.
+func (s *Scheduler) Freeze(ctx context.Context, g *config.ModelGroup, kind Pushback, retryAfter time.Duration) (time.Time, error) {
+	args := append([]any{s.now(), string(kind), retryAfter.Milliseconds()}, limits(g)...)
+	ms, err := freezeScript.Run(ctx, s.rdb, []string{keys{g.Name}.lim()}, args...).Int64()
+	if err != nil {
+		return time.Time{}, fmt.Errorf("scheduler: freeze %s: %w", g.Name, err)
+	}
+	return time.UnixMilli(ms), nil
+}
+
+// Observe feeds a response's anthropic-ratelimit-* headers to the limiter:
+// it adopts a lower announced limit and never runs ahead of what the
+// upstream says remains.
+func (s *Scheduler) Observe(ctx context.Context, g *config.ModelGroup, h http.Header) error {
+	if h == nil {
+		return nil
+	}
+	vals := make([]any, 0, 6)
+	seen := false
+	for _, dim := range []struct {
+		name   string
+		tokens bool
+	}{{"requests", false}, {"input-tokens", true}, {"output-tokens", true}} {
+		lim := headerInt(h, "anthropic-ratelimit-"+dim.name+"-limit")
+		rem := headerInt(h, "anthropic-ratelimit-"+dim.name+"-remaining")
+		if rem >= 0 && dim.tokens {
+			// Token remainings are rounded to the nearest 1,000.
+			rem = max(0, rem-500)
+		}
+		if lim >= 0 || rem >= 0 {
+			seen = true
+		}
+		vals = append(vals, lim, rem)
+	}
+	if !seen {
+		return nil
+	}
+	args := append([]any{s.now()}, limits(g)...)
+	args = append(args, vals...)
+	if err := observeScript.Run(ctx, s.rdb, []string{keys{g.Name}.lim()}, args...).Err(); err != nil {
+		return fmt.Errorf("scheduler: observe %s: %w", g.Name, err)
+	}
+	return nil
+}
+
+func headerInt(h http.Header, name string) int64 {
+	v := h.Get(name)
+	if v == "" {
+		return -1
+	}
+	n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+	if err != nil || n < 0 {
+		return -1
+	}
+	return n
+}
+
+// Levels is a group's limiter state as stored (not brought up to date).
+type Levels struct {
+	Requests, Input, Output float64
+	Reserved                int64 // open reservations
+	Leases                  int64 // concurrency leases held
+	Frozen                  time.Time
+}
+
+// Levels reads a group's limiter state (for tests and metrics).
+func (s *Scheduler) Levels(ctx context.Context, group string) (Levels, error) {
+	k := keys{group}
+	pipe := s.rdb.Pipeline()
+	h := pipe.HMGet(ctx, k.lim(), "r", "i", "o", "frozen")
+	res := pipe.HLen(ctx, k.reservations())
+	ls := pipe.ZCard(ctx, k.leases())
+	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+		return Levels{}, err
+	}
+	f := func(v any) float64 {
+		n, _ := strconv.ParseFloat(fmt.Sprint(v), 64)
+		return n
+	}
+	vals := h.Val()
+	l := Levels{Requests: f(vals[0]), Input: f(vals[1]), Output: f(vals[2]), Reserved: res.Val(), Leases: ls.Val()}
+	if fr := f(vals[3]); fr > 0 {
+		l.Frozen = time.UnixMilli(int64(fr))
+	}
+	return l, nil
+}
+
+// QueueLength is how many jobs wait in a group's fair queue.
+func (s *Scheduler) QueueLength(ctx context.Context, group string) (int64, error) {
+	return s.rdb.ZCard(ctx, keys{group}.order()).Result()
+}
+
+func toInt(v any) int {
+	switch n := v.(type) {
+	case int64:
+		return int(n)
+	case string:
+		i, _ := strconv.Atoi(n)
+		return i
+	}
+	return 0
+}
