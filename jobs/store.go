@@ -33,7 +33,7 @@ func Key(id string) string { return jobKey(id) }
 func EventsKey(id string) string { return eventsKey(id) }
 
 // Channel is the Pub/Sub channel of a job's live events.
-func Channel(id string) string { return channel(id) }
+func Channel(id string) string       { return channel(id) }
 func nowMillis(t time.Time) string   { return strconv.FormatInt(t.UnixMilli(), 10) }
 func parseMillis(s string) time.Time { return timeFromMillis(s) }
 
@@ -146,7 +146,7 @@ type Transition struct {
 	From          []Status
 	To            Status
 	CountAttempt  bool
-	Dispatch      int // > 0: only if the job's current dispatch is this one
+	Dispatch      int               // > 0: only if the job's current dispatch is this one
 	Set           map[string]string // field → value
 	SetIfAbsent   map[string]string
 	Event         string // "" = none
