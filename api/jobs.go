@@ -1,6 +1,7 @@
 package api
 
 import (
+	"context"
 	"net/http"
 	"time"
 
@@ -23,7 +24,7 @@ func (s *Server) createJob(c *echo.Context) error {
 		return err
 	}
 	ctx := c.Request().Context()
-	input := s.d.Estimator.Input(ctx, req.Model, req.Request)
+	input := s.inputTokens(ctx, req)
 	if err := fitsGroup(req, input); err != nil {
 		return err
 	}
@@ -47,6 +48,21 @@ func (s *Server) createJob(c *echo.Context) error {
 	s.log.Info("job accepted", "job_id", job.ID, "tenant", tenant.Name, "user_id", job.UserID, "model", job.Model, "position", position, "input_estimate", input)
 	c.Response().Header().Set("Location", "/v1/jobs/"+job.ID)
 	return c.JSON(http.StatusAccepted, v)
+}
+
+// inputTokens is the job's input reservation: the upstream's exact count for
+// groups that ask for it, else the calibrated local estimate.
+func (s *Server) inputTokens(ctx context.Context, req *createRequest) int {
+	if req.Group.CountTokens && s.d.Upstream != nil {
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		n, err := s.d.Upstream.CountTokens(cctx, req.Request)
+		cancel()
+		if err == nil && n > 0 {
+			return n
+		}
+		s.log.Warn("count_tokens failed; using the local estimate", "group", req.Group.Name, "err", err)
+	}
+	return s.d.Estimator.Input(ctx, req.Model, req.Request)
 }
 
 // fitsGroup refuses a request the group's limits could never carry: the

@@ -11,6 +11,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
+	"github.com/sluice-dev/sluice/fakeanthropic"
 	"github.com/sluice-dev/sluice/internal/harness"
 	"github.com/sluice-dev/sluice/jobs"
 )
@@ -223,5 +224,34 @@ func TestDefaultMaxTokensAndUserFromMetadata(t *testing.T) {
 	}})
 	if v.UserID != "carol" || v.MaxTokens != 1024 {
 		t.Fatalf("user %q max_tokens %d, want carol and the default 1024", v.UserID, v.MaxTokens)
+	}
+}
+
+func TestInputReservation(t *testing.T) {
+	for _, exact := range []bool{false, true} {
+		t.Run(fmt.Sprint("count_tokens=", exact), func(t *testing.T) {
+			o := harness.Options{NoWorker: true}
+			if exact {
+				o.GroupExtra = "    count_tokens: true\n"
+			}
+			e := harness.Start(t, o)
+			body := harness.JobBody("alice", strings.Repeat("How do token buckets work? ", 40))
+			v := e.Submit(t, body)
+			j, err := e.Store.Get(context.Background(), v.ID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := json.Marshal(body["request"])
+			real, _ := fakeanthropic.CountTokens(b)
+			if exact {
+				if j.CostIn != real || e.Fake.Stats().CountTokensRequests != 1 {
+					t.Fatalf("reserved %d input tokens, the upstream counts %d", j.CostIn, real)
+				}
+				return
+			}
+			if j.CostIn < real || j.CostIn > 2*real {
+				t.Fatalf("estimated %d input tokens for a real %d: want conservative, not wild", j.CostIn, real)
+			}
+		})
 	}
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/sluice-dev/sluice/estimate"
 	"github.com/sluice-dev/sluice/jobs"
 	"github.com/sluice-dev/sluice/scheduler"
+	"github.com/sluice-dev/sluice/upstream"
 )
 
 // Deps are what the api needs.
@@ -28,8 +29,9 @@ type Deps struct {
 	Hub        *jobs.Hub
 	Scheduler  *scheduler.Scheduler
 	Estimator  *estimate.Calibrator
-	Monitoring http.Handler // asynqmon, mounted at /monitoring/ behind admin auth; nil = not mounted
-	Web        http.Handler // the embedded pages at /; nil = none
+	Upstream   *upstream.Client // for count_tokens (groups with count_tokens: true); nil = estimate only
+	Monitoring http.Handler     // asynqmon, mounted at /monitoring/ behind admin auth; nil = not mounted
+	Web        http.Handler     // the embedded pages at /; nil = none
 	Logger     *slog.Logger
 	Clock      func() time.Time // nil = time.Now
 }

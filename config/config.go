@@ -165,6 +165,11 @@ type ModelGroup struct {
 	// second); the long-run rate is the limit either way. A single request
 	// larger than the burst is sent when the bucket is full. Default 3s.
 	Burst time.Duration `yaml:"burst"`
+	// CountTokens makes admission ask the upstream's count_tokens endpoint
+	// for the exact input tokens instead of estimating them locally (one
+	// more upstream call per job, with its own rate limit; on failure the
+	// local estimate is used). Default false.
+	CountTokens bool `yaml:"count_tokens"`
 }
 
 // API configures the HTTP server.

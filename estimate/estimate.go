@@ -20,7 +20,7 @@ import (
 // Counting bytes/4 under-counts code (+29%), JSON (+58%) and non-Latin text
 // (Korean +150%), so this counts letters, digits and spaces at 3 bytes a
 // token, ASCII punctuation at 0.6 of a token each (code and JSON are dense
-// with it), and every non-ASCII character as 2 tokens; plus the framing (8)
+// with it), and every non-ASCII character as 2.5 tokens; plus the framing (8)
 // and 4 a message. Tools and other blocks count by their JSON.
 func Raw(body []byte) int {
 	var req struct {
@@ -94,7 +94,7 @@ func text(s string) float64 {
 		other++
 		i += size
 	}
-	return word/3 + punct*0.6 + other*2
+	return word/3 + punct*0.6 + other*2.5
 }
 
 func textTokens(b []byte) int { return int(math.Ceil(text(string(b)))) }

@@ -271,3 +271,31 @@ func UserHash(tenant, user string) string {
 	sum := sha256.Sum256([]byte("sluice\x00" + tenant + "\x00" + user))
 	return "u_" + hex.EncodeToString(sum[:16])
 }
+
+// countTokensFields are the Messages fields count_tokens accepts.
+var countTokensFields = []string{"model", "messages", "system", "tools", "tool_choice", "thinking"}
+
+// CountTokens asks the upstream's free count_tokens endpoint for the exact
+// input tokens of a Messages request body.
+func (c *Client) CountTokens(ctx context.Context, body []byte) (int, error) {
+	var req map[string]json.RawMessage
+	if err := json.Unmarshal(body, &req); err != nil {
+		return 0, err
+	}
+	keep := make(map[string]json.RawMessage, len(countTokensFields))
+	for _, f := range countTokensFields {
+		if v, ok := req[f]; ok {
+			keep[f] = v
+		}
+	}
+	b, err := json.Marshal(keep)
+	if err != nil {
+		return 0, err
+	}
+	res, err := c.sdk.Messages.CountTokens(ctx, anthropic.MessageCountTokensParams{},
+		option.WithRequestBody("application/json", b))
+	if err != nil {
+		return 0, classify(ctx, err, nil)
+	}
+	return int(res.InputTokens), nil
+}

@@ -119,10 +119,10 @@ func serve(ctx context.Context, cfg *config.Config, r roles, stdout, stderr io.W
 	store := jobs.NewStore(rdb, jobs.Options{})
 	sched := scheduler.New(rdb, store, scheduler.Options{LeaseTTL: cfg.Worker.LeaseTTL})
 	estimator := estimate.NewCalibrator(rdb)
+	up := upstream.New(upstream.Options{BaseURL: cfg.Upstream.BaseURL, APIKey: cfg.Upstream.APIKey})
+	defer up.Close()
 	var wk *worker.Worker
 	if r.worker {
-		up := upstream.New(upstream.Options{BaseURL: cfg.Upstream.BaseURL, APIKey: cfg.Upstream.APIKey})
-		defer up.Close()
 		wk = worker.New(worker.Deps{
 			Config: cfg, Redis: rdb, Store: store, Scheduler: sched, Estimator: estimator,
 			Upstream: up, Logger: log.With("component", "worker"),
@@ -151,7 +151,7 @@ func serve(ctx context.Context, cfg *config.Config, r roles, stdout, stderr io.W
 			log.Info("no admin key configured: /monitoring/ is off (set admin_keys or SLUICE_ADMIN_KEY)")
 		}
 		apiSrv = api.New(api.Deps{
-			Config: cfg, Redis: rdb, Store: store, Hub: hub, Scheduler: sched, Estimator: estimator,
+			Config: cfg, Redis: rdb, Store: store, Hub: hub, Scheduler: sched, Estimator: estimator, Upstream: up,
 			Monitoring: mon, Web: web.Handler(), Logger: log.With("component", "api"),
 		})
 		handler = apiSrv

@@ -43,6 +43,7 @@ type Options struct {
 	Fake        fakeanthropic.Config // Groups default to roomy limits; APIKeys to UpstreamKey
 	ExtraConfig string               // YAML appended to the harness config
 	NoWorker    bool
+	GroupExtra  string // YAML lines added to the model group (indented 4 spaces)
 }
 
 // Env is a running sluice.
@@ -60,7 +61,9 @@ type Env struct {
 }
 
 // BaseConfig is the harness's configuration, for a given upstream URL.
-func BaseConfig(redisURL, upstreamURL string) string {
+func BaseConfig(redisURL, upstreamURL string) string { return groupConfig(redisURL, upstreamURL, "") }
+
+func groupConfig(redisURL, upstreamURL, groupExtra string) string {
 	return fmt.Sprintf(`redis_url: %q
 upstream:
   base_url: %q
@@ -81,12 +84,13 @@ model_groups:
     input_tpm: 10000000
     output_tpm: 10000000
     max_concurrency: 8
+%s
 api:
   body_limit_bytes: 65536
   shutdown_timeout: 5s
 worker:
   shutdown_timeout: 5s
-`, redisURL, upstreamURL, AdminKey, TenantKey, OtherTenantKey)
+`, redisURL, upstreamURL, AdminKey, TenantKey, OtherTenantKey, groupExtra)
 }
 
 // Start runs sluice for the test and stops it when the test ends.
@@ -117,7 +121,7 @@ func Start(tb testing.TB, o Options) *Env {
 		}
 		return ""
 	}
-	cfg, err := config.Parse([]byte(BaseConfig(e.Redis.URL, fsrv.URL)+o.ExtraConfig), getenv)
+	cfg, err := config.Parse([]byte(groupConfig(e.Redis.URL, fsrv.URL, o.GroupExtra)+o.ExtraConfig), getenv)
 	if err != nil {
 		tb.Fatalf("harness config: %v", err)
 	}
@@ -130,8 +134,10 @@ func Start(tb testing.TB, o Options) *Env {
 		e.Worker = StartWorker(tb, e)
 	}
 	hub := jobs.NewHub(e.Store, log)
+	apiUp := upstream.New(upstream.Options{BaseURL: cfg.Upstream.BaseURL, APIKey: cfg.Upstream.APIKey})
+	tb.Cleanup(apiUp.Close)
 	e.Server = api.New(api.Deps{Config: cfg, Redis: e.RDB, Store: e.Store, Hub: hub,
-		Scheduler: e.Sched, Estimator: estimate.NewCalibrator(e.RDB), Logger: log})
+		Scheduler: e.Sched, Estimator: estimate.NewCalibrator(e.RDB), Upstream: apiUp, Logger: log})
 	e.API = httptest.NewServer(e.Server)
 	tb.Cleanup(func() {
 		e.Server.CloseStreams()

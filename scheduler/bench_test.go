@@ -1,0 +1,133 @@
+package scheduler_test
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hibiken/asynq"
+
+	"github.com/sluice-dev/sluice/config"
+	"github.com/sluice-dev/sluice/internal/redistest"
+	"github.com/sluice-dev/sluice/jobs"
+	"github.com/sluice-dev/sluice/scheduler"
+	"github.com/sluice-dev/sluice/tasks"
+)
+
+// fill admits n jobs spread over users, 8 at a time, and returns their ids.
+func fill(b *testing.B, s *scheduler.Scheduler, g *config.ModelGroup, n, users int) []*jobs.Job {
+	b.Helper()
+	out := make([]*jobs.Job, n)
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for w := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := w; i < n; i += 8 {
+				j := &jobs.Job{ID: jobs.NewID(), Tenant: "t", UserID: fmt.Sprint("user-", i%users), Model: "m",
+					Group: g.Name, MaxTokens: 100, Request: []byte(`{}`), CreatedAt: time.Now()}
+				if _, _, err := s.Admit(context.Background(), j, g, 200, 1); err != nil {
+					errs <- err
+					return
+				}
+				out[i] = j
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		b.Fatal(err)
+	}
+	return out
+}
+
+func wideOpen() *config.ModelGroup {
+	return &config.ModelGroup{Name: "g", RPM: 1e9, InputTPM: 1e12, OutputTPM: 1e12, MaxConcurrency: 1e9, Burst: time.Minute}
+}
+
+// BenchmarkDispatch100kQueued: 100,000 queued jobs over 10,000 users; the
+// limiter wide open; each op is one dispatch round of up to 32 jobs (the
+// dispatcher's batch). Reports jobs dispatched per second.
+//
+//	go test -run '^$' -bench 'Dispatch100k|Position100k' -benchtime 50x ./scheduler/
+func BenchmarkDispatch100kQueued(b *testing.B) {
+	r := redistest.Start(b)
+	rdb := r.Client(b)
+	s := scheduler.New(rdb, jobs.NewStore(rdb, jobs.Options{}), scheduler.Options{LeaseTTL: time.Hour})
+	g := wideOpen()
+	fill(b, s, g, 100_000, 10_000)
+	ctx := context.Background()
+	b.ResetTimer()
+	start := time.Now()
+	n := 0
+	for i := 0; i < b.N; i++ {
+		res, err := s.Dispatch(ctx, g, 32)
+		if err != nil {
+			b.Fatal(err)
+		}
+		n += len(res.Jobs)
+	}
+	b.ReportMetric(float64(n)/time.Since(start).Seconds(), "jobs/s")
+}
+
+// BenchmarkDispatchAndEnqueue100kQueued is the dispatcher's whole path: a
+// round of 32 and each picked job handed to asynq.
+func BenchmarkDispatchAndEnqueue100kQueued(b *testing.B) {
+	r := redistest.Start(b)
+	rdb := r.Client(b)
+	s := scheduler.New(rdb, jobs.NewStore(rdb, jobs.Options{}), scheduler.Options{LeaseTTL: time.Hour})
+	g := wideOpen()
+	fill(b, s, g, 100_000, 10_000)
+	aq := asynq.NewClientFromRedisClient(rdb)
+	ctx := context.Background()
+	b.ResetTimer()
+	start := time.Now()
+	n := 0
+	for i := 0; i < b.N; i++ {
+		res, err := s.Dispatch(ctx, g, 32)
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, p := range res.Jobs {
+			t, _ := tasks.NewRunJob(tasks.RunJob{JobID: p.JobID, Group: g.Name, Dispatch: p.Dispatch}, tasks.RunJobOptions{MaxRetry: 3})
+			if _, err := aq.EnqueueContext(ctx, t); err != nil {
+				b.Fatal(err)
+			}
+			if err := s.Handed(ctx, g.Name, p); err != nil {
+				b.Fatal(err)
+			}
+		}
+		n += len(res.Jobs)
+	}
+	b.ReportMetric(float64(n)/time.Since(start).Seconds(), "jobs/s")
+}
+
+// BenchmarkPosition100kQueued: a queued job's position and eta among
+// 100,000 jobs over 10,000 users (one Redis round trip).
+func BenchmarkPosition100kQueued(b *testing.B) {
+	r := redistest.Start(b)
+	rdb := r.Client(b)
+	s := scheduler.New(rdb, jobs.NewStore(rdb, jobs.Options{}), scheduler.Options{})
+	g := wideOpen()
+	js := fill(b, s, g, 100_000, 10_000)
+	ctx := context.Background()
+	members := make([]*jobs.Job, 0, 1000)
+	store := jobs.NewStore(rdb, jobs.Options{})
+	for i := 0; i < 1000; i++ {
+		j, err := store.Get(ctx, js[i*97].ID)
+		if err != nil {
+			b.Fatal(err)
+		}
+		members = append(members, j)
+	}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if _, _, ok, err := s.Position(ctx, members[i%len(members)], g); err != nil || !ok {
+			b.Fatal(ok, err)
+		}
+	}
+}
