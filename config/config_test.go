@@ -485,7 +485,7 @@ model_groups:
   - {name: g, models: [m], rpm: 1, input_tpm: 1, output_tpm: 1, max_concurency: 3}
 `,
 			want: []string{
-				"model_groups[0].max_concurency: unknown field; the fields here are name, models, rpm, input_tpm, output_tpm, max_concurrency, count_cache_reads, burst (line 6)",
+				"model_groups[0].max_concurency: unknown field; the fields here are name, models, rpm, input_tpm, output_tpm, max_concurrency, count_cache_reads, burst, count_tokens (line 6)",
 				"tenants[0].key: unknown field; the fields here are name, keys, default_max_tokens, weight, user_weights (line 4)",
 				"tenants[0].keys: at least one key is required",
 			},
