@@ -27,6 +27,9 @@ type DispatcherDeps struct {
 	Enqueuer  Enqueuer
 	Task      tasks.RunJobOptions
 	Logger    *slog.Logger
+	// HandOverAfter is how old a picked-but-not-handed job must be before
+	// another dispatcher hands it over. Default 5s.
+	HandOverAfter time.Duration
 }
 
 // Dispatcher moves jobs from the fair queues to asynq, one loop per model
@@ -53,13 +56,15 @@ const (
 	dispatchBatch = 32
 	// safetyWake bounds a sleep in case a wake message was lost.
 	safetyWake = 5 * time.Second
-	// handOverGrace is how old a picked-but-not-handed job must be before
-	// another dispatcher hands it over.
-	handOverGrace = 5 * time.Second
+	// defaultHandOver is DispatcherDeps.HandOverAfter's default.
+	defaultHandOver = 5 * time.Second
 )
 
 // NewDispatcher returns a Dispatcher; Run runs it.
 func NewDispatcher(d DispatcherDeps) *Dispatcher {
+	if d.HandOverAfter <= 0 {
+		d.HandOverAfter = defaultHandOver
+	}
 	return &Dispatcher{d: d, batch: dispatchBatch}
 }
 
@@ -120,10 +125,11 @@ func (d *Dispatcher) loop(ctx context.Context, g *config.ModelGroup, wake chan s
 	lastHandOver := time.Time{}
 	for {
 		sleep := d.round(ctx, log, g)
-		if time.Since(lastHandOver) > handOverGrace {
+		if time.Since(lastHandOver) > d.d.HandOverAfter {
 			d.handOver(ctx, log, g)
 			lastHandOver = time.Now()
 		}
+		sleep = min(sleep, d.d.HandOverAfter)
 		if sleep == 0 {
 			if ctx.Err() != nil {
 				return
@@ -191,7 +197,7 @@ func (d *Dispatcher) enqueue(ctx context.Context, log *slog.Logger, group string
 // handOver finishes the dispatches of a dispatcher that died between
 // picking a job and handing it to asynq.
 func (d *Dispatcher) handOver(ctx context.Context, log *slog.Logger, g *config.ModelGroup) {
-	stale, err := d.d.Scheduler.Unhanded(ctx, g.Name, handOverGrace)
+	stale, err := d.d.Scheduler.Unhanded(ctx, g.Name, d.d.HandOverAfter)
 	if err != nil {
 		if ctx.Err() == nil {
 			log.Warn("could not list unhanded dispatches", "err", err)
