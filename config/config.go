@@ -159,11 +159,11 @@ type ModelGroup struct {
 	// CountCacheReads makes cache reads count against InputTPM, as they do for
 	// legacy models. Default false.
 	CountCacheReads bool `yaml:"count_cache_reads"`
-	// Burst is how much of the per-minute limits sluice may send at once,
-	// as a duration of the limit: 3s of 60 RPM is 3 requests. Small keeps
-	// the group paced (the upstream may enforce 60 RPM as 1 request per
-	// second); the long-run rate is the limit either way. A single request
-	// larger than the burst is sent when the bucket is full. Default 3s.
+	// Burst is how many requests sluice may send at once, as a duration of
+	// the RPM limit: 3s of 60 RPM is 3 requests (at least 1). Small keeps the
+	// group paced (the upstream may enforce 60 RPM as 1 request per second);
+	// the long-run rate is the limit either way. (Token buckets hold 95% of
+	// their per-minute limit: max_tokens reservations must fit.) Default 3s.
 	Burst time.Duration `yaml:"burst"`
 	// CountTokens makes admission ask the upstream's count_tokens endpoint
 	// for the exact input tokens instead of estimating them locally (one

@@ -10,10 +10,17 @@
 --   n529, l529   529s seen in the current 10 s window, and the last one (ms)
 --   dur          EWMA of upstream call duration (ms): measured throughput
 --   oratio       EWMA of actual output / max_tokens
--- Buckets hold at most `burst` of the per-minute limit and refill at
--- limit/60 s, the upstream's own rate, so sluice never runs ahead of it. A
--- bucket may go negative: one request larger than the burst is let through
--- when the bucket is full, and the debt refills at the same rate.
+-- Buckets refill at limit/60 s, the upstream's own rate, so sluice never
+-- runs ahead of it. The request bucket holds `burst` of the per-minute limit
+-- (at least 1), so requests are paced, not fired in bursts. The token
+-- buckets hold 95% of the per-minute limit, like the upstream's (which holds
+-- all of it) less a margin for estimation error: a max_tokens reservation
+-- must fit in them, and is mostly refunded when the call ends. A bucket may
+-- go negative: a job larger than the bucket goes when the bucket is full, and
+-- the debt refills at the same rate.
+
+-- TOKEN_SHARE is the part of a per-minute token limit a bucket holds.
+local TOKEN_SHARE = 0.95
 
 local function clock(arg)
   local n = tonumber(arg)
@@ -37,10 +44,9 @@ local function lim_load(key, now, cfg)
   st.lr = math.min(cfg[1], num(h[5], cfg[1]))
   st.li = math.min(cfg[2], num(h[6], cfg[2]))
   st.lo = math.min(cfg[3], num(h[7], cfg[3]))
-  local burst = cfg[4] / 60000
-  st.cr = math.max(1, st.lr * burst)
-  st.ci = math.max(1, st.li * burst)
-  st.co = math.max(1, st.lo * burst)
+  st.cr = math.max(1, st.lr * cfg[4] / 60000)
+  st.ci = math.max(1, st.li * TOKEN_SHARE)
+  st.co = math.max(1, st.lo * TOKEN_SHARE)
   st.frozen = num(h[8], 0)
   local factor, f_at = num(h[9], 1), num(h[10], 0)
   st.factor = math.min(1, factor + math.max(0, now - f_at) / 60000)
