@@ -2,20 +2,26 @@ package api
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"math"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/labstack/echo/v5"
 
 	"github.com/sluice-dev/sluice/config"
 	"github.com/sluice-dev/sluice/jobs"
+	"github.com/sluice-dev/sluice/scheduler"
 )
 
-// createJob is POST /v1/jobs: validate, estimate, store and queue the job
-// fairly (one Lua script), answer with its position.
+// createJob is POST /v1/jobs: validate, estimate, then admit in one Lua
+// script (idempotency, quotas, queue cap, bounded wait, store, fair queue).
 func (s *Server) createJob(c *echo.Context) error {
 	tenant := tenantOf(c)
-	body, err := s.readBody(c)
+	body, err := s.readBodyFor(c, tenant)
 	if err != nil {
 		return err
 	}
@@ -23,31 +29,150 @@ func (s *Server) createJob(c *echo.Context) error {
 	if err != nil {
 		return err
 	}
+	idemKey := c.Request().Header.Get("Idempotency-Key")
+	if len(idemKey) > 255 {
+		return invalid("Idempotency-Key", "The Idempotency-Key header is %d characters long; use at most 255.", len(idemKey))
+	}
 	ctx := c.Request().Context()
 	input := s.inputTokens(ctx, req)
-	if err := fitsGroup(req, input); err != nil {
+	policy := tenant.Policy(req.UserID)
+	if err := fitsLimits(req, input, tenant, policy); err != nil {
 		return err
 	}
-	token, tokenHash := jobs.NewToken()
 	now := s.now().UTC().Truncate(time.Millisecond) // as the store keeps it
 	job := &jobs.Job{
 		ID: jobs.NewID(), Tenant: tenant.Name, UserID: req.UserID, Model: req.Model,
 		Group: req.Group.Name, MaxTokens: req.MaxTokens, Request: req.Request,
-		Metadata: req.Metadata, CreatedAt: now, TokenHash: tokenHash,
+		Metadata: req.Metadata, CreatedAt: now,
 	}
+	token := jobs.Token(s.d.TokenSecret, job.ID)
+	job.TokenHash = jobs.HashToken(token)
 	if req.DeadlineSeconds > 0 {
 		job.DeadlineAt = now.Add(time.Duration(req.DeadlineSeconds * float64(time.Second)))
 	}
-	position, eta, err := s.d.Scheduler.Admit(ctx, job, req.Group, input, tenant.WeightOf(req.UserID))
+	res, err := s.d.Scheduler.Admit(ctx, scheduler.Admission{
+		Job: job, Group: req.Group, InputEstimate: input, Policy: policy, MaxWait: tenant.MaxWait,
+		IdempotencyKey: idemKey, BodyHash: bodyHash(body),
+	})
 	if err != nil {
 		return err
 	}
-	v := job.View()
-	v.Token = token
-	v.Position, v.ETASeconds = &position, &eta
-	s.log.Info("job accepted", "job_id", job.ID, "tenant", tenant.Name, "user_id", job.UserID, "model", job.Model, "position", position, "input_estimate", input)
-	c.Response().Header().Set("Location", "/v1/jobs/"+job.ID)
-	return c.JSON(http.StatusAccepted, v)
+	log := s.log.With("tenant", tenant.Name, "user_id", req.UserID)
+	switch res.Outcome {
+	case scheduler.Admitted:
+		if policy.RequestsPerHour > 0 {
+			setRateLimitHeaders(c, policy.RequestsPerHour, res.QuotaRemaining, res.QuotaReset)
+		}
+		v := job.View()
+		v.Token = token
+		v.Position, v.ETASeconds = &res.Position, &res.ETA
+		log.Info("job accepted", "job_id", job.ID, "model", job.Model, "position", res.Position, "eta_seconds", res.ETA, "input_estimate", input)
+		c.Response().Header().Set("Location", "/v1/jobs/"+job.ID)
+		return c.JSON(http.StatusAccepted, v)
+	case scheduler.Replay:
+		prev, err := s.d.Store.Get(ctx, res.ReplayOf)
+		if err != nil {
+			return err
+		}
+		s.quotaHeaders(c, tenant.Name, req.UserID, policy)
+		v, err := s.view(ctx, prev)
+		if err != nil {
+			return err
+		}
+		v.Token = jobs.Token(s.d.TokenSecret, prev.ID)
+		c.Response().Header().Set("Location", "/v1/jobs/"+prev.ID)
+		c.Response().Header().Set("Idempotent-Replayed", "true")
+		return c.JSON(http.StatusAccepted, v)
+	case scheduler.Conflict:
+		return &Error{Status: http.StatusConflict, Type: "conflict",
+			Message: "This Idempotency-Key was already used with a different request body. Use a new key for a new request."}
+	case scheduler.OverQuota:
+		log.Info("job refused: user quota", "quota", res.QuotaWhich)
+		return s.quotaRefusal(c, tenant.Name, req.UserID, policy, res, input+req.MaxTokens)
+	case scheduler.QueueLimit:
+		log.Info("job refused: queue limit", "queued", res.Remaining)
+		s.quotaHeaders(c, tenant.Name, req.UserID, policy)
+		retry := max(1, int(math.Ceil(60/float64(req.Group.RPM))))
+		return &Error{Status: http.StatusTooManyRequests, Type: "queue_limit", RetryAfter: retry,
+			Message: fmt.Sprintf("You already have %d requests waiting, the most allowed at once. Wait for one of them to start, then send this again.", res.Remaining),
+			Extra:   map[string]any{"queued": res.Remaining, "limit": res.Limit, "retry_after_seconds": retry}}
+	case scheduler.Overloaded:
+		log.Info("job refused: overloaded", "eta_seconds", res.ETA)
+		s.quotaHeaders(c, tenant.Name, req.UserID, policy)
+		retry := max(1, res.ETA-res.MaxWait)
+		return &Error{Status: http.StatusServiceUnavailable, Type: "overloaded", RetryAfter: retry,
+			Message: fmt.Sprintf("The service is very busy: a new request would wait about %s, longer than the %s allowed. Please try again in about %s.",
+				humanSeconds(res.ETA), humanSeconds(res.MaxWait), humanSeconds(retry)),
+			Extra: map[string]any{"retry_after_seconds": retry, "eta_seconds": res.ETA}}
+	}
+	return fmt.Errorf("admission: unknown outcome %q", res.Outcome)
+}
+
+// quotaRefusal is the 429 rate_limit of an exhausted user quota, with the
+// exact time the request would fit.
+func (s *Server) quotaRefusal(c *echo.Context, tenant, user string, p config.UserPolicy, res scheduler.AdmitResult, cost int) error {
+	retry := int(math.Ceil(res.RetryAfter.Seconds()))
+	at := s.now().Add(time.Duration(retry) * time.Second).UTC()
+	when := at.Format("15:04") + " UTC"
+	if at.Sub(s.now()) > 20*time.Hour {
+		when = at.Format("Jan 2 15:04") + " UTC"
+	}
+	var msg string
+	if res.QuotaWhich == "requests" {
+		msg = fmt.Sprintf("You've used your %d requests for this hour. You can send another at %s.", res.Limit, when)
+	} else {
+		msg = fmt.Sprintf("You've used your %s tokens for this hour (this request needs about %s). You can send it at %s.",
+			thousands(res.Limit), thousands(cost), when)
+	}
+	s.quotaHeaders(c, tenant, user, p)
+	return &Error{Status: http.StatusTooManyRequests, Type: "rate_limit", RetryAfter: retry, Message: msg,
+		Extra: map[string]any{"quota": res.QuotaWhich, "limit": res.Limit, "remaining": res.Remaining,
+			"reset_at": at.Format(time.RFC3339), "retry_after_seconds": retry}}
+}
+
+// quotaHeaders sets the RateLimit-* headers of the user's request quota
+// (none when the quota is unlimited).
+func (s *Server) quotaHeaders(c *echo.Context, tenant, user string, p config.UserPolicy) {
+	if p.RequestsPerHour <= 0 {
+		return
+	}
+	req, _, err := s.d.Scheduler.Quotas(c.Request().Context(), tenant, user, p)
+	if err != nil {
+		return
+	}
+	setRateLimitHeaders(c, req.Limit, req.Remaining, int(math.Ceil(time.Until(req.ResetAt).Seconds())))
+}
+
+func setRateLimitHeaders(c *echo.Context, limit, remaining, reset int) {
+	h := c.Response().Header()
+	h.Set("RateLimit-Limit", strconv.Itoa(limit))
+	h.Set("RateLimit-Remaining", strconv.Itoa(max(0, remaining)))
+	h.Set("RateLimit-Reset", strconv.Itoa(max(0, reset)))
+}
+
+func bodyHash(b []byte) string {
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:16])
+}
+
+// humanSeconds says a duration the way a person would.
+func humanSeconds(s int) string {
+	switch {
+	case s < 90:
+		return fmt.Sprintf("%d seconds", s)
+	case s < 90*60:
+		return fmt.Sprintf("%d minutes", (s+30)/60)
+	}
+	return fmt.Sprintf("%.1f hours", float64(s)/3600)
+}
+
+// thousands writes 50000 as 50,000.
+func thousands(n int) string {
+	s := strconv.Itoa(n)
+	for i := len(s) - 3; i > 0; i -= 3 {
+		s = s[:i] + "," + s[i:]
+	}
+	return s
 }
 
 // inputTokens is the job's input reservation: the upstream's exact count for
@@ -65,15 +190,23 @@ func (s *Server) inputTokens(ctx context.Context, req *createRequest) int {
 	return s.d.Estimator.Input(ctx, req.Model, req.Request)
 }
 
-// fitsGroup refuses a request the group's limits could never carry: the
-// upstream itself would answer 429 to it forever.
-func fitsGroup(req *createRequest, input int) error {
+// fitsLimits refuses a request that could never run: above the tenant's
+// per-request input limit, the user's hourly token quota, or what the
+// group's limits can carry (the upstream itself would answer 429 forever).
+func fitsLimits(req *createRequest, input int, t *config.Tenant, p config.UserPolicy) error {
 	g := req.Group
 	if req.MaxTokens > g.OutputTPM {
 		return invalid("request.max_tokens", "request.max_tokens is %d, but this model's output limit is %d tokens per minute, so the request could never run. Ask for at most %d.", req.MaxTokens, g.OutputTPM, g.OutputTPM)
 	}
+	if t != nil && t.MaxInputTokens > 0 && input > t.MaxInputTokens {
+		return invalid("request.messages", "This request is about %s input tokens; the limit for one request is %s. Shorten the conversation.", thousands(input), thousands(t.MaxInputTokens))
+	}
 	if input > g.InputTPM {
-		return invalid("request.messages", "This request is about %d input tokens, but this model's input limit is %d tokens per minute, so it could never run. Shorten the conversation.", input, g.InputTPM)
+		return invalid("request.messages", "This request is about %s input tokens, but this model's input limit is %s tokens per minute, so it could never run. Shorten the conversation.", thousands(input), thousands(g.InputTPM))
+	}
+	if p.TokensPerHour > 0 && input+req.MaxTokens > p.TokensPerHour {
+		return invalid("request.max_tokens", "This request needs about %s tokens (%s input + max_tokens %s), more than your whole hourly quota of %s. Lower max_tokens or shorten the conversation.",
+			thousands(input+req.MaxTokens), thousands(input), thousands(req.MaxTokens), thousands(p.TokensPerHour))
 	}
 	return nil
 }
@@ -84,12 +217,21 @@ func (s *Server) getJob(c *echo.Context) error {
 	if err != nil {
 		return err
 	}
+	v, err := s.view(c.Request().Context(), job)
+	if err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, v)
+}
+
+// view renders a job, with its position and eta while it is queued.
+func (s *Server) view(ctx context.Context, job *jobs.Job) (jobs.View, error) {
 	v := job.View()
 	if job.Status == jobs.Queued {
 		if g, ok := s.group(job.Group); ok {
-			pos, eta, queued, err := s.d.Scheduler.Position(c.Request().Context(), job, g)
+			pos, eta, queued, err := s.d.Scheduler.Position(ctx, job, g)
 			if err != nil {
-				return err
+				return v, err
 			}
 			if !queued { // dispatched, about to start
 				pos, eta = 1, 0
@@ -97,7 +239,7 @@ func (s *Server) getJob(c *echo.Context) error {
 			v.Position, v.ETASeconds = &pos, &eta
 		}
 	}
-	return c.JSON(http.StatusOK, v)
+	return v, nil
 }
 
 // authorizedJob loads the job named in the path if the caller may see it:

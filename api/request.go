@@ -126,8 +126,17 @@ func parseCreate(body []byte, cfg *config.Config, tenant *config.Tenant) (*creat
 		req["max_tokens"] = json.RawMessage(fmt.Sprint(out.MaxTokens))
 	}
 
+	// The tenant's cap on max_tokens.
+	if c := tenant.MaxTokensCap; c > 0 && out.MaxTokens > c {
+		if tenant.MaxTokensPolicy == "reject" {
+			return nil, invalid("request.max_tokens", "request.max_tokens is %d; the most allowed here is %d. Ask for %d or less.", out.MaxTokens, c, c)
+		}
+		out.MaxTokens = c // clamp: the job shows the value used
+		req["max_tokens"] = json.RawMessage(fmt.Sprint(c))
+	}
+
 	// messages
-	if err := checkMessages(req["messages"]); err != nil {
+	if err := checkMessages(req["messages"], tenant.MaxMessages); err != nil {
 		return nil, err
 	}
 
@@ -166,7 +175,7 @@ func parseCreate(body []byte, cfg *config.Config, tenant *config.Tenant) (*creat
 	return out, nil
 }
 
-func checkMessages(raw json.RawMessage) error {
+func checkMessages(raw json.RawMessage, max int) error {
 	if raw == nil || isNull(raw) {
 		return invalid("request.messages", "request.messages is missing: give at least one message, e.g. [{\"role\": \"user\", \"content\": \"Hello\"}].")
 	}
@@ -176,6 +185,9 @@ func checkMessages(raw json.RawMessage) error {
 	}
 	if len(msgs) == 0 {
 		return invalid("request.messages", "request.messages is empty: give at least one message.")
+	}
+	if max > 0 && len(msgs) > max {
+		return invalid("request.messages", "request.messages holds %d messages; at most %d are allowed in one request. Drop the oldest ones.", len(msgs), max)
 	}
 	for i, m := range msgs {
 		path := fmt.Sprintf("request.messages[%d]", i)

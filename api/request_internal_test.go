@@ -18,11 +18,11 @@ func TestFitsGroup(t *testing.T) {
 	}{
 		{"fits", 8000, 30000, "", ""},
 		{"max_tokens above the output limit", 8001, 10, "request.max_tokens", "8000"},
-		{"input above the input limit", 100, 30001, "request.messages", "30000"},
+		{"input above the input limit", 100, 30001, "request.messages", "30,000"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			err := fitsGroup(&createRequest{Group: g, MaxTokens: tc.maxTokens}, tc.input)
+			err := fitsLimits(&createRequest{Group: g, MaxTokens: tc.maxTokens}, tc.input, nil, config.UserPolicy{})
 			if tc.wantField == "" {
 				if err != nil {
 					t.Fatal(err)

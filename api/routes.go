@@ -13,8 +13,11 @@ func (s *Server) routes() {
 	e.GET("/readyz", s.readyz)
 
 	e.POST("/v1/jobs", s.createJob, s.tenantAuth)
+	e.GET("/v1/jobs", s.listJobs, s.tenantAuth)
 	e.GET("/v1/jobs/:id", s.getJob, s.optionalTenantAuth)
+	e.DELETE("/v1/jobs/:id", s.cancelJob, s.tenantAuth)
 	e.GET("/v1/jobs/:id/events", s.jobEvents, s.optionalTenantAuth)
+	e.GET("/v1/users/:user_id/usage", s.userUsage, s.tenantAuth)
 
 	if s.d.Monitoring != nil {
 		mon := echo.WrapHandler(s.d.Monitoring)

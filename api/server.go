@@ -23,17 +23,19 @@ import (
 
 // Deps are what the api needs.
 type Deps struct {
-	Config     *config.Config
-	Redis      redis.UniversalClient
-	Store      *jobs.Store
-	Hub        *jobs.Hub
-	Scheduler  *scheduler.Scheduler
-	Estimator  *estimate.Calibrator
-	Upstream   *upstream.Client // for count_tokens (groups with count_tokens: true); nil = estimate only
-	Monitoring http.Handler     // asynqmon, mounted at /monitoring/ behind admin auth; nil = not mounted
-	Web        http.Handler     // the embedded pages at /; nil = none
-	Logger     *slog.Logger
-	Clock      func() time.Time // nil = time.Now
+	Config    *config.Config
+	Redis     redis.UniversalClient
+	Store     *jobs.Store
+	Hub       *jobs.Hub
+	Scheduler *scheduler.Scheduler
+	Estimator *estimate.Calibrator
+	Upstream  *upstream.Client // for count_tokens (groups with count_tokens: true); nil = estimate only
+	// TokenSecret signs job read tokens (jobs.TokenSecret: shared by the fleet).
+	TokenSecret []byte
+	Monitoring  http.Handler // asynqmon, mounted at /monitoring/ behind admin auth; nil = not mounted
+	Web         http.Handler // the embedded pages at /; nil = none
+	Logger      *slog.Logger
+	Clock       func() time.Time // nil = time.Now
 }
 
 // Server is the api.
@@ -76,9 +78,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.echo.Serv
 // since http.Server.Shutdown waits for handlers but does not cancel them.
 func (s *Server) CloseStreams() { s.close() }
 
-// readBody reads the request body up to the configured limit; larger is a 413.
-func (s *Server) readBody(c *echo.Context) ([]byte, error) {
+// readBodyFor reads the request body up to the tenant's limit (or the
+// server's, whichever is smaller); larger is a 413.
+func (s *Server) readBodyFor(c *echo.Context, t *config.Tenant) ([]byte, error) {
 	limit := s.cfg.API.BodyLimitBytes
+	if t != nil && t.MaxBodyBytes > 0 && t.MaxBodyBytes < limit {
+		limit = t.MaxBodyBytes
+	}
 	r := c.Request()
 	if r.ContentLength > limit {
 		return nil, tooLarge(r.ContentLength, limit)

@@ -42,6 +42,10 @@ const (
 	DefaultMaxConcurrency    = 8
 	DefaultBurst             = 3 * time.Second
 	DefaultWeight            = 1.0
+	DefaultMaxMessages       = 1000
+	DefaultMaxQueued         = 50
+	DefaultMaxWait           = 15 * time.Minute
+	DefaultMaxTokensPolicy   = "clamp"
 	DefaultBodyLimitBytes    = 8 << 20 // 8 MiB
 	DefaultAPIShutdown       = 10 * time.Second
 	DefaultWorkerShutdown    = 25 * time.Second
@@ -123,20 +127,70 @@ type Tenant struct {
 	// DefaultMaxTokens is the max_tokens of a request that gives none, in
 	// tokens. Default 1024.
 	DefaultMaxTokens int `yaml:"default_max_tokens"`
-	// Weight is the fair-queue weight of each of the tenant's users: a user
-	// of weight 2 is served twice the tokens of a user of weight 1 when both
-	// wait. Default 1; if set, > 0.
-	Weight float64 `yaml:"weight"`
-	// UserWeights overrides Weight for named users (user_id → weight > 0).
-	UserWeights map[string]float64 `yaml:"user_weights,omitempty"`
+	// MaxTokensCap caps a request's max_tokens, in tokens; 0 (the default)
+	// means no cap beyond the model group's output limit.
+	MaxTokensCap int `yaml:"max_tokens_cap"`
+	// MaxTokensPolicy says what happens to a request above MaxTokensCap:
+	// "clamp" (the default: the job runs with the cap, and shows it) or
+	// "reject" (a 400 naming the cap).
+	MaxTokensPolicy string `yaml:"max_tokens_policy"`
+	// MaxBodyBytes is the largest request body this tenant may send, in
+	// bytes; 0 (the default) means api.body_limit_bytes.
+	MaxBodyBytes int64 `yaml:"max_body_bytes"`
+	// MaxMessages is the most messages one request may hold. Default 1000.
+	MaxMessages int `yaml:"max_messages"`
+	// MaxInputTokens is the largest estimated input of one request, in
+	// tokens; 0 (the default) means the model group's input limit.
+	MaxInputTokens int `yaml:"max_input_tokens"`
+	// MaxWait refuses a new job (503 overloaded) when its estimated wait at
+	// admission is longer; 0 means no limit. Default 15m.
+	MaxWait time.Duration `yaml:"max_wait"`
+
+	// UserPolicy holds the per-user defaults; Users overrides them for
+	// named users.
+	UserPolicy `yaml:",inline"`
+	// Users overrides the per-user policy for named users (user_id → policy;
+	// fields left out keep the tenant's values).
+	Users map[string]UserPolicy `yaml:"users,omitempty"`
 }
 
-// WeightOf is the fair-queue weight of one of the tenant's users.
-func (t *Tenant) WeightOf(user string) float64 {
-	if w, ok := t.UserWeights[user]; ok {
-		return w
+// UserPolicy is what each user of a tenant may use.
+type UserPolicy struct {
+	// Weight is the user's fair-queue weight: a user of weight 2 is served
+	// twice the tokens of a user of weight 1 when both wait. Default 1.
+	Weight float64 `yaml:"weight,omitempty"`
+	// RequestsPerHour is the user's request quota, a token bucket refilling
+	// continuously (20 an hour: one every 3 minutes). 0 means unlimited.
+	// Default 0.
+	RequestsPerHour int `yaml:"requests_per_hour,omitempty"`
+	// TokensPerHour is the user's token quota (input estimate + max_tokens
+	// reserved at admission, settled to the real usage), a bucket like
+	// RequestsPerHour. 0 means unlimited. Default 0.
+	TokensPerHour int `yaml:"tokens_per_hour,omitempty"`
+	// MaxQueued is how many of the user's jobs may wait at once (429
+	// queue_limit beyond). 0 means unlimited. Default 50.
+	MaxQueued int `yaml:"max_queued,omitempty"`
+}
+
+// Policy is the effective policy of one of the tenant's users: the tenant's
+// values with the user's overrides.
+func (t *Tenant) Policy(user string) UserPolicy {
+	p := t.UserPolicy
+	if o, ok := t.Users[user]; ok {
+		if o.Weight > 0 {
+			p.Weight = o.Weight
+		}
+		if o.RequestsPerHour != 0 {
+			p.RequestsPerHour = o.RequestsPerHour
+		}
+		if o.TokensPerHour != 0 {
+			p.TokensPerHour = o.TokensPerHour
+		}
+		if o.MaxQueued != 0 {
+			p.MaxQueued = o.MaxQueued
+		}
 	}
-	return t.Weight
+	return p
 }
 
 // ModelGroup is a set of models that share upstream rate limits, with its own
@@ -334,6 +388,10 @@ func applyElementDefaults(c *Config, root *yaml.Node) {
 		Tenants []struct {
 			DefaultMaxTokens yaml.Node `yaml:"default_max_tokens"`
 			Weight           yaml.Node `yaml:"weight"`
+			MaxMessages      yaml.Node `yaml:"max_messages"`
+			MaxQueued        yaml.Node `yaml:"max_queued"`
+			MaxWait          yaml.Node `yaml:"max_wait"`
+			MaxTokensPolicy  yaml.Node `yaml:"max_tokens_policy"`
 		} `yaml:"tenants"`
 		ModelGroups []struct {
 			MaxConcurrency yaml.Node `yaml:"max_concurrency"`
@@ -349,6 +407,18 @@ func applyElementDefaults(c *Config, root *yaml.Node) {
 		}
 		if i >= len(given.Tenants) || omitted(given.Tenants[i].Weight) {
 			c.Tenants[i].Weight = DefaultWeight
+		}
+		if i >= len(given.Tenants) || omitted(given.Tenants[i].MaxMessages) {
+			c.Tenants[i].MaxMessages = DefaultMaxMessages
+		}
+		if i >= len(given.Tenants) || omitted(given.Tenants[i].MaxQueued) {
+			c.Tenants[i].MaxQueued = DefaultMaxQueued
+		}
+		if i >= len(given.Tenants) || omitted(given.Tenants[i].MaxWait) {
+			c.Tenants[i].MaxWait = DefaultMaxWait
+		}
+		if i >= len(given.Tenants) || omitted(given.Tenants[i].MaxTokensPolicy) {
+			c.Tenants[i].MaxTokensPolicy = DefaultMaxTokensPolicy
 		}
 	}
 	for i := range c.ModelGroups {

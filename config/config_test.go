@@ -122,8 +122,8 @@ log: {format: JSON, level: debug}
 		},
 		AdminKeys: []Key{mustKey(t, "admin-key-0123456789")},
 		Tenants: []Tenant{
-			{Name: "acme", Keys: []Key{mustKey(t, "acme-key-0123456789"), mustKey(t, "example-research-key-0002")}, DefaultMaxTokens: 2048, Weight: 1},
-			{Name: "beta_2", Keys: []Key{mustKey(t, "beta-key-0123456789")}, DefaultMaxTokens: DefaultMaxTokens, Weight: 1},
+			{Name: "acme", Keys: []Key{mustKey(t, "acme-key-0123456789"), mustKey(t, "example-research-key-0002")}, DefaultMaxTokens: 2048, MaxTokensPolicy: "clamp", MaxMessages: 1000, MaxWait: 15 * time.Minute, UserPolicy: UserPolicy{Weight: 1, MaxQueued: 50}},
+			{Name: "beta_2", Keys: []Key{mustKey(t, "beta-key-0123456789")}, DefaultMaxTokens: DefaultMaxTokens, MaxTokensPolicy: "clamp", MaxMessages: 1000, MaxWait: 15 * time.Minute, UserPolicy: UserPolicy{Weight: 1, MaxQueued: 50}},
 		},
 		ModelGroups: []ModelGroup{
 			{Name: "sonnet", Models: []string{"claude-sonnet-4-5", "claude-sonnet-*"}, RPM: 50, InputTPM: 30000, OutputTPM: 8000, MaxConcurrency: 4, CountCacheReads: true, Burst: DefaultBurst},
@@ -141,7 +141,7 @@ log: {format: JSON, level: debug}
 func TestDefaultsFilled(t *testing.T) {
 	got := mustParse(t, minimal, env())
 	want := Default()
-	want.Tenants = []Tenant{{Name: "acme", Keys: []Key{mustKey(t, "acme-key-0123456789")}, DefaultMaxTokens: 1024, Weight: 1}}
+	want.Tenants = []Tenant{{Name: "acme", Keys: []Key{mustKey(t, "acme-key-0123456789")}, DefaultMaxTokens: 1024, MaxTokensPolicy: "clamp", MaxMessages: 1000, MaxWait: 15 * time.Minute, UserPolicy: UserPolicy{Weight: 1, MaxQueued: 50}}}
 	want.ModelGroups = []ModelGroup{{Name: "sonnet", Models: []string{"claude-sonnet-*"}, RPM: 50, InputTPM: 30000, OutputTPM: 8000, MaxConcurrency: 8, Burst: DefaultBurst}}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("defaults (-want +got):\n%s", diff)
@@ -486,7 +486,7 @@ model_groups:
 `,
 			want: []string{
 				"model_groups[0].max_concurency: unknown field; the fields here are name, models, rpm, input_tpm, output_tpm, max_concurrency, count_cache_reads, burst, count_tokens (line 6)",
-				"tenants[0].key: unknown field; the fields here are name, keys, default_max_tokens, weight, user_weights (line 4)",
+				"tenants[0].key: unknown field; the fields here are name, keys, default_max_tokens, max_tokens_cap, max_tokens_policy, max_body_bytes, max_messages, max_input_tokens, max_wait, weight, requests_per_hour, tokens_per_hour, max_queued, users (line 4)",
 				"tenants[0].keys: at least one key is required",
 			},
 		},
@@ -622,7 +622,7 @@ func TestValidateDefault(t *testing.T) {
 		t.Errorf("problems (-want +got):\n%s", diff)
 	}
 	c := Default()
-	c.Tenants = []Tenant{{Name: "a", Keys: []Key{mustKey(t, "a-key-0123456789abc")}, DefaultMaxTokens: 1, Weight: 1}}
+	c.Tenants = []Tenant{{Name: "a", Keys: []Key{mustKey(t, "a-key-0123456789abc")}, DefaultMaxTokens: 1, MaxTokensPolicy: "clamp", MaxMessages: 1000, MaxWait: 15 * time.Minute, UserPolicy: UserPolicy{Weight: 1, MaxQueued: 50}}}
 	c.ModelGroups = []ModelGroup{{Name: "g", Models: []string{"m"}, RPM: 1, InputTPM: 1, OutputTPM: 1, MaxConcurrency: 1, Burst: DefaultBurst}}
 	if err := c.Validate(); err != nil {
 		t.Errorf("Validate: %v", err)

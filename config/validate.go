@@ -88,10 +88,30 @@ func (c *Config) problems() []*fieldError {
 		if !(t.Weight > 0) {
 			v.add(p+".weight", "must be > 0")
 		}
-		for _, u := range slices.Sorted(maps.Keys(t.UserWeights)) {
-			if w := t.UserWeights[u]; !(w > 0) {
-				v.add(fmt.Sprintf("%s.user_weights[%q]", p, u), "must be > 0")
+		v.nonNegative(p+".max_tokens_cap", int64(t.MaxTokensCap))
+		switch t.MaxTokensPolicy {
+		case "clamp", "reject":
+		default:
+			v.add(p+".max_tokens_policy", `must be "clamp" or "reject", got %q`, t.MaxTokensPolicy)
+		}
+		v.nonNegative(p+".max_body_bytes", t.MaxBodyBytes)
+		v.positive(p+".max_messages", int64(t.MaxMessages))
+		v.nonNegative(p+".max_input_tokens", int64(t.MaxInputTokens))
+		if t.MaxWait < 0 {
+			v.add(p+".max_wait", "must be ≥ 0 (0 means no limit)")
+		}
+		v.nonNegative(p+".requests_per_hour", int64(t.RequestsPerHour))
+		v.nonNegative(p+".tokens_per_hour", int64(t.TokensPerHour))
+		v.nonNegative(p+".max_queued", int64(t.MaxQueued))
+		for _, u := range slices.Sorted(maps.Keys(t.Users)) {
+			up := fmt.Sprintf("%s.users[%q]", p, u)
+			o := t.Users[u]
+			if o.Weight < 0 {
+				v.add(up+".weight", "must be > 0")
 			}
+			v.nonNegative(up+".requests_per_hour", int64(o.RequestsPerHour))
+			v.nonNegative(up+".tokens_per_hour", int64(o.TokensPerHour))
+			v.nonNegative(up+".max_queued", int64(o.MaxQueued))
 		}
 	}
 
@@ -158,6 +178,12 @@ func (v *validator) add(path, format string, args ...any) {
 func (v *validator) positive(path string, n int64) {
 	if n <= 0 {
 		v.add(path, "must be > 0")
+	}
+}
+
+func (v *validator) nonNegative(path string, n int64) {
+	if n < 0 {
+		v.add(path, "must be ≥ 0 (0 means no limit)")
 	}
 }
 

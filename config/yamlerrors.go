@@ -272,15 +272,27 @@ func yamlFields(typeName string) string {
 		t = reflect.TypeFor[Worker]()
 	case "config.Log":
 		t = reflect.TypeFor[Log]()
+	case "config.UserPolicy":
+		t = reflect.TypeFor[UserPolicy]()
 	default:
 		return ""
 	}
+	return strings.Join(yamlNames(t), ", ")
+}
+
+// yamlNames lists the YAML field names of a struct, inlined structs
+// included.
+func yamlNames(t reflect.Type) []string {
 	var names []string
 	for i := range t.NumField() {
-		name, _, _ := strings.Cut(t.Field(i).Tag.Get("yaml"), ",")
+		name, opts, _ := strings.Cut(t.Field(i).Tag.Get("yaml"), ",")
+		if name == "" && strings.Contains(opts, "inline") {
+			names = append(names, yamlNames(t.Field(i).Type)...)
+			continue
+		}
 		if name != "" && name != "-" {
 			names = append(names, name)
 		}
 	}
-	return strings.Join(names, ", ")
+	return names
 }

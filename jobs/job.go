@@ -4,6 +4,8 @@
 package jobs
 
 import (
+	"context"
+	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
@@ -11,8 +13,11 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
+	"fmt"
 	"strings"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 )
 
 // Status is where a job is in its life.
@@ -160,13 +165,30 @@ func ValidID(s string) bool {
 	return true
 }
 
-// NewToken returns a job's read token (given to the client once) and the hash
-// kept in the record.
-func NewToken() (token, hash string) {
-	var b [24]byte
+// Token is a job's read token: an HMAC of the job id under the fleet's
+// token secret, so any api process can give it again (an idempotent
+// replay) while only its hash is kept in the record.
+func Token(secret []byte, id string) string {
+	m := hmac.New(sha256.New, secret)
+	m.Write([]byte(id))
+	return "jt_" + base64.RawURLEncoding.EncodeToString(m.Sum(nil)[:24])
+}
+
+const tokenSecretKey = keyPrefix + "token_secret"
+
+// TokenSecret returns the fleet's token secret, creating it on first use.
+// It lives in Redis, like every other piece of the fleet's shared state.
+func TokenSecret(ctx context.Context, rdb redis.UniversalClient) ([]byte, error) {
+	var b [32]byte
 	_, _ = rand.Read(b[:])
-	token = "jt_" + base64.RawURLEncoding.EncodeToString(b[:])
-	return token, HashToken(token)
+	if _, err := rdb.SetNX(ctx, tokenSecretKey, hex.EncodeToString(b[:]), 0).Result(); err != nil {
+		return nil, fmt.Errorf("jobs: token secret: %w", err)
+	}
+	v, err := rdb.Get(ctx, tokenSecretKey).Result()
+	if err != nil {
+		return nil, fmt.Errorf("jobs: token secret: %w", err)
+	}
+	return hex.DecodeString(v)
 }
 
 // HashToken is how a token is kept: its SHA-256, hex.

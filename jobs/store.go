@@ -26,6 +26,20 @@ func jobKey(id string) string    { return KeyPrefix + id }
 func eventsKey(id string) string { return KeyPrefix + id + ":events" }
 func channel(id string) string   { return eventsChannel + id }
 
+// CountsKey is the Redis hash of a user's queued and running job counts.
+func CountsKey(tenant, user string) string {
+	return keyPrefix + "user:" + tenant + ":" + user + ":counts"
+}
+
+// IndexKey is the Redis sorted set of a tenant's jobs by creation time (user
+// "" = all the tenant's users).
+func IndexKey(tenant, user string) string {
+	if user == "" {
+		return keyPrefix + "tenant:" + tenant + ":jobs"
+	}
+	return keyPrefix + "user:" + tenant + ":" + user + ":jobs"
+}
+
 // Key is the Redis key of a job record.
 func Key(id string) string { return jobKey(id) }
 
@@ -154,10 +168,12 @@ type Transition struct {
 	EventDataJSON []byte // used instead of EventData when set
 }
 
-// Apply performs t on job id atomically. It fails with *StateError when the
-// job's status is not one of t.From, and ErrNotFound when there is no job.
-// It returns the attempt count after the change.
-func (s *Store) Apply(ctx context.Context, id string, t Transition) (attempts int, err error) {
+// Apply performs t on job j atomically, keeping its owner's counts of
+// queued and running jobs. It fails with *StateError when the job's status
+// is not one of t.From, and ErrNotFound when there is no job. It returns the
+// attempt count after the change.
+func (s *Store) Apply(ctx context.Context, j *Job, t Transition) (attempts int, err error) {
+	id := j.ID
 	from := make([]string, len(t.From))
 	for i, f := range t.From {
 		from[i] = string(f)
@@ -186,7 +202,8 @@ func (s *Store) Apply(ctx context.Context, id string, t Transition) (attempts in
 	for k, v := range t.SetIfAbsent {
 		args = append(args, "?"+k, v)
 	}
-	res, err := transitionScript.Run(ctx, s.rdb, []string{jobKey(id), eventsKey(id)}, args...).Slice()
+	keys := []string{jobKey(id), eventsKey(id), CountsKey(j.Tenant, j.UserID)}
+	res, err := transitionScript.Run(ctx, s.rdb, keys, args...).Slice()
 	if err != nil {
 		return 0, scriptError(id, err)
 	}
@@ -336,3 +353,105 @@ func fromHash(id string, m map[string]string) (*Job, error) {
 
 // MillisString formats a time as the store keeps it.
 func MillisString(t time.Time) string { return nowMillis(t) }
+
+// Cursor is a position in a job listing: the last job of a page.
+type Cursor struct {
+	CreatedMs int64
+	ID        string
+}
+
+// ListQuery selects jobs to list.
+type ListQuery struct {
+	Tenant, User string // User "" = every user of the tenant
+	Status       Status // "" = any
+	Limit        int
+	After        *Cursor // continue after this job
+}
+
+// listScan bounds how many records one page may read when a status filter
+// matches few of them; the cursor lets the client go on.
+const listScan = 1000
+
+// List returns jobs newest first, and a cursor for the next page (nil on
+// the last page).
+func (s *Store) List(ctx context.Context, q ListQuery) ([]*Job, *Cursor, error) {
+	key := IndexKey(q.Tenant, q.User)
+	max := "+inf"
+	if q.After != nil {
+		max = strconv.FormatInt(q.After.CreatedMs, 10)
+	}
+	var out []*Job
+	scanned := 0
+	for {
+		batch := q.Limit + 1
+		if q.Status != "" {
+			batch = 100
+		}
+		ids, err := s.rdb.ZRevRangeByScoreWithScores(ctx, key, &redis.ZRangeBy{Min: "-inf", Max: max, Count: int64(batch + 50)}).Result()
+		if err != nil {
+			return nil, nil, fmt.Errorf("jobs: list: %w", err)
+		}
+		// Skip what the cursor already covered (same millisecond, ids at or
+		// after the cursor's in the index's reverse order).
+		var page []redis.Z
+		for _, z := range ids {
+			id := z.Member.(string)
+			if q.After != nil && int64(z.Score) == q.After.CreatedMs && id >= q.After.ID {
+				continue
+			}
+			page = append(page, z)
+		}
+		if len(page) == 0 {
+			return out, nil, nil
+		}
+		pipe := s.rdb.Pipeline()
+		cmds := make([]*redis.MapStringStringCmd, len(page))
+		for i, z := range page {
+			cmds[i] = pipe.HGetAll(ctx, jobKey(z.Member.(string)))
+		}
+		if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+			return nil, nil, fmt.Errorf("jobs: list: %w", err)
+		}
+		for i, z := range page {
+			id := z.Member.(string)
+			q.After = &Cursor{CreatedMs: int64(z.Score), ID: id}
+			max = strconv.FormatInt(int64(z.Score), 10)
+			scanned++
+			m := cmds[i].Val()
+			if len(m) == 0 {
+				continue // expired record
+			}
+			j, err := fromHash(id, m)
+			if err != nil {
+				return nil, nil, err
+			}
+			if q.Status != "" && j.Status != q.Status {
+				if scanned >= listScan {
+					return out, q.After, nil
+				}
+				continue
+			}
+			if len(out) == q.Limit {
+				last := out[len(out)-1]
+				return out, &Cursor{CreatedMs: last.CreatedAt.UnixMilli(), ID: last.ID}, nil
+			}
+			out = append(out, j)
+		}
+		if len(ids) < batch+50 {
+			return out, nil, nil
+		}
+	}
+}
+
+// Counts are a user's queued and running jobs.
+func (s *Store) Counts(ctx context.Context, tenant, user string) (queued, running int, err error) {
+	v, err := s.rdb.HMGet(ctx, CountsKey(tenant, user), "queued", "running").Result()
+	if err != nil {
+		return 0, 0, err
+	}
+	n := func(x any) int {
+		i, _ := strconv.Atoi(fmt.Sprint(x))
+		return max(0, i)
+	}
+	return n(v[0]), n(v[1]), nil
+}

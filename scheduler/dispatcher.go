@@ -27,6 +27,9 @@ type DispatcherDeps struct {
 	Enqueuer  Enqueuer
 	Task      tasks.RunJobOptions
 	Logger    *slog.Logger
+	// Expire ends a job whose deadline passed while it was queued (the
+	// dispatch script has taken it out of the queue).
+	Expire func(ctx context.Context, g *config.ModelGroup, jobID string) error
 	// HandOverAfter is how old a picked-but-not-handed job must be before
 	// another dispatcher hands it over. Default 5s.
 	HandOverAfter time.Duration
@@ -125,6 +128,7 @@ func (d *Dispatcher) loop(ctx context.Context, g *config.ModelGroup, wake chan s
 	lastHandOver := time.Time{}
 	for {
 		sleep := d.round(ctx, log, g)
+		d.expire(ctx, log, g)
 		if time.Since(lastHandOver) > d.d.HandOverAfter {
 			d.handOver(ctx, log, g)
 			lastHandOver = time.Now()
@@ -207,5 +211,22 @@ func (d *Dispatcher) handOver(ctx context.Context, log *slog.Logger, g *config.M
 	for _, p := range stale {
 		log.Info("handing over a dispatch left by another dispatcher", "job_id", p.JobID, "dispatch", p.Dispatch)
 		d.enqueue(ctx, log, g.Name, p)
+	}
+}
+
+// expire ends the jobs the dispatch script found past their deadline.
+func (d *Dispatcher) expire(ctx context.Context, log *slog.Logger, g *config.ModelGroup) {
+	ids, err := d.d.Scheduler.Expiring(ctx, g.Name)
+	if err != nil || len(ids) == 0 || d.d.Expire == nil {
+		return
+	}
+	for _, id := range ids {
+		if err := d.d.Expire(ctx, g, id); err != nil {
+			log.Warn("could not expire a job past its deadline; will retry", "job_id", id, "err", err)
+			continue
+		}
+		if err := d.d.Scheduler.Expired(ctx, g.Name, id); err != nil {
+			log.Warn("could not forget an expired job", "job_id", id, "err", err)
+		}
 	}
 }

@@ -55,7 +55,7 @@ func TestDispatcherHandsOverAJobWhoseDispatcherDied(t *testing.T) {
 	g := config.ModelGroup{Name: "g", RPM: 1000, InputTPM: 100000, OutputTPM: 100000, MaxConcurrency: 10, Burst: time.Minute}
 	ctx := context.Background()
 	j := &jobs.Job{ID: jobs.NewID(), Tenant: "t", UserID: "u", Model: "m", Group: "g", MaxTokens: 10, Request: []byte(`{}`), CreatedAt: time.Now()}
-	if _, _, err := s.Admit(ctx, j, &g, 10, 1); err != nil {
+	if res, err := s.Admit(ctx, scheduler.Admission{Job: j, Group: &g, InputEstimate: 10, Policy: config.UserPolicy{Weight: 1}}); err != nil || res.Outcome != scheduler.Admitted {
 		t.Fatal(err)
 	}
 	// A dispatcher picks the job and dies before handing it to asynq.
@@ -83,7 +83,7 @@ func TestDispatcherHandsOverAJobWhoseDispatcherDied(t *testing.T) {
 	// A new arrival is dispatched by the live dispatcher; the job is handed
 	// over once only.
 	j2 := &jobs.Job{ID: jobs.NewID(), Tenant: "t", UserID: "u", Model: "m", Group: "g", MaxTokens: 10, Request: []byte(`{}`), CreatedAt: time.Now()}
-	if _, _, err := s.Admit(ctx, j2, &g, 10, 1); err != nil {
+	if res, err := s.Admit(ctx, scheduler.Admission{Job: j2, Group: &g, InputEstimate: 10, Policy: config.UserPolicy{Weight: 1}}); err != nil || res.Outcome != scheduler.Admitted {
 		t.Fatal(err)
 	}
 	harness.Eventually(t, 10*time.Second, func() bool { return len(rec.got()) == 2 }, "the new job's dispatch")

@@ -43,6 +43,8 @@ var (
 	requeueSrc string
 	//go:embed lua/position.lua
 	positionSrc string
+	//go:embed lua/remove.lua
+	removeSrc string
 
 	admitScript    = redis.NewScript(prelude + admitSrc)
 	dispatchScript = redis.NewScript(prelude + dispatchSrc)
@@ -52,6 +54,7 @@ var (
 	renewScript    = redis.NewScript(prelude + renewSrc)
 	requeueScript  = redis.NewScript(prelude + requeueSrc)
 	positionScript = redis.NewScript(prelude + positionSrc)
+	removeScript   = redis.NewScript(prelude + removeSrc)
 )
 
 // DefaultLeaseTTL is how long a concurrency lease lasts without a heartbeat:
@@ -106,6 +109,8 @@ func (k keys) costs() string          { return k.p("costs") }
 func (k keys) totals() string         { return k.p("totals") }
 func (k keys) seq() string            { return k.p("seq") }
 func (k keys) dispatching() string    { return k.p("dispatching") }
+func (k keys) deadlines() string      { return k.p("deadlines") }
+func (k keys) expiring() string       { return k.p("expiring") }
 func (k keys) lim() string            { return "sluice:lim:" + k.g }
 func (k keys) reservations() string   { return "sluice:lim:" + k.g + ":res" }
 func (k keys) leases() string         { return "sluice:lim:" + k.g + ":leases" }
@@ -119,29 +124,151 @@ func limits(g *config.ModelGroup) []any {
 // UserKey identifies a user within the fair queue: tenant and user id.
 func UserKey(tenant, user string) string { return tenant + "\x00" + user }
 
-// Admit stores a new job, queues it fairly and logs its `queued` event,
-// atomically; it returns the job's position and eta. cost is the input
-// estimate; the job's MaxTokens is its output reservation.
-func (s *Scheduler) Admit(ctx context.Context, j *jobs.Job, g *config.ModelGroup, inputEstimate int, weight float64) (position, eta int, err error) {
+// quotaKey is the hash of a user's quota buckets. Tenant names hold no ':',
+// so the key is unambiguous whatever the user id holds.
+func quotaKey(tenant, user string) string { return "sluice:quota:" + tenant + ":" + user }
+
+func idempotencyKey(tenant, user, key string) string {
+	return "sluice:idem:" + tenant + ":" + strconv.Itoa(len(user)) + ":" + user + ":" + key
+}
+
+// IdempotencyTTL is how long an Idempotency-Key is remembered.
+const IdempotencyTTL = 24 * time.Hour
+
+// Admission is a job to admit and the policy it is admitted under.
+type Admission struct {
+	Job           *jobs.Job
+	Group         *config.ModelGroup
+	InputEstimate int
+	Policy        config.UserPolicy // the user's weight, quotas, queue cap
+	MaxWait       time.Duration     // 0 = no limit
+	// IdempotencyKey (optional) with the hash of the request body.
+	IdempotencyKey, BodyHash string
+}
+
+// Outcome is what admission decided.
+type Outcome string
+
+const (
+	Admitted   Outcome = "ok"
+	Replay     Outcome = "replay"      // the Idempotency-Key named an earlier job: ReplayOf
+	Conflict   Outcome = "conflict"    // the Idempotency-Key was used with another body
+	OverQuota  Outcome = "quota"       // QuotaWhich is "requests" or "tokens"; RetryAfter when it fits
+	QueueLimit Outcome = "queue_limit" // Queued of Limit jobs already waiting
+	Overloaded Outcome = "overloaded"  // ETA beyond MaxWait
+)
+
+// AdmitResult is admission's answer.
+type AdmitResult struct {
+	Outcome    Outcome
+	Position   int
+	ETA        int // seconds
+	ReplayOf   string
+	QuotaWhich string
+	RetryAfter time.Duration
+	Limit      int // the quota's hourly figure, or the queue cap
+	Remaining  int // the quota's remaining (floor), or jobs queued
+	// The request quota after admission (RequestsPerHour > 0): remaining
+	// and seconds until full, for the RateLimit-* headers.
+	QuotaRemaining, QuotaReset int
+	MaxWait                    int // seconds, for Overloaded
+}
+
+// Admit decides a job's admission and, when it is admitted, stores it,
+// reserves its quota and queues it fairly — one atomic script. A refusal
+// changes nothing.
+func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error) {
+	j, g := a.Job, a.Group
 	j.Status = jobs.Queued
 	k := keys{g.Name}
+	idem := "sluice:idem:none"
+	if a.IdempotencyKey != "" {
+		idem = idempotencyKey(j.Tenant, j.UserID, a.IdempotencyKey)
+	} else {
+		a.BodyHash = ""
+	}
+	deadline := int64(0)
+	if !j.DeadlineAt.IsZero() {
+		deadline = j.DeadlineAt.UnixMilli()
+	}
+	weight := a.Policy.Weight
+	if weight <= 0 {
+		weight = 1
+	}
 	args := []any{s.now(), j.ID, s.store.TTLSeconds(), jobs.Channel(j.ID), s.store.MaxEvents(),
-		UserKey(j.Tenant, j.UserID), inputEstimate, j.MaxTokens, weight, wakeChannel(g.Name)}
+		UserKey(j.Tenant, j.UserID), a.InputEstimate, j.MaxTokens, weight, wakeChannel(g.Name)}
 	args = append(args, limits(g)...)
-	args = append(args, g.MaxConcurrency)
+	args = append(args, g.MaxConcurrency, a.Policy.RequestsPerHour, a.Policy.TokensPerHour,
+		a.Policy.MaxQueued, a.MaxWait.Milliseconds(), a.BodyHash, int(IdempotencyTTL/time.Second), deadline)
 	args = append(args, s.store.Fields(j)...)
 	res, err := admitScript.Run(ctx, s.rdb, []string{
 		jobs.Key(j.ID), jobs.EventsKey(j.ID), k.seq(), k.order(), k.finish(), k.vtime(),
-		k.costs(), k.totals(), k.lim(),
+		k.costs(), k.totals(), k.lim(), idem, quotaKey(j.Tenant, j.UserID),
+		jobs.CountsKey(j.Tenant, j.UserID), jobs.IndexKey(j.Tenant, ""), jobs.IndexKey(j.Tenant, j.UserID),
+		k.deadlines(),
 	}, args...).Slice()
 	if err != nil {
-		if strings.Contains(err.Error(), "EXISTS") {
-			return 0, 0, jobs.ErrExists
-		}
-		return 0, 0, fmt.Errorf("scheduler: admit %s: %w", j.ID, err)
+		return AdmitResult{}, fmt.Errorf("scheduler: admit %s: %w", j.ID, err)
 	}
-	j.CostIn, j.CostOut = inputEstimate, j.MaxTokens
-	return toInt(res[1]), toInt(res[2]), nil
+	r := AdmitResult{Outcome: Outcome(fmt.Sprint(res[0]))}
+	switch r.Outcome {
+	case Admitted:
+		r.Position, r.ETA = toInt(res[2]), toInt(res[3])
+		r.QuotaRemaining, r.QuotaReset = toInt(res[4]), toInt(res[5])
+		j.CostIn, j.CostOut = a.InputEstimate, j.MaxTokens
+	case Replay:
+		r.ReplayOf = fmt.Sprint(res[1])
+	case OverQuota:
+		r.QuotaWhich = fmt.Sprint(res[1])
+		r.RetryAfter = time.Duration(toInt(res[2])) * time.Millisecond
+		r.Limit, r.Remaining = toInt(res[3]), toInt(res[4])
+	case QueueLimit:
+		r.Remaining, r.Limit = toInt(res[1]), toInt(res[2])
+	case Overloaded:
+		r.ETA, r.MaxWait = toInt(res[1]), toInt(res[2])
+	}
+	return r, nil
+}
+
+// Quota is a user's quota state, brought up to now.
+type Quota struct {
+	Limit     int       // the hourly figure; 0 = unlimited
+	Remaining int       // floor of the bucket's level
+	ResetAt   time.Time // when the bucket is full again
+}
+
+// Quotas reads a user's request and token quotas.
+func (s *Scheduler) Quotas(ctx context.Context, tenant, user string, p config.UserPolicy) (requests, tokens Quota, err error) {
+	h, err := s.rdb.HMGet(ctx, quotaKey(tenant, user), "r", "t", "ts").Result()
+	if err != nil {
+		return requests, tokens, err
+	}
+	now, err := s.nowTime(ctx)
+	if err != nil {
+		return requests, tokens, err
+	}
+	f := func(v any, def float64) float64 {
+		if v == nil {
+			return def
+		}
+		n, err := strconv.ParseFloat(fmt.Sprint(v), 64)
+		if err != nil {
+			return def
+		}
+		return n
+	}
+	ts := f(h[2], float64(now.UnixMilli()))
+	dt := max(0, float64(now.UnixMilli())-ts)
+	level := func(v any, perHour int) Quota {
+		if perHour <= 0 {
+			return Quota{}
+		}
+		c := float64(perHour)
+		l := min(c, f(v, c)+c/3600000*dt)
+		secs := (c - l) / (c / 3600)
+		return Quota{Limit: perHour, Remaining: int(l), ResetAt: now.Add(time.Duration(secs * float64(time.Second))).UTC()}
+	}
+	return level(h[0], p.RequestsPerHour), level(h[1], p.TokensPerHour), nil
 }
 
 // Position is a queued job's place in its group's fair order (1 = next)
@@ -195,7 +322,7 @@ func (s *Scheduler) Dispatch(ctx context.Context, g *config.ModelGroup, max int)
 	args = append(args, g.MaxConcurrency, s.lease.Milliseconds(), max, jobs.KeyPrefix)
 	res, err := dispatchScript.Run(ctx, s.rdb, []string{
 		k.order(), k.delayed(), k.vtime(), k.finish(), k.costs(), k.totals(), k.lim(),
-		k.reservations(), k.leases(), k.dispatching(), k.delayedTags(),
+		k.reservations(), k.leases(), k.dispatching(), k.delayedTags(), k.deadlines(), k.expiring(),
 	}, args...).Slice()
 	if err != nil {
 		return Result{}, fmt.Errorf("scheduler: dispatch %s: %w", g.Name, err)
@@ -248,20 +375,66 @@ type Used struct {
 	Requests, Input, Output int
 }
 
-// Settle closes job id's reservation exactly once: the buckets get back
-// what the upstream did not use. duration > 0 records a completed call for
-// the throughput estimate. It also releases the job's lease and wakes the
-// dispatchers. It reports whether there was a reservation to settle.
-func (s *Scheduler) Settle(ctx context.Context, g *config.ModelGroup, id string, used Used, duration time.Duration) (bool, error) {
-	k := keys{g.Name}
-	args := []any{s.now(), id, used.Requests, used.Input, used.Output}
-	args = append(args, limits(g)...)
-	args = append(args, duration.Milliseconds(), wakeChannel(g.Name))
-	n, err := settleScript.Run(ctx, s.rdb, []string{k.lim(), k.reservations(), k.leases()}, args...).Int()
-	if err != nil {
-		return false, fmt.Errorf("scheduler: settle %s: %w", id, err)
+// Settlement closes a job's reservations.
+type Settlement struct {
+	Group *config.ModelGroup
+	Job   *jobs.Job
+	Used  Used
+	// Duration > 0 records a completed call for the throughput estimate.
+	Duration time.Duration
+	// Final: the job has ended; settle the user's quota too (Policy's).
+	Final  bool
+	Policy config.UserPolicy
+}
+
+// Settle closes the job's limiter reservation (of its current dispatch) and,
+// when Final, its quota reservation — each exactly once: the buckets get back
+// what the upstream did not use. It also releases the job's lease and wakes
+// the dispatchers. It reports which reservations it found.
+func (s *Scheduler) Settle(ctx context.Context, st Settlement) (limiter, quota bool, err error) {
+	k := keys{st.Group.Name}
+	j := st.Job
+	final := "0"
+	if st.Final {
+		final = "1"
 	}
-	return n == 1, nil
+	args := []any{s.now(), j.ID, st.Used.Requests, st.Used.Input, st.Used.Output}
+	args = append(args, limits(st.Group)...)
+	args = append(args, st.Duration.Milliseconds(), wakeChannel(st.Group.Name), final,
+		st.Policy.RequestsPerHour, st.Policy.TokensPerHour)
+	res, err := settleScript.Run(ctx, s.rdb, []string{k.lim(), k.reservations(), k.leases(),
+		jobs.Key(j.ID), quotaKey(j.Tenant, j.UserID)}, args...).Int64Slice()
+	if err != nil {
+		return false, false, fmt.Errorf("scheduler: settle %s: %w", j.ID, err)
+	}
+	return res[0] == 1, res[1] == 1, nil
+}
+
+// Remove takes a canceled job out of its group's queue (and its retry
+// wait), so the jobs behind it move up at once.
+func (s *Scheduler) Remove(ctx context.Context, g *config.ModelGroup, j *jobs.Job) error {
+	if j.FQMember == "" {
+		return nil
+	}
+	k := keys{g.Name}
+	err := removeScript.Run(ctx, s.rdb, []string{k.order(), k.costs(), k.totals(), k.deadlines(), k.delayed(), k.delayedTags()},
+		j.FQMember, wakeChannel(g.Name)).Err()
+	if err != nil {
+		return fmt.Errorf("scheduler: remove %s: %w", j.ID, err)
+	}
+	return nil
+}
+
+// Expiring lists jobs that passed their deadline while queued: the dispatch
+// script took them out of the queue; the caller expires them and calls
+// Expired.
+func (s *Scheduler) Expiring(ctx context.Context, group string) ([]string, error) {
+	return s.rdb.ZRange(ctx, keys{group}.expiring(), 0, 99).Result()
+}
+
+// Expired forgets an expiring job once it is expired.
+func (s *Scheduler) Expired(ctx context.Context, group, id string) error {
+	return s.rdb.ZRem(ctx, keys{group}.expiring(), id).Err()
 }
 
 // Renew is a worker's heartbeat on its job's lease; false means the lease

@@ -64,10 +64,16 @@ func (e *env) admit(t *testing.T, user string, in, out int, weight float64) stri
 	t.Helper()
 	j := &jobs.Job{ID: jobs.NewID(), Tenant: "t", UserID: user, Model: "m", Group: e.g.Name,
 		MaxTokens: out, Request: []byte(`{}`), CreatedAt: e.clk.Now()}
-	if _, _, err := e.s.Admit(context.Background(), j, e.g, in, weight); err != nil {
+	if res, err := e.s.Admit(context.Background(), scheduler.Admission{Job: j, Group: e.g, InputEstimate: in, Policy: config.UserPolicy{Weight: weight}}); err != nil || res.Outcome != scheduler.Admitted {
 		t.Fatal(err)
 	}
 	return j.ID
+}
+
+// settle closes job id's limiter reservation (not final: no quota).
+func (e *env) settle(id string, used scheduler.Used, d time.Duration) (bool, error) {
+	ok, _, err := e.s.Settle(context.Background(), scheduler.Settlement{Group: e.g, Job: &jobs.Job{ID: id, Tenant: "t", UserID: "u"}, Used: used, Duration: d})
+	return ok, err
 }
 
 func (e *env) dispatch(t *testing.T, max int) scheduler.Result {
@@ -120,7 +126,6 @@ func TestBucketsReserveRefillAndWait(t *testing.T) {
 
 func TestSettleReconcilesExactlyOnce(t *testing.T) {
 	e := newEnv(t, config.ModelGroup{RPM: 100, InputTPM: 1000, OutputTPM: 1000})
-	ctx := context.Background()
 	id := e.admit(t, "u", 300, 500, 1)
 	if r := e.dispatch(t, 1); len(r.Jobs) != 1 {
 		t.Fatalf("%+v", r)
@@ -130,7 +135,7 @@ func TestSettleReconcilesExactlyOnce(t *testing.T) {
 		t.Fatalf("after reserving: %+v", l)
 	}
 	// The upstream used 250 input and 120 output: the rest comes back.
-	ok, err := e.s.Settle(ctx, e.g, id, scheduler.Used{Requests: 1, Input: 250, Output: 120}, time.Second)
+	ok, err := e.settle(id, scheduler.Used{Requests: 1, Input: 250, Output: 120}, time.Second)
 	if err != nil || !ok {
 		t.Fatalf("settle: %v %v", ok, err)
 	}
@@ -139,7 +144,7 @@ func TestSettleReconcilesExactlyOnce(t *testing.T) {
 		t.Fatalf("after settling: %+v", l)
 	}
 	// A second settle (a duplicate delivery, a refund after success) changes nothing.
-	ok, err = e.s.Settle(ctx, e.g, id, scheduler.Used{}, 0)
+	ok, err = e.settle(id, scheduler.Used{}, 0)
 	if err != nil || ok {
 		t.Fatalf("second settle: %v %v", ok, err)
 	}
@@ -152,7 +157,7 @@ func TestRefundAllWhenUpstreamNeverReached(t *testing.T) {
 	e := newEnv(t, config.ModelGroup{RPM: 10, InputTPM: 1000, OutputTPM: 1000})
 	id := e.admit(t, "u", 400, 300, 1)
 	e.dispatch(t, 1)
-	if _, err := e.s.Settle(context.Background(), e.g, id, scheduler.Used{}, 0); err != nil {
+	if _, err := e.settle(id, scheduler.Used{}, 0); err != nil {
 		t.Fatal(err)
 	}
 	if l := e.levels(t); !near(l.Requests, 10) || !near(l.Input, 950) || !near(l.Output, 950) {
@@ -164,7 +169,7 @@ func TestUsingMoreThanReservedGoesIntoDebt(t *testing.T) {
 	e := newEnv(t, config.ModelGroup{RPM: 10, InputTPM: 1000, OutputTPM: 1000})
 	id := e.admit(t, "u", 100, 100, 1)
 	e.dispatch(t, 1)
-	e.s.Settle(context.Background(), e.g, id, scheduler.Used{Requests: 1, Input: 1300, Output: 100}, 0)
+	e.settle(id, scheduler.Used{Requests: 1, Input: 1300, Output: 100}, 0)
 	if l := e.levels(t); !near(l.Input, -350) {
 		t.Fatalf("input level = %v, want -350 (under-estimate charged)", l.Input)
 	}
@@ -203,7 +208,6 @@ func TestRequestBurstPacesRequests(t *testing.T) {
 
 func TestConcurrencyLeases(t *testing.T) {
 	e := newEnvLease(t, config.ModelGroup{RPM: 1000, InputTPM: 100000, OutputTPM: 100000, MaxConcurrency: 2}, 10*time.Second)
-	ctx := context.Background()
 	a := e.admit(t, "u", 10, 10, 1)
 	e.admit(t, "u", 10, 10, 1)
 	e.admit(t, "u", 10, 10, 1)
@@ -211,7 +215,7 @@ func TestConcurrencyLeases(t *testing.T) {
 	if len(r.Jobs) != 2 || r.State != scheduler.Full || r.Wait != 10*time.Second {
 		t.Fatalf("%+v, want 2 dispatched, full until the first lease ends (10s)", r)
 	}
-	e.s.Settle(ctx, e.g, a, scheduler.Used{Requests: 1, Input: 10, Output: 10}, time.Second)
+	e.settle(a, scheduler.Used{Requests: 1, Input: 10, Output: 10}, time.Second)
 	if r := e.dispatch(t, 10); len(r.Jobs) != 1 {
 		t.Fatalf("after a call finished: %+v", r)
 	}

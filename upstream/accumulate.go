@@ -206,3 +206,31 @@ func marshalMessage(m map[string]any) ([]byte, error) {
 	b.WriteByte('}')
 	return b.Bytes(), nil
 }
+
+// partialUsage is the usage of a stream that stopped early: the input the
+// upstream reported in message_start (or a later message_delta) and, for
+// output, the larger of what it reported and an estimate from the text
+// received (3 bytes a token).
+func (a *accumulator) partialUsage() Usage {
+	var u Usage
+	if a.msg == nil {
+		return u
+	}
+	if ub, err := json.Marshal(a.msg["usage"]); err == nil {
+		_ = json.Unmarshal(ub, &u)
+	}
+	n := 0
+	for _, b := range a.blocks {
+		if s, ok := b["text"].(string); ok {
+			n += len(s)
+		}
+		if s, ok := b["thinking"].(string); ok {
+			n += len(s)
+		}
+	}
+	for _, sb := range a.partial {
+		n += sb.Len()
+	}
+	u.OutputTokens = max(u.OutputTokens, (n+2)/3)
+	return u
+}

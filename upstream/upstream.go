@@ -97,13 +97,13 @@ func (c *Client) Stream(ctx context.Context, body []byte, onText func(string)) (
 		}
 	}
 	if err := stream.Err(); err != nil {
-		return nil, classify(ctx, err, resp)
+		return nil, withPartial(classify(ctx, err, resp), acc)
 	}
 	if ctx.Err() != nil {
-		return nil, classify(ctx, ctx.Err(), resp)
+		return nil, withPartial(classify(ctx, ctx.Err(), resp), acc)
 	}
 	if !acc.stopped {
-		return nil, &Error{Kind: KindCut, Message: "the upstream stream ended before message_stop"}
+		return nil, withPartial(&Error{Kind: KindCut, Message: "the upstream stream ended before message_stop"}, acc)
 	}
 	msg, text, usage, err := acc.result()
 	if err != nil {
@@ -152,7 +152,21 @@ type Error struct {
 	RetryAfter time.Duration // from retry-after, 0 if absent
 	RequestID  string
 	Header     http.Header // the response headers, when there was a response
-	Err        error
+	// Started: the stream had begun (message_start arrived), so the call
+	// was billed; Partial is what it had used by then (input from
+	// message_start, output estimated from the text received).
+	Started bool
+	Partial Usage
+	Err     error
+}
+
+func withPartial(err error, acc *accumulator) error {
+	var e *Error
+	if errors.As(err, &e) && acc.msg != nil {
+		e.Started = true
+		e.Partial = acc.partialUsage()
+	}
+	return err
 }
 
 func (e *Error) Error() string {

@@ -51,9 +51,17 @@ type Worker struct {
 	base     context.Context
 	cancel   context.CancelFunc
 	groups   map[string]*config.ModelGroup
+	tenants  map[string]*config.Tenant
+
+	// running maps a job id to the cancel func of its call in this process,
+	// so a cancel published by an api process stops it at once.
+	running sync.Map
 
 	stopOnce sync.Once
 }
+
+// CancelChannel is where api processes announce canceled running jobs.
+const CancelChannel = "sluice:cancel"
 
 // New builds a Worker; Start runs it.
 func New(d Deps) *Worker {
@@ -61,7 +69,10 @@ func New(d Deps) *Worker {
 		d.Clock = time.Now
 	}
 	cfg := d.Config
-	w := &Worker{d: d, groups: map[string]*config.ModelGroup{}}
+	w := &Worker{d: d, groups: map[string]*config.ModelGroup{}, tenants: map[string]*config.Tenant{}}
+	for i := range cfg.Tenants {
+		w.tenants[cfg.Tenants[i].Name] = &cfg.Tenants[i]
+	}
 	w.base, w.cancel = context.WithCancel(context.Background())
 	queues := map[string]int{}
 	concurrency := 0
@@ -96,8 +107,17 @@ func New(d Deps) *Worker {
 			Retention: time.Hour,                                 // finished tasks stay visible in asynqmon
 		},
 		Logger: d.Logger.With("component", "dispatcher"),
+		Expire: w.expireQueued,
 	})
 	return w
+}
+
+// policy is the quota policy of a job's user.
+func (w *Worker) policy(j *jobs.Job) config.UserPolicy {
+	if t, ok := w.tenants[j.Tenant]; ok {
+		return t.Policy(j.UserID)
+	}
+	return config.UserPolicy{}
 }
 
 // Handler is the worker's task mux: every task type it runs.
@@ -114,12 +134,36 @@ func (w *Worker) Start() error {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	w.dispStop = cancel
-	w.dispWG.Add(1)
+	w.dispWG.Add(2)
 	go func() {
 		defer w.dispWG.Done()
 		_ = w.disp.Run(ctx)
 	}()
+	go func() {
+		defer w.dispWG.Done()
+		w.listenCancels(ctx)
+	}()
 	return nil
+}
+
+// listenCancels stops this process's call of a job canceled elsewhere.
+func (w *Worker) listenCancels(ctx context.Context) {
+	ps := w.d.Redis.Subscribe(ctx, CancelChannel)
+	defer ps.Close()
+	ch := ps.Channel(redis.WithChannelHealthCheckInterval(10 * time.Second))
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case m, ok := <-ch:
+			if !ok {
+				return
+			}
+			if c, ok := w.running.Load(m.Payload); ok {
+				c.(context.CancelFunc)()
+			}
+		}
+	}
 }
 
 // Shutdown stops taking tasks, lets running calls finish within the
@@ -165,7 +209,7 @@ func (w *Worker) RunJob(ctx context.Context, t *asynq.Task) error {
 	job, err := w.d.Store.Get(ctx, p.JobID)
 	if errors.Is(err, jobs.ErrNotFound) {
 		log.Warn("job record is gone (expired); returning its reservation")
-		w.settle(ctx, log, g, p.JobID, scheduler.Used{}, 0)
+		w.settle(ctx, &attempt{job: &jobs.Job{ID: p.JobID}, group: g, log: log}, scheduler.Used{}, 0, false)
 		return nil
 	}
 	if err != nil {
@@ -178,7 +222,7 @@ func (w *Worker) RunJob(ctx context.Context, t *asynq.Task) error {
 		return nil // superseded: the job was queued again and handed to another task
 	case job.Status.Terminal():
 		// Canceled or expired after dispatch: the upstream was never paid.
-		w.settle(ctx, a.log, g, job.ID, scheduler.Used{}, 0)
+		w.settle(ctx, a, scheduler.Used{}, 0, true)
 		return nil
 	case job.Status == jobs.Queued && !job.DeadlineAt.IsZero() && w.d.Clock().After(job.DeadlineAt):
 		w.expire(ctx, a)
@@ -199,6 +243,8 @@ func (w *Worker) run(ctx context.Context, a *attempt) error {
 	}
 	callCtx, cancelCall := context.WithCancel(ctx)
 	defer cancelCall()
+	w.running.Store(job.ID, cancelCall)
+	defer w.running.Delete(job.ID)
 	var lost atomic.Bool
 	var hb sync.WaitGroup
 	hb.Add(1)
@@ -211,7 +257,7 @@ func (w *Worker) run(ctx context.Context, a *attempt) error {
 	if job.StartedAt.IsZero() {
 		job.StartedAt = w.now() // the first attempt's start is the job's
 	}
-	n, err := w.d.Store.Apply(ctx, job.ID, jobs.Transition{
+	n, err := w.d.Store.Apply(ctx, job, jobs.Transition{
 		From: []jobs.Status{jobs.Queued, jobs.Running}, To: jobs.Running, CountAttempt: true,
 		Dispatch:      a.dispatch,
 		SetIfAbsent:   map[string]string{"started_at": jobs.MillisString(job.StartedAt)},
@@ -221,7 +267,7 @@ func (w *Worker) run(ctx context.Context, a *attempt) error {
 	var se *jobs.StateError
 	if errors.As(err, &se) || errors.Is(err, jobs.ErrNotFound) {
 		cancelCall()
-		w.settle(ctx, a.log, g, job.ID, scheduler.Used{}, 0) // canceled meanwhile: never reached upstream
+		w.settle(ctx, a, scheduler.Used{}, 0, true) // canceled meanwhile: never reached upstream
 		return nil
 	}
 	if err != nil {
@@ -233,8 +279,7 @@ func (w *Worker) run(ctx context.Context, a *attempt) error {
 	body, err := upstreamBody(job)
 	if err != nil {
 		cancelCall()
-		w.settle(ctx, a.log, g, job.ID, scheduler.Used{}, 0)
-		w.fail(ctx, a, &jobs.Error{Type: "invalid_request", Message: "This job's request could not be read: " + err.Error()})
+		w.fail(ctx, a, scheduler.Used{}, &jobs.Error{Type: "invalid_request", Message: "This job's request could not be read: " + err.Error()})
 		return nil
 	}
 	attemptCtx, cancelAttempt := context.WithTimeout(callCtx, w.d.Config.Upstream.AttemptTimeout)
@@ -254,10 +299,18 @@ func (w *Worker) run(ctx context.Context, a *attempt) error {
 	if res != nil {
 		w.observe(ctx, a, res.Header)
 	}
+	if appendErr == nil && err != nil && callCtx.Err() != nil && ctx.Err() == nil && !lost.Load() {
+		// Stopped from outside: a cancel published by an api process.
+		if cur, gerr := w.d.Store.Get(ctx, job.ID); gerr == nil && cur.Status.Terminal() {
+			appendErr = &jobs.StateError{Current: cur.Status}
+		}
+	}
 	if appendErr != nil {
 		if errors.As(appendErr, &se) {
 			a.log.Info("job left running during the call; upstream call stopped", "status", se.Current)
-			w.settleUsedAll(ctx, a) // the call ran: charge what was reserved
+			if se.Current != "superseded" {
+				w.settle(ctx, a, partialUse(err, job), elapsed, true) // charged what it used
+			}
 			return nil
 		}
 		a.log.Error("could not log the answer's text; handing the job back", "err", appendErr)
@@ -315,6 +368,23 @@ func inputCounted(g *config.ModelGroup, u upstream.Usage) int {
 	return n
 }
 
+// partialUse is what a call stopped from our side had used: what the
+// stream reported so far, or nothing when it had not started.
+func partialUse(err error, j *jobs.Job) scheduler.Used {
+	var ue *upstream.Error
+	if !errors.As(err, &ue) || !ue.Started {
+		if err == nil {
+			return scheduler.Used{Requests: 1, Input: j.CostIn, Output: j.CostOut}
+		}
+		return scheduler.Used{Requests: 1, Input: j.CostIn}
+	}
+	in := ue.Partial.InputTokens + ue.Partial.CacheCreationInputTokens
+	if in == 0 {
+		in = j.CostIn
+	}
+	return scheduler.Used{Requests: 1, Input: in, Output: min(ue.Partial.OutputTokens, j.MaxTokens)}
+}
+
 func (w *Worker) succeed(ctx context.Context, a *attempt, res *upstream.Result, elapsed time.Duration) error {
 	job, g := a.job, a.group
 	now := w.now()
@@ -322,7 +392,7 @@ func (w *Worker) succeed(ctx context.Context, a *attempt, res *upstream.Result, 
 	ub, _ := json.Marshal(usage)
 	job.Status, job.Result, job.Text, job.Usage, job.FinishedAt = jobs.Succeeded, res.Message, res.Text, &usage, now
 	view := job.View()
-	_, err := w.d.Store.Apply(context.WithoutCancel(ctx), job.ID, jobs.Transition{
+	_, err := w.d.Store.Apply(context.WithoutCancel(ctx), job, jobs.Transition{
 		From: []jobs.Status{jobs.Running}, To: jobs.Succeeded, Dispatch: a.dispatch,
 		Set: map[string]string{
 			"result": string(res.Message), "text": res.Text, "usage": string(ub),
@@ -335,7 +405,7 @@ func (w *Worker) succeed(ctx context.Context, a *attempt, res *upstream.Result, 
 		return err
 	}
 	input := inputCounted(g, res.Usage)
-	w.settle(ctx, a.log, g, job.ID, scheduler.Used{Requests: 1, Input: input, Output: res.Usage.OutputTokens}, elapsed)
+	w.settle(ctx, a, scheduler.Used{Requests: 1, Input: input, Output: res.Usage.OutputTokens}, elapsed, true)
 	if w.d.Estimator != nil {
 		if err := w.d.Estimator.Observe(context.WithoutCancel(ctx), job.Model, estimate.Raw(job.Request), input); err != nil {
 			a.log.Warn("could not update the token estimate", "err", err)
@@ -349,16 +419,15 @@ func (w *Worker) succeed(ctx context.Context, a *attempt, res *upstream.Result, 
 	return nil
 }
 
-func (w *Worker) settle(ctx context.Context, log *slog.Logger, g *config.ModelGroup, id string, used scheduler.Used, elapsed time.Duration) {
-	if _, err := w.d.Scheduler.Settle(context.WithoutCancel(ctx), g, id, used, elapsed); err != nil {
-		log.Error("could not settle the job's reservation", "err", err)
+// settle closes the job's limiter reservation and, when final (the job
+// has ended), its user's quota reservation, with what the upstream used.
+func (w *Worker) settle(ctx context.Context, a *attempt, used scheduler.Used, elapsed time.Duration, final bool) {
+	_, _, err := w.d.Scheduler.Settle(context.WithoutCancel(ctx), scheduler.Settlement{
+		Group: a.group, Job: a.job, Used: used, Duration: elapsed, Final: final, Policy: w.policy(a.job),
+	})
+	if err != nil {
+		a.log.Error("could not settle the job's reservation", "err", err)
 	}
-}
-
-// settleUsedAll charges everything that was reserved: the call reached the
-// upstream and what it used is unknown.
-func (w *Worker) settleUsedAll(ctx context.Context, a *attempt) {
-	w.settle(ctx, a.log, a.group, a.job.ID, scheduler.Used{Requests: 1, Input: a.job.CostIn, Output: a.job.CostOut}, 0)
 }
 
 // handBack returns a job whose call was interrupted on our side (shutdown)
@@ -373,8 +442,8 @@ func (w *Worker) handBack(ctx context.Context, a *attempt) {
 }
 
 func (w *Worker) expire(ctx context.Context, a *attempt) {
-	_, err := w.d.Store.Apply(ctx, a.job.ID, jobs.Transition{
-		From: []jobs.Status{jobs.Queued}, To: jobs.Expired, Dispatch: a.dispatch,
+	_, err := w.d.Store.Apply(ctx, a.job, jobs.Transition{
+		From: []jobs.Status{jobs.Queued}, To: jobs.Expired,
 		Set:   map[string]string{"finished_at": jobs.MillisString(w.now())},
 		Event: "expired", EventData: struct{}{},
 	})
@@ -383,14 +452,30 @@ func (w *Worker) expire(ctx context.Context, a *attempt) {
 		a.log.Error("could not expire job", "err", err)
 		return
 	}
-	w.settle(ctx, a.log, a.group, a.job.ID, scheduler.Used{}, 0)
+	w.settle(ctx, a, scheduler.Used{}, 0, true)
 	a.log.Info("job expired before it could start; nothing was sent upstream")
 }
 
-// fail ends the job as failed with a message for a person.
-func (w *Worker) fail(ctx context.Context, a *attempt, e *jobs.Error) {
+// expireQueued expires a job whose deadline passed while it waited (the
+// dispatcher found it).
+func (w *Worker) expireQueued(ctx context.Context, g *config.ModelGroup, id string) error {
+	job, err := w.d.Store.Get(ctx, id)
+	if errors.Is(err, jobs.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	w.expire(ctx, &attempt{job: job, group: g, log: w.d.Logger.With("job_id", id, "group", g.Name, "tenant", job.Tenant, "user_id", job.UserID)})
+	return nil
+}
+
+// fail ends the job as failed with a message for a person, and settles it
+// with what the upstream used.
+func (w *Worker) fail(ctx context.Context, a *attempt, used scheduler.Used, e *jobs.Error) {
+	defer w.settle(ctx, a, used, 0, true)
 	eb, _ := json.Marshal(e)
-	_, err := w.d.Store.Apply(context.WithoutCancel(ctx), a.job.ID, jobs.Transition{
+	_, err := w.d.Store.Apply(context.WithoutCancel(ctx), a.job, jobs.Transition{
 		From: []jobs.Status{jobs.Queued, jobs.Running}, To: jobs.Failed, Dispatch: a.dispatch,
 		Set:   map[string]string{"error": string(eb), "finished_at": jobs.MillisString(w.now())},
 		Event: "failed", EventData: map[string]any{"error": e},
@@ -428,8 +513,7 @@ func (w *Worker) failedAttempt(ctx context.Context, a *attempt, err error, elaps
 	switch ue.Kind {
 	case upstream.KindFatal, upstream.KindSpendLimit:
 		// Refused before any work: nothing counted upstream.
-		w.settle(ctx, a.log, g, job.ID, scheduler.Used{}, 0)
-		w.fail(ctx, a, jobError(ue))
+		w.fail(ctx, a, scheduler.Used{}, jobError(ue))
 		return nil
 	case upstream.KindRateLimited:
 		kind := scheduler.Pushback429
@@ -441,16 +525,15 @@ func (w *Worker) failedAttempt(ctx context.Context, a *attempt, err error, elaps
 			a.log.Error("could not freeze the group", "err", ferr)
 		}
 		a.log.Warn("upstream rate limit: group frozen", "until", until.UTC().Format(time.RFC3339Nano))
-		w.settle(ctx, a.log, g, job.ID, scheduler.Used{}, 0) // a 429 is not admitted
+		w.settle(ctx, a, scheduler.Used{}, 0, false) // a 429 is not admitted
 		return w.retry(ctx, a, ue, ue.RetryAfter, false)
 	}
 	// Transient: 529/5xx and broken connections before the answer are not
 	// billed; a stream that broke after starting may have been.
 	used := scheduler.Used{Requests: 1, Input: job.CostIn}
-	if ue.Status == 200 || ue.Kind == upstream.KindCut {
-		used.Output = job.CostOut
+	if ue.Started {
+		used = partialUse(ue, job)
 	}
-	w.settle(ctx, a.log, g, job.ID, used, 0)
 	if ue.Status == 529 || ue.Type == "overloaded_error" {
 		if _, ferr := w.d.Scheduler.Freeze(context.WithoutCancel(ctx), g, scheduler.Pushback529, ue.RetryAfter+time.Second); ferr != nil {
 			a.log.Error("could not record overload", "err", ferr)
@@ -458,11 +541,12 @@ func (w *Worker) failedAttempt(ctx context.Context, a *attempt, err error, elaps
 	}
 	failures := job.Failures + 1
 	if failures >= w.d.Config.Upstream.MaxAttempts {
-		w.fail(ctx, a, &jobs.Error{Type: "upstream_unavailable", Message: fmt.Sprintf(
+		w.fail(ctx, a, used, &jobs.Error{Type: "upstream_unavailable", Message: fmt.Sprintf(
 			"The Anthropic API failed %d times in a row for this request (last: %s). Please try again later.",
 			failures, describe(ue))})
 		return nil
 	}
+	w.settle(ctx, a, used, 0, false)
 	delay := backoff(w.d.Config.Upstream.BackoffBase, w.d.Config.Upstream.BackoffMax, failures)
 	delay = max(delay, ue.RetryAfter)
 	job.Failures = failures
@@ -479,7 +563,7 @@ func (w *Worker) retry(ctx context.Context, a *attempt, ue *upstream.Error, dela
 		set["failures"] = fmt.Sprint(job.Failures)
 	}
 	a.log.Info("attempt failed; retrying", "reason", ue.Reason(), "retry_in", delay.Round(time.Millisecond))
-	_, err := w.d.Store.Apply(context.WithoutCancel(ctx), job.ID, jobs.Transition{
+	_, err := w.d.Store.Apply(context.WithoutCancel(ctx), job, jobs.Transition{
 		From: []jobs.Status{jobs.Running}, To: jobs.Running, Dispatch: a.dispatch,
 		Set:   set,
 		Event: "retrying",

@@ -18,6 +18,7 @@ Commands:
   api             the HTTP api only (many may run against one Redis)
   worker          a worker only: runs queued jobs against the upstream
   fake-anthropic  a stand-in for the Anthropic API, with real limits and fault injection
+  loadtest        drive a sluice through a scenario and measure utilization and fairness
   help            this text
 
 Run "sluice <command> --help" for the flags and environment variables of each.
@@ -42,6 +43,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return runDev(ctx, rest, getenv, stdout, stderr)
 	case "fake-anthropic":
 		return runFake(ctx, rest, getenv, stdout, stderr)
+	case "loadtest":
+		return runLoadtest(ctx, rest, getenv, stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil

@@ -138,6 +138,10 @@ func serve(ctx context.Context, cfg *config.Config, r roles, stdout, stderr io.W
 	if r.api {
 		hub := jobs.NewHub(store, log.With("component", "events"))
 		defer hub.Close()
+		secret, err := jobs.TokenSecret(ctx, rdb)
+		if err != nil {
+			return err
+		}
 		var mon http.Handler
 		if len(cfg.AdminKeys) > 0 {
 			connOpt, err := asynq.ParseRedisURI(cfg.RedisURL)
@@ -151,7 +155,7 @@ func serve(ctx context.Context, cfg *config.Config, r roles, stdout, stderr io.W
 			log.Info("no admin key configured: /monitoring/ is off (set admin_keys or SLUICE_ADMIN_KEY)")
 		}
 		apiSrv = api.New(api.Deps{
-			Config: cfg, Redis: rdb, Store: store, Hub: hub, Scheduler: sched, Estimator: estimator, Upstream: up,
+			Config: cfg, Redis: rdb, Store: store, Hub: hub, Scheduler: sched, Estimator: estimator, Upstream: up, TokenSecret: secret,
 			Monitoring: mon, Web: web.Handler(), Logger: log.With("component", "api"),
 		})
 		handler = apiSrv

@@ -44,6 +44,10 @@ type Options struct {
 	ExtraConfig string               // YAML appended to the harness config
 	NoWorker    bool
 	GroupExtra  string // YAML lines added to the model group (indented 4 spaces)
+	TenantExtra string // YAML lines added to tenant "acme" (indented 4 spaces)
+	// Clock, when set, is the clock of the api and of every scheduler
+	// script (instead of Redis TIME).
+	Clock func() time.Time
 }
 
 // Env is a running sluice.
@@ -61,9 +65,11 @@ type Env struct {
 }
 
 // BaseConfig is the harness's configuration, for a given upstream URL.
-func BaseConfig(redisURL, upstreamURL string) string { return groupConfig(redisURL, upstreamURL, "") }
+func BaseConfig(redisURL, upstreamURL string) string {
+	return groupConfig(redisURL, upstreamURL, "", "")
+}
 
-func groupConfig(redisURL, upstreamURL, groupExtra string) string {
+func groupConfig(redisURL, upstreamURL, tenantExtra, groupExtra string) string {
 	return fmt.Sprintf(`redis_url: %q
 upstream:
   base_url: %q
@@ -75,7 +81,7 @@ admin_keys: [%q]
 tenants:
   - name: acme
     keys: [%q]
-  - name: other
+%s  - name: other
     keys: [%q]
 model_groups:
   - name: sonnet
@@ -90,7 +96,7 @@ api:
   shutdown_timeout: 5s
 worker:
   shutdown_timeout: 5s
-`, redisURL, upstreamURL, AdminKey, TenantKey, OtherTenantKey, groupExtra)
+`, redisURL, upstreamURL, AdminKey, TenantKey, tenantExtra, OtherTenantKey, groupExtra)
 }
 
 // Start runs sluice for the test and stops it when the test ends.
@@ -121,14 +127,14 @@ func Start(tb testing.TB, o Options) *Env {
 		}
 		return ""
 	}
-	cfg, err := config.Parse([]byte(groupConfig(e.Redis.URL, fsrv.URL, o.GroupExtra)+o.ExtraConfig), getenv)
+	cfg, err := config.Parse([]byte(groupConfig(e.Redis.URL, fsrv.URL, o.TenantExtra, o.GroupExtra)+o.ExtraConfig), getenv)
 	if err != nil {
 		tb.Fatalf("harness config: %v", err)
 	}
 	e.Config = cfg
 	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	e.Store = jobs.NewStore(e.RDB, jobs.Options{})
-	e.Sched = scheduler.New(e.RDB, e.Store, scheduler.Options{LeaseTTL: cfg.Worker.LeaseTTL})
+	e.Sched = scheduler.New(e.RDB, e.Store, scheduler.Options{LeaseTTL: cfg.Worker.LeaseTTL, Clock: o.Clock})
 
 	if !o.NoWorker {
 		e.Worker = StartWorker(tb, e)
@@ -136,8 +142,12 @@ func Start(tb testing.TB, o Options) *Env {
 	hub := jobs.NewHub(e.Store, log)
 	apiUp := upstream.New(upstream.Options{BaseURL: cfg.Upstream.BaseURL, APIKey: cfg.Upstream.APIKey})
 	tb.Cleanup(apiUp.Close)
+	secret, err := jobs.TokenSecret(context.Background(), e.RDB)
+	if err != nil {
+		tb.Fatal(err)
+	}
 	e.Server = api.New(api.Deps{Config: cfg, Redis: e.RDB, Store: e.Store, Hub: hub,
-		Scheduler: e.Sched, Estimator: estimate.NewCalibrator(e.RDB), Upstream: apiUp, Logger: log})
+		Scheduler: e.Sched, Estimator: estimate.NewCalibrator(e.RDB), Upstream: apiUp, TokenSecret: secret, Logger: log, Clock: o.Clock})
 	e.API = httptest.NewServer(e.Server)
 	tb.Cleanup(func() {
 		e.Server.CloseStreams()
@@ -289,4 +299,24 @@ func StartWorker(tb testing.TB, e *Env) *worker.Worker {
 	}
 	tb.Cleanup(func() { w.Shutdown(); up.Close() })
 	return w
+}
+
+// StartAPI starts one more api "process" on e's Redis and config: its own
+// Redis client, event hub and HTTP server.
+func StartAPI(tb testing.TB, e *Env) *httptest.Server {
+	tb.Helper()
+	rdb := e.Redis.Client(tb)
+	store := jobs.NewStore(rdb, jobs.Options{})
+	sched := scheduler.New(rdb, store, scheduler.Options{LeaseTTL: e.Config.Worker.LeaseTTL})
+	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	hub := jobs.NewHub(store, log)
+	secret, err := jobs.TokenSecret(context.Background(), rdb)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	srv := api.New(api.Deps{Config: e.Config, Redis: rdb, Store: store, Hub: hub, Scheduler: sched,
+		Estimator: estimate.NewCalibrator(rdb), TokenSecret: secret, Logger: log})
+	ts := httptest.NewServer(srv)
+	tb.Cleanup(func() { srv.CloseStreams(); ts.Close(); _ = hub.Close() })
+	return ts
 }

@@ -3,6 +3,7 @@
 -- of the allowed statuses, so two racing writers (a worker finishing, a user
 -- canceling) cannot both win.
 -- KEYS[1] job hash   KEYS[2] job event stream
+-- KEYS[3] (optional) the owner's counts of queued and running jobs
 -- ARGV[1] allowed current statuses, space separated
 -- ARGV[2] new status
 -- ARGV[3] event name ("" = log no event)   ARGV[4] event data (JSON); the
@@ -28,6 +29,10 @@ if ARGV[9] ~= '0' and redis.call('HGET', KEYS[1], 'dispatch') ~= ARGV[9] then
   return redis.error_reply('STATE superseded')
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2])
+if KEYS[3] and cur ~= ARGV[2] then
+  if cur == 'queued' or cur == 'running' then redis.call('HINCRBY', KEYS[3], cur, -1) end
+  if ARGV[2] == 'queued' or ARGV[2] == 'running' then redis.call('HINCRBY', KEYS[3], ARGV[2], 1) end
+end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
 if ARGV[7] == '1' then
   attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)

@@ -1,6 +1,14 @@
--- admit.lua: accept a job: store its record, put it in its user's lane of
--- the group's fair queue, log its `queued` event (with position and eta) and
--- wake the dispatchers — one atomic step.
+-- admit.lua: decide and record the admission of a job, atomically:
+--   1. an Idempotency-Key seen before returns the earlier job (or, with
+--      another body, a conflict);
+--   2. the user's quotas (requests and tokens per hour, token buckets that
+--      refill continuously) must hold the job: 1 request and its estimated
+--      input + max_tokens;
+--   3. the user may not have more than max_queued jobs waiting;
+--   4. the job's estimated wait may not exceed max_wait;
+-- then store the record, reserve the quota, put the job in its user's lane
+-- of the group's fair queue, index it for listing, log its `queued` event
+-- and wake the dispatchers. A refusal changes nothing.
 --
 -- Fair order is start-time fair queuing over users. A job's start tag is
 -- max(V, F_user): V is the start tag of the last job dispatched, F_user the
@@ -13,43 +21,129 @@
 --
 -- KEYS[1] job hash   KEYS[2] job events   KEYS[3] sequence   KEYS[4] order
 -- KEYS[5] finish tags (zset user -> F)    KEYS[6] V          KEYS[7] costs
--- KEYS[8] queue totals   KEYS[9] limiter state
+-- KEYS[8] queue totals   KEYS[9] limiter state   KEYS[10] idempotency key
+-- KEYS[11] user quota    KEYS[12] user counts    KEYS[13] tenant job index
+-- KEYS[14] user job index   KEYS[15] deadlines
 -- ARGV[1] now ms (0 = Redis TIME)   ARGV[2] job id   ARGV[3] ttl seconds
 -- ARGV[4] events channel   ARGV[5] stream max length   ARGV[6] user key
 -- ARGV[7] input estimate   ARGV[8] max_tokens   ARGV[9] weight
 -- ARGV[10] wake channel    ARGV[11..14] rpm, input_tpm, output_tpm, burst ms
--- ARGV[15] max concurrency ARGV[16..] job hash field, value pairs
--- Reply: {event id, position, eta seconds}; error "EXISTS".
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return redis.error_reply('EXISTS')
-end
+-- ARGV[15] max concurrency
+-- ARGV[16] requests per hour (0 = unlimited)  ARGV[17] tokens per hour (0 = unlimited)
+-- ARGV[18] max queued (0 = unlimited)   ARGV[19] max wait ms (0 = unlimited)
+-- ARGV[20] request body hash ("" = no idempotency key)   ARGV[21] key ttl seconds
+-- ARGV[22] deadline ms (0 = none)
+-- ARGV[23..] job hash field, value pairs
+-- Reply, one of:
+--   {"ok", event id, position, eta seconds, quota remaining, quota reset s}
+--   {"replay", job id}
+--   {"conflict"}
+--   {"quota", "requests"|"tokens", retry ms, limit, remaining}
+--   {"queue_limit", queued, limit}
+--   {"overloaded", eta seconds, max wait seconds}
 local now = clock(ARGV[1])
 local id, cin, cout, weight = ARGV[2], tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local seq = redis.call('INCR', KEYS[3])
-local member = string.format('%016d', seq) .. '|' .. id
+local cost = cin + cout
+
+-- 1. Idempotency.
+if ARGV[20] ~= '' then
+  local prev = redis.call('GET', KEYS[10])
+  if prev then
+    local pid, phash = string.match(prev, '^([^|]*)|(.*)$')
+    if phash == ARGV[20] then return {'replay', pid} end
+    return {'conflict'}
+  end
+end
+
+-- 2. Quotas: buckets of the hourly figures, refilled continuously.
+local rph, tph = tonumber(ARGV[16]), tonumber(ARGV[17])
+local q = redis.call('HMGET', KEYS[11], 'r', 't', 'ts')
+local qts = num(q[3], now)
+local qdt = math.max(0, now - qts)
+local qr, qt = 0, 0
+if rph > 0 then
+  qr = math.min(rph, num(q[1], rph) + rph / 3600000 * qdt)
+  if qr < 1 then
+    return {'quota', 'requests', math.ceil((1 - qr) / (rph / 3600000)), rph, math.floor(qr)}
+  end
+end
+if tph > 0 then
+  qt = math.min(tph, num(q[2], tph) + tph / 3600000 * qdt)
+  if qt < cost then
+    return {'quota', 'tokens', math.ceil((cost - qt) / (tph / 3600000)), tph, math.floor(qt)}
+  end
+end
+
+-- 3. Queue cap.
+local maxq = tonumber(ARGV[18])
+if maxq > 0 then
+  local queued = num(redis.call('HGET', KEYS[12], 'queued'), 0)
+  if queued >= maxq then return {'queue_limit', queued, maxq} end
+end
+
+-- 4. The wait this job would have: its rank among jobs with start tags up
+-- to its own.
 local v = num(redis.call('GET', KEYS[6]), 0)
 local f = num(redis.call('ZSCORE', KEYS[5], ARGV[6]), 0)
 local tag = math.max(v, f)
+local st = lim_load(KEYS[9], now, {tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])})
+local position = redis.call('ZCOUNT', KEYS[4], '-inf', tag) + 1
+local t = redis.call('HMGET', KEYS[8], 'n', 'in', 'out')
+local n, tin, tout = num(t[1], 0) + 1, num(t[2], 0) + cin, num(t[3], 0) + cout
+local eta = eta_seconds(st, position, tin / n, tout / n, tonumber(ARGV[15]))
+local maxwait = tonumber(ARGV[19])
+if maxwait > 0 and eta * 1000 > maxwait then
+  return {'overloaded', eta, math.floor(maxwait / 1000)}
+end
+
+-- Accepted. Quota reservation.
+local qremaining, qreset = -1, 0
+if rph > 0 or tph > 0 then
+  if rph > 0 then
+    qr = qr - 1
+    qremaining = math.floor(qr)
+    qreset = math.ceil((rph - qr) / (rph / 3600))
+  end
+  if tph > 0 then qt = qt - cost end
+  redis.call('HSET', KEYS[11], 'r', qr, 't', qt, 'ts', now)
+  redis.call('EXPIRE', KEYS[11], 7200)
+end
+
+-- The fair queue.
+local seq = redis.call('INCR', KEYS[3])
+local member = string.format('%016d', seq) .. '|' .. id
 redis.call('ZADD', KEYS[4], tag, member)
-redis.call('ZADD', KEYS[5], tag + (cin + cout) / weight, ARGV[6])
+redis.call('ZADD', KEYS[5], tag + cost / weight, ARGV[6])
 redis.call('HSET', KEYS[7], member, cin .. ',' .. cout)
 redis.call('HINCRBY', KEYS[8], 'n', 1)
 redis.call('HINCRBY', KEYS[8], 'in', cin)
 redis.call('HINCRBY', KEYS[8], 'out', cout)
+if tonumber(ARGV[22]) > 0 then
+  redis.call('ZADD', KEYS[15], ARGV[22], member)
+end
 
+-- The record.
 local fields = {}
-for i = 16, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 23, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], 'fq_member', member, 'fq_tag', tostring(tag),
-  'cost_in', cin, 'cost_out', cout, 'dispatch', 0, unpack(fields))
-redis.call('EXPIRE', KEYS[1], ARGV[3])
+  'cost_in', cin, 'cost_out', cout, 'dispatch', 0, 'q_req', rph > 0 and 1 or 0,
+  'q_tok', tph > 0 and cost or 0, unpack(fields))
+local ttl = tonumber(ARGV[3])
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('HINCRBY', KEYS[12], 'queued', 1)
+redis.call('EXPIRE', KEYS[12], ttl)
+for _, k in ipairs({KEYS[13], KEYS[14]}) do
+  redis.call('ZADD', k, now, id)
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', now - ttl * 1000)
+  redis.call('EXPIRE', k, ttl)
+end
+if ARGV[20] ~= '' then
+  redis.call('SET', KEYS[10], id .. '|' .. ARGV[20], 'EX', ARGV[21])
+end
 
-local position = redis.call('ZRANK', KEYS[4], member) + 1
-local st = lim_load(KEYS[9], now, {tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])})
-local avg_in, avg_out = queue_avgs(KEYS[8])
-local eta = eta_seconds(st, position, avg_in, avg_out, tonumber(ARGV[15]))
 local data = '{"position":' .. position .. ',"eta_seconds":' .. eta .. '}'
 local ev = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'event', 'queued', 'data', data)
-redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ttl)
 redis.call('PUBLISH', ARGV[4], '{"id":"' .. ev .. '","event":"queued","data":' .. data .. '}')
 redis.call('PUBLISH', ARGV[10], 'arrival')
-return {ev, position, eta}
+return {'ok', ev, position, eta, qremaining, qreset}

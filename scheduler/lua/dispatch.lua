@@ -16,7 +16,7 @@
 -- KEYS[1] order   KEYS[2] delayed   KEYS[3] V   KEYS[4] finish tags
 -- KEYS[5] costs   KEYS[6] totals    KEYS[7] limiter state
 -- KEYS[8] reservations   KEYS[9] leases   KEYS[10] dispatching
--- KEYS[11] delayed tags
+-- KEYS[11] delayed tags   KEYS[12] deadlines   KEYS[13] expiring
 -- ARGV[1] now ms (0 = Redis TIME)  ARGV[2..5] rpm, input_tpm, output_tpm, burst ms
 -- ARGV[6] max concurrency   ARGV[7] lease ms   ARGV[8] most jobs to pick
 -- ARGV[9] job hash key prefix ("sluice:job:")
@@ -25,17 +25,28 @@
 --         "wait"  the next job fits in ms (limiter or freeze)
 --         "full"  every concurrency slot is taken; the first lease ends in ms
 --         "empty" nothing queued; the next retry is due in ms (-1: none)
+--   (a queued job's deadline coming sooner shortens ms)
+-- Jobs whose deadline passed leave the queue for the expiring set, where the
+-- dispatcher expires them; jobs canceled while queued are dropped.
 local now = clock(ARGV[1])
 local cfg = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])}
 local max_conc, lease_ms, max_pick, prefix = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
 
+-- totals_add keeps the queue's job count and estimated tokens (for etas).
+local function totals_add(sign, cin, cout)
+  redis.call('HINCRBY', KEYS[6], 'n', sign)
+  redis.call('HINCRBY', KEYS[6], 'in', sign * cin)
+  redis.call('HINCRBY', KEYS[6], 'out', sign * cout)
+end
+
 local function back_to_queue(member, tag, cost)
   redis.call('ZADD', KEYS[1], tag, member)
-  local cin, cout = split2(cost)
   redis.call('HSET', KEYS[5], member, cost)
-  redis.call('HINCRBY', KEYS[6], 'n', 1)
-  redis.call('HINCRBY', KEYS[6], 'in', cin)
-  redis.call('HINCRBY', KEYS[6], 'out', cout)
+  totals_add(1, split2(cost))
+end
+
+local function leave_queue(member)
+  return fq_leave(KEYS[1], KEYS[5], KEYS[6], KEYS[12], member)
 end
 
 -- Retries whose delay is over.
@@ -57,6 +68,13 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', now)) do
     if not redis.call('ZSCORE', KEYS[1], j[2]) then
       back_to_queue(j[2], tonumber(j[3]), j[4] .. ',' .. j[5])
     end
+  end
+end
+
+-- Jobs whose deadline passed before they were dispatched.
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[12], '-inf', now)) do
+  if leave_queue(member) then
+    redis.call('ZADD', KEYS[13], now, string.match(member, '|(.*)$'))
   end
 end
 
@@ -90,7 +108,9 @@ while true do
   local id = string.match(member, '|(.*)$')
   local cost = redis.call('HGET', KEYS[5], member) or '0,0'
   local cin, cout = split2(cost)
-  if redis.call('HEXISTS', KEYS[8], id) == 0 then
+  local status = redis.call('HGET', prefix .. id, 'status')
+  local live = status == 'queued' or status == 'running'
+  if live and redis.call('HEXISTS', KEYS[8], id) == 0 then
     local nr, ni, no = need(1, st.cr), need(cin, st.ci), need(cout, st.co)
     if st.r < nr or st.i < ni or st.o < no then
       out[1] = 'wait'
@@ -100,18 +120,18 @@ while true do
     st.r, st.i, st.o = st.r - 1, st.i - cin, st.o - cout
     redis.call('HSET', KEYS[8], id, '1,' .. cin .. ',' .. cout)
   end
-  redis.call('ZREM', KEYS[1], member)
-  redis.call('HDEL', KEYS[5], member)
-  redis.call('HINCRBY', KEYS[6], 'n', -1)
-  redis.call('HINCRBY', KEYS[6], 'in', -cin)
-  redis.call('HINCRBY', KEYS[6], 'out', -cout)
-  if tag > v then v = tag end
-  redis.call('ZADD', KEYS[9], now + lease_ms, id)
-  local n = redis.call('HINCRBY', prefix .. id, 'dispatch', 1)
-  redis.call('ZADD', KEYS[10], now, id .. '|' .. n)
-  out[#out + 1] = id
-  out[#out + 1] = n
-  picked = picked + 1
+  -- Out of the queue: dispatched, or dropped when it was canceled while
+  -- queued (or its record expired).
+  leave_queue(member)
+  if live then
+    if tag > v then v = tag end
+    redis.call('ZADD', KEYS[9], now + lease_ms, id)
+    local n = redis.call('HINCRBY', prefix .. id, 'dispatch', 1)
+    redis.call('ZADD', KEYS[10], now, id .. '|' .. n)
+    out[#out + 1] = id
+    out[#out + 1] = n
+    picked = picked + 1
+  end
 end
 if v > v0 then
   redis.call('SET', KEYS[3], tostring(v))
@@ -119,5 +139,11 @@ if v > v0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', v)
 end
 lim_save(st)
+-- Wake for the next deadline too.
+local dl = redis.call('ZRANGE', KEYS[12], 0, 0, 'WITHSCORES')
+if #dl > 0 then
+  local d = math.max(1, tonumber(dl[2]) - now)
+  if out[1] ~= 'more' and (out[2] < 0 or d < out[2]) then out[2] = d end
+end
 out[2] = math.floor(out[2])
 return out

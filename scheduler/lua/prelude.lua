@@ -116,3 +116,17 @@ local function split3(s)
   local a, b, c = string.match(s, '^([^,]*),([^,]*),(.*)$')
   return tonumber(a), tonumber(b), tonumber(c)
 end
+
+-- fq_leave takes a job out of its group's queue (order, deadlines, its cost
+-- and the queue totals); it reports whether the job was in the order.
+local function fq_leave(order, costs, totals, deadlines, member)
+  redis.call('ZREM', deadlines, member)
+  if redis.call('ZREM', order, member) == 0 then return false end
+  local cost = redis.call('HGET', costs, member) or '0,0'
+  redis.call('HDEL', costs, member)
+  local cin, cout = split2(cost)
+  redis.call('HINCRBY', totals, 'n', -1)
+  redis.call('HINCRBY', totals, 'in', -cin)
+  redis.call('HINCRBY', totals, 'out', -cout)
+  return true
+end

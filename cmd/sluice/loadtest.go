@@ -1,0 +1,338 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/sluice-dev/sluice/config"
+	"github.com/sluice-dev/sluice/fakeanthropic"
+	"github.com/sluice-dev/sluice/loadtest"
+)
+
+const loadtestHelp = `Usage: sluice loadtest --scenario NAME [flags]
+
+Drives a sluice through a named scenario and reports what DESIGN.md §6
+promises: utilization of each limit (and which one binds), upstream 429s,
+Jain's fairness index over backlogged users, waits per user class, how true
+the position told at submit came, and how many dispatches a newcomer waited.
+
+Without --url it starts everything in this process: a Redis (REDIS_URL, else a
+redis-server from PATH on a free port in a temporary folder, else an embedded
+one), a fake Anthropic API with the limits below, and sluice (api + worker)
+with the same limits. With --url it measures that sluice, and the fake behind
+it when --fake-url is given.
+
+Scenarios:
+  classroom       --users students (30) send --requests-per-user requests (5)
+                  each at random moments within --spread (10s)
+  heavy-vs-light  one user submits --heavy-jobs jobs (500), then --users light
+                  users (20) arrive one at a time with one job each (the next
+                  when the previous has started, or every --light-interval);
+                  stops once the light jobs are done
+  saturate        --users users (20) keep a backlog queued for --warmup (60s)
+                  + --duration (2m); figures cover the --duration
+
+Flags:
+  --scenario NAME         classroom, heavy-vs-light or saturate (required)
+  --url URL               a running sluice's base URL; none = start one in-process
+  --key KEY               its tenant key (env SLUICE_KEY); in-process makes one
+  --fake-url URL          the fake upstream behind --url, for 429s and upstream
+                          utilization; without it they are unknown / from the jobs
+  --fake-group NAME       the fake's model group to read (default: all summed)
+  --model NAME            the model of every job (default claude-sonnet-4-6)
+  --users N               students, light users or users (defaults 30, 20, 20)
+  --requests-per-user N   classroom: requests per student (default 5)
+  --spread D              classroom: arrivals spread over D (default 10s)
+  --heavy-jobs N          heavy-vs-light: the heavy user's jobs (default 500)
+  --light-interval D      heavy-vs-light: a light user every D; 0 = each once the
+                          previous light job started (default 0)
+  --duration D            saturate: the measured time (default 2m)
+  --warmup D              time work must have been waiting before utilization
+                          is measured, because the upstream's buckets start
+                          full (default 60s; 0 = none)
+  --rpm N                 requests per minute          } in-process: the limits of
+  --input-tpm N           input tokens per minute      } sluice and the fake; with
+  --output-tpm N          output tokens per minute     } --url: what utilization is
+  --max-concurrency N     upstream calls in flight     } measured against
+                          (defaults: tier 1, 50 / 30000 / 8000 / 8)
+  --reply-tokens N        reply length asked of the fake (default 100)
+  --max-tokens N          max_tokens of each job (default --reply-tokens)
+  --prompt-bytes N        prompt length in bytes (default 400: 112 input tokens)
+  --timeout D             longest wait for jobs to finish after submitting
+                          (default 10m); unfinished jobs then count as lost
+  --seed N                seed of arrival times and prompts (default 1)
+  --json                  print one JSON object instead of the table
+
+In-process only:
+  --tokens-per-second N   the fake's output pace (default 60; 0 = instant)
+  --latency D             the fake's wait before answering (default 300ms)
+  --workers N             extra worker-only roles on the same Redis (default 0)
+  --log PATH              write sluice's logs there (default: discarded)
+  -v                      write sluice's logs to stderr
+
+Environment:
+  SLUICE_KEY   the tenant key, as --key
+  REDIS_URL    in-process: use this Redis (best empty: queued jobs left in it
+               would run too) instead of starting one
+
+Progress goes to stderr, the report to stdout.
+`
+
+// runLoadtest runs `sluice loadtest`.
+func runLoadtest(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("loadtest", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { fmt.Fprint(stderr, loadtestHelp) }
+	tier := fakeanthropic.TierOne()[0]
+	var o loadtest.Options
+	fs.StringVar(&o.Scenario, "scenario", "", "")
+	fs.StringVar(&o.BaseURL, "url", "", "")
+	fs.StringVar(&o.Key, "key", getenv("SLUICE_KEY"), "")
+	fs.StringVar(&o.FakeURL, "fake-url", "", "")
+	fs.StringVar(&o.FakeGroup, "fake-group", "", "")
+	fs.StringVar(&o.Model, "model", loadtest.DefaultModel, "")
+	fs.IntVar(&o.Users, "users", 0, "")
+	fs.IntVar(&o.RequestsPerUser, "requests-per-user", loadtest.DefaultRequestsPerUser, "")
+	fs.DurationVar(&o.Spread, "spread", loadtest.DefaultSpread, "")
+	fs.IntVar(&o.HeavyJobs, "heavy-jobs", loadtest.DefaultHeavyJobs, "")
+	fs.DurationVar(&o.LightInterval, "light-interval", 0, "")
+	fs.DurationVar(&o.Duration, "duration", loadtest.DefaultDuration, "")
+	fs.DurationVar(&o.Warmup, "warmup", loadtest.DefaultWarmup, "")
+	fs.IntVar(&o.Limits.RPM, "rpm", tier.RPM, "")
+	fs.IntVar(&o.Limits.InputTPM, "input-tpm", tier.InputTPM, "")
+	fs.IntVar(&o.Limits.OutputTPM, "output-tpm", tier.OutputTPM, "")
+	fs.IntVar(&o.Limits.MaxConcurrency, "max-concurrency", config.DefaultMaxConcurrency, "")
+	fs.IntVar(&o.ReplyTokens, "reply-tokens", loadtest.DefaultReplyTokens, "")
+	fs.IntVar(&o.MaxTokens, "max-tokens", 0, "")
+	fs.IntVar(&o.PromptBytes, "prompt-bytes", loadtest.DefaultPromptBytes, "")
+	fs.DurationVar(&o.Timeout, "timeout", loadtest.DefaultTimeout, "")
+	fs.Uint64Var(&o.Seed, "seed", 1, "")
+	asJSON := fs.Bool("json", false, "")
+	var ip inProcessOptions
+	fs.Float64Var(&ip.tokensPerSecond, "tokens-per-second", 60, "")
+	fs.DurationVar(&ip.latency, "latency", 300*time.Millisecond, "")
+	fs.IntVar(&ip.workers, "workers", 0, "")
+	logPath := fs.String("log", "", "")
+	verbose := fs.Bool("v", false, "")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("loadtest: unexpected arguments %q", fs.Args())
+	}
+	if o.Scenario == "" {
+		fs.Usage()
+		return errors.New("loadtest: --scenario is required (classroom, heavy-vs-light or saturate)")
+	}
+	if o.Warmup == 0 {
+		o.Warmup = loadtest.NoWarmup // Options reads 0 as "the default"
+	}
+	o.Progress = stderr
+
+	if o.BaseURL == "" {
+		if ip.workers < 0 || ip.tokensPerSecond < 0 || ip.latency < 0 {
+			return errors.New("loadtest: --workers, --tokens-per-second and --latency must not be negative")
+		}
+		ip.limits = o.Limits
+		ip.replyTokens = o.ReplyTokens
+		ip.logs = io.Discard
+		switch {
+		case *verbose:
+			ip.logs = stderr
+		case *logPath != "":
+			f, err := os.Create(*logPath)
+			if err != nil {
+				return fmt.Errorf("loadtest: --log: %w", err)
+			}
+			defer f.Close()
+			ip.logs = f
+		}
+		env, err := startInProcess(ctx, ip, getenv, stderr)
+		if err != nil {
+			return err
+		}
+		defer env.stop()
+		o.BaseURL, o.Key, o.FakeURL, o.Target = env.base, env.key, env.fakeURL, "in-process"
+		fmt.Fprintf(stderr, "loadtest: in-process sluice at %s, fake upstream at %s\n", env.base, env.fakeURL)
+	} else if o.Key == "" {
+		return errors.New("loadtest: --url needs --key (or SLUICE_KEY): a tenant key of that sluice")
+	}
+
+	rep, err := loadtest.Run(ctx, o)
+	if err != nil {
+		return fmt.Errorf("loadtest: %w", err)
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(rep)
+	}
+	return rep.WriteTable(stdout)
+}
+
+// inProcessOptions shape the sluice that loadtest starts for itself.
+type inProcessOptions struct {
+	limits          loadtest.Limits
+	replyTokens     int
+	tokensPerSecond float64
+	latency         time.Duration
+	workers         int       // extra worker-only roles
+	logs            io.Writer // sluice's logs
+}
+
+// inProcess is a running sluice with its Redis and fake upstream.
+type inProcess struct {
+	base, key, fakeURL string
+	stop               func()
+}
+
+// startInProcess starts a Redis, the fake upstream and sluice (api and
+// worker, plus extra workers) in this process, all on loopback ports chosen
+// by the system. stop tears them down in reverse order, each within a
+// bounded time.
+func startInProcess(ctx context.Context, o inProcessOptions, getenv func(string) string, stderr io.Writer) (_ *inProcess, err error) {
+	var stops []func()
+	stopAll := func() {
+		for i := len(stops) - 1; i >= 0; i-- {
+			stops[i]()
+		}
+	}
+	defer func() {
+		if err != nil {
+			stopAll()
+		}
+	}()
+
+	dir, err := os.MkdirTemp("", "sluice-loadtest-")
+	if err != nil {
+		return nil, fmt.Errorf("loadtest: temporary folder: %w", err)
+	}
+	stops = append(stops, func() { _ = os.RemoveAll(dir) })
+	redisURL := getenv("REDIS_URL")
+	if redisURL == "" {
+		url, stop, _, err := devRedis(dir, stderr)
+		if err != nil {
+			return nil, err
+		}
+		stops = append(stops, stop)
+		redisURL = url
+	}
+
+	fake, err := fakeanthropic.New(fakeanthropic.Config{
+		Groups: []fakeanthropic.Group{{Name: "claude", Models: []string{"claude-*"},
+			RPM: o.limits.RPM, InputTPM: o.limits.InputTPM, OutputTPM: o.limits.OutputTPM}},
+		TokensPerSecond: o.tokensPerSecond, Latency: o.latency, ReplyTokens: o.replyTokens,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("loadtest: fake upstream: %w", err)
+	}
+	fln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	fsrv := &http.Server{Handler: fake, ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = fsrv.Serve(fln) }()
+	stops = append(stops, func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		if fsrv.Shutdown(sctx) != nil {
+			_ = fsrv.Close() // answers still streaming to a stopped worker
+		}
+	})
+	fakeURL := "http://" + fln.Addr().String()
+
+	key := "sk-loadtest-" + randomHex(16)
+	env := func(name string) string {
+		switch name {
+		case "REDIS_URL":
+			return redisURL
+		case "ANTHROPIC_BASE_URL":
+			return fakeURL
+		case "ANTHROPIC_API_KEY":
+			return "sk-fake-loadtest" // the fake wants some key
+		case "SLUICE_LOG_FORMAT", "SLUICE_LOG_LEVEL":
+			return getenv(name)
+		}
+		return ""
+	}
+	cfg, err := config.Parse([]byte(loadtestConfig(key, o.limits)), env)
+	if err != nil {
+		return nil, fmt.Errorf("loadtest: configuration:\n%w", err)
+	}
+	cfg.Listen, cfg.WorkerListen = "127.0.0.1:0", "127.0.0.1:0"
+
+	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	var wg sync.WaitGroup
+	stops = append(stops, func() {
+		cancel()
+		done := make(chan struct{})
+		go func() { wg.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			fmt.Fprintln(stderr, "loadtest: the in-process sluice did not stop within 30s")
+		}
+	})
+	type started struct {
+		addr string
+		err  error
+	}
+	start := func(c *config.Config, r roles) (string, error) {
+		ready := make(chan started, 2)
+		wg.Go(func() {
+			err := serve(sctx, c, r, io.Discard, o.logs, func(addr string) { ready <- started{addr: addr} })
+			if err == nil {
+				err = errors.New("stopped before it was ready")
+			}
+			ready <- started{err: err}
+		})
+		select {
+		case s := <-ready:
+			return s.addr, s.err
+		case <-ctx.Done():
+			return "", ctx.Err()
+		}
+	}
+	addr, err := start(cfg, roles{api: true, worker: true})
+	if err != nil {
+		return nil, fmt.Errorf("loadtest: starting sluice: %w", err)
+	}
+	for range o.workers {
+		c := *cfg
+		if _, err := start(&c, roles{worker: true}); err != nil {
+			return nil, fmt.Errorf("loadtest: starting a worker: %w", err)
+		}
+	}
+	return &inProcess{base: "http://" + addr, key: key, fakeURL: fakeURL, stop: stopAll}, nil
+}
+
+// loadtestConfig is the in-process sluice's configuration: one group for
+// every claude-* model with the given limits, one tenant, short shutdown
+// budgets (the run is over; queued work is thrown away with the Redis).
+func loadtestConfig(tenantKey string, l loadtest.Limits) string {
+	return fmt.Sprintf(`# sluice loadtest's in-process configuration
+tenants:
+  - name: loadtest
+    keys: [%q]
+model_groups:
+  - name: claude
+    models: ["claude-*"]
+    rpm: %d
+    input_tpm: %d
+    output_tpm: %d
+    max_concurrency: %d
+api:
+  shutdown_timeout: 2s
+worker:
+  shutdown_timeout: 2s
+`, tenantKey, l.RPM, l.InputTPM, l.OutputTPM, l.MaxConcurrency)
+}
