@@ -77,14 +77,18 @@ type Job struct {
 	Metadata   json.RawMessage // the client's own job metadata, returned as given
 	CreatedAt  time.Time
 	DeadlineAt time.Time // zero = none: a job not started by then expires
-	StartedAt  time.Time
-	FinishedAt time.Time
-	NotBefore  time.Time       // the next attempt waits until then (a retry's delay)
-	Result     json.RawMessage // the upstream Message
-	Text       string
-	Usage      *Usage
-	Error      *Error
-	TokenHash  string // sha256 of the job's read token, hex
+	// DispatchedAt and DispatchSeq: when the scheduler first handed the job
+	// to a worker, and its place in the group's dispatch order.
+	DispatchedAt time.Time
+	DispatchSeq  int64
+	StartedAt    time.Time
+	FinishedAt   time.Time
+	NotBefore    time.Time       // the next attempt waits until then (a retry's delay)
+	Result       json.RawMessage // the upstream Message
+	Text         string
+	Usage        *Usage
+	Error        *Error
+	TokenHash    string // sha256 of the job's read token, hex
 
 	// Scheduling state, kept by the scheduler's scripts.
 	FQMember string // the job's member in its group's fair queue
@@ -97,24 +101,29 @@ type Job struct {
 
 // View is a job as the API shows it (DESIGN.md §3).
 type View struct {
-	ID         string          `json:"id"`
-	Status     Status          `json:"status"`
-	UserID     string          `json:"user_id"`
-	Model      string          `json:"model"`
-	MaxTokens  int             `json:"max_tokens"`
-	Position   *int            `json:"position,omitempty"`
-	ETASeconds *int            `json:"eta_seconds,omitempty"`
-	Attempts   int             `json:"attempts"`
-	CreatedAt  time.Time       `json:"created_at"`
-	DeadlineAt *time.Time      `json:"deadline_at,omitempty"`
-	StartedAt  *time.Time      `json:"started_at,omitempty"`
-	FinishedAt *time.Time      `json:"finished_at,omitempty"`
-	Result     json.RawMessage `json:"result,omitempty"`
-	Text       *string         `json:"text,omitempty"`
-	Usage      *Usage          `json:"usage,omitempty"`
-	Error      *Error          `json:"error,omitempty"`
-	Metadata   json.RawMessage `json:"metadata,omitempty"`
-	Token      string          `json:"token,omitempty"`
+	ID         string     `json:"id"`
+	Status     Status     `json:"status"`
+	UserID     string     `json:"user_id"`
+	Model      string     `json:"model"`
+	MaxTokens  int        `json:"max_tokens"`
+	Position   *int       `json:"position,omitempty"`
+	ETASeconds *int       `json:"eta_seconds,omitempty"`
+	Attempts   int        `json:"attempts"`
+	CreatedAt  time.Time  `json:"created_at"`
+	DeadlineAt *time.Time `json:"deadline_at,omitempty"`
+	// DispatchedAt is when the scheduler first handed the job to a worker;
+	// DispatchSeq its place in its model group's dispatch order (the order
+	// fair queuing chose; started_at can differ by a few milliseconds).
+	DispatchedAt *time.Time      `json:"dispatched_at,omitempty"`
+	DispatchSeq  int64           `json:"dispatch_seq,omitempty"`
+	StartedAt    *time.Time      `json:"started_at,omitempty"`
+	FinishedAt   *time.Time      `json:"finished_at,omitempty"`
+	Result       json.RawMessage `json:"result,omitempty"`
+	Text         *string         `json:"text,omitempty"`
+	Usage        *Usage          `json:"usage,omitempty"`
+	Error        *Error          `json:"error,omitempty"`
+	Metadata     json.RawMessage `json:"metadata,omitempty"`
+	Token        string          `json:"token,omitempty"`
 }
 
 // View renders the job for a client. Position and eta are filled by the
@@ -128,6 +137,11 @@ func (j *Job) View() View {
 	if !j.DeadlineAt.IsZero() {
 		t := j.DeadlineAt
 		v.DeadlineAt = &t
+	}
+	if !j.DispatchedAt.IsZero() {
+		t := j.DispatchedAt
+		v.DispatchedAt = &t
+		v.DispatchSeq = j.DispatchSeq
 	}
 	if !j.StartedAt.IsZero() {
 		t := j.StartedAt

@@ -320,6 +320,7 @@ func fromHash(id string, m map[string]string) (*Job, error) {
 		FinishedAt: parseMillis(m["finished_at"]), DeadlineAt: parseMillis(m["deadline_at"]),
 		NotBefore: parseMillis(m["not_before"]),
 		FQMember:  m["fq_member"], FQTag: m["fq_tag"],
+		DispatchedAt: parseMillis(m["dispatched_at"]),
 	}
 	j.MaxTokens, _ = strconv.Atoi(m["max_tokens"])
 	j.Attempts, _ = strconv.Atoi(m["attempts"])
@@ -327,6 +328,7 @@ func fromHash(id string, m map[string]string) (*Job, error) {
 	j.CostOut, _ = strconv.Atoi(m["cost_out"])
 	j.Dispatch, _ = strconv.Atoi(m["dispatch"])
 	j.Failures, _ = strconv.Atoi(m["failures"])
+	j.DispatchSeq, _ = strconv.ParseInt(m["dispatch_seq"], 10, 64)
 	if v := m["request"]; v != "" {
 		j.Request = json.RawMessage(v)
 	}

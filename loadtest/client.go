@@ -14,15 +14,19 @@ import (
 // jobView is the part of sluice's job JSON (GET /v1/jobs/{id}, and the 202
 // of POST /v1/jobs) that the load tester reads.
 type jobView struct {
-	ID         string     `json:"id"`
-	Status     string     `json:"status"`
-	UserID     string     `json:"user_id"`
-	Position   *int       `json:"position"`
-	Attempts   int        `json:"attempts"`
-	CreatedAt  time.Time  `json:"created_at"`
-	StartedAt  *time.Time `json:"started_at"`
-	FinishedAt *time.Time `json:"finished_at"`
-	Usage      *struct {
+	ID        string     `json:"id"`
+	Status    string     `json:"status"`
+	UserID    string     `json:"user_id"`
+	Position  *int       `json:"position"`
+	Attempts  int        `json:"attempts"`
+	CreatedAt time.Time  `json:"created_at"`
+	StartedAt *time.Time `json:"started_at"`
+	// DispatchedAt and DispatchSeq: the scheduler's own dispatch time and
+	// order (absent from sluices that predate them).
+	DispatchedAt *time.Time `json:"dispatched_at"`
+	DispatchSeq  int64      `json:"dispatch_seq"`
+	FinishedAt   *time.Time `json:"finished_at"`
+	Usage        *struct {
 		InputTokens              int `json:"input_tokens"`
 		OutputTokens             int `json:"output_tokens"`
 		CacheCreationInputTokens int `json:"cache_creation_input_tokens"`

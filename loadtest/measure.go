@@ -23,11 +23,17 @@ type Job struct {
 	// Seq orders submissions: k was submitted before j if k.Seq < j.Seq.
 	Seq int
 	// Position is the position sluice reported in its 202 answer; 0 if none.
-	Position   int
-	Status     string
-	CreatedAt  time.Time
-	StartedAt  time.Time // zero: never started (as far as the run saw)
-	FinishedAt time.Time // zero: not finished
+	Position  int
+	Status    string
+	CreatedAt time.Time
+	StartedAt time.Time // zero: never started (as far as the run saw)
+	// DispatchedAt and DispatchSeq are the scheduler's dispatch time and
+	// order, when the sluice reports them (zero otherwise): the order fair
+	// queuing chose, which started_at can blur by a few milliseconds when
+	// several jobs are dispatched at once.
+	DispatchedAt time.Time
+	DispatchSeq  int64
+	FinishedAt   time.Time // zero: not finished
 	// Tokens are the tokens the job was served: input + cache writes +
 	// output from its usage; 0 without usage.
 	Tokens   int
@@ -38,6 +44,15 @@ type Job struct {
 
 // Started reports whether the job was dispatched.
 func (j *Job) Started() bool { return !j.StartedAt.IsZero() }
+
+// dispatchTime is when the job left the queue: its dispatch time when
+// known, else its start.
+func (j *Job) dispatchTime() time.Time {
+	if !j.DispatchedAt.IsZero() {
+		return j.DispatchedAt
+	}
+	return j.StartedAt
+}
 
 // Window is the half-open interval [Start, End).
 type Window struct {
@@ -283,8 +298,9 @@ func BurstFairnessWindow(jobs []Job, t0, horizon time.Time, class string) (Windo
 }
 
 // DispatchOrder returns the indexes of the started jobs in the order they
-// were dispatched: by StartedAt, then CreatedAt, then ID (sluice keeps
-// milliseconds, so equal start times are common under load).
+// were dispatched: by the scheduler's DispatchSeq when both jobs have one,
+// else by StartedAt, then CreatedAt, then ID (sluice keeps milliseconds, so
+// equal start times are common under load).
 func DispatchOrder(jobs []Job) []int {
 	var idx []int
 	for i := range jobs {
@@ -294,6 +310,9 @@ func DispatchOrder(jobs []Job) []int {
 	}
 	slices.SortFunc(idx, func(a, b int) int {
 		x, y := &jobs[a], &jobs[b]
+		if x.DispatchSeq > 0 && y.DispatchSeq > 0 {
+			return cmp.Compare(x.DispatchSeq, y.DispatchSeq)
+		}
 		return cmp.Or(x.StartedAt.Compare(y.StartedAt), x.CreatedAt.Compare(y.CreatedAt), cmp.Compare(x.ID, y.ID))
 	})
 	return idx
@@ -317,7 +336,7 @@ func ranks(jobs []Job) []int {
 // same millisecond as j's creation counts as still waiting (the
 // conservative reading: it may have been ahead of j).
 func queuedAt(k, j *Job) bool {
-	return k.Seq < j.Seq && (!k.Started() || !k.StartedAt.Before(j.CreatedAt))
+	return k.Seq < j.Seq && (!k.Started() || !k.dispatchTime().Before(j.CreatedAt))
 }
 
 // PositionAccuracy compares the position sluice reported at submit with
@@ -361,7 +380,7 @@ func MeasurePositions(jobs []Job) PositionAccuracy {
 			if queuedAt(kb, jb) {
 				ahead++
 				aheadAll++
-			} else if !kb.StartedAt.Before(jb.CreatedAt) {
+			} else if !kb.dispatchTime().Before(jb.CreatedAt) {
 				aheadAll++ // submitted later (or together) and overtook
 			}
 		}
@@ -397,7 +416,7 @@ func DispatchesBefore(jobs []Job, j int) (n int, started bool) {
 		if k == j || r[k] < 0 {
 			continue
 		}
-		if jobs[k].StartedAt.Before(jb.CreatedAt) {
+		if jobs[k].dispatchTime().Before(jb.CreatedAt) {
 			continue // dispatched before j arrived
 		}
 		if r[j] < 0 || r[k] < r[j] {

@@ -141,6 +141,10 @@ func jobsOf(subs []*submission) ([]Job, []*submission) {
 		if v.StartedAt != nil {
 			j.StartedAt = *v.StartedAt
 		}
+		if v.DispatchedAt != nil {
+			j.DispatchedAt = *v.DispatchedAt
+			j.DispatchSeq = v.DispatchSeq
+		}
 		if v.FinishedAt != nil {
 			j.FinishedAt = *v.FinishedAt
 		}

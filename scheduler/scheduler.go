@@ -111,6 +111,7 @@ func (k keys) seq() string            { return k.p("seq") }
 func (k keys) dispatching() string    { return k.p("dispatching") }
 func (k keys) deadlines() string      { return k.p("deadlines") }
 func (k keys) expiring() string       { return k.p("expiring") }
+func (k keys) dispatchSeq() string    { return k.p("dispatch_seq") }
 func (k keys) lim() string            { return "sluice:lim:" + k.g }
 func (k keys) reservations() string   { return "sluice:lim:" + k.g + ":res" }
 func (k keys) leases() string         { return "sluice:lim:" + k.g + ":leases" }
@@ -322,7 +323,7 @@ func (s *Scheduler) Dispatch(ctx context.Context, g *config.ModelGroup, max int)
 	args = append(args, g.MaxConcurrency, s.lease.Milliseconds(), max, jobs.KeyPrefix)
 	res, err := dispatchScript.Run(ctx, s.rdb, []string{
 		k.order(), k.delayed(), k.vtime(), k.finish(), k.costs(), k.totals(), k.lim(),
-		k.reservations(), k.leases(), k.dispatching(), k.delayedTags(), k.deadlines(), k.expiring(),
+		k.reservations(), k.leases(), k.dispatching(), k.delayedTags(), k.deadlines(), k.expiring(), k.dispatchSeq(),
 	}, args...).Slice()
 	if err != nil {
 		return Result{}, fmt.Errorf("scheduler: dispatch %s: %w", g.Name, err)

@@ -76,10 +76,12 @@ type Usage struct {
 	CacheReadInputTokens     int `json:"cache_read_input_tokens"`
 }
 
-// Stream sends body (a complete Messages request; stream is forced on) and
-// calls onText for every piece of text as the model writes it. A stream that
-// ends without message_stop is an error (Kind Cut), never a short success.
-func (c *Client) Stream(ctx context.Context, body []byte, onText func(string)) (*Result, error) {
+// Stream sends body (a complete Messages request; stream is forced on),
+// calls onStart with the response headers as soon as the stream begins (the
+// rate-limit headers are freshest then), and onText for every piece of text
+// as the model writes it. A stream that ends without message_stop is an
+// error (Kind Cut), never a short success.
+func (c *Client) Stream(ctx context.Context, body []byte, onStart func(http.Header), onText func(string)) (*Result, error) {
 	var resp *http.Response
 	stream := c.sdk.Messages.NewStreaming(ctx, anthropic.MessageNewParams{},
 		option.WithRequestBody("application/json", body),
@@ -87,7 +89,14 @@ func (c *Client) Stream(ctx context.Context, body []byte, onText func(string)) (
 	)
 	defer stream.Close()
 	acc := newAccumulator()
+	started := false
 	for stream.Next() {
+		if !started {
+			started = true
+			if onStart != nil && resp != nil {
+				onStart(resp.Header)
+			}
+		}
 		ev := stream.Current()
 		if err := acc.add(ev.Type, []byte(ev.RawJSON())); err != nil {
 			return nil, &Error{Kind: KindCut, Message: "the upstream sent a malformed stream: " + err.Error()}

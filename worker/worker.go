@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"math"
 	"math/rand/v2"
+	"net/http"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -286,7 +287,7 @@ func (w *Worker) run(ctx context.Context, a *attempt) error {
 	defer cancelAttempt()
 	var appendErr error
 	start := time.Now()
-	res, err := w.d.Upstream.Stream(attemptCtx, body, func(text string) {
+	res, err := w.d.Upstream.Stream(attemptCtx, body, func(h http.Header) { w.observe(ctx, a, h) }, func(text string) {
 		if appendErr != nil {
 			return
 		}
@@ -296,9 +297,6 @@ func (w *Worker) run(ctx context.Context, a *attempt) error {
 	})
 	elapsed := time.Since(start)
 	cancelCall() // stop the heartbeat; the lease is released by settle or requeue
-	if res != nil {
-		w.observe(ctx, a, res.Header)
-	}
 	if appendErr == nil && err != nil && callCtx.Err() != nil && ctx.Err() == nil && !lost.Load() {
 		// Stopped from outside: a cancel published by an api process.
 		if cur, gerr := w.d.Store.Get(ctx, job.ID); gerr == nil && cur.Status.Terminal() {

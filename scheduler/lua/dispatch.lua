@@ -17,6 +17,7 @@
 -- KEYS[5] costs   KEYS[6] totals    KEYS[7] limiter state
 -- KEYS[8] reservations   KEYS[9] leases   KEYS[10] dispatching
 -- KEYS[11] delayed tags   KEYS[12] deadlines   KEYS[13] expiring
+-- KEYS[14] dispatch sequence
 -- ARGV[1] now ms (0 = Redis TIME)  ARGV[2..5] rpm, input_tpm, output_tpm, burst ms
 -- ARGV[6] max concurrency   ARGV[7] lease ms   ARGV[8] most jobs to pick
 -- ARGV[9] job hash key prefix ("sluice:job:")
@@ -127,6 +128,10 @@ while true do
     if tag > v then v = tag end
     redis.call('ZADD', KEYS[9], now + lease_ms, id)
     local n = redis.call('HINCRBY', prefix .. id, 'dispatch', 1)
+    if n == 1 then
+      -- The first dispatch's time and place in the group's dispatch order.
+      redis.call('HSET', prefix .. id, 'dispatched_at', now, 'dispatch_seq', redis.call('INCR', KEYS[14]))
+    end
     redis.call('ZADD', KEYS[10], now, id .. '|' .. n)
     out[#out + 1] = id
     out[#out + 1] = n

@@ -31,7 +31,9 @@ for d = 1, 3 do
   local rem = tonumber(ARGV[5 + 2 * d])
   if rem >= 0 then
     local level = rem - (lims[d] - caps[d])
-    if level < st[levels[d]] then st[levels[d]] = level end
+    local tolerance = 0.02 * lims[d]
+    if d == 1 then tolerance = tolerance + 1 end
+    if level + tolerance < st[levels[d]] then st[levels[d]] = level end
   end
 end
 lim_save(st)
