@@ -66,7 +66,7 @@ func (s *Server) createJob(c *echo.Context) error {
 		v := job.View()
 		v.Token = token
 		v.Position, v.ETASeconds = &res.Position, &res.ETA
-		log.Info("job accepted", "job_id", job.ID, "model", job.Model, "position", res.Position, "eta_seconds", res.ETA, "input_estimate", input)
+		log.Debug("job accepted", "job_id", job.ID, "model", job.Model, "position", res.Position, "eta_seconds", res.ETA, "input_estimate", input)
 		c.Response().Header().Set("Location", "/v1/jobs/"+job.ID)
 		return c.JSON(http.StatusAccepted, v)
 	case scheduler.Replay:
@@ -187,7 +187,7 @@ func (s *Server) inputTokens(ctx context.Context, req *createRequest) int {
 		}
 		s.log.Warn("count_tokens failed; using the local estimate", "group", req.Group.Name, "err", err)
 	}
-	return s.d.Estimator.Input(ctx, req.Model, req.Request)
+	return s.d.Estimator.Input(ctx, req.Model, req.RawInput)
 }
 
 // fitsLimits refuses a request that could never run: above the tenant's

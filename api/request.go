@@ -10,6 +10,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/sluice-dev/sluice/config"
+	"github.com/sluice-dev/sluice/estimate"
 )
 
 // createRequest is a validated POST /v1/jobs body.
@@ -21,6 +22,7 @@ type createRequest struct {
 	DeadlineSeconds float64         // 0 = none
 	Request         json.RawMessage // the Messages body to send: max_tokens filled in, stream and metadata removed
 	Metadata        json.RawMessage // the client's own metadata, kept with the job
+	RawInput        int             // estimate.Raw of the request, from the parsed parts
 }
 
 const (
@@ -136,9 +138,11 @@ func parseCreate(body []byte, cfg *config.Config, tenant *config.Tenant) (*creat
 	}
 
 	// messages
-	if err := checkMessages(req["messages"], tenant.MaxMessages); err != nil {
+	contents, err := checkMessages(req["messages"], tenant.MaxMessages)
+	if err != nil {
 		return nil, err
 	}
+	out.RawInput = estimate.RawParts(req["system"], contents, req["tools"])
 
 	// stream: the job API streams through /v1/jobs/{id}/events instead.
 	if raw, ok := req["stream"]; ok {
@@ -175,58 +179,61 @@ func parseCreate(body []byte, cfg *config.Config, tenant *config.Tenant) (*creat
 	return out, nil
 }
 
-func checkMessages(raw json.RawMessage, max int) error {
+// checkMessages validates request.messages and returns each one's content.
+func checkMessages(raw json.RawMessage, max int) ([]json.RawMessage, error) {
 	if raw == nil || isNull(raw) {
-		return invalid("request.messages", "request.messages is missing: give at least one message, e.g. [{\"role\": \"user\", \"content\": \"Hello\"}].")
+		return nil, invalid("request.messages", "request.messages is missing: give at least one message, e.g. [{\"role\": \"user\", \"content\": \"Hello\"}].")
 	}
 	var msgs []map[string]json.RawMessage
 	if err := json.Unmarshal(raw, &msgs); err != nil {
-		return invalid("request.messages", "request.messages must be an array of {role, content} objects.")
+		return nil, invalid("request.messages", "request.messages must be an array of {role, content} objects.")
 	}
 	if len(msgs) == 0 {
-		return invalid("request.messages", "request.messages is empty: give at least one message.")
+		return nil, invalid("request.messages", "request.messages is empty: give at least one message.")
 	}
 	if max > 0 && len(msgs) > max {
-		return invalid("request.messages", "request.messages holds %d messages; at most %d are allowed in one request. Drop the oldest ones.", len(msgs), max)
+		return nil, invalid("request.messages", "request.messages holds %d messages; at most %d are allowed in one request. Drop the oldest ones.", len(msgs), max)
 	}
+	contents := make([]json.RawMessage, len(msgs))
 	for i, m := range msgs {
 		path := fmt.Sprintf("request.messages[%d]", i)
 		if m == nil {
-			return invalid(path, "%s must be an object with role and content.", path)
+			return nil, invalid(path, "%s must be an object with role and content.", path)
 		}
 		var role string
 		if err := json.Unmarshal(m["role"], &role); err != nil || (role != "user" && role != "assistant") {
-			return invalid(path+".role", "%s.role must be \"user\" or \"assistant\".", path)
+			return nil, invalid(path+".role", "%s.role must be \"user\" or \"assistant\".", path)
 		}
 		c, ok := m["content"]
+		contents[i] = c
 		if !ok || isNull(c) {
-			return invalid(path+".content", "%s.content is missing: give a string or an array of content blocks.", path)
+			return nil, invalid(path+".content", "%s.content is missing: give a string or an array of content blocks.", path)
 		}
 		switch firstByte(c) {
 		case '"':
 			var s string
 			if err := json.Unmarshal(c, &s); err != nil {
-				return invalid(path+".content", "%s.content is not a valid string.", path)
+				return nil, invalid(path+".content", "%s.content is not a valid string.", path)
 			}
 			if s == "" && i == len(msgs)-1 && role == "user" {
-				return invalid(path+".content", "%s.content is empty: the last user message needs some text.", path)
+				return nil, invalid(path+".content", "%s.content is empty: the last user message needs some text.", path)
 			}
 		case '[':
 			var blocks []map[string]json.RawMessage
 			if err := json.Unmarshal(c, &blocks); err != nil {
-				return invalid(path+".content", "%s.content must be a string or an array of content blocks (objects with a type).", path)
+				return nil, invalid(path+".content", "%s.content must be a string or an array of content blocks (objects with a type).", path)
 			}
 			for j, b := range blocks {
 				var typ string
 				if b == nil || json.Unmarshal(b["type"], &typ) != nil || typ == "" {
-					return invalid(fmt.Sprintf("%s.content[%d].type", path, j), "Every content block needs a type, such as \"text\".")
+					return nil, invalid(fmt.Sprintf("%s.content[%d].type", path, j), "Every content block needs a type, such as \"text\".")
 				}
 			}
 		default:
-			return invalid(path+".content", "%s.content must be a string or an array of content blocks.", path)
+			return nil, invalid(path+".content", "%s.content must be a string or an array of content blocks.", path)
 		}
 	}
-	return nil
+	return contents, nil
 }
 
 // checkUserID: 1–256 printable characters.

@@ -31,17 +31,27 @@ func Raw(body []byte) int {
 	if err := json.Unmarshal(body, &req); err != nil {
 		return textTokens(body)
 	}
-	n := 8.0
-	n += content(req.System)
-	for _, m := range req.Messages {
+	contents := make([]json.RawMessage, len(req.Messages))
+	for i, m := range req.Messages {
 		var msg struct {
 			Content json.RawMessage `json:"content"`
 		}
 		_ = json.Unmarshal(m, &msg)
-		n += 4 + content(msg.Content)
+		contents[i] = msg.Content
 	}
-	if len(req.Tools) > 0 && string(req.Tools) != "null" {
-		n += float64(textTokens(req.Tools))
+	return RawParts(req.System, contents, req.Tools)
+}
+
+// RawParts is Raw from a request already taken apart: its system prompt,
+// each message's content, and its tools.
+func RawParts(system json.RawMessage, contents []json.RawMessage, tools json.RawMessage) int {
+	n := 8.0
+	n += content(system)
+	for _, c := range contents {
+		n += 4 + content(c)
+	}
+	if len(tools) > 0 && string(tools) != "null" {
+		n += float64(textTokens(tools))
 	}
 	return int(math.Ceil(n))
 }
@@ -154,9 +164,10 @@ func (c *Calibrator) Ratio(ctx context.Context, model string) float64 {
 	return r
 }
 
-// Input is the calibrated estimate of a request's input tokens.
-func (c *Calibrator) Input(ctx context.Context, model string, body []byte) int {
-	return Calibrated(Raw(body), c.Ratio(ctx, model), c.margin)
+// Input is the calibrated estimate of a request's input tokens, from its
+// Raw count.
+func (c *Calibrator) Input(ctx context.Context, model string, raw int) int {
+	return Calibrated(raw, c.Ratio(ctx, model), c.margin)
 }
 
 // Calibrated applies a ratio and a margin to a raw count.

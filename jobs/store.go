@@ -64,7 +64,6 @@ const (
 // Errors of the store. The api maps them to HTTP statuses in one place.
 var (
 	ErrNotFound = errors.New("job not found")
-	ErrExists   = errors.New("job id already exists")
 )
 
 // StateError says a transition was refused because of the job's status.

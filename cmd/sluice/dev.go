@@ -160,6 +160,11 @@ Submit a job and follow its events:
     | grep -o '"id":"[^"]*"' | head -1 | cut -d'"' -f4) && echo "job $JOB" && \
   curl -sN %[1]s/v1/jobs/$JOB/events -H 'x-api-key: %[2]s'
 
+Spend bob's quota (20 requests an hour) and read the refusal:
+
+  for i in $(seq 21); do curl -s -o /tmp/sluice-last.json -w '%%{http_code} ' %[1]s/v1/jobs -H 'x-api-key: %[2]s'     -d '{"user_id":"bob","request":{"model":"%[5]s","max_tokens":20,"messages":[{"role":"user","content":"hi"}]}}'; done;   echo; cat /tmp/sluice-last.json; echo
+  curl -s %[1]s/v1/users/bob/usage -H 'x-api-key: %[2]s'
+
 `, base, key, redisNote, upstreamNote, model, admin)
 	})
 }
@@ -172,6 +177,10 @@ admin_keys: [%q]
 tenants:
   - name: dev
     keys: [%q]
+    # Small quotas so you can watch one being spent and refused.
+    requests_per_hour: 20
+    tokens_per_hour: 100000
+    max_queued: 20
 model_groups:
   - name: claude
     models: ["claude-*"]

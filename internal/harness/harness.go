@@ -43,6 +43,7 @@ type Options struct {
 	Fake        fakeanthropic.Config // Groups default to roomy limits; APIKeys to UpstreamKey
 	ExtraConfig string               // YAML appended to the harness config
 	NoWorker    bool
+	Quiet       bool   // log at info, not debug (benchmarks)
 	GroupExtra  string // YAML lines added to the model group (indented 4 spaces)
 	TenantExtra string // YAML lines added to tenant "acme" (indented 4 spaces)
 	// Clock, when set, is the clock of the api and of every scheduler
@@ -62,6 +63,7 @@ type Env struct {
 	Server *api.Server
 	Worker *worker.Worker
 	logs   *lockedWriter
+	level  slog.Level
 }
 
 // BaseConfig is the harness's configuration, for a given upstream URL.
@@ -102,7 +104,10 @@ worker:
 // Start runs sluice for the test and stops it when the test ends.
 func Start(tb testing.TB, o Options) *Env {
 	tb.Helper()
-	e := &Env{logs: &lockedWriter{w: &bytes.Buffer{}}}
+	e := &Env{logs: &lockedWriter{w: &bytes.Buffer{}}, level: slog.LevelDebug}
+	if o.Quiet {
+		e.level = slog.LevelInfo
+	}
 	e.Redis = redistest.Start(tb)
 	e.RDB = e.Redis.Client(tb)
 
@@ -132,7 +137,7 @@ func Start(tb testing.TB, o Options) *Env {
 		tb.Fatalf("harness config: %v", err)
 	}
 	e.Config = cfg
-	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: e.level}))
 	e.Store = jobs.NewStore(e.RDB, jobs.Options{})
 	e.Sched = scheduler.New(e.RDB, e.Store, scheduler.Options{LeaseTTL: cfg.Worker.LeaseTTL, Clock: o.Clock})
 
@@ -290,7 +295,7 @@ func (e *Env) Logs() string {
 // second worker process, or the first when Options.NoWorker was set).
 func StartWorker(tb testing.TB, e *Env) *worker.Worker {
 	tb.Helper()
-	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: e.level}))
 	up := upstream.New(upstream.Options{BaseURL: e.Config.Upstream.BaseURL, APIKey: e.Config.Upstream.APIKey})
 	w := worker.New(worker.Deps{Config: e.Config, Redis: e.RDB, Store: e.Store, Scheduler: e.Sched,
 		Estimator: estimate.NewCalibrator(e.RDB), Upstream: up, Logger: log})
@@ -308,7 +313,7 @@ func StartAPI(tb testing.TB, e *Env) *httptest.Server {
 	rdb := e.Redis.Client(tb)
 	store := jobs.NewStore(rdb, jobs.Options{})
 	sched := scheduler.New(rdb, store, scheduler.Options{LeaseTTL: e.Config.Worker.LeaseTTL})
-	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: e.level}))
 	hub := jobs.NewHub(store, log)
 	secret, err := jobs.TokenSecret(context.Background(), rdb)
 	if err != nil {

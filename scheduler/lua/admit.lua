@@ -25,7 +25,7 @@
 -- KEYS[11] user quota    KEYS[12] user counts    KEYS[13] tenant job index
 -- KEYS[14] user job index   KEYS[15] deadlines
 -- ARGV[1] now ms (0 = Redis TIME)   ARGV[2] job id   ARGV[3] ttl seconds
--- ARGV[4] events channel   ARGV[5] stream max length   ARGV[6] user key
+-- ARGV[4] (unused)   ARGV[5] stream max length   ARGV[6] user key
 -- ARGV[7] input estimate   ARGV[8] max_tokens   ARGV[9] weight
 -- ARGV[10] wake channel    ARGV[11..14] rpm, input_tpm, output_tpm, burst ms
 -- ARGV[15] max concurrency
@@ -34,6 +34,7 @@
 -- ARGV[20] request body hash ("" = no idempotency key)   ARGV[21] key ttl seconds
 -- ARGV[22] deadline ms (0 = none)
 -- ARGV[23..] job hash field, value pairs
+-- Job ids are 128 random bits: the record is not checked for existence.
 -- Reply, one of:
 --   {"ok", event id, position, eta seconds, quota remaining, quota reset s}
 --   {"replay", job id}
@@ -57,7 +58,8 @@ end
 
 -- 2. Quotas: buckets of the hourly figures, refilled continuously.
 local rph, tph = tonumber(ARGV[16]), tonumber(ARGV[17])
-local q = redis.call('HMGET', KEYS[11], 'r', 't', 'ts')
+local q = {}
+if rph > 0 or tph > 0 then q = redis.call('HMGET', KEYS[11], 'r', 't', 'ts') end
 local qts = num(q[3], now)
 local qdt = math.max(0, now - qts)
 local qr, qt = 0, 0
@@ -134,7 +136,8 @@ redis.call('HINCRBY', KEYS[12], 'queued', 1)
 redis.call('EXPIRE', KEYS[12], ttl)
 for _, k in ipairs({KEYS[13], KEYS[14]}) do
   redis.call('ZADD', k, now, id)
-  redis.call('ZREMRANGEBYSCORE', k, '-inf', now - ttl * 1000)
+  -- Entries older than the records they name: trimmed now and then.
+  if seq % 64 == 0 then redis.call('ZREMRANGEBYSCORE', k, '-inf', now - ttl * 1000) end
   redis.call('EXPIRE', k, ttl)
 end
 if ARGV[20] ~= '' then
@@ -142,8 +145,8 @@ if ARGV[20] ~= '' then
 end
 
 local data = '{"position":' .. position .. ',"eta_seconds":' .. eta .. '}'
+-- Nobody can follow the job before it exists: its first event is only logged.
 local ev = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'event', 'queued', 'data', data)
 redis.call('EXPIRE', KEYS[2], ttl)
-redis.call('PUBLISH', ARGV[4], '{"id":"' .. ev .. '","event":"queued","data":' .. data .. '}')
 redis.call('PUBLISH', ARGV[10], 'arrival')
 return {'ok', ev, position, eta, qremaining, qreset}
