@@ -190,10 +190,7 @@ func (s *Store) Apply(ctx context.Context, j *Job, t Transition) (attempts int, 
 	if t.CountAttempt {
 		count = "1"
 	}
-	ttl := "0"
-	if t.To.Terminal() {
-		ttl = s.ttl()
-	}
+	ttl := s.ttl() // every transition keeps the record and its log alive
 	args := []any{strings.Join(from, " "), string(t.To), t.Event, string(data), channel(id), ttl, count, s.maxEvents, t.Dispatch}
 	for k, v := range t.Set {
 		args = append(args, k, v)
@@ -247,17 +244,27 @@ type Event struct {
 func (e Event) Terminal() bool { return Status(e.Name).Terminal() }
 
 // Events returns up to count events logged after the event id after ("" =
-// from the start).
+// from the start). The job's first event (queued) is kept in its record
+// rather than its stream (admission is cheaper so); it comes first here.
 func (s *Store) Events(ctx context.Context, id, after string, count int64) ([]Event, error) {
 	start := "-"
 	if after != "" {
 		start = "(" + after
 	}
-	msgs, err := s.rdb.XRangeN(ctx, eventsKey(id), start, "+", count).Result()
-	if err != nil {
+	pipe := s.rdb.Pipeline()
+	first := pipe.HMGet(ctx, jobKey(id), "ev0_id", "ev0")
+	rng := pipe.XRangeN(ctx, eventsKey(id), start, "+", count)
+	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
 		return nil, fmt.Errorf("jobs: events of %s: %w", id, err)
 	}
-	out := make([]Event, 0, len(msgs))
+	msgs := rng.Val()
+	out := make([]Event, 0, len(msgs)+1)
+	if v := first.Val(); len(v) == 2 && v[0] != nil && v[1] != nil {
+		ev0 := Event{ID: fmt.Sprint(v[0]), Name: string(Queued), Data: json.RawMessage(fmt.Sprint(v[1]))}
+		if after == "" || compareEventIDs(ev0.ID, after) > 0 {
+			out = append(out, ev0)
+		}
+	}
 	for _, m := range msgs {
 		name, _ := m.Values["event"].(string)
 		data, _ := m.Values["data"].(string)

@@ -19,7 +19,7 @@
 -- behind a heavy user's backlog is next. The queue is one sorted set of all
 -- the group's jobs by start tag: pick and rank are O(log n).
 --
--- KEYS[1] job hash   KEYS[2] job events   KEYS[3] sequence   KEYS[4] order
+-- KEYS[1] job hash   KEYS[2] (unused)     KEYS[3] sequence   KEYS[4] order
 -- KEYS[5] finish tags (zset user -> F)    KEYS[6] V          KEYS[7] costs
 -- KEYS[8] queue totals   KEYS[9] limiter state   KEYS[10] idempotency key
 -- KEYS[11] user quota    KEYS[12] user counts    KEYS[13] tenant job index
@@ -145,8 +145,12 @@ if ARGV[20] ~= '' then
 end
 
 local data = '{"position":' .. position .. ',"eta_seconds":' .. eta .. '}'
--- Nobody can follow the job before it exists: its first event is only logged.
-local ev = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'event', 'queued', 'data', data)
-redis.call('EXPIRE', KEYS[2], ttl)
+-- The first event lives in the record (a stream per job costs more than the
+-- rest of admission); the log's readers put it first. Its id is a
+-- millisecond before Redis's clock, so every later event (XADD '*') sorts
+-- after it. Nobody can follow the job before it exists: it is not published.
+local rt = redis.call('TIME')
+local ev = tostring(tonumber(rt[1]) * 1000 + math.floor(tonumber(rt[2]) / 1000) - 1) .. '-0'
+redis.call('HSET', KEYS[1], 'ev0_id', ev, 'ev0', data)
 redis.call('PUBLISH', ARGV[10], 'arrival')
 return {'ok', ev, position, eta, qremaining, qreset}
