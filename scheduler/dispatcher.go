@@ -127,8 +127,10 @@ func (d *Dispatcher) loop(ctx context.Context, g *config.ModelGroup, wake chan s
 	defer timer.Stop()
 	lastHandOver := time.Time{}
 	for {
-		sleep := d.round(ctx, log, g)
-		d.expire(ctx, log, g)
+		sleep, expiring := d.round(ctx, log, g)
+		if expiring {
+			d.expire(ctx, log, g)
+		}
 		if time.Since(lastHandOver) > d.d.HandOverAfter {
 			d.handOver(ctx, log, g)
 			lastHandOver = time.Now()
@@ -156,28 +158,30 @@ func (d *Dispatcher) loop(ctx context.Context, g *config.ModelGroup, wake chan s
 	}
 }
 
-// round runs dispatch rounds until one says to wait, and returns how long.
-func (d *Dispatcher) round(ctx context.Context, log *slog.Logger, g *config.ModelGroup) time.Duration {
+// round runs one dispatch round and says how long to sleep after it, and
+// whether jobs past their deadline wait to be expired.
+func (d *Dispatcher) round(ctx context.Context, log *slog.Logger, g *config.ModelGroup) (time.Duration, bool) {
 	res, err := d.d.Scheduler.Dispatch(ctx, g, d.batch)
 	if err != nil {
 		if ctx.Err() == nil {
 			log.Error("dispatch failed; retrying shortly", "err", err)
 		}
-		return 500 * time.Millisecond
+		return 500 * time.Millisecond, false
 	}
 	for _, p := range res.Jobs {
 		d.enqueue(ctx, log, g.Name, p)
 	}
+	expiring := res.Expiring > 0
 	switch res.State {
 	case More:
-		return 0
+		return 0, expiring
 	case Wait, Full:
-		return min(max(res.Wait, time.Millisecond), safetyWake)
+		return min(max(res.Wait, time.Millisecond), safetyWake), expiring
 	default: // Empty
 		if res.Wait > 0 {
-			return min(res.Wait, safetyWake)
+			return min(res.Wait, safetyWake), expiring
 		}
-		return safetyWake
+		return safetyWake, expiring
 	}
 }
 

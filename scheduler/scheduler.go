@@ -310,9 +310,10 @@ type Picked struct {
 
 // Result of one dispatch round.
 type Result struct {
-	State State
-	Wait  time.Duration
-	Jobs  []Picked
+	State    State
+	Wait     time.Duration
+	Jobs     []Picked
+	Expiring int // jobs past their deadline waiting to be expired (Expiring)
 }
 
 // Dispatch picks up to max jobs of group g in fair order that the limiter
@@ -328,8 +329,8 @@ func (s *Scheduler) Dispatch(ctx context.Context, g *config.ModelGroup, max int)
 	if err != nil {
 		return Result{}, fmt.Errorf("scheduler: dispatch %s: %w", g.Name, err)
 	}
-	r := Result{State: State(fmt.Sprint(res[0])), Wait: time.Duration(toInt(res[1])) * time.Millisecond}
-	for i := 2; i+1 < len(res); i += 2 {
+	r := Result{State: State(fmt.Sprint(res[0])), Wait: time.Duration(toInt(res[1])) * time.Millisecond, Expiring: toInt(res[2])}
+	for i := 3; i+1 < len(res); i += 2 {
 		r.Jobs = append(r.Jobs, Picked{JobID: fmt.Sprint(res[i]), Dispatch: toInt(res[i+1])})
 	}
 	return r, nil

@@ -172,13 +172,13 @@ func (w *Worker) listenCancels(ctx context.Context) {
 // fair queue (first in line) and run again elsewhere, as a new attempt.
 func (w *Worker) Shutdown() {
 	w.stopOnce.Do(func() {
-		grace := w.d.Config.Worker.ShutdownTimeout
-		// Stop handlers a little before asynq gives up on them, so each hands
-		// its job back itself.
 		if w.dispStop != nil {
 			w.dispStop() // dispatch no more: other processes' dispatchers take over
 			w.dispWG.Wait()
 		}
+		// Stop handlers a little before asynq gives up on them, so each hands
+		// its job back itself.
+		grace := w.d.Config.Worker.ShutdownTimeout
 		t := time.AfterFunc(grace*9/10, w.cancel)
 		defer t.Stop()
 		w.srv.Shutdown()

@@ -21,7 +21,8 @@
 -- ARGV[1] now ms (0 = Redis TIME)  ARGV[2..5] rpm, input_tpm, output_tpm, burst ms
 -- ARGV[6] max concurrency   ARGV[7] lease ms   ARGV[8] most jobs to pick
 -- ARGV[9] job hash key prefix ("sluice:job:")
--- Reply: {state, ms, job id 1, dispatch 1, job id 2, dispatch 2, ...}
+-- Reply: {state, ms, expiring, job id 1, dispatch 1, job id 2, dispatch 2, ...}
+--   expiring: how many jobs wait in the expiring set
 --   state "more"  the pick limit was reached: call again at once
 --         "wait"  the next job fits in ms (limiter or freeze)
 --         "full"  every concurrency slot is taken; the first lease ends in ms
@@ -80,7 +81,7 @@ for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[12], '-inf', now)) do
 end
 
 local st = lim_load(KEYS[7], now, cfg)
-local out = {'', 0}
+local out = {'', 0, 0}
 local picked = 0
 local v = num(redis.call('GET', KEYS[3]), 0)
 local v0 = v
@@ -151,4 +152,5 @@ if #dl > 0 then
   if out[1] ~= 'more' and (out[2] < 0 or d < out[2]) then out[2] = d end
 end
 out[2] = math.floor(out[2])
+out[3] = redis.call('ZCARD', KEYS[13])
 return out
