@@ -51,6 +51,7 @@ type Server struct {
 	// SSE heartbeat period: a comment line keeps idle streams alive through
 	// proxies that cut silent connections.
 	heartbeat time.Duration
+	watching  watchers
 }
 
 // DefaultHeartbeat is the SSE heartbeat period.
@@ -63,6 +64,10 @@ func New(d Deps) *Server {
 	}
 	s := &Server{cfg: d.Config, d: d, log: d.Logger, now: d.Clock, heartbeat: DefaultHeartbeat}
 	s.stop, s.close = context.WithCancel(context.Background())
+	s.watching.jobs = map[string]*watched{}
+	if d.Scheduler != nil {
+		go s.pushPositions()
+	}
 	e := echo.New()
 	e.Logger = d.Logger
 	e.HTTPErrorHandler = s.httpErrorHandler

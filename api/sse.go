@@ -32,6 +32,10 @@ func (s *Server) jobEvents(c *echo.Context) error {
 	stopWatch := context.AfterFunc(s.stop, cancel)
 	defer stopWatch()
 
+	if job.Status == jobs.Queued {
+		defer s.watch(job)() // its position moves while it waits
+	}
+
 	// Subscribe before reading the log, so nothing falls between the two.
 	sub, err := s.d.Hub.Subscribe(ctx, job.ID)
 	if err != nil {

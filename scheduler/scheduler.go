@@ -45,6 +45,8 @@ var (
 	positionSrc string
 	//go:embed lua/remove.lua
 	removeSrc string
+	//go:embed lua/push.lua
+	pushSrc string
 
 	admitScript    = redis.NewScript(prelude + admitSrc)
 	dispatchScript = redis.NewScript(prelude + dispatchSrc)
@@ -55,6 +57,7 @@ var (
 	requeueScript  = redis.NewScript(prelude + requeueSrc)
 	positionScript = redis.NewScript(prelude + positionSrc)
 	removeScript   = redis.NewScript(prelude + removeSrc)
+	pushScript     = redis.NewScript(prelude + pushSrc)
 )
 
 // DefaultLeaseTTL is how long a concurrency lease lasts without a heartbeat:
@@ -410,6 +413,41 @@ func (s *Scheduler) Settle(ctx context.Context, st Settlement) (limiter, quota b
 		return false, false, fmt.Errorf("scheduler: settle %s: %w", j.ID, err)
 	}
 	return res[0] == 1, res[1] == 1, nil
+}
+
+// Watched is a waiting job someone follows.
+type Watched struct {
+	ID, Member string
+	Group      *config.ModelGroup
+}
+
+// PushPositions logs a `queued` event for each watched job whose position
+// changed since its last one (at most one a second per job), in one
+// pipelined round trip. It returns the jobs that no longer wait in a queue.
+func (s *Scheduler) PushPositions(ctx context.Context, ws []Watched) (gone []string, err error) {
+	if len(ws) == 0 {
+		return nil, nil
+	}
+	if err := pushScript.Load(ctx, s.rdb).Err(); err != nil {
+		return nil, err
+	}
+	pipe := s.rdb.Pipeline()
+	cmds := make([]*redis.Cmd, len(ws))
+	for i, w := range ws {
+		k := keys{w.Group.Name}
+		args := append([]any{s.now(), w.Member}, limits(w.Group)...)
+		args = append(args, w.Group.MaxConcurrency, jobs.Channel(w.ID), s.store.MaxEvents(), s.store.TTLSeconds(), 1000)
+		cmds[i] = pushScript.EvalSha(ctx, pipe, []string{k.order(), k.totals(), k.lim(), jobs.Key(w.ID), jobs.EventsKey(w.ID)}, args...)
+	}
+	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+		return nil, fmt.Errorf("scheduler: push positions: %w", err)
+	}
+	for i, c := range cmds {
+		if n, _ := c.Int(); n == 0 {
+			gone = append(gone, ws[i].ID)
+		}
+	}
+	return gone, nil
 }
 
 // Remove takes a canceled job out of its group's queue (and its retry

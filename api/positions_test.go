@@ -1,0 +1,91 @@
+package api_test
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sluice-dev/sluice/internal/harness"
+)
+
+func TestPositionChangesArePushed(t *testing.T) {
+	e := harness.Start(t, harness.Options{NoWorker: true})
+	a := e.Submit(t, harness.JobBody("u1", "hi"))
+	b := e.Submit(t, harness.JobBody("u2", "hi"))
+	c := e.Submit(t, harness.JobBody("u3", "hi"))
+	if *c.Position != 3 {
+		t.Fatalf("position %d", *c.Position)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, e.API.URL+"/v1/jobs/"+c.ID+"/events?token="+c.Token, nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	type ev struct {
+		id       string
+		position int
+	}
+	events := make(chan ev, 16)
+	go func() {
+		defer close(events)
+		sc := bufio.NewScanner(resp.Body)
+		var id string
+		var name string
+		for sc.Scan() {
+			line := sc.Text()
+			switch {
+			case strings.HasPrefix(line, "id: "):
+				id = line[4:]
+			case strings.HasPrefix(line, "event: "):
+				name = line[7:]
+			case strings.HasPrefix(line, "data: ") && name == "queued":
+				var d struct{ Position int }
+				_ = json.Unmarshal([]byte(line[6:]), &d)
+				events <- ev{id, d.Position}
+			}
+		}
+	}()
+	next := func(want int) ev {
+		t.Helper()
+		select {
+		case got, ok := <-events:
+			if !ok || got.position != want {
+				t.Fatalf("queued event %+v (open %v), want position %d", got, ok, want)
+			}
+			return got
+		case <-ctx.Done():
+			t.Fatalf("no queued event with position %d", want)
+		}
+		return ev{}
+	}
+	first := next(3)
+	for i, id := range []string{a.ID, b.ID} {
+		if resp, body := e.Do(t, http.MethodDelete, "/v1/jobs/"+id, harness.TenantKey, nil); resp.StatusCode != 200 {
+			t.Fatalf("cancel: %s", body)
+		}
+		got := next(2 - i)
+		if got.id == "" || got.id == first.id {
+			t.Fatalf("pushed event id %q", got.id)
+		}
+	}
+	// A client reconnecting after the first event gets the pushed ones again.
+	req, _ = http.NewRequestWithContext(ctx, http.MethodGet, e.API.URL+"/v1/jobs/"+c.ID+"/events", nil)
+	req.Header.Set("x-api-key", harness.TenantKey)
+	req.Header.Set("Last-Event-ID", first.id)
+	resp2, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp2.Body.Close()
+	replay := harness.ReadSSE(t, resp2.Body, 2)
+	if len(replay) != 2 || !strings.Contains(replay[0].Data, `"position":2`) || !strings.Contains(replay[1].Data, `"position":1`) {
+		t.Fatalf("replay after the first event: %+v", replay)
+	}
+}
