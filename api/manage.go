@@ -35,30 +35,50 @@ func (s *Server) cancelJob(c *echo.Context) error {
 	if !ok {
 		return fmt.Errorf("job %s: unknown group %q", job.ID, job.Group)
 	}
+	from, err := s.cancel(ctx, job, g, jobs.Queued, jobs.Running)
+	var se *jobs.StateError
+	if errors.As(err, &se) {
+		if se.Current.Terminal() {
+			return &Error{Status: http.StatusConflict, Type: "conflict",
+				Message: fmt.Sprintf("This job has already finished (%s), so there is nothing to cancel; nothing was changed.", se.Current),
+				Extra:   map[string]any{"status": se.Current}}
+		}
+		return &Error{Status: http.StatusConflict, Type: "conflict", Message: "This job changed state while it was being canceled; look at it again."}
+	}
+	if err != nil {
+		return err
+	}
+	s.log.Info("job canceled", "job_id", job.ID, "tenant", job.Tenant, "user_id", job.UserID, "was", from)
+	job, err = s.d.Store.Get(ctx, job.ID)
+	if err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, job.View())
+}
+
+// cancel moves job to canceled from the first of the given statuses it is
+// in. A queued job leaves its lane and gets every reservation back (a
+// worker that already holds its task finds it canceled and settles nothing
+// twice); a running job's worker is told to stop its call and charge what it
+// used. It fails with *jobs.StateError when the job is in none of them.
+func (s *Server) cancel(ctx context.Context, job *jobs.Job, g *config.ModelGroup, from ...jobs.Status) (jobs.Status, error) {
 	t := jobs.Transition{
 		To:    jobs.Canceled,
 		Set:   map[string]string{"finished_at": jobs.MillisString(s.now().UTC())},
 		Event: "canceled", EventData: struct{}{},
 	}
-	for _, from := range []jobs.Status{jobs.Queued, jobs.Running} {
-		t.From = []jobs.Status{from}
+	var err error
+	for _, f := range from {
+		t.From = []jobs.Status{f}
 		_, err = s.d.Store.Apply(ctx, job, t)
 		var se *jobs.StateError
-		if errors.As(err, &se) {
-			if se.Current.Terminal() {
-				return &Error{Status: http.StatusConflict, Type: "conflict",
-					Message: fmt.Sprintf("This job has already finished (%s), so there is nothing to cancel; nothing was changed.", se.Current),
-					Extra:   map[string]any{"status": se.Current}}
-			}
+		if errors.As(err, &se) && !se.Current.Terminal() {
 			continue // it moved on (queued → running) meanwhile: try the next state
 		}
 		if err != nil {
-			return err
+			return "", err
 		}
-		if from == jobs.Queued {
-			// Out of the queue now, and everything reserved given back. (A
-			// worker that already holds the task finds it canceled and
-			// settles nothing twice.)
+		if f == jobs.Queued {
 			if err := s.d.Scheduler.Remove(ctx, g, job); err != nil {
 				s.log.Warn("could not take a canceled job out of its queue; the dispatcher will drop it", "job_id", job.ID, "err", err)
 			}
@@ -70,14 +90,9 @@ func (s *Server) cancelJob(c *echo.Context) error {
 		} else if err := s.d.Redis.Publish(ctx, cancelChannel, job.ID).Err(); err != nil {
 			s.log.Warn("could not announce a cancel; the worker stops at its next write", "job_id", job.ID, "err", err)
 		}
-		s.log.Info("job canceled", "job_id", job.ID, "tenant", job.Tenant, "user_id", job.UserID, "was", from)
-		job, err = s.d.Store.Get(ctx, job.ID)
-		if err != nil {
-			return err
-		}
-		return c.JSON(http.StatusOK, job.View())
+		return f, nil
 	}
-	return &Error{Status: http.StatusConflict, Type: "conflict", Message: "This job changed state while it was being canceled; look at it again."}
+	return "", err
 }
 
 func (s *Server) policy(j *jobs.Job) config.UserPolicy {

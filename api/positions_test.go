@@ -4,12 +4,14 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"io"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/sluice-dev/sluice/internal/harness"
+	"github.com/sluice-dev/sluice/jobs"
 )
 
 func TestPositionChangesArePushed(t *testing.T) {
@@ -87,5 +89,44 @@ func TestPositionChangesArePushed(t *testing.T) {
 	replay := harness.ReadSSE(t, resp2.Body, 2)
 	if len(replay) != 2 || !strings.Contains(replay[0].Data, `"position":2`) || !strings.Contains(replay[1].Data, `"position":1`) {
 		t.Fatalf("replay after the first event: %+v", replay)
+	}
+}
+
+func TestCancelOnDisconnect(t *testing.T) {
+	e := harness.Start(t, harness.Options{NoWorker: true})
+	v := e.Submit(t, harness.JobBody("alice", "hi"))
+	open := func() (context.CancelFunc, chan struct{}) {
+		ctx, cancel := context.WithCancel(context.Background())
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, e.API.URL+"/v1/jobs/"+v.ID+"/events?cancel_on_disconnect=true&token="+v.Token, nil)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make(chan struct{})
+		go func() {
+			defer resp.Body.Close()
+			harness.ReadSSE(t, resp.Body, 1) // the queued event
+			close(got)
+			_, _ = io.Copy(io.Discard, resp.Body)
+		}()
+		<-got
+		return cancel, got
+	}
+	first, _ := open()
+	second, _ := open()
+	first()
+	// One follower is still there: once the first has been counted out, the
+	// job is still queued.
+	harness.Eventually(t, 10*time.Second, func() bool {
+		n, _ := e.RDB.Get(context.Background(), jobs.FollowersKey(v.ID)).Int()
+		return n == 1
+	}, "the first follower to be counted out")
+	if st := e.Get(t, v.ID).Status; st != "queued" {
+		t.Fatalf("status %s while a follower remains", st)
+	}
+	second()
+	harness.Eventually(t, 10*time.Second, func() bool { return e.Get(t, v.ID).Status == "canceled" }, "the cancel on the last disconnect")
+	if n, _ := e.Sched.QueueLength(context.Background(), "sonnet"); n != 0 {
+		t.Fatalf("queue length %d", n)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"time"
 
 	"github.com/labstack/echo/v5"
 
@@ -27,10 +28,25 @@ func (s *Server) jobEvents(c *echo.Context) error {
 	if after != "" && !jobs.ValidEventID(after) {
 		return invalid("last_event_id", "Last-Event-ID %q is not an event id of this stream; reconnect without it to get the whole history.", truncate(after, 64))
 	}
+	cancelOnDisconnect := c.QueryParam("cancel_on_disconnect") == "true"
 	ctx, cancel := context.WithCancel(c.Request().Context())
 	defer cancel()
 	stopWatch := context.AfterFunc(s.stop, cancel)
 	defer stopWatch()
+
+	// Followers are counted across api processes, so a queued job asked to
+	// be canceled on disconnect is canceled only when its last one leaves.
+	followers := jobs.FollowersKey(job.ID)
+	if err := s.d.Redis.Incr(ctx, followers).Err(); err == nil {
+		s.d.Redis.Expire(ctx, followers, 24*time.Hour)
+		defer func() {
+			left, err := s.d.Redis.Decr(context.WithoutCancel(ctx), followers).Result()
+			clientLeft := c.Request().Context().Err() != nil && s.stop.Err() == nil
+			if err == nil && left <= 0 && cancelOnDisconnect && clientLeft {
+				s.cancelOnDisconnect(job)
+			}
+		}()
+	}
 
 	if job.Status == jobs.Queued {
 		defer s.watch(job)() // its position moves while it waits
@@ -76,4 +92,18 @@ func (s *Server) jobEvents(c *echo.Context) error {
 		s.log.Debug("event stream ended", "job_id", job.ID, "err", err)
 	}
 	return nil // the response is committed; errors end the stream
+}
+
+// cancelOnDisconnect cancels a still-queued job whose last follower left
+// (?cancel_on_disconnect=true), refunding it. A running job is left alone.
+func (s *Server) cancelOnDisconnect(job *jobs.Job) {
+	g, ok := s.group(job.Group)
+	if !ok {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := s.cancel(ctx, job, g, jobs.Queued); err == nil {
+		s.log.Info("job canceled: its last follower left", "job_id", job.ID, "tenant", job.Tenant, "user_id", job.UserID)
+	}
 }

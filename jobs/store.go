@@ -40,6 +40,9 @@ func IndexKey(tenant, user string) string {
 	return keyPrefix + "user:" + tenant + ":" + user + ":jobs"
 }
 
+// FollowersKey counts a job's event-stream followers across api processes.
+func FollowersKey(id string) string { return KeyPrefix + id + ":followers" }
+
 // Key is the Redis key of a job record.
 func Key(id string) string { return jobKey(id) }
 

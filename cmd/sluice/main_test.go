@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"flag"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -244,5 +245,52 @@ func TestHelpOfEveryCommand(t *testing.T) {
 	}
 	if err := run(context.Background(), []string{"nope"}, func(string) string { return "" }, &bytes.Buffer{}, &bytes.Buffer{}); err == nil {
 		t.Error("an unknown command must fail")
+	}
+}
+
+func TestShutdownEndsEventStreams(t *testing.T) {
+	r := redistest.Start(t)
+	path := filepath.Join(t.TempDir(), "sluice.yaml")
+	if err := os.WriteFile(path, []byte(harness.BaseConfig(r.URL, "http://127.0.0.1:1")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	base, _, stop := startRun(t, []string{"api", "--config", path, "--listen", "127.0.0.1:0"}, func(string) string { return "" })
+	body := `{"user_id":"alice","request":{"model":"claude-sonnet-4-6","messages":[{"role":"user","content":"hi"}]}}`
+	req, _ := http.NewRequest(http.MethodPost, base+"/v1/jobs", strings.NewReader(body))
+	req.Header.Set("x-api-key", harness.TenantKey)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var v jobs.View
+	_ = json.NewDecoder(resp.Body).Decode(&v)
+	resp.Body.Close()
+	// No worker runs: the job waits, and its event stream stays open.
+	resp, err = http.Get(base + "/v1/jobs/" + v.ID + "/events?token=" + v.Token)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ended := make(chan struct{})
+	go func() {
+		defer close(ended)
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}()
+	// The api stops within its shutdown budget (5 s in this config), and
+	// the open stream ends with it.
+	stopped := make(chan error, 1)
+	go func() { stopped <- stop() }()
+	select {
+	case err := <-stopped:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(7 * time.Second):
+		t.Fatal("the api did not stop within its 5 s shutdown budget (+2 s)")
+	}
+	select {
+	case <-ended:
+	case <-time.After(2 * time.Second):
+		t.Fatal("the event stream was left open after shutdown")
 	}
 }
