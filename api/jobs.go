@@ -29,15 +29,39 @@ func (s *Server) createJob(c *echo.Context) error {
 	if err != nil {
 		return err
 	}
+	job, res, err := s.admit(c, tenant, req, body)
+	if err != nil {
+		return err
+	}
+	v, err := s.view(c.Request().Context(), job)
+	if err != nil {
+		return err
+	}
+	if res.Outcome == scheduler.Admitted {
+		v.Position, v.ETASeconds = &res.Position, &res.ETA
+	} else {
+		c.Response().Header().Set("Idempotent-Replayed", "true")
+	}
+	v.Token = jobs.Token(s.d.TokenSecret, job.ID)
+	c.Response().Header().Set("Location", "/v1/jobs/"+job.ID)
+	return c.JSON(http.StatusAccepted, v)
+}
+
+// admit runs admission for a validated request and returns the job it
+// stands for: the new one, or (outcome Replay) the one an Idempotency-Key
+// named before. Every refusal is an *Error that says what limit and when,
+// with the RateLimit-* headers of the user's request quota set.
+func (s *Server) admit(c *echo.Context, tenant *config.Tenant, req *createRequest, body []byte) (*jobs.Job, scheduler.AdmitResult, error) {
+	var none scheduler.AdmitResult
 	idemKey := c.Request().Header.Get("Idempotency-Key")
 	if len(idemKey) > 255 {
-		return invalid("Idempotency-Key", "The Idempotency-Key header is %d characters long; use at most 255.", len(idemKey))
+		return nil, none, invalid("Idempotency-Key", "The Idempotency-Key header is %d characters long; use at most 255.", len(idemKey))
 	}
 	ctx := c.Request().Context()
 	input := s.inputTokens(ctx, req)
 	policy := tenant.Policy(req.UserID)
 	if err := fitsLimits(req, input, tenant, policy); err != nil {
-		return err
+		return nil, none, err
 	}
 	now := s.now().UTC().Truncate(time.Millisecond) // as the store keeps it
 	job := &jobs.Job{
@@ -45,8 +69,7 @@ func (s *Server) createJob(c *echo.Context) error {
 		Group: req.Group.Name, MaxTokens: req.MaxTokens, Request: req.Request,
 		Metadata: req.Metadata, CreatedAt: now,
 	}
-	token := jobs.Token(s.d.TokenSecret, job.ID)
-	job.TokenHash = jobs.HashToken(token)
+	job.TokenHash = jobs.HashToken(jobs.Token(s.d.TokenSecret, job.ID))
 	if req.DeadlineSeconds > 0 {
 		job.DeadlineAt = now.Add(time.Duration(req.DeadlineSeconds * float64(time.Second)))
 	}
@@ -55,7 +78,7 @@ func (s *Server) createJob(c *echo.Context) error {
 		IdempotencyKey: idemKey, BodyHash: bodyHash(body),
 	})
 	if err != nil {
-		return err
+		return nil, none, err
 	}
 	log := s.log.With("tenant", tenant.Name, "user_id", req.UserID)
 	switch res.Outcome {
@@ -63,49 +86,38 @@ func (s *Server) createJob(c *echo.Context) error {
 		if policy.RequestsPerHour > 0 {
 			setRateLimitHeaders(c, policy.RequestsPerHour, res.QuotaRemaining, res.QuotaReset)
 		}
-		v := job.View()
-		v.Token = token
-		v.Position, v.ETASeconds = &res.Position, &res.ETA
 		log.Debug("job accepted", "job_id", job.ID, "model", job.Model, "position", res.Position, "eta_seconds", res.ETA, "input_estimate", input)
-		c.Response().Header().Set("Location", "/v1/jobs/"+job.ID)
-		return c.JSON(http.StatusAccepted, v)
+		return job, res, nil
 	case scheduler.Replay:
 		prev, err := s.d.Store.Get(ctx, res.ReplayOf)
 		if err != nil {
-			return err
+			return nil, none, err
 		}
 		s.quotaHeaders(c, tenant.Name, req.UserID, policy)
-		v, err := s.view(ctx, prev)
-		if err != nil {
-			return err
-		}
-		v.Token = jobs.Token(s.d.TokenSecret, prev.ID)
-		c.Response().Header().Set("Location", "/v1/jobs/"+prev.ID)
-		c.Response().Header().Set("Idempotent-Replayed", "true")
-		return c.JSON(http.StatusAccepted, v)
+		return prev, res, nil
 	case scheduler.Conflict:
-		return &Error{Status: http.StatusConflict, Type: "conflict",
+		return nil, res, &Error{Status: http.StatusConflict, Type: "conflict",
 			Message: "This Idempotency-Key was already used with a different request body. Use a new key for a new request."}
 	case scheduler.OverQuota:
 		log.Info("job refused: user quota", "quota", res.QuotaWhich)
-		return s.quotaRefusal(c, tenant.Name, req.UserID, policy, res, input+req.MaxTokens)
+		return nil, res, s.quotaRefusal(c, tenant.Name, req.UserID, policy, res, input+req.MaxTokens)
 	case scheduler.QueueLimit:
 		log.Info("job refused: queue limit", "queued", res.Remaining)
 		s.quotaHeaders(c, tenant.Name, req.UserID, policy)
 		retry := max(1, int(math.Ceil(60/float64(req.Group.RPM))))
-		return &Error{Status: http.StatusTooManyRequests, Type: "queue_limit", RetryAfter: retry,
+		return nil, res, &Error{Status: http.StatusTooManyRequests, Type: "queue_limit", RetryAfter: retry,
 			Message: fmt.Sprintf("You already have %d requests waiting, the most allowed at once. Wait for one of them to start, then send this again.", res.Remaining),
 			Extra:   map[string]any{"queued": res.Remaining, "limit": res.Limit, "retry_after_seconds": retry}}
 	case scheduler.Overloaded:
 		log.Info("job refused: overloaded", "eta_seconds", res.ETA)
 		s.quotaHeaders(c, tenant.Name, req.UserID, policy)
 		retry := max(1, res.ETA-res.MaxWait)
-		return &Error{Status: http.StatusServiceUnavailable, Type: "overloaded", RetryAfter: retry,
+		return nil, res, &Error{Status: http.StatusServiceUnavailable, Type: "overloaded", RetryAfter: retry,
 			Message: fmt.Sprintf("The service is very busy: a new request would wait about %s, longer than the %s allowed. Please try again in about %s.",
 				humanSeconds(res.ETA), humanSeconds(res.MaxWait), humanSeconds(retry)),
 			Extra: map[string]any{"retry_after_seconds": retry, "eta_seconds": res.ETA}}
 	}
-	return fmt.Errorf("admission: unknown outcome %q", res.Outcome)
+	return nil, res, fmt.Errorf("admission: unknown outcome %q", res.Outcome)
 }
 
 // quotaRefusal is the 429 rate_limit of an exhausted user quota, with the

@@ -164,7 +164,7 @@ func (s *Server) listJobs(c *echo.Context) error {
 }
 
 func encodeCursor(c jobs.Cursor) string {
-	return base64.RawURLEncoding.EncodeToString([]byte(strconv.FormatInt(c.CreatedMs, 10) + ":" + c.ID))
+	return base64.RawURLEncoding.EncodeToString([]byte(strconv.FormatInt(c.Score, 10) + ":" + c.ID))
 }
 
 func decodeCursor(s string) (jobs.Cursor, error) {
@@ -177,7 +177,7 @@ func decodeCursor(s string) (jobs.Cursor, error) {
 	if !ok || err != nil || !jobs.ValidID(id) {
 		return jobs.Cursor{}, errors.New("bad cursor")
 	}
-	return jobs.Cursor{CreatedMs: n, ID: id}, nil
+	return jobs.Cursor{Score: n, ID: id}, nil
 }
 
 // userUsage is GET /v1/users/{user_id}/usage: the user's quotas, and how

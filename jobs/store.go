@@ -365,10 +365,11 @@ func fromHash(id string, m map[string]string) (*Job, error) {
 // MillisString formats a time as the store keeps it.
 func MillisString(t time.Time) string { return nowMillis(t) }
 
-// Cursor is a position in a job listing: the last job of a page.
+// Cursor is a position in a job listing: the last job of a page (its
+// index score: creation ms × 1000 + a sequence, and its id).
 type Cursor struct {
-	CreatedMs int64
-	ID        string
+	Score int64
+	ID    string
 }
 
 // ListQuery selects jobs to list.
@@ -389,9 +390,10 @@ func (s *Store) List(ctx context.Context, q ListQuery) ([]*Job, *Cursor, error) 
 	key := IndexKey(q.Tenant, q.User)
 	max := "+inf"
 	if q.After != nil {
-		max = strconv.FormatInt(q.After.CreatedMs, 10)
+		max = strconv.FormatInt(q.After.Score, 10)
 	}
 	var out []*Job
+	var outScores []int64
 	scanned := 0
 	for {
 		batch := q.Limit + 1
@@ -407,7 +409,7 @@ func (s *Store) List(ctx context.Context, q ListQuery) ([]*Job, *Cursor, error) 
 		var page []redis.Z
 		for _, z := range ids {
 			id := z.Member.(string)
-			if q.After != nil && int64(z.Score) == q.After.CreatedMs && id >= q.After.ID {
+			if q.After != nil && int64(z.Score) == q.After.Score && id >= q.After.ID {
 				continue
 			}
 			page = append(page, z)
@@ -425,7 +427,7 @@ func (s *Store) List(ctx context.Context, q ListQuery) ([]*Job, *Cursor, error) 
 		}
 		for i, z := range page {
 			id := z.Member.(string)
-			q.After = &Cursor{CreatedMs: int64(z.Score), ID: id}
+			q.After = &Cursor{Score: int64(z.Score), ID: id}
 			max = strconv.FormatInt(int64(z.Score), 10)
 			scanned++
 			m := cmds[i].Val()
@@ -444,9 +446,10 @@ func (s *Store) List(ctx context.Context, q ListQuery) ([]*Job, *Cursor, error) 
 			}
 			if len(out) == q.Limit {
 				last := out[len(out)-1]
-				return out, &Cursor{CreatedMs: last.CreatedAt.UnixMilli(), ID: last.ID}, nil
+				return out, &Cursor{Score: outScores[len(outScores)-1], ID: last.ID}, nil
 			}
 			out = append(out, j)
+			outScores = append(outScores, int64(z.Score))
 		}
 		if len(ids) < batch+50 {
 			return out, nil, nil

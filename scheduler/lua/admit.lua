@@ -134,10 +134,14 @@ local ttl = tonumber(ARGV[3])
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('HINCRBY', KEYS[12], 'queued', 1)
 redis.call('EXPIRE', KEYS[12], ttl)
+-- Listing indexes, scored by creation time in ms × 1000 + the group's
+-- sequence (mod 1000), so jobs created in the same millisecond still list
+-- newest first (exact in a double until the year 2255).
+local score = now * 1000 + seq % 1000
 for _, k in ipairs({KEYS[13], KEYS[14]}) do
-  redis.call('ZADD', k, now, id)
+  redis.call('ZADD', k, score, id)
   -- Entries older than the records they name: trimmed now and then.
-  if seq % 64 == 0 then redis.call('ZREMRANGEBYSCORE', k, '-inf', now - ttl * 1000) end
+  if seq % 64 == 0 then redis.call('ZREMRANGEBYSCORE', k, '-inf', (now - ttl * 1000) * 1000) end
   redis.call('EXPIRE', k, ttl)
 end
 if ARGV[20] ~= '' then
