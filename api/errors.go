@@ -86,5 +86,16 @@ func (s *Server) httpErrorHandler(c *echo.Context, err error) {
 		_ = c.NoContent(e.Status)
 		return
 	}
+	if isMessagesPath(c.Request().URL.Path) {
+		status, typ := anthropicType(e)
+		// The SDKs obey x-should-retry over the status code.
+		retry := "false"
+		if status == http.StatusTooManyRequests || status >= 500 {
+			retry = "true"
+		}
+		c.Response().Header().Set("x-should-retry", retry)
+		_ = c.JSON(status, anthropicBody(typ, messagesError(e)))
+		return
+	}
 	_ = c.JSON(e.Status, e.body())
 }

@@ -131,7 +131,11 @@ func (s *Server) quotaRefusal(c *echo.Context, tenant, user string, p config.Use
 	}
 	var msg string
 	if res.QuotaWhich == "requests" {
-		msg = fmt.Sprintf("You've used your %d requests for this hour. You can send another at %s.", res.Limit, when)
+		noun := "requests"
+		if res.Limit == 1 {
+			noun = "request"
+		}
+		msg = fmt.Sprintf("You've used your %d %s for this hour. You can send another at %s.", res.Limit, noun, when)
 	} else {
 		msg = fmt.Sprintf("You've used your %s tokens for this hour (this request needs about %s). You can send it at %s.",
 			thousands(res.Limit), thousands(cost), when)

@@ -112,7 +112,9 @@ func parseCreate(body []byte, cfg *config.Config, tenant *config.Tenant) (*creat
 	}
 	g, ok := cfg.GroupFor(out.Model)
 	if !ok {
-		return nil, invalid("request.model", "The model %q is not served here. Models served: %s.", truncate(out.Model, 100), modelList(cfg))
+		e := invalid("request.model", "The model %q is not served here. Models served: %s.", truncate(out.Model, 100), modelList(cfg))
+		e.Extra = map[string]any{"unknown_model": true}
+		return nil, e
 	}
 	out.Group = g
 
@@ -331,3 +333,6 @@ func exampleModel(cfg *config.Config) string {
 	}
 	return "claude-sonnet-4-6"
 }
+
+// estimateRaw is estimate.Raw, named here so handlers read plainly.
+func estimateRaw(body []byte) int { return estimate.Raw(body) }

@@ -18,6 +18,8 @@ func (s *Server) routes() {
 	e.DELETE("/v1/jobs/:id", s.cancelJob, s.tenantAuth)
 	e.GET("/v1/jobs/:id/events", s.jobEvents, s.optionalTenantAuth)
 	e.GET("/v1/users/:user_id/usage", s.userUsage, s.tenantAuth)
+	e.POST("/v1/messages", s.createMessage, s.tenantAuth)
+	e.POST("/v1/messages/count_tokens", s.countTokens, s.tenantAuth)
 
 	if s.d.Monitoring != nil {
 		mon := echo.WrapHandler(s.d.Monitoring)
