@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sluice-dev/sluice/fakeanthropic"
 	"github.com/sluice-dev/sluice/internal/harness"
 	"github.com/sluice-dev/sluice/jobs"
 )
@@ -128,5 +129,62 @@ func TestCancelOnDisconnect(t *testing.T) {
 	harness.Eventually(t, 10*time.Second, func() bool { return e.Get(t, v.ID).Status == "canceled" }, "the cancel on the last disconnect")
 	if n, _ := e.Sched.QueueLength(context.Background(), "sonnet"); n != 0 {
 		t.Fatalf("queue length %d", n)
+	}
+}
+
+// A client that drops after k events and reconnects to another api process
+// with Last-Event-ID gets every later event exactly once, live and after
+// the end.
+func TestResumeAcrossAPIProcesses(t *testing.T) {
+	e := harness.Start(t, harness.Options{Fake: fakeanthropic.Config{TokensPerSecond: 40}})
+	other := harness.StartAPI(t, e)
+	v := e.Submit(t, harness.JobBody("alice", "tell me [[reply_tokens=30]]"))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	open := func(base, last string) *http.Response {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, base+"/v1/jobs/"+v.ID+"/events", nil)
+		req.Header.Set("x-api-key", harness.TenantKey)
+		if last != "" {
+			req.Header.Set("Last-Event-ID", last)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp
+	}
+	// Live: 5 events from the first process (the answer is still being
+	// written: 30 tokens at 40 a second), drop, resume on the other.
+	resp := open(e.API.URL, "")
+	head := harness.ReadSSE(t, resp.Body, 5)
+	resp.Body.Close()
+	if len(head) != 5 || head[4].Event == "succeeded" {
+		t.Fatalf("first 5 events: %+v", head)
+	}
+	resp = open(other.URL, head[4].ID)
+	tail := harness.ReadSSE(t, resp.Body, -1)
+	resp.Body.Close()
+	all := e.Events(t, ctx, v.ID, harness.TenantKey, "")
+	if diff := len(all) - 5 - len(tail); diff != 0 || all[len(all)-1].Event != "succeeded" {
+		t.Fatalf("resumed live: %d events after 5, want %d", len(tail), len(all)-5)
+	}
+	for i, ev := range tail {
+		if ev != all[5+i] {
+			t.Fatalf("resumed live: event %d = %+v, want %+v", i, ev, all[5+i])
+		}
+	}
+	// After the end, from any point.
+	for _, k := range []int{1, len(all) / 2, len(all) - 1} {
+		resp := open(other.URL, all[k-1].ID)
+		rest := harness.ReadSSE(t, resp.Body, -1)
+		resp.Body.Close()
+		if len(rest) != len(all)-k {
+			t.Fatalf("after %d events: %d more, want %d", k, len(rest), len(all)-k)
+		}
+		for i, ev := range rest {
+			if ev != all[k+i] {
+				t.Fatalf("after %d events: event %d = %+v, want %+v", k, i, ev, all[k+i])
+			}
+		}
 	}
 }
