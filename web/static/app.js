@@ -1,26 +1,51 @@
-// The demo page: submit a job, follow its events with the job's own token
-// (EventSource cannot send headers), show the position, then the text.
+// The chat page: submit a job, follow its events with the job's own token
+// (EventSource cannot send headers), show the place in line counting down,
+// then the answer as it is written. Every refusal is shown as the sentence
+// sluice sends, never as a status code.
 "use strict";
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.hash.slice(1));
-if (params.get("key")) $("key").value = params.get("key");
-if (params.get("user")) $("user").value = params.get("user");
-if (params.get("model")) $("model").value = params.get("model");
+for (const k of ["key", "user", "model"]) if (params.get(k)) $(k).value = params.get(k);
+if ($("key").value) $("settings").open = false;
 
-let source = null;
+let current = null; // {id, source, timer}
 
 function say(text) { $("status").textContent = text; }
 
-function friendly(err, status) {
-  if (err && err.message) return err.message;
-  return "Something went wrong (" + status + "). Please try again.";
+function add(cls, text) {
+  const li = document.createElement("li");
+  li.className = cls;
+  li.textContent = text;
+  $("conversation").appendChild(li);
+  li.scrollIntoView({ block: "nearest" });
+  return li;
 }
 
-$("chat").addEventListener("submit", async (ev) => {
-  ev.preventDefault();
-  if (source) source.close();
-  $("answer").textContent = "";
-  say("Sending…");
+function busy(on) {
+  $("send").disabled = on;
+  $("cancel").hidden = !on;
+  $("chat").setAttribute("aria-busy", on ? "true" : "false");
+}
+
+function finish(note) {
+  if (current) {
+    if (current.source) current.source.close();
+    clearInterval(current.timer);
+  }
+  current = null;
+  busy(false);
+  if (note) say(note);
+  $("msg").focus();
+}
+
+function waitText(position, eta) {
+  const place = position === 1 ? "You're next in line" : "You're #" + position + " in line";
+  if (eta <= 0) return place + " · starting any moment";
+  if (eta < 90) return place + " · about " + eta + " s";
+  return place + " · about " + Math.round(eta / 60) + " min";
+}
+
+async function send(text) {
   let res, body;
   try {
     res = await fetch("/v1/jobs", {
@@ -28,33 +53,72 @@ $("chat").addEventListener("submit", async (ev) => {
       headers: { "content-type": "application/json", "x-api-key": $("key").value },
       body: JSON.stringify({
         user_id: $("user").value,
-        request: { model: $("model").value, max_tokens: 512, messages: [{ role: "user", content: $("msg").value }] },
+        request: { model: $("model").value, max_tokens: 512, messages: [{ role: "user", content: text }] },
       }),
     });
     body = await res.json();
   } catch (e) {
-    say("Could not reach sluice. Check your connection and try again.");
+    return { error: "Could not reach the service. Check your connection and try again." };
+  }
+  if (!res.ok) {
+    const msg = body && body.error && body.error.message;
+    return { error: msg || "The service could not take this message just now. Please try again in a moment." };
+  }
+  return { job: body };
+}
+
+$("chat").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  if (current) return;
+  const text = $("msg").value.trim();
+  if (!text) return;
+  add("you", text);
+  busy(true);
+  say("Sending…");
+  const r = await send(text);
+  if (r.error) {
+    add("note", r.error);
+    finish("");
     return;
   }
-  if (!res.ok) { say(friendly(body.error, res.status)); return; }
-  follow(body);
+  $("msg").value = "";
+  follow(r.job);
+});
+
+$("cancel").addEventListener("click", async () => {
+  if (!current) return;
+  const id = current.id;
+  try {
+    await fetch("/v1/jobs/" + id, { method: "DELETE", headers: { "x-api-key": $("key").value } });
+  } catch (e) { /* the stream says what happened */ }
 });
 
 function follow(job) {
-  const url = "/v1/jobs/" + job.id + "/events?token=" + encodeURIComponent(job.token);
-  source = new EventSource(url);
+  const answer = add("model", "");
+  const source = new EventSource("/v1/jobs/" + job.id + "/events?token=" + encodeURIComponent(job.token));
+  current = { id: job.id, source, timer: null, eta: 0, position: 0 };
+  const tick = () => {
+    if (!current || current.position === 0) return;
+    current.eta = Math.max(0, current.eta - 1);
+    say(waitText(current.position, current.eta));
+  };
+  current.timer = setInterval(tick, 1000);
   source.addEventListener("queued", (e) => {
     const d = JSON.parse(e.data);
-    say(d.position === 1 ? "You're next in line." : "You're #" + d.position + " in line · about " + d.eta_seconds + " s");
+    current.position = d.position;
+    current.eta = d.eta_seconds;
+    say(waitText(d.position, d.eta_seconds));
   });
-  source.addEventListener("started", () => say("Writing…"));
+  source.addEventListener("started", () => { current.position = 0; say("Writing…"); });
   source.addEventListener("retrying", (e) => {
     const d = JSON.parse(e.data);
-    say("The model is busy; trying again in " + Math.ceil(d.retry_in_seconds) + " s…");
+    current.position = 0;
+    say("The model is busy; trying again in " + Math.max(1, Math.ceil(d.retry_in_seconds)) + " s…");
   });
-  source.addEventListener("delta", (e) => { $("answer").textContent += JSON.parse(e.data).text; });
-  source.addEventListener("succeeded", () => { say("Done."); source.close(); });
-  source.addEventListener("failed", (e) => { say(JSON.parse(e.data).error.message); source.close(); });
-  source.addEventListener("canceled", () => { say("Canceled."); source.close(); });
-  source.addEventListener("expired", () => { say("This request waited too long and was dropped. Please send it again."); source.close(); });
+  source.addEventListener("delta", (e) => { answer.textContent += JSON.parse(e.data).text; });
+  source.addEventListener("succeeded", () => finish("Done."));
+  source.addEventListener("failed", (e) => { add("note", JSON.parse(e.data).error.message); finish(""); });
+  source.addEventListener("canceled", () => finish("Canceled."));
+  source.addEventListener("expired", () => { add("note", "This message waited too long and was dropped. Please send it again."); finish(""); });
+  source.onerror = () => { if (current) say("Connection lost; reconnecting…"); };
 }
