@@ -94,7 +94,11 @@ $("cancel").addEventListener("click", async () => {
 });
 
 function follow(job) {
-  const answer = add("model", "");
+  let answer = null; // the answer's bubble, made when the model starts writing
+  const write = (text) => {
+    if (!answer) answer = add("model", "");
+    answer.textContent += text;
+  };
   const source = new EventSource("/v1/jobs/" + job.id + "/events?token=" + encodeURIComponent(job.token));
   current = { id: job.id, source, timer: null, eta: 0, position: 0 };
   const tick = () => {
@@ -115,7 +119,7 @@ function follow(job) {
     current.position = 0;
     say("The model is busy; trying again in " + Math.max(1, Math.ceil(d.retry_in_seconds)) + " s…");
   });
-  source.addEventListener("delta", (e) => { answer.textContent += JSON.parse(e.data).text; });
+  source.addEventListener("delta", (e) => write(JSON.parse(e.data).text));
   source.addEventListener("succeeded", () => finish("Done."));
   source.addEventListener("failed", (e) => { add("note", JSON.parse(e.data).error.message); finish(""); });
   source.addEventListener("canceled", () => finish("Canceled."));
