@@ -9,7 +9,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -17,18 +16,6 @@ import (
 	"github.com/sluice-dev/sluice/internal/harness"
 	"github.com/sluice-dev/sluice/jobs"
 )
-
-type testClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *testClock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
-func (c *testClock) Advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
 
 type errBody struct {
 	Error struct {
@@ -50,7 +37,7 @@ func decodeErr(t *testing.T, b []byte) errBody {
 }
 
 func TestRequestQuotaRefusalSaysWhenExactly(t *testing.T) {
-	clk := &testClock{t: time.Date(2026, 11, 29, 14, 0, 0, 0, time.UTC)}
+	clk := harness.NewClock(time.Date(2026, 11, 29, 14, 0, 0, 0, time.UTC))
 	e := harness.Start(t, harness.Options{NoWorker: true, Clock: clk.Now, TenantExtra: "    requests_per_hour: 20\n"})
 	for i := range 20 {
 		resp, b := e.Do(t, http.MethodPost, "/v1/jobs", harness.TenantKey, harness.JobBody("alice", "hi"))
@@ -110,7 +97,7 @@ func TestRequestQuotaRefusalSaysWhenExactly(t *testing.T) {
 }
 
 func TestTokenQuotaRefusal(t *testing.T) {
-	clk := &testClock{t: time.Date(2026, 11, 29, 9, 30, 0, 0, time.UTC)}
+	clk := harness.NewClock(time.Date(2026, 11, 29, 9, 30, 0, 0, time.UTC))
 	e := harness.Start(t, harness.Options{NoWorker: true, Clock: clk.Now, TenantExtra: "    tokens_per_hour: 3600\n"})
 	body := harness.JobBody("alice", "hi")
 	body["request"].(map[string]any)["max_tokens"] = 1000
@@ -142,21 +129,18 @@ func TestTokenQuotaRefusal(t *testing.T) {
 	}
 }
 
-func TestQuotaHoldsUnderConcurrencyAcrossAPIProcesses(t *testing.T) {
-	e := harness.Start(t, harness.Options{NoWorker: true, TenantExtra: "    requests_per_hour: 50\n    tokens_per_hour: 1000000\n    max_queued: 0\n"})
-	second := harness.StartAPI(t, e)
-	var ok, refused atomic.Int64
+// hammer sends body n times at once, alternating between the api
+// processes at urls, and counts the answers by status.
+func hammer(t *testing.T, urls []string, body []byte, n int) map[int]int64 {
+	t.Helper()
+	var mu sync.Mutex
+	got := map[int]int64{}
 	var wg sync.WaitGroup
-	body, _ := json.Marshal(harness.JobBody("alice", "hello"))
-	for i := range 200 {
+	for i := range n {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			base := e.API.URL
-			if i%2 == 1 {
-				base = second.URL
-			}
-			req, _ := http.NewRequest(http.MethodPost, base+"/v1/jobs", strings.NewReader(string(body)))
+			req, _ := http.NewRequest(http.MethodPost, urls[i%len(urls)]+"/v1/jobs", strings.NewReader(string(body)))
 			req.Header.Set("x-api-key", harness.TenantKey)
 			resp, err := http.DefaultClient.Do(req)
 			if err != nil {
@@ -164,20 +148,23 @@ func TestQuotaHoldsUnderConcurrencyAcrossAPIProcesses(t *testing.T) {
 				return
 			}
 			resp.Body.Close()
-			switch resp.StatusCode {
-			case 202:
-				ok.Add(1)
-			case 429:
-				refused.Add(1)
-			default:
-				t.Errorf("status %d", resp.StatusCode)
-			}
+			mu.Lock()
+			got[resp.StatusCode]++
+			mu.Unlock()
 		}()
 	}
 	wg.Wait()
+	return got
+}
+
+func TestQuotaHoldsUnderConcurrencyAcrossAPIProcesses(t *testing.T) {
+	e := harness.Start(t, harness.Options{NoWorker: true, TenantExtra: "    requests_per_hour: 50\n    tokens_per_hour: 1000000\n    max_queued: 0\n"})
+	second := harness.StartAPI(t, e)
+	body, _ := json.Marshal(harness.JobBody("alice", "hello"))
+	got := hammer(t, []string{e.API.URL, second.URL}, body, 200)
 	// Refill during the burst is ~0.01 request per second; the quota is 50.
-	if ok.Load() != 50 || refused.Load() != 150 {
-		t.Fatalf("accepted %d, refused %d; want exactly 50 and 150", ok.Load(), refused.Load())
+	if got[202] != 50 || got[429] != 150 || len(got) != 2 {
+		t.Fatalf("answers %v; want exactly 50 accepted and 150 refused", got)
 	}
 }
 
@@ -187,28 +174,7 @@ func TestTokenQuotaHoldsUnderConcurrency(t *testing.T) {
 	body := harness.JobBody("alice", "hello")
 	body["request"].(map[string]any)["max_tokens"] = 500
 	b, _ := json.Marshal(body)
-	var wg sync.WaitGroup
-	var ok atomic.Int64
-	for i := range 200 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			base := e.API.URL
-			if i%2 == 1 {
-				base = second.URL
-			}
-			req, _ := http.NewRequest(http.MethodPost, base+"/v1/jobs", strings.NewReader(string(b)))
-			req.Header.Set("x-api-key", harness.TenantKey)
-			resp, err := http.DefaultClient.Do(req)
-			if err == nil {
-				resp.Body.Close()
-				if resp.StatusCode == 202 {
-					ok.Add(1)
-				}
-			}
-		}()
-	}
-	wg.Wait()
+	got := hammer(t, []string{e.API.URL, second.URL}, b, 200)
 	// Each job reserves its input estimate + 500.
 	resp, lb := e.Do(t, http.MethodGet, "/v1/jobs?user_id=alice&limit=1", harness.TenantKey, nil)
 	if resp.StatusCode != 200 {
@@ -221,8 +187,8 @@ func TestTokenQuotaHoldsUnderConcurrency(t *testing.T) {
 		t.Fatal(err)
 	}
 	cost := int64(j.CostIn + j.CostOut)
-	if want := 20000 / cost; ok.Load() != want {
-		t.Fatalf("accepted %d jobs of %d tokens within 20,000 tokens/hour; want %d", ok.Load(), cost, want)
+	if want := 20000 / cost; got[202] != want {
+		t.Fatalf("accepted %d jobs of %d tokens within 20,000 tokens/hour; want %d", got[202], cost, want)
 	}
 }
 
@@ -247,7 +213,7 @@ func TestRefundsExactlyOnce(t *testing.T) {
 	}
 	// Frozen time: no refill blurs the arithmetic.
 	clock := func() func() time.Time {
-		c := &testClock{t: time.Date(2026, 11, 29, 10, 0, 0, 0, time.UTC)}
+		c := harness.NewClock(time.Date(2026, 11, 29, 10, 0, 0, 0, time.UTC))
 		return c.Now
 	}
 
@@ -298,7 +264,7 @@ func TestRefundsExactlyOnce(t *testing.T) {
 	})
 
 	t.Run("expiry", func(t *testing.T) {
-		c := &testClock{t: time.Date(2026, 11, 29, 10, 0, 0, 0, time.UTC)}
+		c := harness.NewClock(time.Date(2026, 11, 29, 10, 0, 0, 0, time.UTC))
 		e := harness.Start(t, harness.Options{NoWorker: true, Clock: c.Now, TenantExtra: quota})
 		body := harness.JobBody("alice", "hi")
 		body["deadline_seconds"] = 5

@@ -6,35 +6,22 @@ import (
 	"math"
 	"net/http"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/sluice-dev/sluice/config"
+	"github.com/sluice-dev/sluice/internal/harness"
 	"github.com/sluice-dev/sluice/internal/redistest"
 	"github.com/sluice-dev/sluice/jobs"
 	"github.com/sluice-dev/sluice/scheduler"
 )
 
-// clock is a settable test clock.
-type clock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *clock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
-func (c *clock) Advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
-
 type env struct {
 	s     *scheduler.Scheduler
 	store *jobs.Store
-	clk   *clock
+	clk   *harness.Clock
 	g     *config.ModelGroup
 }
 
@@ -44,7 +31,7 @@ func newEnvLease(t *testing.T, g config.ModelGroup, lease time.Duration) *env {
 	t.Helper()
 	r := redistest.Start(t)
 	rdb := r.Client(t)
-	clk := &clock{t: time.Date(2026, 11, 29, 14, 0, 0, 0, time.UTC)}
+	clk := harness.NewClock(time.Date(2026, 11, 29, 14, 0, 0, 0, time.UTC))
 	store := jobs.NewStore(rdb, jobs.Options{})
 	if g.Name == "" {
 		g.Name = "g"
