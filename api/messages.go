@@ -11,6 +11,7 @@ import (
 
 	"github.com/labstack/echo/v5"
 
+	"github.com/sluice-dev/sluice/estimate"
 	"github.com/sluice-dev/sluice/jobs"
 )
 
@@ -73,9 +74,9 @@ func (s *Server) createMessage(c *echo.Context) error {
 	if err != nil {
 		return err
 	}
-	var top map[string]json.RawMessage
-	if err := decodeStrict(body, &top); err != nil || top == nil {
-		return invalid("", "The request body is not a JSON object (a Messages API request).")
+	top, err := decodeObject(body, "a Messages API request")
+	if err != nil {
+		return err
 	}
 	stream := string(top["stream"]) == "true"
 	delete(top, "stream")
@@ -248,6 +249,15 @@ func (s *Server) streamMessage(c *echo.Context, job *jobs.Job, sub *jobs.Subscri
 	return nil
 }
 
+// decodeObject decodes a body that must be one JSON object (what).
+func decodeObject(body []byte, what string) (map[string]json.RawMessage, error) {
+	var top map[string]json.RawMessage
+	if err := decodeStrict(body, &top); err != nil || top == nil {
+		return nil, invalid("", "The request body is not a JSON object (%s).", what)
+	}
+	return top, nil
+}
+
 // countTokens is POST /v1/messages/count_tokens: passed through to the
 // upstream (free, with its own rate limit); without one, the local estimate.
 func (s *Server) countTokens(c *echo.Context) error {
@@ -256,9 +266,9 @@ func (s *Server) countTokens(c *echo.Context) error {
 	if err != nil {
 		return err
 	}
-	var top map[string]json.RawMessage
-	if err := decodeStrict(body, &top); err != nil || top == nil {
-		return invalid("", "The request body is not a JSON object (a count_tokens request).")
+	top, err := decodeObject(body, "a count_tokens request")
+	if err != nil {
+		return err
 	}
 	var model string
 	if json.Unmarshal(top["model"], &model) != nil || model == "" {
@@ -274,6 +284,6 @@ func (s *Server) countTokens(c *echo.Context) error {
 		}
 		s.log.Warn("count_tokens passthrough failed; answering with the local estimate", "err", err)
 	}
-	raw := s.d.Estimator.Input(c.Request().Context(), model, estimateRaw(body))
+	raw := s.d.Estimator.Input(c.Request().Context(), model, estimate.Raw(body))
 	return c.JSON(http.StatusOK, map[string]int{"input_tokens": raw})
 }

@@ -333,6 +333,3 @@ func exampleModel(cfg *config.Config) string {
 	}
 	return "claude-sonnet-4-6"
 }
-
-// estimateRaw is estimate.Raw, named here so handlers read plainly.
-func estimateRaw(body []byte) int { return estimate.Raw(body) }

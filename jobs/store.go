@@ -50,9 +50,7 @@ func Key(id string) string { return jobKey(id) }
 func EventsKey(id string) string { return eventsKey(id) }
 
 // Channel is the Pub/Sub channel of a job's live events.
-func Channel(id string) string       { return channel(id) }
-func nowMillis(t time.Time) string   { return strconv.FormatInt(t.UnixMilli(), 10) }
-func parseMillis(s string) time.Time { return timeFromMillis(s) }
+func Channel(id string) string { return channel(id) }
 
 // Defaults for Options.
 const (
@@ -113,9 +111,6 @@ func NewStore(rdb redis.UniversalClient, o Options) *Store {
 	return &Store{rdb: rdb, retention: o.Retention, maxEvents: o.MaxEvents, now: o.Clock}
 }
 
-// Redis is the client the store uses.
-func (s *Store) Redis() redis.UniversalClient { return s.rdb }
-
 func (s *Store) ttl() string { return strconv.Itoa(int(s.retention / time.Second)) }
 
 // Fields are the hash fields of a new job record (the scheduler stores it
@@ -124,11 +119,11 @@ func (s *Store) Fields(j *Job) []any {
 	fields := []any{
 		"tenant", j.Tenant, "user_id", j.UserID, "model", j.Model, "group", j.Group,
 		"status", string(Queued), "max_tokens", j.MaxTokens, "attempts", 0,
-		"request", string(j.Request), "created_at", nowMillis(j.CreatedAt),
+		"request", string(j.Request), "created_at", MillisString(j.CreatedAt),
 		"token_hash", j.TokenHash,
 	}
 	if !j.DeadlineAt.IsZero() {
-		fields = append(fields, "deadline_at", nowMillis(j.DeadlineAt))
+		fields = append(fields, "deadline_at", MillisString(j.DeadlineAt))
 	}
 	if len(j.Metadata) > 0 {
 		fields = append(fields, "metadata", string(j.Metadata))
@@ -325,11 +320,11 @@ func fromHash(id string, m map[string]string) (*Job, error) {
 	j := &Job{
 		ID: id, Tenant: m["tenant"], UserID: m["user_id"], Model: m["model"], Group: m["group"],
 		Status: Status(m["status"]), Text: m["text"], TokenHash: m["token_hash"],
-		CreatedAt: parseMillis(m["created_at"]), StartedAt: parseMillis(m["started_at"]),
-		FinishedAt: parseMillis(m["finished_at"]), DeadlineAt: parseMillis(m["deadline_at"]),
-		NotBefore: parseMillis(m["not_before"]),
+		CreatedAt: timeFromMillis(m["created_at"]), StartedAt: timeFromMillis(m["started_at"]),
+		FinishedAt: timeFromMillis(m["finished_at"]), DeadlineAt: timeFromMillis(m["deadline_at"]),
+		NotBefore: timeFromMillis(m["not_before"]),
 		FQMember:  m["fq_member"], FQTag: m["fq_tag"],
-		DispatchedAt: parseMillis(m["dispatched_at"]),
+		DispatchedAt: timeFromMillis(m["dispatched_at"]),
 	}
 	j.MaxTokens, _ = strconv.Atoi(m["max_tokens"])
 	j.Attempts, _ = strconv.Atoi(m["attempts"])
@@ -363,7 +358,7 @@ func fromHash(id string, m map[string]string) (*Job, error) {
 }
 
 // MillisString formats a time as the store keeps it.
-func MillisString(t time.Time) string { return nowMillis(t) }
+func MillisString(t time.Time) string { return strconv.FormatInt(t.UnixMilli(), 10) }
 
 // Cursor is a position in a job listing: the last job of a page (its
 // index score: creation ms × 1000 + a sequence, and its id).

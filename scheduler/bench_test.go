@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/hibiken/asynq"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/sluice-dev/sluice/config"
 	"github.com/sluice-dev/sluice/internal/redistest"
@@ -45,6 +46,16 @@ func fill(b *testing.B, s *scheduler.Scheduler, g *config.ModelGroup, n, users i
 	return out
 }
 
+// queued100k is a scheduler with 100,000 jobs queued over 10,000 users in a
+// group whose limits never bind.
+func queued100k(b *testing.B) (*scheduler.Scheduler, *config.ModelGroup, *redis.Client, []*jobs.Job) {
+	r := redistest.Start(b)
+	rdb := r.Client(b)
+	s := scheduler.New(rdb, jobs.NewStore(rdb, jobs.Options{}), scheduler.Options{LeaseTTL: time.Hour})
+	g := wideOpen()
+	return s, g, rdb, fill(b, s, g, 100_000, 10_000)
+}
+
 func wideOpen() *config.ModelGroup {
 	return &config.ModelGroup{Name: "g", RPM: 1e9, InputTPM: 1e12, OutputTPM: 1e12, MaxConcurrency: 1e9, Burst: time.Minute}
 }
@@ -55,11 +66,7 @@ func wideOpen() *config.ModelGroup {
 //
 //	go test -run '^$' -bench 'Dispatch100k|Position100k' -benchtime 50x ./scheduler/
 func BenchmarkDispatch100kQueued(b *testing.B) {
-	r := redistest.Start(b)
-	rdb := r.Client(b)
-	s := scheduler.New(rdb, jobs.NewStore(rdb, jobs.Options{}), scheduler.Options{LeaseTTL: time.Hour})
-	g := wideOpen()
-	fill(b, s, g, 100_000, 10_000)
+	s, g, _, _ := queued100k(b)
 	ctx := context.Background()
 	b.ResetTimer()
 	start := time.Now()
@@ -77,11 +84,7 @@ func BenchmarkDispatch100kQueued(b *testing.B) {
 // BenchmarkDispatchAndEnqueue100kQueued is the dispatcher's whole path: a
 // round of 32 and each picked job handed to asynq.
 func BenchmarkDispatchAndEnqueue100kQueued(b *testing.B) {
-	r := redistest.Start(b)
-	rdb := r.Client(b)
-	s := scheduler.New(rdb, jobs.NewStore(rdb, jobs.Options{}), scheduler.Options{LeaseTTL: time.Hour})
-	g := wideOpen()
-	fill(b, s, g, 100_000, 10_000)
+	s, g, rdb, _ := queued100k(b)
 	aq := asynq.NewClientFromRedisClient(rdb)
 	ctx := context.Background()
 	b.ResetTimer()
@@ -109,11 +112,7 @@ func BenchmarkDispatchAndEnqueue100kQueued(b *testing.B) {
 // BenchmarkPosition100kQueued: a queued job's position and eta among
 // 100,000 jobs over 10,000 users (one Redis round trip).
 func BenchmarkPosition100kQueued(b *testing.B) {
-	r := redistest.Start(b)
-	rdb := r.Client(b)
-	s := scheduler.New(rdb, jobs.NewStore(rdb, jobs.Options{}), scheduler.Options{})
-	g := wideOpen()
-	js := fill(b, s, g, 100_000, 10_000)
+	s, g, rdb, js := queued100k(b)
 	ctx := context.Background()
 	members := make([]*jobs.Job, 0, 1000)
 	store := jobs.NewStore(rdb, jobs.Options{})

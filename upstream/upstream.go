@@ -65,7 +65,6 @@ type Result struct {
 	Message json.RawMessage // the upstream Message, as the non-streaming API returns it
 	Text    string          // its text blocks joined
 	Usage   Usage
-	Header  http.Header // the response headers (anthropic-ratelimit-*, request-id)
 }
 
 // Usage is the token usage the upstream reported.
@@ -118,11 +117,7 @@ func (c *Client) Stream(ctx context.Context, body []byte, onStart func(http.Head
 	if err != nil {
 		return nil, &Error{Kind: KindCut, Message: "the upstream sent a malformed stream: " + err.Error()}
 	}
-	r := &Result{Message: msg, Text: text, Usage: usage}
-	if resp != nil {
-		r.Header = resp.Header
-	}
-	return r, nil
+	return &Result{Message: msg, Text: text, Usage: usage}, nil
 }
 
 // Kind is what a failure means for the job.
