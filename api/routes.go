@@ -2,6 +2,7 @@ package api
 
 import (
 	"net/http"
+	"strings"
 
 	"github.com/labstack/echo/v5"
 )
@@ -27,7 +28,15 @@ func (s *Server) routes() {
 		e.Any("/monitoring/*", mon, s.adminAuth)
 	}
 	if s.d.Web != nil {
-		e.GET("/*", echo.WrapHandler(s.d.Web))
+		// The pages own every other GET, but not the API's namespace: an
+		// unknown /v1 path is a JSON not_found like any API error.
+		page := echo.WrapHandler(s.d.Web)
+		e.GET("/*", func(c *echo.Context) error {
+			if p := c.Request().URL.Path; p == "/v1" || strings.HasPrefix(p, "/v1/") {
+				return errRouteNotFound
+			}
+			return page(c)
+		})
 	}
 	e.RouteNotFound("/*", func(c *echo.Context) error { return errRouteNotFound })
 }

@@ -26,6 +26,7 @@ import (
 	"github.com/sluice-dev/sluice/jobs"
 	"github.com/sluice-dev/sluice/scheduler"
 	"github.com/sluice-dev/sluice/upstream"
+	"github.com/sluice-dev/sluice/web"
 	"github.com/sluice-dev/sluice/worker"
 )
 
@@ -152,7 +153,7 @@ func Start(tb testing.TB, o Options) *Env {
 		tb.Fatal(err)
 	}
 	e.Server = api.New(api.Deps{Config: cfg, Redis: e.RDB, Store: e.Store, Hub: hub,
-		Scheduler: e.Sched, Estimator: estimate.NewCalibrator(e.RDB), Upstream: apiUp, TokenSecret: secret, Logger: log, Clock: o.Clock})
+		Scheduler: e.Sched, Estimator: estimate.NewCalibrator(e.RDB), Upstream: apiUp, TokenSecret: secret, Web: web.Handler(), Logger: log, Clock: o.Clock})
 	e.API = httptest.NewServer(e.Server)
 	tb.Cleanup(func() {
 		e.Server.CloseStreams()
@@ -320,7 +321,7 @@ func StartAPI(tb testing.TB, e *Env) *httptest.Server {
 		tb.Fatal(err)
 	}
 	srv := api.New(api.Deps{Config: e.Config, Redis: rdb, Store: store, Hub: hub, Scheduler: sched,
-		Estimator: estimate.NewCalibrator(rdb), TokenSecret: secret, Logger: log})
+		Estimator: estimate.NewCalibrator(rdb), TokenSecret: secret, Web: web.Handler(), Logger: log})
 	ts := httptest.NewServer(srv)
 	tb.Cleanup(func() { srv.CloseStreams(); ts.Close(); _ = hub.Close() })
 	return ts
