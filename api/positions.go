@@ -2,6 +2,8 @@ package api
 
 import (
 	"context"
+	"encoding/json"
+	"strconv"
 	"sync"
 	"time"
 
@@ -9,25 +11,46 @@ import (
 	"github.com/sluice-dev/sluice/scheduler"
 )
 
-// positionEvery is how often an api process checks the positions of the
-// waiting jobs its clients follow. A job's `queued` event is logged at most
-// once a second, whichever process sees the change first.
+// positionEvery is how often an api process reads the places in line of
+// all the waiting jobs its clients follow, whatever happened. Between reads,
+// a queue announcing that jobs left it (scheduler.MovedChannel: a dispatch,
+// a cancel, an expiry, a retry coming back) starts a read of that group's
+// followed jobs at once.
+//
+// A place that changed is pushed to this process's followers of the job as
+// a `queued` event, at most once a second per job (scheduler.PushEvery).
+// These events are not logged: a place in line is only worth its latest
+// value, and writing one per waiting job per dispatch would cost Redis more
+// than everything else sluice does. A client that reconnects gets the
+// current place at once instead (see watch).
 const positionEvery = time.Second
+
+// readGap is the least time between two reads: under a steady stream of
+// dispatches a process reads at most ten times a second, whatever the
+// dispatch rate (each follower still gets a changed place within a second).
+const readGap = 100 * time.Millisecond
 
 // watchers are the waiting jobs this process's event streams follow.
 type watchers struct {
-	mu   sync.Mutex
-	jobs map[string]*watched
+	mu     sync.Mutex
+	jobs   map[string]*watched
+	kicked map[string]bool // groups whose queue moved since the last read
+	kick   chan struct{}   // one pending signal: read the kicked groups
 }
 
 type watched struct {
-	w    scheduler.Watched
-	refs int
+	w      scheduler.Watched
+	refs   int
+	pos    int       // the place last pushed (or told at admission)
+	at     time.Time // when it was pushed
+	resend bool      // push the current place even if unchanged (a new follower)
 }
 
-// watch adds a waiting job to the position checks until the returned func
-// is called.
-func (s *Server) watch(j *jobs.Job) (unwatch func()) {
+// watch adds a waiting job to the position reads until the returned func
+// is called. A follower that replays the log from the start saw the place
+// told at admission; one that resumes (after != "") is sent the current
+// place at once, whether it changed or not.
+func (s *Server) watch(j *jobs.Job, after string) (unwatch func()) {
 	g, ok := s.group(j.Group)
 	if !ok || j.FQMember == "" {
 		return func() {}
@@ -35,11 +58,18 @@ func (s *Server) watch(j *jobs.Job) (unwatch func()) {
 	s.watching.mu.Lock()
 	e, ok := s.watching.jobs[j.ID]
 	if !ok {
-		e = &watched{w: scheduler.Watched{ID: j.ID, Member: j.FQMember, Group: g}}
+		e = &watched{w: scheduler.Watched{ID: j.ID, Member: j.FQMember, Group: g}, pos: firstPosition(j)}
 		s.watching.jobs[j.ID] = e
 	}
+	if ok || after != "" {
+		e.resend = true
+	}
 	e.refs++
+	resend := e.resend
 	s.watching.mu.Unlock()
+	if resend {
+		s.moved(g.Name)
+	}
 	return func() {
 		s.watching.mu.Lock()
 		defer s.watching.mu.Unlock()
@@ -49,42 +79,132 @@ func (s *Server) watch(j *jobs.Job) (unwatch func()) {
 	}
 }
 
-// pushPositions runs until the server stops: each tick, one pipelined round
-// trip checks every followed waiting job and logs a `queued` event for those
-// whose position moved; followers everywhere get it through the event log.
+// firstPosition is the place the job's first event told.
+func firstPosition(j *jobs.Job) int {
+	var d struct {
+		Position int `json:"position"`
+	}
+	_ = json.Unmarshal([]byte(j.FirstEvent), &d)
+	return d.Position
+}
+
+// moved marks group's queue as changed (called on the hub's receive loop:
+// never blocks).
+func (s *Server) moved(group string) {
+	s.watching.mu.Lock()
+	s.watching.kicked[group] = true
+	s.watching.mu.Unlock()
+	select {
+	case s.watching.kick <- struct{}{}:
+	default:
+	}
+}
+
+// listenMoved asks the event hub for every group's "moved" announcements.
+func (s *Server) listenMoved() {
+	if s.d.Hub == nil {
+		return
+	}
+	for i := range s.cfg.ModelGroups {
+		name := s.cfg.ModelGroups[i].Name
+		if err := s.d.Hub.Notify(s.stop, scheduler.MovedChannel(name), func() { s.moved(name) }); err != nil {
+			s.log.Warn("positions: cannot follow queue moves; positions update once a second", "group", name, "err", err)
+		}
+	}
+}
+
+// pushPositions runs until the server stops: on every tick for all
+// followed waiting jobs, and at once for a group whose queue moved, one
+// pipelined round trip reads their places, and each changed place is pushed
+// to the job's followers here. A job that moved too soon after its last push
+// is read again when it may be pushed.
 func (s *Server) pushPositions() {
-	t := time.NewTicker(positionEvery)
-	defer t.Stop()
+	every := positionEvery
+	if s.d.PositionEvery > 0 {
+		every = s.d.PositionEvery
+	}
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	later := time.NewTimer(time.Hour)
+	later.Stop()
+	defer later.Stop()
+	var laterAt time.Time // when later fires; zero = not set
 	for {
+		all := false
 		select {
 		case <-s.stop.Done():
 			return
-		case <-t.C:
+		case <-tick.C:
+			all = true
+		case <-later.C:
+			all, laterAt = true, time.Time{}
+		case <-s.watching.kick:
 		}
 		s.watching.mu.Lock()
+		kicked := s.watching.kicked
+		s.watching.kicked = map[string]bool{}
+		es := make([]*watched, 0, len(s.watching.jobs))
 		ws := make([]scheduler.Watched, 0, len(s.watching.jobs))
 		for _, e := range s.watching.jobs {
-			ws = append(ws, e.w)
+			if all || kicked[e.w.Group.Name] {
+				es = append(es, e)
+				ws = append(ws, e.w)
+			}
 		}
 		s.watching.mu.Unlock()
 		if len(ws) == 0 {
 			continue
 		}
+		readAt := time.Now()
 		ctx, cancel := context.WithTimeout(s.stop, positionEvery)
-		gone, err := s.d.Scheduler.PushPositions(ctx, ws)
+		places, err := s.d.Scheduler.Places(ctx, ws)
 		cancel()
 		if err != nil {
 			if s.stop.Err() == nil {
-				s.log.Warn("could not push positions", "err", err)
+				s.log.Warn("could not read positions", "err", err)
 			}
 			continue
 		}
-		if len(gone) > 0 {
-			s.watching.mu.Lock()
-			for _, id := range gone {
-				delete(s.watching.jobs, id) // left the queue: nothing more to push
+		now := time.Now()
+		var retryIn time.Duration
+		type push struct {
+			id   string
+			data json.RawMessage
+		}
+		var pushes []push
+		s.watching.mu.Lock()
+		for i, e := range es {
+			p := places[i]
+			switch {
+			case p.Position == 0:
+				if s.watching.jobs[e.w.ID] == e {
+					delete(s.watching.jobs, e.w.ID) // left the queue: nothing more to push
+				}
+			case p.Position == e.pos && !e.resend:
+			case now.Sub(e.at) < scheduler.PushEvery && !e.resend:
+				if d := scheduler.PushEvery - now.Sub(e.at); retryIn == 0 || d < retryIn {
+					retryIn = d
+				}
+			default:
+				e.pos, e.at, e.resend = p.Position, now, false
+				data := `{"position":` + strconv.Itoa(p.Position) + `,"eta_seconds":` + strconv.Itoa(p.ETASeconds) + `}`
+				pushes = append(pushes, push{e.w.ID, json.RawMessage(data)})
 			}
-			s.watching.mu.Unlock()
+		}
+		s.watching.mu.Unlock()
+		for _, p := range pushes {
+			s.d.Hub.Push(p.id, string(jobs.Queued), p.data)
+		}
+		if at := now.Add(retryIn); retryIn > 0 && (laterAt.IsZero() || at.Before(laterAt)) {
+			later.Reset(retryIn)
+			laterAt = at
+		}
+		if pause := readGap - time.Since(readAt); pause > 0 {
+			select { // moves announced meanwhile wait in s.watching.kicked
+			case <-s.stop.Done():
+				return
+			case <-time.After(pause):
+			}
 		}
 	}
 }

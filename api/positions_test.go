@@ -78,7 +78,8 @@ func TestPositionChangesArePushed(t *testing.T) {
 			t.Fatalf("pushed event id %q", got.id)
 		}
 	}
-	// A client reconnecting after the first event gets the pushed ones again.
+	// A client reconnecting after the first event gets the current place at
+	// once (places in line are pushed, not logged: only the latest counts).
 	req, _ = http.NewRequestWithContext(ctx, http.MethodGet, e.API.URL+"/v1/jobs/"+c.ID+"/events", nil)
 	req.Header.Set("x-api-key", harness.TenantKey)
 	req.Header.Set("Last-Event-ID", first.id)
@@ -87,9 +88,9 @@ func TestPositionChangesArePushed(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer resp2.Body.Close()
-	replay := harness.ReadSSE(t, resp2.Body, 2)
-	if len(replay) != 2 || !strings.Contains(replay[0].Data, `"position":2`) || !strings.Contains(replay[1].Data, `"position":1`) {
-		t.Fatalf("replay after the first event: %+v", replay)
+	replay := harness.ReadSSE(t, resp2.Body, 1)
+	if len(replay) != 1 || replay[0].Event != "queued" || !strings.Contains(replay[0].Data, `"position":1`) || !strings.HasPrefix(replay[0].ID, first.id+".") {
+		t.Fatalf("resumed after the first event: %+v", replay)
 	}
 }
 
@@ -188,5 +189,41 @@ func TestResumeAcrossAPIProcesses(t *testing.T) {
 				t.Fatalf("after %d events: event %d = %+v, want %+v", k, i, ev, all[k+i])
 			}
 		}
+	}
+}
+
+// TestDispatchPushesPositionsAtOnce: with the periodic read an hour away,
+// a dispatch (and a cancel) still reach the followers of the jobs behind,
+// through the queue's "moved" announcement.
+func TestDispatchPushesPositionsAtOnce(t *testing.T) {
+	e := harness.Start(t, harness.Options{NoWorker: true, PositionEvery: time.Hour})
+	var vs []jobs.View
+	for _, u := range []string{"u1", "u2", "u3", "u4"} {
+		vs = append(vs, e.Submit(t, harness.JobBody(u, "hi")))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, e.API.URL+"/v1/jobs/"+vs[3].ID+"/events?token="+vs[3].Token, nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	r := bufio.NewReader(resp.Body)
+	if evs := harness.ReadSSE(t, r, 1); !strings.Contains(evs[0].Data, `"position":4`) {
+		t.Fatalf("first event %+v", evs)
+	}
+	res, err := e.Sched.Dispatch(ctx, &e.Config.ModelGroups[0], 1)
+	if err != nil || len(res.Jobs) != 1 {
+		t.Fatalf("dispatch: %+v %v", res, err)
+	}
+	if evs := harness.ReadSSE(t, r, 1); len(evs) != 1 || !strings.Contains(evs[0].Data, `"position":3`) {
+		t.Fatalf("after a dispatch: %+v", evs)
+	}
+	if resp, body := e.Do(t, http.MethodDelete, "/v1/jobs/"+vs[1].ID, harness.TenantKey, nil); resp.StatusCode != 200 {
+		t.Fatalf("cancel: %s", body)
+	}
+	if evs := harness.ReadSSE(t, r, 1); len(evs) != 1 || !strings.Contains(evs[0].Data, `"position":2`) {
+		t.Fatalf("after a cancel: %+v", evs)
 	}
 }

@@ -2,6 +2,7 @@ package api
 
 import (
 	"net/http"
+	"net/http/pprof"
 	"strings"
 
 	"github.com/labstack/echo/v5"
@@ -27,6 +28,9 @@ func (s *Server) routes() {
 		e.GET("/monitoring", func(c *echo.Context) error { return c.Redirect(http.StatusMovedPermanently, "/monitoring/") }, s.adminAuth)
 		e.Any("/monitoring/*", mon, s.adminAuth)
 	}
+	// Go's profiler, for operators (admin key): /debug/pprof/.
+	e.Any("/debug/pprof/*", echo.WrapHandler(http.HandlerFunc(profile)), s.adminAuth)
+
 	if s.d.Web != nil {
 		// The pages own every other GET, but not the API's namespace: an
 		// unknown /v1 path is a JSON not_found like any API error.
@@ -39,4 +43,20 @@ func (s *Server) routes() {
 		})
 	}
 	e.RouteNotFound("/*", func(c *echo.Context) error { return errRouteNotFound })
+}
+
+// profile serves net/http/pprof's pages under /debug/pprof/.
+func profile(w http.ResponseWriter, r *http.Request) {
+	switch name := strings.TrimPrefix(r.URL.Path, "/debug/pprof/"); name {
+	case "cmdline":
+		pprof.Cmdline(w, r)
+	case "profile":
+		pprof.Profile(w, r)
+	case "symbol":
+		pprof.Symbol(w, r)
+	case "trace":
+		pprof.Trace(w, r)
+	default:
+		pprof.Index(w, r) // the index, and heap, goroutine, allocs… by name
+	}
 }

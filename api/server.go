@@ -34,8 +34,12 @@ type Deps struct {
 	TokenSecret []byte
 	Monitoring  http.Handler // asynqmon, mounted at /monitoring/ behind admin auth; nil = not mounted
 	Web         http.Handler // the embedded pages at /; nil = none
-	Logger      *slog.Logger
-	Clock       func() time.Time // nil = time.Now
+	// PositionEvery is how often followed jobs' places are read even when no
+	// queue announced a move; 0 = one second (tests set it long, to see the
+	// announcements work alone).
+	PositionEvery time.Duration
+	Logger        *slog.Logger
+	Clock         func() time.Time // nil = time.Now
 }
 
 // Server is the api.
@@ -65,7 +69,10 @@ func New(d Deps) *Server {
 	s := &Server{cfg: d.Config, d: d, log: d.Logger, now: d.Clock, heartbeat: DefaultHeartbeat}
 	s.stop, s.close = context.WithCancel(context.Background())
 	s.watching.jobs = map[string]*watched{}
+	s.watching.kicked = map[string]bool{}
+	s.watching.kick = make(chan struct{}, 1)
 	if d.Scheduler != nil {
+		s.listenMoved()
 		go s.pushPositions()
 	}
 	e := echo.New()

@@ -48,10 +48,6 @@ func (s *Server) jobEvents(c *echo.Context) error {
 		}()
 	}
 
-	if job.Status == jobs.Queued {
-		defer s.watch(job)() // its position moves while it waits
-	}
-
 	// Subscribe before reading the log, so nothing falls between the two.
 	sub, err := s.d.Hub.Subscribe(ctx, job.ID)
 	if err != nil {
@@ -61,6 +57,9 @@ func (s *Server) jobEvents(c *echo.Context) error {
 		return err
 	}
 	defer sub.Close()
+	if job.Status == jobs.Queued {
+		defer s.watch(job, after)() // its place in line moves while it waits
+	}
 
 	w := c.Response()
 	h := w.Header()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"strings"
@@ -29,6 +30,7 @@ type Hub struct {
 	mu        sync.Mutex
 	subs      map[string]map[*Subscription]struct{} // job id → subscribers
 	confirmed map[string]chan struct{}              // channel → closed once SUBSCRIBE is confirmed
+	notify    map[string]func()                     // channel → called for each message (Notify)
 	closed    bool
 	done      chan struct{}
 }
@@ -43,7 +45,7 @@ type Subscription struct {
 }
 
 const (
-	subscriptionBuffer = 256
+	subscriptionBuffer = 32
 	pingEvery          = 30 * time.Second
 )
 
@@ -54,6 +56,7 @@ func NewHub(store *Store, log *slog.Logger) *Hub {
 		log:       log,
 		subs:      map[string]map[*Subscription]struct{}{},
 		confirmed: map[string]chan struct{}{},
+		notify:    map[string]func(){},
 		done:      make(chan struct{}),
 	}
 	// Subscribe to a channel nobody publishes on so the connection exists and
@@ -126,6 +129,13 @@ func (h *Hub) loop() {
 				h.mu.Unlock()
 			}
 		case *redis.Message:
+			h.mu.Lock()
+			fn := h.notify[m.Channel]
+			h.mu.Unlock()
+			if fn != nil {
+				fn()
+				continue
+			}
 			h.dispatch(m)
 		}
 	}
@@ -151,12 +161,53 @@ func (h *Hub) dispatch(m *redis.Message) {
 
 func (h *Hub) resyncAll() {
 	h.mu.Lock()
+	fns := make([]func(), 0, len(h.notify))
+	for _, fn := range h.notify {
+		fns = append(fns, fn)
+	}
+	h.mu.Unlock()
+	for _, fn := range fns {
+		fn() // messages may have been missed
+	}
+	h.mu.Lock()
 	defer h.mu.Unlock()
 	for _, set := range h.subs {
 		for s := range set {
 			s.signalResync()
 		}
 	}
+}
+
+// Push delivers an event that is not logged (a job's new place in line) to
+// this process's subscribers of job id. Follow gives it an id after the last
+// event the subscriber got (see ValidEventID). A subscriber too far behind
+// to take it misses it: it is only ever the latest of its kind.
+func (h *Hub) Push(id, name string, data json.RawMessage) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for s := range h.subs[id] {
+		select {
+		case s.events <- Event{Name: name, Data: data}:
+		default:
+		}
+	}
+}
+
+// Notify calls fn for every message published on channel, over the hub's
+// one connection, until the hub closes. fn runs on the hub's receive loop:
+// it must not block. After a lost connection fn is called once too, since
+// messages may have been missed.
+func (h *Hub) Notify(ctx context.Context, channel string, fn func()) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.closed {
+		return errors.New("event hub closed")
+	}
+	if _, ok := h.notify[channel]; ok {
+		return fmt.Errorf("event hub: %s already has a listener", channel)
+	}
+	h.notify[channel] = fn
+	return h.ps.Subscribe(ctx, channel)
 }
 
 // Subscribe follows job id's live events. It returns once Redis has confirmed
@@ -253,7 +304,16 @@ func (s *Subscription) Follow(ctx context.Context, after string, idleEvery time.
 	last := after
 	tick := time.NewTicker(idleEvery)
 	defer tick.Stop()
+	started := false // a logged event other than `queued` was delivered
 	deliver := func(ev Event) (bool, error) {
+		if ev.ID == "" { // pushed, not logged: a place in line
+			if last == "" || started {
+				return false, nil // read before the log, or the job left the line
+			}
+			ev.ID = nextPushedID(last)
+		} else if ev.Name != string(Queued) {
+			started = true
+		}
 		if last != "" && compareEventIDs(ev.ID, last) <= 0 {
 			return false, nil // already delivered (replay and live overlap)
 		}

@@ -96,7 +96,10 @@ type Job struct {
 	CostIn   int    // input tokens estimated at admission
 	CostOut  int    // output tokens reserved (max_tokens)
 	Dispatch int    // how many times it was handed to a worker
-	Failures int    // failed upstream attempts (rate-limit waits excluded)
+	// FirstEvent is the data of the job's first `queued` event (its place
+	// at admission), kept in the record.
+	FirstEvent string
+	Failures   int // failed upstream attempts (rate-limit waits excluded)
 }
 
 // View is a job as the API shows it (DESIGN.md §3).

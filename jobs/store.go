@@ -49,6 +49,9 @@ func Key(id string) string { return jobKey(id) }
 // EventsKey is the Redis key of a job's event log.
 func EventsKey(id string) string { return eventsKey(id) }
 
+// ChannelPrefix is Channel without the job id (for scripts that publish).
+const ChannelPrefix = eventsChannel
+
 // Channel is the Pub/Sub channel of a job's live events.
 func Channel(id string) string { return channel(id) }
 
@@ -247,7 +250,7 @@ func (e Event) Terminal() bool { return Status(e.Name).Terminal() }
 func (s *Store) Events(ctx context.Context, id, after string, count int64) ([]Event, error) {
 	start := "-"
 	if after != "" {
-		start = "(" + after
+		start = "(" + loggedID(after)
 	}
 	pipe := s.rdb.Pipeline()
 	first := pipe.HMGet(ctx, jobKey(id), "ev0_id", "ev0")
@@ -271,38 +274,65 @@ func (s *Store) Events(ctx context.Context, id, after string, count int64) ([]Ev
 	return out, nil
 }
 
-// ValidEventID reports whether s looks like an event id ("ms-seq"), so a
-// client's Last-Event-ID never reaches Redis malformed.
+// ValidEventID reports whether s looks like an event id, so a client's
+// Last-Event-ID never reaches Redis malformed. Logged events have the
+// Stream's ids ("ms-seq"); a pushed position, which is not logged, has the
+// id of the logged event before it plus ".n" ("ms-seq.n").
 func ValidEventID(s string) bool {
-	ms, seq, ok := strings.Cut(s, "-")
+	base, n, hasN := strings.Cut(s, ".")
+	ms, seq, ok := strings.Cut(base, "-")
 	if !ok {
 		return false
 	}
 	_, err1 := strconv.ParseUint(ms, 10, 64)
 	_, err2 := strconv.ParseUint(seq, 10, 64)
+	if hasN {
+		if _, err := strconv.ParseUint(n, 10, 64); err != nil {
+			return false
+		}
+	}
 	return err1 == nil && err2 == nil
 }
 
+// loggedID is the logged event an id is or follows ("ms-seq").
+func loggedID(id string) string {
+	base, _, _ := strings.Cut(id, ".")
+	return base
+}
+
+// nextPushedID is the id of a pushed (unlogged) event that follows the
+// event last: the same logged id with the next ".n".
+func nextPushedID(last string) string {
+	base, n, _ := strings.Cut(last, ".")
+	k, _ := strconv.ParseUint(n, 10, 64)
+	return base + "." + strconv.FormatUint(k+1, 10)
+}
+
+// compareEventIDs orders event ids: by the logged id, then by ".n" (none
+// comes first).
 func compareEventIDs(a, b string) int {
-	am, as, _ := strings.Cut(a, "-")
-	bm, bs, _ := strings.Cut(b, "-")
-	x, _ := strconv.ParseUint(am, 10, 64)
-	y, _ := strconv.ParseUint(bm, 10, 64)
-	if x != y {
-		if x < y {
-			return -1
+	a, an, _ := strings.Cut(a, ".")
+	b, bn, _ := strings.Cut(b, ".")
+	for _, pair := range [][2]string{
+		{strings.SplitN(a, "-", 2)[0], strings.SplitN(b, "-", 2)[0]},
+		{after(a, "-"), after(b, "-")},
+		{an, bn},
+	} {
+		x, _ := strconv.ParseUint(pair[0], 10, 64)
+		y, _ := strconv.ParseUint(pair[1], 10, 64)
+		if x != y {
+			if x < y {
+				return -1
+			}
+			return 1
 		}
-		return 1
-	}
-	x, _ = strconv.ParseUint(as, 10, 64)
-	y, _ = strconv.ParseUint(bs, 10, 64)
-	switch {
-	case x < y:
-		return -1
-	case x > y:
-		return 1
 	}
 	return 0
+}
+
+func after(s, sep string) string {
+	_, a, _ := strings.Cut(s, sep)
+	return a
 }
 
 func timeFromMillis(s string) time.Time {
@@ -323,7 +353,7 @@ func fromHash(id string, m map[string]string) (*Job, error) {
 		CreatedAt: timeFromMillis(m["created_at"]), StartedAt: timeFromMillis(m["started_at"]),
 		FinishedAt: timeFromMillis(m["finished_at"]), DeadlineAt: timeFromMillis(m["deadline_at"]),
 		NotBefore: timeFromMillis(m["not_before"]),
-		FQMember:  m["fq_member"], FQTag: m["fq_tag"],
+		FQMember:  m["fq_member"], FQTag: m["fq_tag"], FirstEvent: m["ev0"],
 		DispatchedAt: timeFromMillis(m["dispatched_at"]),
 	}
 	j.MaxTokens, _ = strconv.Atoi(m["max_tokens"])

@@ -29,7 +29,7 @@ func fill(b *testing.B, s *scheduler.Scheduler, g *config.ModelGroup, n, users i
 			defer wg.Done()
 			for i := w; i < n; i += 8 {
 				j := &jobs.Job{ID: jobs.NewID(), Tenant: "t", UserID: fmt.Sprint("user-", i%users), Model: "m",
-					Group: g.Name, MaxTokens: 100, Request: []byte(`{}`), CreatedAt: time.Now()}
+					Group: g.Name, Status: jobs.Queued, MaxTokens: 100, Request: []byte(`{}`), CreatedAt: time.Now()}
 				if res, err := s.Admit(context.Background(), scheduler.Admission{Job: j, Group: g, InputEstimate: 200, Policy: config.UserPolicy{Weight: 1}}); err != nil || res.Outcome != scheduler.Admitted {
 					errs <- err
 					return
@@ -129,4 +129,53 @@ func BenchmarkPosition100kQueued(b *testing.B) {
 			b.Fatal(ok, err)
 		}
 	}
+}
+
+// BenchmarkPlaces10k: 10,000 followed jobs queued (one per user); each op
+// dispatches the head job, so every other job moved, and reads the 10,000
+// places (one pipelined round, as an api process does after a dispatch).
+// Reports the round's time.
+//
+//	go test -run '^$' -bench Places10k -benchtime 20x ./scheduler/
+func BenchmarkPlaces10k(b *testing.B) {
+	r := redistest.Start(b)
+	rdb := r.Client(b)
+	s := scheduler.New(rdb, jobs.NewStore(rdb, jobs.Options{}), scheduler.Options{LeaseTTL: time.Hour})
+	g := wideOpen()
+	js := fill(b, s, g, 10_000, 10_000)
+	ctx := context.Background()
+	store := jobs.NewStore(rdb, jobs.Options{})
+	ws := make([]scheduler.Watched, len(js))
+	for i, j := range js {
+		rec, err := store.Get(ctx, j.ID)
+		if err != nil {
+			b.Fatal(err)
+		}
+		ws[i] = scheduler.Watched{ID: j.ID, Member: rec.FQMember, Group: g}
+	}
+	var total time.Duration
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		if _, err := s.Dispatch(ctx, g, 1); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		start := time.Now()
+		places, err := s.Places(ctx, ws)
+		if err != nil {
+			b.Fatal(err)
+		}
+		total += time.Since(start)
+		waiting := 0
+		for _, p := range places {
+			if p.Position > 0 {
+				waiting++
+			}
+		}
+		if waiting != len(ws)-i-1 {
+			b.Fatalf("%d jobs waiting after %d dispatches", waiting, i+1)
+		}
+	}
+	b.ReportMetric(float64(total.Microseconds())/1000/float64(b.N), "ms/round")
 }

@@ -45,8 +45,8 @@ var (
 	positionSrc string
 	//go:embed lua/remove.lua
 	removeSrc string
-	//go:embed lua/push.lua
-	pushSrc string
+	//go:embed lua/places.lua
+	placesSrc string
 
 	admitScript    = redis.NewScript(prelude + admitSrc)
 	dispatchScript = redis.NewScript(prelude + dispatchSrc)
@@ -57,7 +57,7 @@ var (
 	requeueScript  = redis.NewScript(prelude + requeueSrc)
 	positionScript = redis.NewScript(prelude + positionSrc)
 	removeScript   = redis.NewScript(prelude + removeSrc)
-	pushScript     = redis.NewScript(prelude + pushSrc)
+	placesScript   = redis.NewScript(prelude + placesSrc)
 )
 
 // DefaultLeaseTTL is how long a concurrency lease lasts without a heartbeat:
@@ -119,6 +119,12 @@ func (k keys) lim() string            { return "sluice:lim:" + k.g }
 func (k keys) reservations() string   { return "sluice:lim:" + k.g + ":res" }
 func (k keys) leases() string         { return "sluice:lim:" + k.g + ":leases" }
 func wakeChannel(group string) string { return "sluice:wake:" + group }
+
+// MovedChannel is where a group's queue announces that jobs entered or left
+// it (dispatched, expired, canceled, back for a retry): the positions of the
+// jobs waiting there changed. Arrivals are not announced (a newcomer rarely
+// goes ahead of anyone; the periodic check catches it).
+func MovedChannel(group string) string { return "sluice:moved:" + group }
 
 // limits are the configured-limit arguments every limiter script takes.
 func limits(g *config.ModelGroup) []any {
@@ -324,7 +330,7 @@ type Result struct {
 func (s *Scheduler) Dispatch(ctx context.Context, g *config.ModelGroup, max int) (Result, error) {
 	k := keys{g.Name}
 	args := append([]any{s.now()}, limits(g)...)
-	args = append(args, g.MaxConcurrency, s.lease.Milliseconds(), max, jobs.KeyPrefix)
+	args = append(args, g.MaxConcurrency, s.lease.Milliseconds(), max, jobs.KeyPrefix, MovedChannel(g.Name))
 	res, err := dispatchScript.Run(ctx, s.rdb, []string{
 		k.order(), k.delayed(), k.vtime(), k.finish(), k.costs(), k.totals(), k.lim(),
 		k.reservations(), k.leases(), k.dispatching(), k.delayedTags(), k.deadlines(), k.expiring(), k.dispatchSeq(),
@@ -415,40 +421,85 @@ func (s *Scheduler) Settle(ctx context.Context, st Settlement) (limiter, quota b
 	return res[0] == 1, res[1] == 1, nil
 }
 
+// PushEvery is the least time between two pushed `queued` events of one
+// job (DESIGN.md §3: at most once a second).
+const PushEvery = time.Second
+
 // Watched is a waiting job someone follows.
 type Watched struct {
 	ID, Member string
 	Group      *config.ModelGroup
 }
 
-// PushPositions logs a `queued` event for each watched job whose position
-// changed since its last one (at most one a second per job), in one
-// pipelined round trip. It returns the jobs that no longer wait in a queue.
-func (s *Scheduler) PushPositions(ctx context.Context, ws []Watched) (gone []string, err error) {
+// Place is a watched job's place in line: Position 0 means it no longer
+// waits in its queue (dispatched, canceled, expired).
+type Place struct {
+	Position, ETASeconds int
+}
+
+// Places reads the place in line of every watched job: the jobs go to Redis
+// in batches of placesBatch per group (one read-only script call each, one
+// ZRANK per job), all batches in one pipelined round trip.
+func (s *Scheduler) Places(ctx context.Context, ws []Watched) ([]Place, error) {
+	out := make([]Place, len(ws))
 	if len(ws) == 0 {
-		return nil, nil
+		return out, nil
 	}
-	if err := pushScript.Load(ctx, s.rdb).Err(); err != nil {
-		return nil, err
-	}
-	pipe := s.rdb.Pipeline()
-	cmds := make([]*redis.Cmd, len(ws))
+	byGroup := map[*config.ModelGroup][]int{}
 	for i, w := range ws {
-		k := keys{w.Group.Name}
-		args := append([]any{s.now(), w.Member}, limits(w.Group)...)
-		args = append(args, w.Group.MaxConcurrency, jobs.Channel(w.ID), s.store.MaxEvents(), s.store.TTLSeconds(), 1000)
-		cmds[i] = pushScript.EvalSha(ctx, pipe, []string{k.order(), k.totals(), k.lim(), jobs.Key(w.ID), jobs.EventsKey(w.ID)}, args...)
+		byGroup[w.Group] = append(byGroup[w.Group], i)
 	}
-	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
-		return nil, fmt.Errorf("scheduler: push positions: %w", err)
+	type batch struct {
+		idx []int
+		cmd *redis.Cmd
 	}
-	for i, c := range cmds {
-		if n, _ := c.Int(); n == 0 {
-			gone = append(gone, ws[i].ID)
+	var batches []batch
+	run := func() error {
+		batches = batches[:0]
+		pipe := s.rdb.Pipeline()
+		for g, list := range byGroup {
+			k := keys{g.Name}
+			for len(list) > 0 {
+				n := min(len(list), placesBatch)
+				args := make([]any, 0, 6+n)
+				args = append(args, s.now())
+				args = append(args, limits(g)...)
+				args = append(args, g.MaxConcurrency)
+				for _, i := range list[:n] {
+					args = append(args, ws[i].Member)
+				}
+				batches = append(batches, batch{idx: list[:n], cmd: placesScript.EvalSha(ctx, pipe, []string{k.order(), k.totals(), k.lim()}, args...)})
+				list = list[n:]
+			}
+		}
+		_, err := pipe.Exec(ctx)
+		return err
+	}
+	err := run()
+	if err != nil && redis.HasErrorPrefix(err, "NOSCRIPT") {
+		// First use, or Redis restarted and lost its script cache.
+		if err = placesScript.Load(ctx, s.rdb).Err(); err == nil {
+			err = run()
 		}
 	}
-	return gone, nil
+	if err != nil {
+		return nil, fmt.Errorf("scheduler: places: %w", err)
+	}
+	for _, b := range batches {
+		res, err := b.cmd.Int64Slice()
+		if err != nil || len(res) != 2*len(b.idx) {
+			return nil, fmt.Errorf("scheduler: places: %v (%d answers for %d jobs)", err, len(res), len(b.idx))
+		}
+		for k, i := range b.idx {
+			out[i] = Place{Position: int(res[2*k]), ETASeconds: int(res[2*k+1])}
+		}
+	}
+	return out, nil
 }
+
+// placesBatch is how many jobs one places script call reads: small enough
+// that one call holds Redis for about a millisecond.
+const placesBatch = 512
 
 // Remove takes a canceled job out of its group's queue (and its retry
 // wait), so the jobs behind it move up at once.
@@ -458,7 +509,7 @@ func (s *Scheduler) Remove(ctx context.Context, g *config.ModelGroup, j *jobs.Jo
 	}
 	k := keys{g.Name}
 	err := removeScript.Run(ctx, s.rdb, []string{k.order(), k.costs(), k.totals(), k.deadlines(), k.delayed(), k.delayedTags()},
-		j.FQMember, wakeChannel(g.Name)).Err()
+		j.FQMember, wakeChannel(g.Name), MovedChannel(g.Name)).Err()
 	if err != nil {
 		return fmt.Errorf("scheduler: remove %s: %w", j.ID, err)
 	}

@@ -185,18 +185,20 @@ func TestMonitoringNeedsAdminKey(t *testing.T) {
 		{"admin x-api-key", func(r *http.Request) { r.Header.Set("x-api-key", harness.AdminKey) }, 200},
 		{"admin basic auth", func(r *http.Request) { r.SetBasicAuth("ops", harness.AdminKey) }, 200},
 	} {
-		req, _ := http.NewRequest(http.MethodGet, base+"/monitoring/", nil)
-		tc.set(req)
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		if resp.StatusCode != tc.status {
-			t.Errorf("%s: /monitoring/ = %d, want %d", tc.name, resp.StatusCode, tc.status)
-		}
-		if tc.status == 401 && !strings.HasPrefix(resp.Header.Get("WWW-Authenticate"), "Basic") {
-			t.Errorf("%s: no basic-auth challenge for browsers", tc.name)
+		for _, path := range []string{"/monitoring/", "/debug/pprof/", "/debug/pprof/heap"} {
+			req, _ := http.NewRequest(http.MethodGet, base+path, nil)
+			tc.set(req)
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != tc.status {
+				t.Errorf("%s: %s = %d, want %d", tc.name, path, resp.StatusCode, tc.status)
+			}
+			if tc.status == 401 && !strings.HasPrefix(resp.Header.Get("WWW-Authenticate"), "Basic") {
+				t.Errorf("%s: %s: no basic-auth challenge for browsers", tc.name, path)
+			}
 		}
 	}
 }

@@ -34,7 +34,7 @@ var (
 )
 
 // sluiceBinary builds the sluice binary once for the test run.
-func sluiceBinary(t *testing.T) string {
+func sluiceBinary(t testing.TB) string {
 	t.Helper()
 	binOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "sluice-bin-")
@@ -64,7 +64,7 @@ type proc struct {
 func (p *proc) log() string { p.mu.Lock(); defer p.mu.Unlock(); return p.out.String() }
 
 // startProc runs `sluice role --config cfg --listen 127.0.0.1:0`.
-func startProc(t *testing.T, role, cfgPath string, env []string) *proc {
+func startProc(t testing.TB, role, cfgPath string, env []string) *proc {
 	t.Helper()
 	cmd := exec.Command(sluiceBinary(t), role, "--config", cfgPath, "--listen", "127.0.0.1:0")
 	cmd.Env = append(os.Environ(), env...)
@@ -111,7 +111,7 @@ func startProc(t *testing.T, role, cfgPath string, env []string) *proc {
 	return p
 }
 
-func (p *proc) baseURL(t *testing.T) string {
+func (p *proc) baseURL(t testing.TB) string {
 	t.Helper()
 	select {
 	case a := <-p.addr:
@@ -123,16 +123,17 @@ func (p *proc) baseURL(t *testing.T) string {
 }
 
 type cluster struct {
-	redis *redistest.Server
-	fake  *fakeanthropic.Server
-	cfg   string
-	env   []string
-	api   string
+	redis   *redistest.Server
+	fake    *fakeanthropic.Server
+	cfg     string
+	env     []string
+	api     string
+	apiProc *proc
 }
 
 // startCluster starts the fake with the given limits, writes a config with
 // the same limits, and starts one api process.
-func startCluster(t *testing.T, g fakeanthropic.Group, maxConc int, fc fakeanthropic.Config, extra string) *cluster {
+func startCluster(t testing.TB, g fakeanthropic.Group, maxConc int, fc fakeanthropic.Config, extra string) *cluster {
 	t.Helper()
 	r := redistest.Start(t)
 	fc.Groups = []fakeanthropic.Group{g}
@@ -166,31 +167,41 @@ worker:
 	}
 	c := &cluster{redis: r, fake: fake, cfg: path,
 		env: []string{"REDIS_URL=" + r.URL, "ANTHROPIC_BASE_URL=" + fsrv.URL, "ANTHROPIC_API_KEY=" + harness.UpstreamKey, "SLUICE_LOG_LEVEL=debug"}}
-	c.api = c.start(t, "api").baseURL(t)
+	c.apiProc = c.start(t, "api")
+	c.api = c.apiProc.baseURL(t)
 	return c
 }
 
-func (c *cluster) start(t *testing.T, role string) *proc { return startProc(t, role, c.cfg, c.env) }
+func (c *cluster) start(t testing.TB, role string) *proc { return startProc(t, role, c.cfg, c.env) }
 
-func (c *cluster) submit(t *testing.T, user, text string, maxTokens int) jobs.View {
+func (c *cluster) submit(t testing.TB, user, text string, maxTokens int) jobs.View {
 	t.Helper()
+	v, err := c.trySubmit(user, text, maxTokens)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// trySubmit is submit for other goroutines than the test's.
+func (c *cluster) trySubmit(user, text string, maxTokens int) (jobs.View, error) {
 	body := fmt.Sprintf(`{"user_id":%q,"request":{"model":"claude-sonnet-4-6","max_tokens":%d,"messages":[{"role":"user","content":%q}]}}`, user, maxTokens, text)
 	req, _ := http.NewRequest(http.MethodPost, c.api+"/v1/jobs", strings.NewReader(body))
 	req.Header.Set("x-api-key", harness.TenantKey)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
-		t.Fatal(err)
+		return jobs.View{}, err
 	}
 	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
 	var v jobs.View
-	_ = json.NewDecoder(resp.Body).Decode(&v)
 	if resp.StatusCode != http.StatusAccepted {
-		t.Fatalf("submit: %d", resp.StatusCode)
+		return v, fmt.Errorf("submit: %d %s", resp.StatusCode, b)
 	}
-	return v
+	return v, json.Unmarshal(b, &v)
 }
 
-func (c *cluster) get(t *testing.T, id string) jobs.View {
+func (c *cluster) get(t testing.TB, id string) jobs.View {
 	t.Helper()
 	req, _ := http.NewRequest(http.MethodGet, c.api+"/v1/jobs/"+id, nil)
 	req.Header.Set("x-api-key", harness.TenantKey)
@@ -204,7 +215,7 @@ func (c *cluster) get(t *testing.T, id string) jobs.View {
 	return v
 }
 
-func (c *cluster) waitAll(t *testing.T, ids []string, within time.Duration) map[string]jobs.View {
+func (c *cluster) waitAll(t testing.TB, ids []string, within time.Duration) map[string]jobs.View {
 	t.Helper()
 	done := map[string]jobs.View{}
 	harness.Eventually(t, within, func() bool {

@@ -50,6 +50,8 @@ type Options struct {
 	// Clock, when set, is the clock of the api and of every scheduler
 	// script (instead of Redis TIME).
 	Clock func() time.Time
+	// PositionEvery is the api's periodic position read (0 = its default).
+	PositionEvery time.Duration
 }
 
 // Env is a running sluice.
@@ -153,7 +155,7 @@ func Start(tb testing.TB, o Options) *Env {
 		tb.Fatal(err)
 	}
 	e.Server = api.New(api.Deps{Config: cfg, Redis: e.RDB, Store: e.Store, Hub: hub,
-		Scheduler: e.Sched, Estimator: estimate.NewCalibrator(e.RDB), Upstream: apiUp, TokenSecret: secret, Web: web.Handler(), Logger: log, Clock: o.Clock})
+		Scheduler: e.Sched, Estimator: estimate.NewCalibrator(e.RDB), Upstream: apiUp, TokenSecret: secret, Web: web.Handler(), Logger: log, Clock: o.Clock, PositionEvery: o.PositionEvery})
 	e.API = httptest.NewServer(e.Server)
 	tb.Cleanup(func() {
 		e.Server.CloseStreams()

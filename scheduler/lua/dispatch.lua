@@ -20,7 +20,7 @@
 -- KEYS[14] dispatch sequence
 -- ARGV[1] now ms (0 = Redis TIME)  ARGV[2..5] rpm, input_tpm, output_tpm, burst ms
 -- ARGV[6] max concurrency   ARGV[7] lease ms   ARGV[8] most jobs to pick
--- ARGV[9] job hash key prefix ("sluice:job:")
+-- ARGV[9] job hash key prefix ("sluice:job:")   ARGV[10] moved channel
 -- Reply: {state, ms, expiring, job id 1, dispatch 1, job id 2, dispatch 2, ...}
 --   expiring: how many jobs wait in the expiring set
 --   state "more"  the pick limit was reached: call again at once
@@ -33,6 +33,9 @@
 local now = clock(ARGV[1])
 local cfg = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])}
 local max_conc, lease_ms, max_pick, prefix = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
+-- moved counts jobs that entered or left the order: waiting jobs' positions
+-- changed, and the api processes following them are told (ARGV[10]).
+local moved = 0
 
 -- totals_add keeps the queue's job count and estimated tokens (for etas).
 local function totals_add(sign, cin, cout)
@@ -42,13 +45,16 @@ local function totals_add(sign, cin, cout)
 end
 
 local function back_to_queue(member, tag, cost)
+  moved = moved + 1
   redis.call('ZADD', KEYS[1], tag, member)
   redis.call('HSET', KEYS[5], member, cost)
   totals_add(1, split2(cost))
 end
 
 local function leave_queue(member)
-  return fq_leave(KEYS[1], KEYS[5], KEYS[6], KEYS[12], member)
+  local left = fq_leave(KEYS[1], KEYS[5], KEYS[6], KEYS[12], member)
+  if left then moved = moved + 1 end
+  return left
 end
 
 -- Retries whose delay is over.
@@ -153,4 +159,5 @@ if #dl > 0 then
 end
 out[2] = math.floor(out[2])
 out[3] = redis.call('ZCARD', KEYS[13])
+if moved > 0 then redis.call('PUBLISH', ARGV[10], moved) end
 return out
