@@ -90,3 +90,23 @@ func ParseRunJob(t *asynq.Task) (RunJob, error) {
 	}
 	return p, nil
 }
+
+// FormatPayload is how the ops dashboard (asynqmon) shows a task's payload:
+// a job's id, group and dispatch number, and for anything else only its
+// size. A payload's bytes are never shown as they are, so nothing a future
+// task type carried (a prompt is personal data) could leak there.
+func FormatPayload(taskType string, payload []byte) string {
+	if taskType == TypeRunJob {
+		var p RunJob
+		if err := json.Unmarshal(payload, &p); err == nil && p.JobID != "" {
+			return fmt.Sprintf("job %s · group %s · dispatch %d", p.JobID, p.Group, p.Dispatch)
+		}
+	}
+	return fmt.Sprintf("(%d bytes, not shown)", len(payload))
+}
+
+// FormatResult is how the ops dashboard shows a task's result: sluice's
+// tasks write none (results live in the job record), so only a size.
+func FormatResult(_ string, result []byte) string {
+	return fmt.Sprintf("(%d bytes, not shown)", len(result))
+}

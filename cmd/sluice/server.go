@@ -21,6 +21,7 @@ import (
 	"github.com/sluice-dev/sluice/estimate"
 	"github.com/sluice-dev/sluice/jobs"
 	"github.com/sluice-dev/sluice/scheduler"
+	"github.com/sluice-dev/sluice/tasks"
 	"github.com/sluice-dev/sluice/upstream"
 	"github.com/sluice-dev/sluice/web"
 	"github.com/sluice-dev/sluice/worker"
@@ -148,7 +149,9 @@ func serve(ctx context.Context, cfg *config.Config, r roles, stdout, stderr io.W
 			if err != nil {
 				return fmt.Errorf("redis_url for asynqmon: %w", err)
 			}
-			m := asynqmon.New(asynqmon.Options{RootPath: "/monitoring", RedisConnOpt: connOpt, ReadOnly: true})
+			m := asynqmon.New(asynqmon.Options{RootPath: "/monitoring", RedisConnOpt: connOpt, ReadOnly: true,
+				PayloadFormatter: asynqmon.PayloadFormatterFunc(tasks.FormatPayload),
+				ResultFormatter:  asynqmon.ResultFormatterFunc(tasks.FormatResult)})
 			defer m.Close()
 			mon = m
 		} else {
