@@ -49,9 +49,6 @@ func Key(id string) string { return jobKey(id) }
 // EventsKey is the Redis key of a job's event log.
 func EventsKey(id string) string { return eventsKey(id) }
 
-// ChannelPrefix is Channel without the job id (for scripts that publish).
-const ChannelPrefix = eventsChannel
-
 // Channel is the Pub/Sub channel of a job's live events.
 func Channel(id string) string { return channel(id) }
 
@@ -311,17 +308,10 @@ func nextPushedID(last string) string {
 // compareEventIDs orders event ids: by the logged id, then by ".n" (none
 // comes first).
 func compareEventIDs(a, b string) int {
-	a, an, _ := strings.Cut(a, ".")
-	b, bn, _ := strings.Cut(b, ".")
-	for _, pair := range [][2]string{
-		{strings.SplitN(a, "-", 2)[0], strings.SplitN(b, "-", 2)[0]},
-		{after(a, "-"), after(b, "-")},
-		{an, bn},
-	} {
-		x, _ := strconv.ParseUint(pair[0], 10, 64)
-		y, _ := strconv.ParseUint(pair[1], 10, 64)
-		if x != y {
-			if x < y {
+	x, y := idParts(a), idParts(b)
+	for k := range x {
+		if x[k] != y[k] {
+			if x[k] < y[k] {
 				return -1
 			}
 			return 1
@@ -330,9 +320,16 @@ func compareEventIDs(a, b string) int {
 	return 0
 }
 
-func after(s, sep string) string {
-	_, a, _ := strings.Cut(s, sep)
-	return a
+// idParts splits "ms-seq" or "ms-seq.n" into its numbers (n is 0 when
+// absent; malformed parts read as 0: ids are checked by ValidEventID).
+func idParts(id string) [3]uint64 {
+	base, n, _ := strings.Cut(id, ".")
+	ms, seq, _ := strings.Cut(base, "-")
+	var out [3]uint64
+	for k, s := range []string{ms, seq, n} {
+		out[k], _ = strconv.ParseUint(s, 10, 64)
+	}
+	return out
 }
 
 func timeFromMillis(s string) time.Time {
