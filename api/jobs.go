@@ -81,12 +81,13 @@ func (s *Server) admit(c *echo.Context, tenant *config.Tenant, req *createReques
 		return nil, none, err
 	}
 	log := s.log.With("tenant", tenant.Name, "user_id", req.UserID)
+	s.counted(ctx, tenant.Name, req.Group.Name, res.Outcome)
 	switch res.Outcome {
 	case scheduler.Admitted:
 		if policy.RequestsPerHour > 0 {
 			setRateLimitHeaders(c, policy.RequestsPerHour, res.QuotaRemaining, res.QuotaReset)
 		}
-		log.Debug("job accepted", "job_id", job.ID, "model", job.Model, "position", res.Position, "eta_seconds", res.ETA, "input_estimate", input)
+		log.Info("job queued", "job_id", job.ID, "model", job.Model, "position", res.Position, "eta_seconds", res.ETA, "input_estimate", input)
 		return job, res, nil
 	case scheduler.Replay:
 		prev, err := s.d.Store.Get(ctx, res.ReplayOf)

@@ -80,16 +80,17 @@ func (s *Server) cancel(ctx context.Context, job *jobs.Job, g *config.ModelGroup
 		}
 		if f == jobs.Queued {
 			if err := s.d.Scheduler.Remove(ctx, g, job); err != nil {
-				s.log.Warn("could not take a canceled job out of its queue; the dispatcher will drop it", "job_id", job.ID, "err", err)
+				s.log.Warn("could not take a canceled job out of its queue; the dispatcher will drop it", "job_id", job.ID, "tenant", job.Tenant, "user_id", job.UserID, "err", err)
 			}
 			if _, _, err := s.d.Scheduler.Settle(context.WithoutCancel(ctx), scheduler.Settlement{
 				Group: g, Job: job, Final: true, Policy: s.policy(job),
 			}); err != nil {
-				s.log.Error("could not refund a canceled job", "job_id", job.ID, "err", err)
+				s.log.Error("could not refund a canceled job", "job_id", job.ID, "tenant", job.Tenant, "user_id", job.UserID, "err", err)
 			}
 		} else if err := s.d.Redis.Publish(ctx, cancelChannel, job.ID).Err(); err != nil {
-			s.log.Warn("could not announce a cancel; the worker stops at its next write", "job_id", job.ID, "err", err)
+			s.log.Warn("could not announce a cancel; the worker stops at its next write", "job_id", job.ID, "tenant", job.Tenant, "user_id", job.UserID, "err", err)
 		}
+		s.d.Metrics.Finished(g.Name, string(jobs.Canceled))
 		return f, nil
 	}
 	return "", err

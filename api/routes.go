@@ -23,6 +23,20 @@ func (s *Server) routes() {
 	e.POST("/v1/messages", s.createMessage, s.tenantAuth)
 	e.POST("/v1/messages/count_tokens", s.countTokens, s.tenantAuth)
 
+	e.GET("/v1/admin/usage", s.adminUsage, s.adminAuth)
+	e.GET("/v1/admin/status", s.adminStatus, s.adminAuth)
+	e.GET("/dashboard", s.dashboard, s.adminAuth)
+	e.GET("/dashboard/*", s.dashboard, s.adminAuth)
+	if s.d.Metrics != nil {
+		// Prometheus: open to scrapers unless configured otherwise (no
+		// metric names a user).
+		m := echo.WrapHandler(s.d.Metrics.Handler())
+		if s.cfg.Metrics.RequireAdminKey {
+			e.GET("/metrics", m, s.adminAuth)
+		} else {
+			e.GET("/metrics", m)
+		}
+	}
 	if s.d.Monitoring != nil {
 		mon := echo.WrapHandler(s.d.Monitoring)
 		e.GET("/monitoring", func(c *echo.Context) error { return c.Redirect(http.StatusMovedPermanently, "/monitoring/") }, s.adminAuth)

@@ -17,8 +17,10 @@ import (
 	"github.com/sluice-dev/sluice/config"
 	"github.com/sluice-dev/sluice/estimate"
 	"github.com/sluice-dev/sluice/jobs"
+	"github.com/sluice-dev/sluice/metrics"
 	"github.com/sluice-dev/sluice/scheduler"
 	"github.com/sluice-dev/sluice/upstream"
+	"github.com/sluice-dev/sluice/usage"
 )
 
 // Deps are what the api needs.
@@ -32,8 +34,11 @@ type Deps struct {
 	Upstream  *upstream.Client // for count_tokens (groups with count_tokens: true); nil = estimate only
 	// TokenSecret signs job read tokens (jobs.TokenSecret: shared by the fleet).
 	TokenSecret []byte
-	Monitoring  http.Handler // asynqmon, mounted at /monitoring/ behind admin auth; nil = not mounted
-	Web         http.Handler // the embedded pages at /; nil = none
+	Monitoring  http.Handler     // asynqmon, mounted at /monitoring/ behind admin auth; nil = not mounted
+	Web         http.Handler     // the embedded pages at /; nil = none
+	Dashboard   http.Handler     // the ops dashboard at /dashboard, behind admin auth; nil = none
+	Metrics     *metrics.Metrics // nil = no /metrics
+	Usage       *usage.Recorder  // nil = no usage statistics
 	// PositionEvery is how often followed jobs' places are read even when no
 	// queue announced a move; 0 = one second (tests set it long, to see the
 	// announcements work alone).

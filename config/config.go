@@ -50,6 +50,8 @@ const (
 	DefaultAPIShutdown       = 10 * time.Second
 	DefaultWorkerShutdown    = 25 * time.Second
 	DefaultTaskCheckInterval = 2 * time.Millisecond
+	DefaultHourlyRetention   = 7 * 24 * time.Hour
+	DefaultDailyRetention    = 400 * 24 * time.Hour
 	DefaultLeaseTTL          = 15 * time.Second
 	DefaultLogFormat         = "text"
 	DefaultLogLevel          = "info"
@@ -89,6 +91,26 @@ type Config struct {
 	API         API          `yaml:"api"`
 	Worker      Worker       `yaml:"worker"`
 	Log         Log          `yaml:"log"`
+	Metrics     Metrics      `yaml:"metrics"`
+	Usage       Usage        `yaml:"usage"`
+}
+
+// Metrics configures the Prometheus endpoint /metrics.
+type Metrics struct {
+	// RequireAdminKey makes /metrics need an admin key (Prometheus sends it
+	// with authorization: {credentials: …}). Default false: open to
+	// scrapers, as no metric names a user.
+	RequireAdminKey bool `yaml:"require_admin_key"`
+}
+
+// Usage configures the usage statistics (GET /v1/admin/usage, /dashboard).
+type Usage struct {
+	// HourlyRetention is how long per-hour statistics are kept. Default
+	// 168h (7 days); at least 1h.
+	HourlyRetention time.Duration `yaml:"hourly_retention"`
+	// DailyRetention is how long per-day statistics are kept. Default
+	// 9600h (400 days); at least 24h.
+	DailyRetention time.Duration `yaml:"daily_retention"`
 }
 
 // Upstream is the Anthropic API that sluice forwards to.
@@ -285,6 +307,10 @@ func Default() *Config {
 		Log: Log{
 			Format: DefaultLogFormat,
 			Level:  DefaultLogLevel,
+		},
+		Usage: Usage{
+			HourlyRetention: DefaultHourlyRetention,
+			DailyRetention:  DefaultDailyRetention,
 		},
 	}
 }

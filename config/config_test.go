@@ -132,6 +132,7 @@ log: {format: JSON, level: debug}
 		API:    API{BodyLimitBytes: 1 << 20, ShutdownTimeout: 5 * time.Second},
 		Worker: Worker{ShutdownTimeout: 20 * time.Second, TaskCheckInterval: 10 * time.Millisecond, LeaseTTL: DefaultLeaseTTL},
 		Log:    Log{Format: "json", Level: "debug"},
+		Usage:  Usage{HourlyRetention: DefaultHourlyRetention, DailyRetention: DefaultDailyRetention},
 	}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("Parse mismatch (-want +got):\n%s", diff)
@@ -167,6 +168,9 @@ func TestDefaultsFilled(t *testing.T) {
 		{"lease_ttl", d.Worker.LeaseTTL, 15 * time.Second},
 		{"log.format", d.Log.Format, "text"},
 		{"log.level", d.Log.Level, "info"},
+		{"usage.hourly_retention", d.Usage.HourlyRetention, 168 * time.Hour},
+		{"usage.daily_retention", d.Usage.DailyRetention, 9600 * time.Hour},
+		{"metrics.require_admin_key", d.Metrics.RequireAdminKey, false},
 	} {
 		if c.got != c.want {
 			t.Errorf("Default %s = %v, want %v", c.name, c.got, c.want)
@@ -195,6 +199,8 @@ model_groups:
 		want    []string // problems; nil means valid
 		wantCon int
 	}{
+		{name: "usage retention below its minimum", doc: group("    rpm: 5\n") + "usage: {hourly_retention: 30m, daily_retention: 12h}\n",
+			want: []string{"usage.daily_retention: must be at least 24h, got 12h0m0s", "usage.hourly_retention: must be at least 1h, got 30m0s"}},
 		{name: "rpm omitted is required", doc: group("    max_concurrency: 3\n"), want: []string{"model_groups[0].rpm: must be > 0"}},
 		{name: "rpm 0 is an error", doc: group("    rpm: 0\n"), want: []string{"model_groups[0].rpm: must be > 0"}},
 		{name: "max_concurrency omitted is 8", doc: group("    rpm: 5\n"), wantCon: 8},
@@ -471,7 +477,7 @@ upstream:
   base_ur: "http://x"
 `,
 			want: []string{
-				"lisen: unknown field; the fields here are listen, worker_listen, redis_url, upstream, admin_keys, tenants, model_groups, api, worker, log (line 12)",
+				"lisen: unknown field; the fields here are listen, worker_listen, redis_url, upstream, admin_keys, tenants, model_groups, api, worker, log, metrics, usage (line 12)",
 				"upstream.base_ur: unknown field; the fields here are base_url, attempt_timeout, max_attempts, backoff_base, backoff_max (line 14)",
 			},
 		},

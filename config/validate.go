@@ -155,6 +155,12 @@ func (c *Config) problems() []*fieldError {
 	v.positiveDuration("worker.shutdown_timeout", c.Worker.ShutdownTimeout)
 	v.positiveDuration("worker.task_check_interval", c.Worker.TaskCheckInterval)
 	v.positiveDuration("worker.lease_ttl", c.Worker.LeaseTTL)
+	if c.Usage.HourlyRetention < time.Hour {
+		v.add("usage.hourly_retention", "must be at least 1h, got %s", c.Usage.HourlyRetention)
+	}
+	if c.Usage.DailyRetention < 24*time.Hour {
+		v.add("usage.daily_retention", "must be at least 24h, got %s", c.Usage.DailyRetention)
+	}
 
 	switch c.Log.Format {
 	case "text", "json":

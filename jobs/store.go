@@ -163,7 +163,28 @@ type Transition struct {
 	Event         string // "" = none
 	EventData     any    // marshaled to JSON; the string "__ATTEMPTS__" becomes the attempt count
 	EventDataJSON []byte // used instead of EventData when set
+	// Tallies are statistics bumped in the same atomic step as the change,
+	// only when it happens (usage per hour must equal the jobs' own usage).
+	Tallies []Tally
 }
+
+// Tally is one counter a transition bumps: HINCRBY Key Field By, or, when
+// Sorted, ZINCRBY Key By Field. TTL (whole seconds; 0 = leave it) is set on
+// Key each time.
+type Tally struct {
+	Key    string        `json:"k"`
+	Field  string        `json:"f"`
+	Sorted bool          `json:"z"`
+	By     int64         `json:"n"`
+	TTL    time.Duration `json:"-"`
+}
+
+// WaitingUsersKey is the hash of a model group's users with queued jobs
+// (user key → how many): its length is the group's active users. Admission
+// adds to it; every transition out of or back to queued keeps it.
+func WaitingUsersKey(group string) string { return waitingUsersPrefix + group + ":users" }
+
+const waitingUsersPrefix = keyPrefix + "fq:"
 
 // Apply performs t on job j atomically, keeping its owner's counts of
 // queued and running jobs. It fails with *StateError when the job's status
@@ -189,7 +210,24 @@ func (s *Store) Apply(ctx context.Context, j *Job, t Transition) (attempts int, 
 		count = "1"
 	}
 	ttl := s.ttl() // every transition keeps the record and its log alive
-	args := []any{strings.Join(from, " "), string(t.To), t.Event, string(data), channel(id), ttl, count, s.maxEvents, t.Dispatch}
+	tallies := ""
+	if len(t.Tallies) > 0 {
+		type wire struct {
+			Tally
+			TTL int64 `json:"t"`
+		}
+		ws := make([]wire, len(t.Tallies))
+		for i, tl := range t.Tallies {
+			ws[i] = wire{tl, int64(tl.TTL / time.Second)}
+		}
+		b, err := json.Marshal(ws)
+		if err != nil {
+			return 0, err
+		}
+		tallies = string(b)
+	}
+	args := []any{strings.Join(from, " "), string(t.To), t.Event, string(data), channel(id), ttl, count, s.maxEvents, t.Dispatch,
+		waitingUsersPrefix, tallies}
 	for k, v := range t.Set {
 		args = append(args, k, v)
 	}

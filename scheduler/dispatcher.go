@@ -30,6 +30,8 @@ type DispatcherDeps struct {
 	// Expire ends a job whose deadline passed while it was queued (the
 	// dispatch script has taken it out of the queue).
 	Expire func(ctx context.Context, g *config.ModelGroup, jobID string) error
+	// OnDispatched, if set, is told how many jobs each dispatch picked (metrics).
+	OnDispatched func(group string, n int)
 	// HandOverAfter is how old a picked-but-not-handed job must be before
 	// another dispatcher hands it over. Default 5s.
 	HandOverAfter time.Duration
@@ -167,6 +169,9 @@ func (d *Dispatcher) round(ctx context.Context, log *slog.Logger, g *config.Mode
 			log.Error("dispatch failed; retrying shortly", "err", err)
 		}
 		return 500 * time.Millisecond, false
+	}
+	if d.d.OnDispatched != nil && len(res.Jobs) > 0 {
+		d.d.OnDispatched(g.Name, len(res.Jobs))
 	}
 	for _, p := range res.Jobs {
 		d.enqueue(ctx, log, g.Name, p)

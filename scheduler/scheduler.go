@@ -13,6 +13,7 @@ import (
 	_ "embed"
 	"errors"
 	"fmt"
+	"math"
 	"net/http"
 	"strconv"
 	"strings"
@@ -45,6 +46,8 @@ var (
 	positionSrc string
 	//go:embed lua/remove.lua
 	removeSrc string
+	//go:embed lua/gauges.lua
+	gaugesSrc string
 	//go:embed lua/places.lua
 	placesSrc string
 
@@ -58,6 +61,7 @@ var (
 	positionScript = redis.NewScript(prelude + positionSrc)
 	removeScript   = redis.NewScript(prelude + removeSrc)
 	placesScript   = redis.NewScript(prelude + placesSrc)
+	gaugesScript   = redis.NewScript(prelude + gaugesSrc)
 )
 
 // DefaultLeaseTTL is how long a concurrency lease lasts without a heartbeat:
@@ -118,6 +122,8 @@ func (k keys) dispatchSeq() string    { return k.p("dispatch_seq") }
 func (k keys) lim() string            { return "sluice:lim:" + k.g }
 func (k keys) reservations() string   { return "sluice:lim:" + k.g + ":res" }
 func (k keys) leases() string         { return "sluice:lim:" + k.g + ":leases" }
+func (k keys) seen() string           { return "sluice:lim:" + k.g + ":seen" }
+func (k keys) rate() string           { return k.p("rate") }
 func wakeChannel(group string) string { return "sluice:wake:" + group }
 
 // MovedChannel is where a group's queue announces that jobs entered or left
@@ -215,7 +221,7 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 		jobs.Key(j.ID), jobs.EventsKey(j.ID), k.seq(), k.order(), k.finish(), k.vtime(),
 		k.costs(), k.totals(), k.lim(), idem, quotaKey(j.Tenant, j.UserID),
 		jobs.CountsKey(j.Tenant, j.UserID), jobs.IndexKey(j.Tenant, ""), jobs.IndexKey(j.Tenant, j.UserID),
-		k.deadlines(),
+		k.deadlines(), jobs.WaitingUsersKey(g.Name),
 	}, args...).Slice()
 	if err != nil {
 		return AdmitResult{}, fmt.Errorf("scheduler: admit %s: %w", j.ID, err)
@@ -334,6 +340,7 @@ func (s *Scheduler) Dispatch(ctx context.Context, g *config.ModelGroup, max int)
 	res, err := dispatchScript.Run(ctx, s.rdb, []string{
 		k.order(), k.delayed(), k.vtime(), k.finish(), k.costs(), k.totals(), k.lim(),
 		k.reservations(), k.leases(), k.dispatching(), k.delayedTags(), k.deadlines(), k.expiring(), k.dispatchSeq(),
+		k.rate(),
 	}, args...).Slice()
 	if err != nil {
 		return Result{}, fmt.Errorf("scheduler: dispatch %s: %w", g.Name, err)
@@ -581,7 +588,8 @@ func (s *Scheduler) Observe(ctx context.Context, g *config.ModelGroup, h http.He
 	if h == nil {
 		return nil
 	}
-	vals := make([]any, 0, 6)
+	vals := make([]any, 0, 12)
+	raw := make([]any, 0, 6)
 	seen := false
 	for _, dim := range []struct {
 		name   string
@@ -589,6 +597,7 @@ func (s *Scheduler) Observe(ctx context.Context, g *config.ModelGroup, h http.He
 	}{{"requests", false}, {"input-tokens", true}, {"output-tokens", true}} {
 		lim := headerInt(h, "anthropic-ratelimit-"+dim.name+"-limit")
 		rem := headerInt(h, "anthropic-ratelimit-"+dim.name+"-remaining")
+		raw = append(raw, lim, rem)
 		if rem >= 0 && dim.tokens {
 			// Token remainings are rounded to the nearest 1,000.
 			rem = max(0, rem-500)
@@ -603,7 +612,8 @@ func (s *Scheduler) Observe(ctx context.Context, g *config.ModelGroup, h http.He
 	}
 	args := append([]any{s.now()}, limits(g)...)
 	args = append(args, vals...)
-	if err := observeScript.Run(ctx, s.rdb, []string{keys{g.Name}.lim()}, args...).Err(); err != nil {
+	args = append(args, raw...)
+	if err := observeScript.Run(ctx, s.rdb, []string{keys{g.Name}.lim(), keys{g.Name}.seen()}, args...).Err(); err != nil {
 		return fmt.Errorf("scheduler: observe %s: %w", g.Name, err)
 	}
 	return nil
@@ -665,4 +675,85 @@ func toInt(v any) int {
 		return i
 	}
 	return 0
+}
+
+// Gauges are a model group's live figures, for metrics and the dashboard.
+type Gauges struct {
+	Queued      int64 // jobs waiting in the fair queue
+	ActiveUsers int64 // users with at least one job waiting
+	InFlight    int64 // concurrency slots taken (calls running or about to)
+	// Dispatched is how many jobs were dispatched over the last 60 s (the
+	// current minute and the part of the previous one still in the window).
+	Dispatched float64
+	// Dimensions: requests, input tokens, output tokens per minute.
+	Dimensions []Dimension
+	Frozen     time.Duration // how long dispatch stays frozen (upstream 429); 0 = not
+	Pace       float64       // the 529 pace factor: 1 = full speed
+	// HeadersSeen is when the upstream's rate-limit headers were last read.
+	HeadersSeen time.Time
+}
+
+// Dimension is one of the limiter's three per-minute limits.
+type Dimension struct {
+	Name  string  // "requests", "input_tokens", "output_tokens"
+	Limit float64 // per minute, as sluice applies it (a lower announced limit wins)
+	// Headroom is what sluice believes is free now: its bucket's level over
+	// its capacity, 0..1 (negative while a job larger than the bucket is
+	// paid off).
+	Headroom float64
+	// Upstream is what the last response's headers said remained of their
+	// limit, 0..1; -1 when never seen.
+	Upstream float64
+	// UpstreamLimit and UpstreamRemaining are those headers as sent; -1
+	// when never seen.
+	UpstreamLimit, UpstreamRemaining int64
+}
+
+// Gauges reads g's live figures in one atomic, read-only step.
+func (s *Scheduler) Gauges(ctx context.Context, g *config.ModelGroup) (Gauges, error) {
+	k := keys{g.Name}
+	args := append([]any{s.now()}, limits(g)...)
+	res, err := gaugesScript.Run(ctx, s.rdb, []string{k.lim(), k.leases(), k.order(), jobs.WaitingUsersKey(g.Name), k.seen(), k.rate()}, args...).StringSlice()
+	if err != nil {
+		return Gauges{}, fmt.Errorf("scheduler: gauges %s: %w", g.Name, err)
+	}
+	if len(res) < 24 {
+		return Gauges{}, fmt.Errorf("scheduler: gauges %s: %d values", g.Name, len(res))
+	}
+	f := func(i int) float64 {
+		v, _ := strconv.ParseFloat(res[i], 64)
+		return v
+	}
+	seen := func(i int) int64 {
+		if res[i] == "" {
+			return -1
+		}
+		v, _ := strconv.ParseFloat(res[i], 64)
+		return int64(v)
+	}
+	now := f(0)
+	frac := math.Mod(now, 60000) / 60000 // how far into this minute
+	out := Gauges{
+		InFlight: int64(f(12)), Queued: int64(f(13)), ActiveUsers: int64(f(14)),
+		Dispatched: math.Round(f(15) + f(16)*(1-frac)),
+		Pace:       f(11),
+	}
+	if fr := f(10); fr > now {
+		out.Frozen = time.Duration(fr-now) * time.Millisecond
+	}
+	if at := seen(23); at > 0 {
+		out.HeadersSeen = time.UnixMilli(at).UTC()
+	}
+	for d, name := range []string{"requests", "input_tokens", "output_tokens"} {
+		level, capacity, limit := f(1+2*d), f(2+2*d), f(7+d)
+		dim := Dimension{Name: name, Limit: limit, Upstream: -1, UpstreamLimit: seen(17 + 2*d), UpstreamRemaining: seen(18 + 2*d)}
+		if capacity > 0 {
+			dim.Headroom = math.Round(level/capacity*1000) / 1000
+		}
+		if dim.UpstreamLimit > 0 && dim.UpstreamRemaining >= 0 {
+			dim.Upstream = math.Round(float64(dim.UpstreamRemaining)/float64(dim.UpstreamLimit)*1000) / 1000
+		}
+		out.Dimensions = append(out.Dimensions, dim)
+	}
+	return out, nil
 }

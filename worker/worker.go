@@ -24,9 +24,11 @@ import (
 	"github.com/sluice-dev/sluice/config"
 	"github.com/sluice-dev/sluice/estimate"
 	"github.com/sluice-dev/sluice/jobs"
+	"github.com/sluice-dev/sluice/metrics"
 	"github.com/sluice-dev/sluice/scheduler"
 	"github.com/sluice-dev/sluice/tasks"
 	"github.com/sluice-dev/sluice/upstream"
+	"github.com/sluice-dev/sluice/usage"
 )
 
 // Deps are what a Worker needs.
@@ -37,6 +39,8 @@ type Deps struct {
 	Scheduler *scheduler.Scheduler
 	Estimator *estimate.Calibrator
 	Upstream  *upstream.Client
+	Metrics   *metrics.Metrics // nil = none
+	Usage     *usage.Recorder  // nil = no usage statistics
 	Logger    *slog.Logger
 	Clock     func() time.Time // nil = time.Now
 }
@@ -107,8 +111,9 @@ func New(d Deps) *Worker {
 			Timeout:   cfg.Upstream.AttemptTimeout + time.Minute, // the worker's own attempt timeout fires first
 			Retention: time.Hour,                                 // finished tasks stay visible in asynqmon
 		},
-		Logger: d.Logger.With("component", "dispatcher"),
-		Expire: w.expireQueued,
+		Logger:       d.Logger.With("component", "dispatcher"),
+		Expire:       w.expireQueued,
+		OnDispatched: d.Metrics.Dispatched,
 	})
 	return w
 }
@@ -255,7 +260,8 @@ func (w *Worker) run(ctx context.Context, a *attempt) error {
 	}()
 	defer hb.Wait()
 
-	if job.StartedAt.IsZero() {
+	first := job.StartedAt.IsZero()
+	if first {
 		job.StartedAt = w.now() // the first attempt's start is the job's
 	}
 	n, err := w.d.Store.Apply(ctx, job, jobs.Transition{
@@ -276,6 +282,9 @@ func (w *Worker) run(ctx context.Context, a *attempt) error {
 	}
 	job.Attempts = n
 	a.log = a.log.With("attempt", n)
+	if first {
+		w.d.Metrics.Waited(g.Name, job.StartedAt.Sub(job.CreatedAt))
+	}
 
 	body, err := upstreamBody(job)
 	if err != nil {
@@ -287,7 +296,9 @@ func (w *Worker) run(ctx context.Context, a *attempt) error {
 	defer cancelAttempt()
 	var appendErr error
 	start := time.Now()
+	call := w.d.Metrics.Call(g.Name)
 	res, err := w.d.Upstream.Stream(attemptCtx, body, func(h http.Header) { w.observe(ctx, a, h) }, func(text string) {
+		call.Text()
 		if appendErr != nil {
 			return
 		}
@@ -296,6 +307,7 @@ func (w *Worker) run(ctx context.Context, a *attempt) error {
 		}
 	})
 	elapsed := time.Since(start)
+	call.End(callStatus(err))
 	cancelCall() // stop the heartbeat; the lease is released by settle or requeue
 	if appendErr == nil && err != nil && callCtx.Err() != nil && ctx.Err() == nil && !lost.Load() {
 		// Stopped from outside: a cancel published by an api process.
@@ -323,6 +335,32 @@ func (w *Worker) run(ctx context.Context, a *attempt) error {
 		return w.failedAttempt(ctx, a, err, elapsed)
 	}
 	return w.succeed(ctx, a, res, elapsed)
+}
+
+// tallies are the usage statistics a job that ends bumps with its
+// transition (none without a recorder).
+func (w *Worker) tallies(j *jobs.Job, ok bool, u jobs.Usage, now time.Time) []jobs.Tally {
+	if w.d.Usage == nil {
+		return nil
+	}
+	f := usage.Finished{Tenant: j.Tenant, UserID: j.UserID, Succeeded: ok, Usage: u, Latency: now.Sub(j.CreatedAt), Wait: -1, At: now}
+	if !j.StartedAt.IsZero() {
+		f.Wait = j.StartedAt.Sub(j.CreatedAt)
+	}
+	return w.d.Usage.Tallies(f)
+}
+
+// callStatus is the HTTP status an upstream call ended with, for metrics:
+// 200 for an answer, the error's status, or 0 when there was none.
+func callStatus(err error) int {
+	if err == nil {
+		return http.StatusOK
+	}
+	var ue *upstream.Error
+	if errors.As(err, &ue) {
+		return ue.Status
+	}
+	return 0
 }
 
 // heartbeat renews the job's lease every third of its TTL; onLost is called
@@ -397,6 +435,7 @@ func (w *Worker) succeed(ctx context.Context, a *attempt, res *upstream.Result, 
 			"finished_at": jobs.MillisString(now),
 		},
 		Event: "succeeded", EventData: view,
+		Tallies: w.tallies(job, true, usage, now),
 	})
 	var se *jobs.StateError
 	if err != nil && !errors.As(err, &se) {
@@ -413,6 +452,9 @@ func (w *Worker) succeed(ctx context.Context, a *attempt, res *upstream.Result, 
 		a.log.Info("job finished upstream after leaving running; result not stored", "status", se.Current)
 		return nil
 	}
+	w.d.Metrics.Finished(g.Name, string(jobs.Succeeded))
+	w.d.Metrics.Tokens(g.Name, usage.InputTokens, usage.OutputTokens, usage.CacheReadInputTokens, usage.CacheCreationInputTokens)
+	w.d.Metrics.Estimate(g.Name, input, job.CostIn)
 	a.log.Info("job succeeded", "input_tokens", usage.InputTokens, "output_tokens", usage.OutputTokens, "seconds", math.Round(elapsed.Seconds()*1000)/1000)
 	return nil
 }
@@ -451,6 +493,7 @@ func (w *Worker) expire(ctx context.Context, a *attempt) {
 		return
 	}
 	w.settle(ctx, a, scheduler.Used{}, 0, true)
+	w.d.Metrics.Finished(a.group.Name, string(jobs.Expired))
 	a.log.Info("job expired before it could start; nothing was sent upstream")
 }
 
@@ -473,10 +516,12 @@ func (w *Worker) expireQueued(ctx context.Context, g *config.ModelGroup, id stri
 func (w *Worker) fail(ctx context.Context, a *attempt, used scheduler.Used, e *jobs.Error) {
 	defer w.settle(ctx, a, used, 0, true)
 	eb, _ := json.Marshal(e)
+	now := w.now()
 	_, err := w.d.Store.Apply(context.WithoutCancel(ctx), a.job, jobs.Transition{
 		From: []jobs.Status{jobs.Queued, jobs.Running}, To: jobs.Failed, Dispatch: a.dispatch,
-		Set:   map[string]string{"error": string(eb), "finished_at": jobs.MillisString(w.now())},
+		Set:   map[string]string{"error": string(eb), "finished_at": jobs.MillisString(now)},
 		Event: "failed", EventData: map[string]any{"error": e},
+		Tallies: w.tallies(a.job, false, jobs.Usage{}, now),
 	})
 	if err != nil {
 		var se *jobs.StateError
@@ -485,6 +530,7 @@ func (w *Worker) fail(ctx context.Context, a *attempt, used scheduler.Used, e *j
 		}
 		return
 	}
+	w.d.Metrics.Finished(a.group.Name, string(jobs.Failed))
 	a.log.Warn("job failed", "error_type", e.Type)
 }
 
@@ -508,6 +554,11 @@ func (w *Worker) failedAttempt(ctx context.Context, a *attempt, err error, elaps
 	}
 	job, g := a.job, a.group
 	a.log = a.log.With("upstream_status", ue.Status, "upstream_type", ue.Type, "request_id", ue.RequestID)
+	if w.d.Usage != nil && (ue.Status == 429 || ue.Status == 529) {
+		if uerr := w.d.Usage.Upstream(context.WithoutCancel(ctx), job.Tenant, ue.Status); uerr != nil {
+			a.log.Warn("could not count the upstream's pushback in the usage statistics", "err", uerr)
+		}
+	}
 	switch ue.Kind {
 	case upstream.KindFatal, upstream.KindSpendLimit:
 		// Refused before any work: nothing counted upstream.

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/hibiken/asynq"
+	asynqmetrics "github.com/hibiken/asynq/x/metrics"
 	"github.com/hibiken/asynqmon"
 	"github.com/redis/go-redis/v9"
 
@@ -20,9 +21,11 @@ import (
 	"github.com/sluice-dev/sluice/config"
 	"github.com/sluice-dev/sluice/estimate"
 	"github.com/sluice-dev/sluice/jobs"
+	"github.com/sluice-dev/sluice/metrics"
 	"github.com/sluice-dev/sluice/scheduler"
 	"github.com/sluice-dev/sluice/tasks"
 	"github.com/sluice-dev/sluice/upstream"
+	usagestats "github.com/sluice-dev/sluice/usage"
 	"github.com/sluice-dev/sluice/web"
 	"github.com/sluice-dev/sluice/worker"
 )
@@ -122,11 +125,13 @@ func serve(ctx context.Context, cfg *config.Config, r roles, stdout, stderr io.W
 	estimator := estimate.NewCalibrator(rdb)
 	up := upstream.New(upstream.Options{BaseURL: cfg.Upstream.BaseURL, APIKey: cfg.Upstream.APIKey})
 	defer up.Close()
+	met := metrics.New()
+	use := usagestats.New(rdb, usagestats.Retention{Hourly: cfg.Usage.HourlyRetention, Daily: cfg.Usage.DailyRetention}, nil)
 	var wk *worker.Worker
 	if r.worker {
 		wk = worker.New(worker.Deps{
 			Config: cfg, Redis: rdb, Store: store, Scheduler: sched, Estimator: estimator,
-			Upstream: up, Logger: log.With("component", "worker"),
+			Upstream: up, Metrics: met, Usage: use, Logger: log.With("component", "worker"),
 		})
 		if err := wk.Start(); err != nil {
 			return err
@@ -157,13 +162,19 @@ func serve(ctx context.Context, cfg *config.Config, r roles, stdout, stderr io.W
 		} else {
 			log.Info("no admin key configured: /monitoring/ is off (set admin_keys or SLUICE_ADMIN_KEY)")
 		}
+		// The fleet's shared state is reported by api processes only, so
+		// summing a fleet's series counts it once per api (see README).
+		met.Register(metrics.NewState(sched, cfg.ModelGroups, log.With("component", "metrics")))
+		inspector := asynq.NewInspectorFromRedisClient(rdb)
+		met.Register(asynqmetrics.NewQueueMetricsCollector(inspector))
 		apiSrv = api.New(api.Deps{
 			Config: cfg, Redis: rdb, Store: store, Hub: hub, Scheduler: sched, Estimator: estimator, Upstream: up, TokenSecret: secret,
-			Monitoring: mon, Web: web.Handler(), Logger: log.With("component", "api"),
+			Monitoring: mon, Web: web.Handler(), Dashboard: web.Dashboard(), Metrics: met, Usage: use,
+			Logger: log.With("component", "api"),
 		})
 		handler = apiSrv
 	} else {
-		handler = healthOnly(rdb)
+		handler = healthOnly(rdb, met, cfg)
 	}
 
 	srv := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second}
@@ -198,9 +209,19 @@ func serve(ctx context.Context, cfg *config.Config, r roles, stdout, stderr io.W
 	return nil
 }
 
-// healthOnly serves /healthz and /readyz for a worker process.
-func healthOnly(rdb redis.UniversalClient) http.Handler {
+// healthOnly serves /healthz, /readyz and /metrics (its upstream calls,
+// tokens and dispatches) for a worker process.
+func healthOnly(rdb redis.UniversalClient, met *metrics.Metrics, cfg *config.Config) http.Handler {
 	mux := http.NewServeMux()
+	mh := met.Handler()
+	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
+		if cfg.Metrics.RequireAdminKey && !cfg.IsAdminKey(adminKeyOf(r)) {
+			w.Header().Set("WWW-Authenticate", `Basic realm="sluice admin", charset="UTF-8"`)
+			http.Error(w, "/metrics needs the sluice admin key (metrics.require_admin_key is on).", http.StatusUnauthorized)
+			return
+		}
+		mh.ServeHTTP(w, r)
+	})
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		_, _ = io.WriteString(w, `{"status":"ok"}`)
@@ -217,6 +238,19 @@ func healthOnly(rdb redis.UniversalClient) http.Handler {
 		_, _ = io.WriteString(w, `{"status":"ready","redis":"ok"}`)
 	})
 	return mux
+}
+
+// adminKeyOf is the key a request presents: bearer, x-api-key or the
+// basic-auth password.
+func adminKeyOf(r *http.Request) string {
+	if k := r.Header.Get("x-api-key"); k != "" {
+		return k
+	}
+	if a := r.Header.Get("Authorization"); len(a) > 7 && strings.EqualFold(a[:7], "bearer ") {
+		return strings.TrimSpace(a[7:])
+	}
+	_, pw, _ := r.BasicAuth()
+	return pw
 }
 
 func newLogger(c config.Log, w io.Writer) *slog.Logger {

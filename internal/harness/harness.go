@@ -24,8 +24,10 @@ import (
 	"github.com/sluice-dev/sluice/fakeanthropic"
 	"github.com/sluice-dev/sluice/internal/redistest"
 	"github.com/sluice-dev/sluice/jobs"
+	"github.com/sluice-dev/sluice/metrics"
 	"github.com/sluice-dev/sluice/scheduler"
 	"github.com/sluice-dev/sluice/upstream"
+	"github.com/sluice-dev/sluice/usage"
 	"github.com/sluice-dev/sluice/web"
 	"github.com/sluice-dev/sluice/worker"
 )
@@ -65,8 +67,12 @@ type Env struct {
 	API    *httptest.Server
 	Server *api.Server
 	Worker *worker.Worker
-	logs   *lockedWriter
-	level  slog.Level
+	// Metrics are shared by the api and every worker started here, as in
+	// `sluice serve`; Usage is the statistics recorder.
+	Metrics *metrics.Metrics
+	Usage   *usage.Recorder
+	logs    *lockedWriter
+	level   slog.Level
 }
 
 // BaseConfig is the harness's configuration, for a given upstream URL.
@@ -143,6 +149,9 @@ func Start(tb testing.TB, o Options) *Env {
 	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: e.level}))
 	e.Store = jobs.NewStore(e.RDB, jobs.Options{})
 	e.Sched = scheduler.New(e.RDB, e.Store, scheduler.Options{LeaseTTL: cfg.Worker.LeaseTTL, Clock: o.Clock})
+	e.Metrics = metrics.New()
+	e.Metrics.Register(metrics.NewState(e.Sched, cfg.ModelGroups, log))
+	e.Usage = usage.New(e.RDB, usage.Retention{Hourly: cfg.Usage.HourlyRetention, Daily: cfg.Usage.DailyRetention}, o.Clock)
 
 	if !o.NoWorker {
 		e.Worker = StartWorker(tb, e)
@@ -155,7 +164,8 @@ func Start(tb testing.TB, o Options) *Env {
 		tb.Fatal(err)
 	}
 	e.Server = api.New(api.Deps{Config: cfg, Redis: e.RDB, Store: e.Store, Hub: hub,
-		Scheduler: e.Sched, Estimator: estimate.NewCalibrator(e.RDB), Upstream: apiUp, TokenSecret: secret, Web: web.Handler(), Logger: log, Clock: o.Clock, PositionEvery: o.PositionEvery})
+		Scheduler: e.Sched, Estimator: estimate.NewCalibrator(e.RDB), Upstream: apiUp, TokenSecret: secret, Web: web.Handler(), Logger: log, Clock: o.Clock, PositionEvery: o.PositionEvery,
+		Dashboard: web.Dashboard(), Metrics: e.Metrics, Usage: e.Usage})
 	e.API = httptest.NewServer(e.Server)
 	tb.Cleanup(func() {
 		e.Server.CloseStreams()
@@ -301,7 +311,7 @@ func StartWorker(tb testing.TB, e *Env) *worker.Worker {
 	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: e.level}))
 	up := upstream.New(upstream.Options{BaseURL: e.Config.Upstream.BaseURL, APIKey: e.Config.Upstream.APIKey})
 	w := worker.New(worker.Deps{Config: e.Config, Redis: e.RDB, Store: e.Store, Scheduler: e.Sched,
-		Estimator: estimate.NewCalibrator(e.RDB), Upstream: up, Logger: log})
+		Estimator: estimate.NewCalibrator(e.RDB), Upstream: up, Metrics: e.Metrics, Usage: e.Usage, Logger: log})
 	if err := w.Start(); err != nil {
 		tb.Fatal(err)
 	}
@@ -323,7 +333,8 @@ func StartAPI(tb testing.TB, e *Env) *httptest.Server {
 		tb.Fatal(err)
 	}
 	srv := api.New(api.Deps{Config: e.Config, Redis: rdb, Store: store, Hub: hub, Scheduler: sched,
-		Estimator: estimate.NewCalibrator(rdb), TokenSecret: secret, Web: web.Handler(), Logger: log})
+		Estimator: estimate.NewCalibrator(rdb), TokenSecret: secret, Web: web.Handler(), Logger: log,
+		Dashboard: web.Dashboard(), Usage: usage.New(rdb, usage.Retention{Hourly: e.Config.Usage.HourlyRetention, Daily: e.Config.Usage.DailyRetention}, nil)})
 	ts := httptest.NewServer(srv)
 	tb.Cleanup(func() { srv.CloseStreams(); ts.Close(); _ = hub.Close() })
 	return ts

@@ -12,7 +12,12 @@
 -- ARGV[7] "1" to count an attempt          ARGV[8] stream max length
 -- ARGV[9] dispatch number the job must be at ("0" = any): a worker whose
 --         dispatch was superseded (its lease expired) cannot write
--- ARGV[10..] field, value pairs; a field named "?name" is set only if absent
+-- ARGV[10] prefix of a group's waiting-users hash ("" = none): the hash
+--         <prefix><group>:users counts each user's queued jobs in the group
+-- ARGV[11] tallies, JSON [{k, f, z, n, t}] ("" = none): statistics bumped in
+--         the same step, so they agree exactly with the jobs: HINCRBY k f n,
+--         or ZINCRBY k n f when z is true; t = key ttl seconds (0 = keep)
+-- ARGV[12..] field, value pairs; a field named "?name" is set only if absent
 -- Reply: {event id or "", attempts}; errors "NOTFOUND" or "STATE <current>".
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then
@@ -33,11 +38,32 @@ if KEYS[3] and cur ~= ARGV[2] then
   if cur == 'queued' or cur == 'running' then redis.call('HINCRBY', KEYS[3], cur, -1) end
   if ARGV[2] == 'queued' or ARGV[2] == 'running' then redis.call('HINCRBY', KEYS[3], ARGV[2], 1) end
 end
+if ARGV[10] ~= '' and cur ~= ARGV[2] and (cur == 'queued' or ARGV[2] == 'queued') then
+  local j = redis.call('HMGET', KEYS[1], 'group', 'tenant', 'user_id')
+  if j[1] and j[2] and j[3] then
+    local users, u = ARGV[10] .. j[1] .. ':users', j[2] .. '\0' .. j[3]
+    if ARGV[2] == 'queued' then
+      redis.call('HINCRBY', users, u, 1)
+    elseif redis.call('HINCRBY', users, u, -1) <= 0 then
+      redis.call('HDEL', users, u)
+    end
+  end
+end
+if ARGV[11] ~= '' then
+  for _, t in ipairs(cjson.decode(ARGV[11])) do
+    if t.z then
+      redis.call('ZINCRBY', t.k, t.n, t.f)
+    else
+      redis.call('HINCRBY', t.k, t.f, t.n)
+    end
+    if t.t > 0 then redis.call('EXPIRE', t.k, t.t) end
+  end
+end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
 if ARGV[7] == '1' then
   attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 end
-for i = 10, #ARGV, 2 do
+for i = 12, #ARGV, 2 do
   local f = ARGV[i]
   if string.sub(f, 1, 1) == '?' then
     redis.call('HSETNX', KEYS[1], string.sub(f, 2), ARGV[i + 1])

@@ -24,6 +24,7 @@
 -- KEYS[8] queue totals   KEYS[9] limiter state   KEYS[10] idempotency key
 -- KEYS[11] user quota    KEYS[12] user counts    KEYS[13] tenant job index
 -- KEYS[14] user job index   KEYS[15] deadlines
+-- KEYS[16] the group's waiting users (user key -> queued jobs)
 -- ARGV[1] now ms (0 = Redis TIME)   ARGV[2] job id   ARGV[3] ttl seconds
 -- ARGV[4] (unused)   ARGV[5] stream max length   ARGV[6] user key
 -- ARGV[7] input estimate   ARGV[8] max_tokens   ARGV[9] weight
@@ -133,6 +134,7 @@ redis.call('HSET', KEYS[1], 'fq_member', member, 'fq_tag', tostring(tag),
 local ttl = tonumber(ARGV[3])
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('HINCRBY', KEYS[12], 'queued', 1)
+redis.call('HINCRBY', KEYS[16], ARGV[6], 1)
 redis.call('EXPIRE', KEYS[12], ttl)
 -- Listing indexes, scored by creation time in ms × 1000 + the group's
 -- sequence (mod 1000), so jobs created in the same millisecond still list

@@ -4,11 +4,13 @@
 -- bucket: sluice's bucket holds only `burst` of the upstream's per-minute
 -- capacity, so the level matching the upstream's remaining R is
 -- R - (limit - capacity).
--- KEYS[1] limiter state
+-- KEYS[1] limiter state   KEYS[2] the last headers seen, as sent (for the
+--   operators: limit and remaining per dimension, and when)
 -- ARGV[1] now ms (0 = Redis TIME)   ARGV[2..5] rpm, input_tpm, output_tpm, burst ms
 -- ARGV[6..11] announced limit and remaining of requests, input tokens and
 --   output tokens; -1 where a header was absent. Token remainings come
 --   already lowered by the upstream's rounding (to the nearest 1,000).
+-- ARGV[12..17] the same six values as the upstream sent them
 -- Reply: 1
 local now = clock(ARGV[1])
 local cfg = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])}
@@ -23,6 +25,12 @@ for d = 1, 3 do
     end
   end
 end
+local seen = {'rl', 'rr', 'il', 'ir', 'ol', 'or'}
+for n = 1, 6 do
+  local v = tonumber(ARGV[11 + n])
+  if v >= 0 then redis.call('HSET', KEYS[2], seen[n], v) end
+end
+redis.call('HSET', KEYS[2], 'at', now)
 local st = lim_load(KEYS[1], now, cfg)
 local levels = {'r', 'i', 'o'}
 local caps = {st.cr, st.ci, st.co}

@@ -1,0 +1,186 @@
+package api
+
+import (
+	"context"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/labstack/echo/v5"
+
+	"github.com/sluice-dev/sluice/scheduler"
+	"github.com/sluice-dev/sluice/usage"
+)
+
+// outcomeLabel names an admission outcome in metrics.
+var outcomeLabel = map[scheduler.Outcome]string{
+	scheduler.Admitted: "admitted", scheduler.Replay: "replay", scheduler.Conflict: "conflict",
+	scheduler.OverQuota: usage.RefusedUserQuota, scheduler.QueueLimit: usage.RefusedQueueLimit,
+	scheduler.Overloaded: usage.RefusedOverloaded,
+}
+
+// counted records an admission's outcome: in the metrics, and a refusal
+// in its tenant's usage statistics too.
+func (s *Server) counted(ctx context.Context, tenant, group string, o scheduler.Outcome) {
+	label, ok := outcomeLabel[o]
+	if !ok {
+		return
+	}
+	s.d.Metrics.Admission(group, label)
+	switch o {
+	case scheduler.OverQuota, scheduler.QueueLimit, scheduler.Overloaded:
+		if s.d.Usage == nil {
+			return
+		}
+		if err := s.d.Usage.Refused(context.WithoutCancel(ctx), tenant, label); err != nil {
+			s.log.Warn("could not count a refusal in the usage statistics", "tenant", tenant, "reason", label, "err", err)
+		}
+	}
+}
+
+// adminUsage is GET /v1/admin/usage: the usage statistics per tenant, per
+// hour (?hours=, default 24) or per day (?days=), as JSON or ?format=csv;
+// ?tenant= keeps one tenant, ?top= sets the length of the top-users list.
+func (s *Server) adminUsage(c *echo.Context) error {
+	if s.d.Usage == nil {
+		return &Error{Status: http.StatusServiceUnavailable, Type: "unavailable", Message: "Usage statistics are not kept by this server."}
+	}
+	ret := s.d.Usage.Retention()
+	g, n := usage.Hour, 24
+	maxHours, maxDays := int(ret.Hourly/time.Hour), int(ret.Daily/(24*time.Hour))
+	hours, days := c.QueryParam("hours"), c.QueryParam("days")
+	switch {
+	case hours != "" && days != "":
+		return invalid("days", "Give hours or days, not both: hours=24 for the last 24 hours, days=30 for the last 30 days.")
+	case days != "":
+		v, err := strconv.Atoi(days)
+		if err != nil || v < 1 || v > maxDays {
+			return invalid("days", "days must be a whole number from 1 to %d (the daily statistics are kept %d days), got %q.", maxDays, maxDays, truncate(days, 32))
+		}
+		g, n = usage.Day, v
+	case hours != "":
+		v, err := strconv.Atoi(hours)
+		if err != nil || v < 1 || v > maxHours {
+			return invalid("hours", "hours must be a whole number from 1 to %d (the hourly statistics are kept %d hours; use days= for longer), got %q.", maxHours, maxHours, truncate(hours, 32))
+		}
+		n = v
+	}
+	top := 10
+	if t := c.QueryParam("top"); t != "" {
+		v, err := strconv.Atoi(t)
+		if err != nil || v < 0 || v > 100 {
+			return invalid("top", "top must be a whole number from 0 to 100, got %q.", truncate(t, 32))
+		}
+		top = v
+	}
+	format := c.QueryParam("format")
+	if format != "" && format != "json" && format != "csv" {
+		return invalid("format", `format must be "json" or "csv", got %q.`, truncate(format, 32))
+	}
+	var tenants []string
+	for _, t := range s.cfg.Tenants {
+		tenants = append(tenants, t.Name)
+	}
+	if t := c.QueryParam("tenant"); t != "" {
+		if _, ok := s.tenantNamed(t); !ok {
+			return &Error{Status: http.StatusNotFound, Type: "not_found", Message: "There is no tenant named " + strconv.Quote(truncate(t, 64)) + " in the configuration."}
+		}
+		tenants = []string{t}
+	}
+	rep, err := s.d.Usage.Query(c.Request().Context(), tenants, g, n, top)
+	if err != nil {
+		return err
+	}
+	if format == "csv" {
+		w := c.Response()
+		w.Header().Set("Content-Type", "text/csv; charset=utf-8")
+		w.Header().Set("Content-Disposition", `attachment; filename="sluice-usage-`+rep.From.Format("2006010215")+"-"+string(g)+`.csv"`)
+		w.WriteHeader(http.StatusOK)
+		return usage.WriteCSV(w, rep)
+	}
+	return c.JSON(http.StatusOK, rep)
+}
+
+func (s *Server) tenantNamed(name string) (int, bool) {
+	for i := range s.cfg.Tenants {
+		if s.cfg.Tenants[i].Name == name {
+			return i, true
+		}
+	}
+	return 0, false
+}
+
+// groupStatus is one model group's live state in GET /v1/admin/status.
+type groupStatus struct {
+	Group          string        `json:"group"`
+	Queued         int64         `json:"queued"`
+	ActiveUsers    int64         `json:"active_users"`
+	InFlight       int64         `json:"in_flight"`
+	MaxConcurrency int           `json:"max_concurrency"`
+	Dispatched     float64       `json:"dispatched_last_minute"`
+	FrozenSeconds  float64       `json:"frozen_seconds"`
+	Pace           float64       `json:"pace"`
+	HeadersSeenAt  *time.Time    `json:"upstream_headers_seen_at"`
+	Limits         []limitStatus `json:"limits"`
+}
+
+type limitStatus struct {
+	Dimension string  `json:"dimension"`
+	PerMinute float64 `json:"per_minute"`
+	// InUse is the part of the limit taken, 0..1, as sluice's limiter
+	// believes it (1 − its bucket's level over capacity).
+	InUse float64 `json:"in_use"`
+	// UpstreamInUse is the same from the upstream's last headers; null
+	// until a response carried them.
+	UpstreamInUse     *float64 `json:"upstream_in_use"`
+	UpstreamLimit     *int64   `json:"upstream_limit"`
+	UpstreamRemaining *int64   `json:"upstream_remaining"`
+}
+
+// adminStatus is GET /v1/admin/status: each model group's live state
+// (queue, users, concurrency, dispatch rate, limiter), for the dashboard.
+func (s *Server) adminStatus(c *echo.Context) error {
+	ctx := c.Request().Context()
+	out := struct {
+		Time       time.Time     `json:"time"`
+		Groups     []groupStatus `json:"groups"`
+		Monitoring string        `json:"monitoring,omitempty"`
+	}{Time: s.now().UTC(), Groups: []groupStatus{}}
+	if s.d.Monitoring != nil {
+		out.Monitoring = "/monitoring/"
+	}
+	for i := range s.cfg.ModelGroups {
+		g := &s.cfg.ModelGroups[i]
+		st, err := s.d.Scheduler.Gauges(ctx, g)
+		if err != nil {
+			return err
+		}
+		gs := groupStatus{Group: g.Name, Queued: st.Queued, ActiveUsers: st.ActiveUsers, InFlight: st.InFlight,
+			MaxConcurrency: g.MaxConcurrency, Dispatched: st.Dispatched, FrozenSeconds: st.Frozen.Seconds(), Pace: st.Pace}
+		if !st.HeadersSeen.IsZero() {
+			gs.HeadersSeenAt = &st.HeadersSeen
+		}
+		for _, d := range st.Dimensions {
+			l := limitStatus{Dimension: d.Name, PerMinute: d.Limit, InUse: clamp01(1 - d.Headroom)}
+			if d.Upstream >= 0 {
+				u := clamp01(1 - d.Upstream)
+				l.UpstreamInUse = &u
+				l.UpstreamLimit, l.UpstreamRemaining = &d.UpstreamLimit, &d.UpstreamRemaining
+			}
+			gs.Limits = append(gs.Limits, l)
+		}
+		out.Groups = append(out.Groups, gs)
+	}
+	return c.JSON(http.StatusOK, out)
+}
+
+func clamp01(v float64) float64 { return min(1, max(0, v)) }
+
+// dashboard serves the ops dashboard's files (admin auth).
+func (s *Server) dashboard(c *echo.Context) error {
+	if s.d.Dashboard == nil {
+		return errRouteNotFound
+	}
+	s.d.Dashboard.ServeHTTP(c.Response(), c.Request())
+	return nil
+}

@@ -1,0 +1,294 @@
+package usage
+
+import (
+	"cmp"
+	"context"
+	"encoding/csv"
+	"fmt"
+	"io"
+	"math"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Stats are the figures of one bucket, or of several added up.
+type Stats struct {
+	Requests int64 `json:"requests"` // jobs answered
+	// Input tokens as the upstream counts them: uncached, read from the
+	// cache, written to the cache.
+	InputTokens      int64 `json:"input_tokens"`
+	CacheReadTokens  int64 `json:"cache_read_input_tokens"`
+	CacheWriteTokens int64 `json:"cache_creation_input_tokens"`
+	OutputTokens     int64 `json:"output_tokens"`
+	// AvgTokensPerRequest is every token (input of all three kinds and
+	// output) over the requests answered; 0 when none.
+	AvgTokensPerRequest float64  `json:"avg_tokens_per_request"`
+	Failed              int64    `json:"failed"` // jobs that ended failed
+	Refused             Refusals `json:"refused"`
+	Upstream429         int64    `json:"upstream_429"`
+	Upstream529         int64    `json:"upstream_529"`
+	// Latency is submitted → answered, Wait submitted → first started, of
+	// the jobs answered: percentiles from the histogram buckets (null when
+	// there is no job).
+	Latency Percentiles `json:"latency_seconds"`
+	Wait    Percentiles `json:"wait_seconds"`
+
+	lat, wait []int64 // histogram counts, len(Bounds)+1
+}
+
+// Refusals counts admissions refused, by reason.
+type Refusals struct {
+	UserQuota  int64 `json:"user_quota"`
+	QueueLimit int64 `json:"queue_limit"`
+	Overloaded int64 `json:"overloaded"`
+}
+
+// Percentiles are estimated from histogram buckets (linear within one).
+type Percentiles struct {
+	P50 *float64 `json:"p50"`
+	P95 *float64 `json:"p95"`
+}
+
+// Bucket is one hour's or day's Stats.
+type Bucket struct {
+	Start time.Time `json:"start"`
+	Stats
+}
+
+// UserUse is one user's part of a period.
+type UserUse struct {
+	UserID   string `json:"user_id"`
+	Tokens   int64  `json:"tokens"`
+	Requests int64  `json:"requests"`
+}
+
+// TenantReport is one tenant's period.
+type TenantReport struct {
+	Tenant   string    `json:"tenant"`
+	Totals   Stats     `json:"totals"`
+	Buckets  []Bucket  `json:"buckets"`
+	TopUsers []UserUse `json:"top_users"`
+}
+
+// Report is a period's statistics: per tenant, and all tenants together.
+type Report struct {
+	Granularity Granularity    `json:"granularity"`
+	From        time.Time      `json:"from"` // start of the first bucket
+	To          time.Time      `json:"to"`   // end of the last (the current one, still filling)
+	Totals      Stats          `json:"totals"`
+	Buckets     []Bucket       `json:"buckets"` // every tenant together
+	Tenants     []TenantReport `json:"tenants"`
+}
+
+// Query reads the last n buckets of granularity g (the current one
+// included) for each tenant, with each tenant's top users by tokens.
+func (r *Recorder) Query(ctx context.Context, tenants []string, g Granularity, n, top int) (*Report, error) {
+	end := g.start(r.now()).Add(g.width())
+	from := end.Add(-time.Duration(n) * g.width())
+	rep := &Report{Granularity: g, From: from, To: end, Totals: newStats(), Tenants: []TenantReport{}}
+	starts := make([]time.Time, n)
+	for i := range starts {
+		starts[i] = from.Add(time.Duration(i) * g.width())
+		rep.Buckets = append(rep.Buckets, Bucket{Start: starts[i], Stats: newStats()})
+	}
+	p := r.rdb.Pipeline()
+	hashes := make([][]*redis.MapStringStringCmd, len(tenants))
+	users := make([]*redis.ZSliceCmd, len(tenants))
+	ureqs := make([]*redis.ZSliceCmd, len(tenants))
+	for ti, t := range tenants {
+		var uk, rk []string
+		for _, s := range starts {
+			k := key(t, g, s)
+			hashes[ti] = append(hashes[ti], p.HGetAll(ctx, k))
+			uk, rk = append(uk, k+":users"), append(rk, k+":ureq")
+		}
+		users[ti] = p.ZUnionWithScores(ctx, redis.ZStore{Keys: uk})
+		ureqs[ti] = p.ZUnionWithScores(ctx, redis.ZStore{Keys: rk})
+	}
+	if _, err := p.Exec(ctx); err != nil && err != redis.Nil {
+		return nil, fmt.Errorf("usage: query: %w", err)
+	}
+	for ti, t := range tenants {
+		tr := TenantReport{Tenant: t, Totals: newStats(), TopUsers: []UserUse{}}
+		for bi, h := range hashes[ti] {
+			st := parse(h.Val())
+			tr.Buckets = append(tr.Buckets, Bucket{Start: starts[bi], Stats: st})
+			tr.Totals.add(st)
+			rep.Buckets[bi].add(st)
+		}
+		requests := map[string]int64{}
+		for _, z := range ureqs[ti].Val() {
+			requests[fmt.Sprint(z.Member)] = int64(z.Score)
+		}
+		for _, z := range users[ti].Val() {
+			u := fmt.Sprint(z.Member)
+			tr.TopUsers = append(tr.TopUsers, UserUse{UserID: u, Tokens: int64(z.Score), Requests: requests[u]})
+		}
+		slices.SortFunc(tr.TopUsers, func(a, b UserUse) int {
+			return cmp.Or(cmp.Compare(b.Tokens, a.Tokens), cmp.Compare(b.Requests, a.Requests), strings.Compare(a.UserID, b.UserID))
+		})
+		if len(tr.TopUsers) > top {
+			tr.TopUsers = tr.TopUsers[:top]
+		}
+		rep.Totals.add(tr.Totals)
+		for i := range tr.Buckets {
+			tr.Buckets[i].finish()
+		}
+		tr.Totals.finish()
+		rep.Tenants = append(rep.Tenants, tr)
+	}
+	for i := range rep.Buckets {
+		rep.Buckets[i].finish()
+	}
+	rep.Totals.finish()
+	return rep, nil
+}
+
+func newStats() Stats {
+	return Stats{lat: make([]int64, len(Bounds)+1), wait: make([]int64, len(Bounds)+1)}
+}
+
+func parse(h map[string]string) Stats {
+	st := newStats()
+	for f, v := range h {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			continue
+		}
+		switch {
+		case f == fRequests:
+			st.Requests = n
+		case f == fInput:
+			st.InputTokens = n
+		case f == fOutput:
+			st.OutputTokens = n
+		case f == fCacheRead:
+			st.CacheReadTokens = n
+		case f == fCacheWrite:
+			st.CacheWriteTokens = n
+		case f == fFailed:
+			st.Failed = n
+		case f == fUpstream429:
+			st.Upstream429 = n
+		case f == fUpstream529:
+			st.Upstream529 = n
+		case f == fRefused+RefusedUserQuota:
+			st.Refused.UserQuota = n
+		case f == fRefused+RefusedQueueLimit:
+			st.Refused.QueueLimit = n
+		case f == fRefused+RefusedOverloaded:
+			st.Refused.Overloaded = n
+		case strings.HasPrefix(f, fLatency):
+			if i, err := strconv.Atoi(f[len(fLatency):]); err == nil && i >= 0 && i < len(st.lat) {
+				st.lat[i] = n
+			}
+		case strings.HasPrefix(f, fWait):
+			if i, err := strconv.Atoi(f[len(fWait):]); err == nil && i >= 0 && i < len(st.wait) {
+				st.wait[i] = n
+			}
+		}
+	}
+	return st
+}
+
+func (s *Stats) add(o Stats) {
+	s.Requests += o.Requests
+	s.InputTokens += o.InputTokens
+	s.OutputTokens += o.OutputTokens
+	s.CacheReadTokens += o.CacheReadTokens
+	s.CacheWriteTokens += o.CacheWriteTokens
+	s.Failed += o.Failed
+	s.Upstream429 += o.Upstream429
+	s.Upstream529 += o.Upstream529
+	s.Refused.UserQuota += o.Refused.UserQuota
+	s.Refused.QueueLimit += o.Refused.QueueLimit
+	s.Refused.Overloaded += o.Refused.Overloaded
+	for i := range s.lat {
+		s.lat[i] += o.lat[i]
+		s.wait[i] += o.wait[i]
+	}
+}
+
+// finish computes the derived figures.
+func (s *Stats) finish() {
+	if s.Requests > 0 {
+		all := s.InputTokens + s.CacheReadTokens + s.CacheWriteTokens + s.OutputTokens
+		s.AvgTokensPerRequest = math.Round(float64(all)/float64(s.Requests)*10) / 10
+	}
+	s.Latency = Percentiles{P50: quantile(0.5, s.lat), P95: quantile(0.95, s.lat)}
+	s.Wait = Percentiles{P50: quantile(0.5, s.wait), P95: quantile(0.95, s.wait)}
+}
+
+// quantile estimates the q-quantile of a histogram with upper bounds
+// Bounds (and one bucket above them) by linear interpolation inside the
+// bucket that holds it, as Prometheus's histogram_quantile does; a
+// quantile in the open top bucket is reported as the last bound. nil when
+// the histogram is empty.
+func quantile(q float64, counts []int64) *float64 {
+	var total int64
+	for _, c := range counts {
+		total += c
+	}
+	if total == 0 {
+		return nil
+	}
+	rank := q * float64(total)
+	var cum int64
+	for i, c := range counts {
+		if c == 0 || float64(cum+c) < rank {
+			cum += c
+			continue
+		}
+		if i == len(Bounds) {
+			v := Bounds[len(Bounds)-1]
+			return &v
+		}
+		lo := 0.0
+		if i > 0 {
+			lo = Bounds[i-1]
+		}
+		v := lo + (Bounds[i]-lo)*(rank-float64(cum))/float64(c)
+		v = math.Round(v*1000) / 1000
+		return &v
+	}
+	v := Bounds[len(Bounds)-1]
+	return &v
+}
+
+// CSVHeader is the first row of WriteCSV.
+var CSVHeader = []string{"start", "tenant", "requests", "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
+	"output_tokens", "avg_tokens_per_request", "failed", "refused_user_quota", "refused_queue_limit", "refused_overloaded",
+	"upstream_429", "upstream_529", "latency_p50_seconds", "latency_p95_seconds", "wait_p50_seconds", "wait_p95_seconds"}
+
+// WriteCSV writes one row per tenant per bucket, oldest first.
+func WriteCSV(w io.Writer, rep *Report) error {
+	cw := csv.NewWriter(w)
+	if err := cw.Write(CSVHeader); err != nil {
+		return err
+	}
+	i := func(n int64) string { return strconv.FormatInt(n, 10) }
+	f := func(p *float64) string {
+		if p == nil {
+			return ""
+		}
+		return strconv.FormatFloat(*p, 'f', -1, 64)
+	}
+	for bi := range rep.Buckets {
+		for _, t := range rep.Tenants {
+			b := t.Buckets[bi]
+			row := []string{b.Start.Format(time.RFC3339), t.Tenant, i(b.Requests), i(b.InputTokens), i(b.CacheReadTokens),
+				i(b.CacheWriteTokens), i(b.OutputTokens), strconv.FormatFloat(b.AvgTokensPerRequest, 'f', -1, 64), i(b.Failed),
+				i(b.Refused.UserQuota), i(b.Refused.QueueLimit), i(b.Refused.Overloaded), i(b.Upstream429), i(b.Upstream529),
+				f(b.Latency.P50), f(b.Latency.P95), f(b.Wait.P50), f(b.Wait.P95)}
+			if err := cw.Write(row); err != nil {
+				return err
+			}
+		}
+	}
+	cw.Flush()
+	return cw.Error()
+}

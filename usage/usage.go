@@ -1,0 +1,208 @@
+// Package usage keeps sluice's usage statistics in Redis, per tenant, per
+// hour and per day: requests answered and their tokens, failures, refusals
+// by reason, upstream 429s and 529s, latency and wait histograms (fixed
+// buckets, so percentiles come from whole counts, not a sample), and each
+// user's tokens and requests for the top-users list.
+//
+// A finished job's figures are bumped in the same atomic step as the job's
+// own transition to succeeded or failed (jobs.Transition.Tallies), so the
+// statistics equal the sum of the jobs' usage exactly, with any number of
+// workers. Refusals and upstream pushback are counted where they happen.
+//
+// Keys: sluice:usage:{tenant}:{h|d}:{YYYYMMDDHH|YYYYMMDD} (hash), with
+// ":users" (tokens by user) and ":ureq" (requests by user) sorted sets
+// beside it. Each expires after its retention.
+package usage
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/sluice-dev/sluice/jobs"
+)
+
+// Reasons a job is refused at admission, as counted.
+const (
+	RefusedUserQuota  = "user_quota"
+	RefusedQueueLimit = "queue_limit"
+	RefusedOverloaded = "overloaded"
+)
+
+// Hash fields.
+const (
+	fRequests    = "requests"
+	fInput       = "input_tokens"
+	fOutput      = "output_tokens"
+	fCacheRead   = "cache_read_input_tokens"
+	fCacheWrite  = "cache_creation_input_tokens"
+	fFailed      = "failed"
+	fUpstream429 = "upstream_429"
+	fUpstream529 = "upstream_529"
+	fRefused     = "refused_" // + reason
+	fLatency     = "lat_"     // + bucket index
+	fWait        = "wait_"    // + bucket index
+)
+
+// Bounds are the histogram buckets' upper bounds in seconds, for both the
+// latency (submitted → answered) and the wait (submitted → first started).
+// The last bucket is everything above the last bound.
+var Bounds = []float64{0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200, 3600}
+
+// Retention is how long statistics are kept.
+type Retention struct {
+	Hourly time.Duration // per-hour buckets; default 7 days
+	Daily  time.Duration // per-day buckets; default 400 days
+}
+
+// Recorder records and reads usage statistics.
+type Recorder struct {
+	rdb redis.UniversalClient
+	ret Retention
+	now func() time.Time
+}
+
+// New returns a Recorder; now nil means time.Now.
+func New(rdb redis.UniversalClient, r Retention, now func() time.Time) *Recorder {
+	if r.Hourly <= 0 {
+		r.Hourly = 7 * 24 * time.Hour
+	}
+	if r.Daily <= 0 {
+		r.Daily = 400 * 24 * time.Hour
+	}
+	if now == nil {
+		now = time.Now
+	}
+	return &Recorder{rdb: rdb, ret: r, now: now}
+}
+
+// Retention is what the recorder keeps.
+func (r *Recorder) Retention() Retention { return r.ret }
+
+// Granularity is the width of a statistics bucket.
+type Granularity string
+
+const (
+	Hour Granularity = "hour"
+	Day  Granularity = "day"
+)
+
+func (g Granularity) width() time.Duration {
+	if g == Day {
+		return 24 * time.Hour
+	}
+	return time.Hour
+}
+
+func (g Granularity) start(t time.Time) time.Time {
+	t = t.UTC()
+	if g == Day {
+		return time.Date(t.Year(), t.Month(), t.Day(), 0, 0, 0, 0, time.UTC)
+	}
+	return t.Truncate(time.Hour)
+}
+
+func key(tenant string, g Granularity, t time.Time) string {
+	t = t.UTC()
+	if g == Day {
+		return "sluice:usage:" + tenant + ":d:" + t.Format("20060102")
+	}
+	return "sluice:usage:" + tenant + ":h:" + t.Format("2006010215")
+}
+
+func (r *Recorder) ttl(g Granularity) time.Duration {
+	// One bucket longer than kept: the oldest bucket asked for is whole.
+	if g == Day {
+		return r.ret.Daily + 24*time.Hour
+	}
+	return r.ret.Hourly + time.Hour
+}
+
+// bucketOf is the index of the histogram bucket that holds d.
+func bucketOf(d time.Duration) int {
+	s := d.Seconds()
+	for i, b := range Bounds {
+		if s <= b {
+			return i
+		}
+	}
+	return len(Bounds)
+}
+
+// Finished is what a job that ended contributes.
+type Finished struct {
+	Tenant, UserID string
+	Succeeded      bool
+	Usage          jobs.Usage // zero unless Succeeded
+	Latency        time.Duration
+	// Wait is submitted → first start; negative when the job never started.
+	Wait time.Duration
+	At   time.Time // when it finished
+}
+
+// Tallies are the counters a finished job bumps, for its transition to
+// apply atomically (jobs.Transition.Tallies).
+func (r *Recorder) Tallies(f Finished) []jobs.Tally {
+	var out []jobs.Tally
+	for _, g := range []Granularity{Hour, Day} {
+		k, ttl := key(f.Tenant, g, f.At), r.ttl(g)
+		add := func(field string, n int64) {
+			if n != 0 {
+				out = append(out, jobs.Tally{Key: k, Field: field, By: n, TTL: ttl})
+			}
+		}
+		if !f.Succeeded {
+			add(fFailed, 1)
+			continue
+		}
+		u := f.Usage
+		add(fRequests, 1)
+		add(fInput, int64(u.InputTokens))
+		add(fOutput, int64(u.OutputTokens))
+		add(fCacheRead, int64(u.CacheReadInputTokens))
+		add(fCacheWrite, int64(u.CacheCreationInputTokens))
+		add(fmt.Sprint(fLatency, bucketOf(f.Latency)), 1)
+		if f.Wait >= 0 {
+			add(fmt.Sprint(fWait, bucketOf(f.Wait)), 1)
+		}
+		tokens := int64(u.InputTokens + u.OutputTokens + u.CacheReadInputTokens + u.CacheCreationInputTokens)
+		out = append(out,
+			jobs.Tally{Key: k + ":users", Field: f.UserID, Sorted: true, By: tokens, TTL: ttl},
+			jobs.Tally{Key: k + ":ureq", Field: f.UserID, Sorted: true, By: 1, TTL: ttl})
+	}
+	return out
+}
+
+// Refused counts a refusal at admission (RefusedUserQuota, …).
+func (r *Recorder) Refused(ctx context.Context, tenant, reason string) error {
+	return r.count(ctx, tenant, fRefused+reason)
+}
+
+// Upstream counts an upstream 429 or 529 met by one of tenant's jobs.
+func (r *Recorder) Upstream(ctx context.Context, tenant string, status int) error {
+	switch status {
+	case 429:
+		return r.count(ctx, tenant, fUpstream429)
+	case 529:
+		return r.count(ctx, tenant, fUpstream529)
+	}
+	return nil
+}
+
+func (r *Recorder) count(ctx context.Context, tenant, field string) error {
+	now := r.now()
+	_, err := r.rdb.TxPipelined(ctx, func(p redis.Pipeliner) error {
+		for _, g := range []Granularity{Hour, Day} {
+			k := key(tenant, g, now)
+			p.HIncrBy(ctx, k, field, 1)
+			p.Expire(ctx, k, r.ttl(g))
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("usage: count %s: %w", field, err)
+	}
+	return nil
+}

@@ -1,0 +1,253 @@
+package usage_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/csv"
+	"errors"
+	"fmt"
+	"math"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/sluice-dev/sluice/internal/redistest"
+	"github.com/sluice-dev/sluice/jobs"
+	"github.com/sluice-dev/sluice/usage"
+)
+
+func TestQuantilesFromBuckets(t *testing.T) {
+	r := redistest.Start(t)
+	rdb := r.Client(t)
+	now := time.Date(2026, 11, 29, 14, 30, 0, 0, time.UTC)
+	rec := usage.New(rdb, usage.Retention{}, func() time.Time { return now })
+	store := jobs.NewStore(rdb, jobs.Options{})
+	ctx := context.Background()
+	// 100 answers: 50 took 0.75 s (bucket 0.5–1), 45 took 1.5 s (1–2), 5 took 10 s (8–13).
+	var lat []time.Duration
+	for range 50 {
+		lat = append(lat, 750*time.Millisecond)
+	}
+	for range 45 {
+		lat = append(lat, 1500*time.Millisecond)
+	}
+	for range 5 {
+		lat = append(lat, 10*time.Second)
+	}
+	for i, d := range lat {
+		finish(t, rdb, store, rec, fmt.Sprintf("job%d", i), "t1", "u", true, jobs.Usage{InputTokens: 1}, d, now)
+	}
+	rep, err := rec.Query(ctx, []string{"t1"}, usage.Hour, 1, 5)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := rep.Totals.Latency
+	if p.P50 == nil || p.P95 == nil {
+		t.Fatalf("percentiles missing: %+v", p)
+	}
+	// p50: rank 50 is the last of the first bucket's 50 → its upper bound 1 s.
+	// p95: rank 95 is the last of the 1–2 s bucket → 2 s.
+	if *p.P50 != 1 || *p.P95 != 2 {
+		t.Fatalf("p50 %v p95 %v, want 1 and 2 (from the buckets)", *p.P50, *p.P95)
+	}
+	empty, err := rec.Query(ctx, []string{"nobody"}, usage.Hour, 1, 5)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if empty.Totals.Latency.P50 != nil {
+		t.Fatalf("a tenant with no answers has a p50: %v", *empty.Totals.Latency.P50)
+	}
+}
+
+// finish stores a queued job and moves it to succeeded (or failed) with
+// the recorder's tallies, as the worker does.
+func finish(t *testing.T, rdb *redis.Client, store *jobs.Store, rec *usage.Recorder, id, tenant, user string, ok bool, u jobs.Usage, latency time.Duration, at time.Time) error {
+	t.Helper()
+	ctx := context.Background()
+	j := &jobs.Job{ID: id, Tenant: tenant, UserID: user, Group: "g", Model: "m", Status: jobs.Queued, CreatedAt: at.Add(-latency)}
+	if err := rdb.HSet(ctx, jobs.Key(id), store.Fields(j)...).Err(); err != nil {
+		t.Fatal(err)
+	}
+	to := jobs.Failed
+	if ok {
+		to = jobs.Succeeded
+	}
+	_, err := store.Apply(ctx, j, jobs.Transition{From: []jobs.Status{jobs.Queued}, To: to,
+		Tallies: rec.Tallies(usage.Finished{Tenant: tenant, UserID: user, Succeeded: ok, Usage: u, Latency: latency, Wait: latency / 2, At: at})})
+	return err
+}
+
+func TestSumsEqualTheJobs(t *testing.T) {
+	r := redistest.Start(t)
+	now := time.Date(2026, 11, 29, 14, 30, 0, 0, time.UTC)
+	clock := func() time.Time { return now }
+	// Two workers (own Redis clients) finish jobs at once.
+	rdbs := []*redis.Client{r.Client(t), r.Client(t)}
+	recs := []*usage.Recorder{usage.New(rdbs[0], usage.Retention{}, clock), usage.New(rdbs[1], usage.Retention{}, clock)}
+	stores := []*jobs.Store{jobs.NewStore(rdbs[0], jobs.Options{}), jobs.NewStore(rdbs[1], jobs.Options{})}
+	type want struct{ requests, in, out, cr, cw, failed int64 }
+	wants := map[string]*want{"alpha": {}, "beta": {}}
+	userTokens := map[string]int64{}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for w := range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 60 {
+				tenant := []string{"alpha", "beta"}[i%2]
+				user := fmt.Sprintf("user%d", i%7)
+				u := jobs.Usage{InputTokens: 10 + i, OutputTokens: 3 * i, CacheReadInputTokens: i % 4, CacheCreationInputTokens: i % 3}
+				ok := i%5 != 0
+				// An hour ago for some: they land in the previous bucket.
+				at := now.Add(-time.Duration(i%2) * time.Hour)
+				if err := finish(t, rdbs[w], stores[w], recs[w], fmt.Sprintf("w%d-%d", w, i), tenant, user, ok, u, time.Second, at); err != nil {
+					t.Error(err)
+					return
+				}
+				mu.Lock()
+				wt := wants[tenant]
+				if ok {
+					wt.requests++
+					wt.in += int64(u.InputTokens)
+					wt.out += int64(u.OutputTokens)
+					wt.cr += int64(u.CacheReadInputTokens)
+					wt.cw += int64(u.CacheCreationInputTokens)
+					if tenant == "alpha" {
+						userTokens[user] += int64(u.InputTokens + u.OutputTokens + u.CacheReadInputTokens + u.CacheCreationInputTokens)
+					}
+				} else {
+					wt.failed++
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	// A transition that loses (the job was already finished) counts nothing.
+	j := &jobs.Job{ID: "w0-1", Tenant: "alpha", UserID: "user1", Group: "g"}
+	_, err := stores[0].Apply(context.Background(), j, jobs.Transition{From: []jobs.Status{jobs.Queued}, To: jobs.Succeeded,
+		Tallies: recs[0].Tallies(usage.Finished{Tenant: "alpha", UserID: "user1", Succeeded: true, Usage: jobs.Usage{InputTokens: 1000}, Latency: time.Second, At: now})})
+	var se *jobs.StateError
+	if !errors.As(err, &se) {
+		t.Fatalf("second finish of a job: %v, want a StateError", err)
+	}
+
+	rep, err := recs[0].Query(context.Background(), []string{"alpha", "beta"}, usage.Hour, 24, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Buckets) != 24 || !rep.To.Equal(time.Date(2026, 11, 29, 15, 0, 0, 0, time.UTC)) {
+		t.Fatalf("%d buckets to %v", len(rep.Buckets), rep.To)
+	}
+	var all want
+	for _, tr := range rep.Tenants {
+		w := wants[tr.Tenant]
+		got := want{tr.Totals.Requests, tr.Totals.InputTokens, tr.Totals.OutputTokens, tr.Totals.CacheReadTokens, tr.Totals.CacheWriteTokens, tr.Totals.Failed}
+		if got != *w {
+			t.Errorf("%s: statistics %+v, jobs %+v", tr.Tenant, got, *w)
+		}
+		var sum int64
+		for _, b := range tr.Buckets {
+			sum += b.Requests
+		}
+		if sum != w.requests {
+			t.Errorf("%s: buckets add up to %d requests, totals say %d", tr.Tenant, sum, w.requests)
+		}
+		all.requests += w.requests
+		all.in += w.in
+	}
+	if rep.Totals.Requests != all.requests || rep.Totals.InputTokens != all.in {
+		t.Errorf("all tenants: %d requests %d input, want %d %d", rep.Totals.Requests, rep.Totals.InputTokens, all.requests, all.in)
+	}
+	// Top users: alpha's three largest by tokens, largest first.
+	top := rep.Tenants[0].TopUsers
+	if len(top) != 3 {
+		t.Fatalf("top users %+v", top)
+	}
+	for i, u := range top {
+		if u.Tokens != userTokens[u.UserID] {
+			t.Errorf("top user %s: %d tokens, jobs say %d", u.UserID, u.Tokens, userTokens[u.UserID])
+		}
+		if i > 0 && u.Tokens > top[i-1].Tokens {
+			t.Errorf("top users out of order: %+v", top)
+		}
+	}
+	for u, n := range userTokens {
+		if n > top[2].Tokens && u != top[0].UserID && u != top[1].UserID && u != top[2].UserID {
+			t.Errorf("user %s has %d tokens, more than listed %+v", u, n, top)
+		}
+	}
+	tot := rep.Totals
+	wantAvg := float64(tot.InputTokens+tot.OutputTokens+tot.CacheReadTokens+tot.CacheWriteTokens) / float64(tot.Requests)
+	if math.Abs(tot.AvgTokensPerRequest-wantAvg) > 0.05 {
+		t.Errorf("average %v, want %v", tot.AvgTokensPerRequest, wantAvg)
+	}
+
+	// Daily buckets hold the same.
+	day, err := recs[1].Query(context.Background(), []string{"alpha", "beta"}, usage.Day, 2, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if day.Totals.Requests != rep.Totals.Requests || day.Totals.OutputTokens != rep.Totals.OutputTokens {
+		t.Errorf("days: %d requests %d output; hours: %d %d", day.Totals.Requests, day.Totals.OutputTokens, rep.Totals.Requests, rep.Totals.OutputTokens)
+	}
+
+	// CSV: a header and one row per tenant per hour, adding up the same.
+	var buf bytes.Buffer
+	if err := usage.WriteCSV(&buf, rep); err != nil {
+		t.Fatal(err)
+	}
+	rows, err := csv.NewReader(&buf).ReadAll()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rows) != 1+24*2 || rows[0][2] != "requests" {
+		t.Fatalf("%d CSV rows, header %v", len(rows), rows[0])
+	}
+	var csvRequests int64
+	for _, row := range rows[1:] {
+		var n int64
+		fmt.Sscan(row[2], &n)
+		csvRequests += n
+	}
+	if csvRequests != rep.Totals.Requests {
+		t.Errorf("CSV adds up to %d requests, report %d", csvRequests, rep.Totals.Requests)
+	}
+}
+
+func TestRefusalsAndRetention(t *testing.T) {
+	r := redistest.Start(t)
+	rdb := r.Client(t)
+	now := time.Date(2026, 11, 29, 14, 30, 0, 0, time.UTC)
+	rec := usage.New(rdb, usage.Retention{Hourly: 48 * time.Hour, Daily: 30 * 24 * time.Hour}, func() time.Time { return now })
+	ctx := context.Background()
+	for _, reason := range []string{usage.RefusedUserQuota, usage.RefusedUserQuota, usage.RefusedQueueLimit, usage.RefusedOverloaded} {
+		if err := rec.Refused(ctx, "alpha", reason); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, st := range []int{429, 429, 529, 500} {
+		if err := rec.Upstream(ctx, "alpha", st); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rep, err := rec.Query(ctx, []string{"alpha"}, usage.Hour, 2, 5)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := rep.Tenants[0].Totals
+	if got.Refused != (usage.Refusals{UserQuota: 2, QueueLimit: 1, Overloaded: 1}) || got.Upstream429 != 2 || got.Upstream529 != 1 {
+		t.Fatalf("refused %+v, 429 %d, 529 %d", got.Refused, got.Upstream429, got.Upstream529)
+	}
+	ttl := rdb.TTL(ctx, "sluice:usage:alpha:h:2026112914").Val()
+	if ttl <= 48*time.Hour || ttl > 49*time.Hour {
+		t.Errorf("hourly bucket TTL %v, want the 48 h retention plus an hour", ttl)
+	}
+	ttl = rdb.TTL(ctx, "sluice:usage:alpha:d:20261129").Val()
+	if ttl <= 30*24*time.Hour || ttl > 31*24*time.Hour {
+		t.Errorf("daily bucket TTL %v, want the 30 d retention plus a day", ttl)
+	}
+}
