@@ -244,7 +244,7 @@ func (s *Server) streamMessage(c *echo.Context, job *jobs.Job, sub *jobs.Subscri
 		return false, nil
 	})
 	if err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, jobs.ErrHubClosed) {
-		s.log.Debug("messages stream ended", "job_id", job.ID, "err", err)
+		s.log.Debug("messages stream ended", "job_id", job.ID, "tenant", job.Tenant, "user_id", job.UserID, "err", err)
 	}
 	return nil
 }

@@ -88,7 +88,7 @@ func (s *Server) jobEvents(c *echo.Context) error {
 			return false, flush.Flush()
 		})
 	if err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, jobs.ErrHubClosed) {
-		s.log.Debug("event stream ended", "job_id", job.ID, "err", err)
+		s.log.Debug("event stream ended", "job_id", job.ID, "tenant", job.Tenant, "user_id", job.UserID, "err", err)
 	}
 	return nil // the response is committed; errors end the stream
 }

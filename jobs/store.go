@@ -131,6 +131,18 @@ func (s *Store) Fields(j *Job) []any {
 	return fields
 }
 
+// Owner is the tenant and user of job id, for log lines ("" when the
+// record cannot be read).
+func (s *Store) Owner(ctx context.Context, id string) (tenant, user string) {
+	v, err := s.rdb.HMGet(ctx, jobKey(id), "tenant", "user_id").Result()
+	if err != nil || len(v) != 2 {
+		return "", ""
+	}
+	tenant, _ = v[0].(string)
+	user, _ = v[1].(string)
+	return tenant, user
+}
+
 // TTLSeconds is how long records and event logs are kept, in seconds.
 func (s *Store) TTLSeconds() int { return int(s.retention / time.Second) }
 

@@ -199,12 +199,19 @@ func (d *Dispatcher) enqueue(ctx context.Context, log *slog.Logger, group string
 	}
 	if err != nil && !errors.Is(err, asynq.ErrTaskIDConflict) {
 		// Left in the dispatching set: handOver retries it.
-		log.Error("could not hand a job to asynq; will retry", "job_id", p.JobID, "dispatch", p.Dispatch, "err", err)
+		log.Error("could not hand a job to asynq; will retry", d.about(ctx, p.JobID, "dispatch", p.Dispatch, "err", err)...)
 		return
 	}
 	if err := d.d.Scheduler.Handed(context.WithoutCancel(ctx), group, p); err != nil {
-		log.Warn("could not mark job handed over", "job_id", p.JobID, "err", err)
+		log.Warn("could not mark job handed over", d.about(ctx, p.JobID, "err", err)...)
 	}
+}
+
+// about is the attributes of a log line about a job: its id, tenant and
+// user (read from its record: the queues hold only ids), then more.
+func (d *Dispatcher) about(ctx context.Context, id string, more ...any) []any {
+	tenant, user := d.d.Scheduler.store.Owner(context.WithoutCancel(ctx), id)
+	return append([]any{"job_id", id, "tenant", tenant, "user_id", user}, more...)
 }
 
 // handOver finishes the dispatches of a dispatcher that died between
@@ -218,7 +225,7 @@ func (d *Dispatcher) handOver(ctx context.Context, log *slog.Logger, g *config.M
 		return
 	}
 	for _, p := range stale {
-		log.Info("handing over a dispatch left by another dispatcher", "job_id", p.JobID, "dispatch", p.Dispatch)
+		log.Info("handing over a dispatch left by another dispatcher", d.about(ctx, p.JobID, "dispatch", p.Dispatch)...)
 		d.enqueue(ctx, log, g.Name, p)
 	}
 }
@@ -231,11 +238,11 @@ func (d *Dispatcher) expire(ctx context.Context, log *slog.Logger, g *config.Mod
 	}
 	for _, id := range ids {
 		if err := d.d.Expire(ctx, g, id); err != nil {
-			log.Warn("could not expire a job past its deadline; will retry", "job_id", id, "err", err)
+			log.Warn("could not expire a job past its deadline; will retry", d.about(ctx, id, "err", err)...)
 			continue
 		}
 		if err := d.d.Scheduler.Expired(ctx, g.Name, id); err != nil {
-			log.Warn("could not forget an expired job", "job_id", id, "err", err)
+			log.Warn("could not forget an expired job", d.about(ctx, id, "err", err)...)
 		}
 	}
 }

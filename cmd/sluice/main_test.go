@@ -41,7 +41,7 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-var listenRE = regexp.MustCompile(`msg=listening what=api addr=(http://[0-9.:]+)`)
+var listenRE = regexp.MustCompile(`(?:msg=listening what=api addr=|"msg":"listening","what":"api","addr":")(http://[0-9.:]+)`)
 
 // startRun runs the real run() with args and returns the api's base URL once
 // /healthz answers.
@@ -185,7 +185,7 @@ func TestMonitoringNeedsAdminKey(t *testing.T) {
 		{"admin x-api-key", func(r *http.Request) { r.Header.Set("x-api-key", harness.AdminKey) }, 200},
 		{"admin basic auth", func(r *http.Request) { r.SetBasicAuth("ops", harness.AdminKey) }, 200},
 	} {
-		for _, path := range []string{"/monitoring/", "/debug/pprof/", "/debug/pprof/heap"} {
+		for _, path := range []string{"/monitoring/", "/debug/pprof/", "/debug/pprof/heap", "/dashboard", "/v1/admin/usage", "/v1/admin/status"} {
 			req, _ := http.NewRequest(http.MethodGet, base+path, nil)
 			tc.set(req)
 			resp, err := http.DefaultClient.Do(req)

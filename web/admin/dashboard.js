@@ -107,7 +107,7 @@ function bars(box, buckets, series, title) {
   const max = niceMax(Math.max(0, ...totals));
   const svg = el("svg:svg", { viewBox: `0 0 ${W} ${H}`, role: "img" });
   const bw = (W - L) / buckets.length;
-  axes(svg, buckets, max, W, H, L, B, T, (v) => num(v));
+  axes(svg, buckets, max, W, H, L, B, T, (v) => (Number.isInteger(v) ? num(v) : v.toFixed(1)));
   buckets.forEach((b, i) => {
     let y = H - B;
     for (const s of series) {
