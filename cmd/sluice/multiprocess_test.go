@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -236,8 +237,7 @@ func TestMultiProcessRespectsLimits(t *testing.T) {
 	const rpm, maxConc = 240, 3
 	c := startCluster(t, fakeanthropic.Group{Name: "sonnet", Models: []string{"claude-sonnet-*"}, RPM: rpm, InputTPM: 100000, OutputTPM: 100000},
 		maxConc, fakeanthropic.Config{TokensPerSecond: 100, ReplyTokens: 10}, "")
-	c.start(t, "worker")
-	c.start(t, "worker")
+	workers := []*proc{c.start(t, "worker"), c.start(t, "worker")}
 	var ids []string
 	for i := range 40 {
 		ids = append(ids, c.submit(t, fmt.Sprintf("user-%d", i%7), "hello there", 50).ID)
@@ -251,6 +251,16 @@ func TestMultiProcessRespectsLimits(t *testing.T) {
 	st := c.fake.Stats()
 	if st.RateLimited != 0 {
 		t.Fatalf("the fake sent %d 429s", st.RateLimited)
+	}
+	// Each worker process serves its own counters on its health port; the
+	// fleet's sum is every call, and the api's page the shared state.
+	var calls, admitted float64
+	for _, w := range workers {
+		calls += scrapeMetric(t, w.baseURL(t), `sluice_upstream_responses_total{group="sonnet",status="200"}`)
+	}
+	admitted = scrapeMetric(t, c.api, `sluice_admissions_total{group="sonnet",outcome="admitted"}`)
+	if calls != 40 || admitted != 40 {
+		t.Errorf("metrics: the workers counted %v answered calls, the api %v admissions; want 40 and 40", calls, admitted)
 	}
 	if st.MaxInFlight > maxConc {
 		t.Fatalf("the fake saw %d calls at once; max_concurrency is %d", st.MaxInFlight, maxConc)
@@ -341,4 +351,25 @@ func TestMain(m *testing.M) {
 		_ = os.RemoveAll(filepath.Dir(binPath))
 	}
 	os.Exit(code)
+}
+
+// scrapeMetric reads one series from base's /metrics (0 when absent).
+func scrapeMetric(t testing.TB, base, series string) float64 {
+	t.Helper()
+	resp, err := http.Get(base + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("%s/metrics: %d", base, resp.StatusCode)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, series+" "); ok {
+			v, _ := strconv.ParseFloat(strings.TrimSpace(rest), 64)
+			return v
+		}
+	}
+	return 0
 }
