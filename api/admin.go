@@ -46,8 +46,8 @@ func (s *Server) adminUsage(c *echo.Context) error {
 		return &Error{Status: http.StatusServiceUnavailable, Type: "unavailable", Message: "Usage statistics are not kept by this server."}
 	}
 	ret := s.d.Usage.Retention()
-	g, n := usage.Hour, 24
 	maxHours, maxDays := int(ret.Hourly/time.Hour), int(ret.Daily/(24*time.Hour))
+	g, n := usage.Hour, min(24, maxHours)
 	hours, days := c.QueryParam("hours"), c.QueryParam("days")
 	switch {
 	case hours != "" && days != "":

@@ -15,6 +15,7 @@ const pct = (v) => Math.round(v * 100) + "%";
 const secs = (v) => (v == null ? "–" : v < 10 ? v.toFixed(2) + " s" : Math.round(v) + " s");
 const hourLabel = (iso) => new Date(iso).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
 const dimName = { requests: "Requests / min", input_tokens: "Input tokens / min", output_tokens: "Output tokens / min" };
+const dimSpoken = { requests: "Requests per minute", input_tokens: "Input tokens per minute", output_tokens: "Output tokens per minute" };
 
 function el(tag, attrs = {}, ...children) {
   const e = tag.startsWith("svg:") ? document.createElementNS(SVG, tag.slice(4)) : document.createElement(tag);
@@ -49,10 +50,10 @@ function problem(what, err) {
 
 // ---- now: one card per model group ----
 
-function gauge(label, inUse, upstream) {
+function gauge(label, spoken, inUse, upstream) {
   const cls = inUse >= 0.95 ? "full" : inUse >= 0.75 ? "warn" : "";
   const bar = el("div", { class: "bar", role: "meter", "aria-valuemin": "0", "aria-valuemax": "100",
-    "aria-valuenow": String(Math.round(inUse * 100)), "aria-label": label + " in use" },
+    "aria-valuenow": String(Math.round(inUse * 100)), "aria-label": spoken + " in use" },
   el("span", { class: cls, style: "width:" + pct(Math.min(1, inUse)) }));
   let title = "sluice's limiter: " + pct(inUse) + " of the limit in use";
   if (upstream != null) {
@@ -79,7 +80,7 @@ function renderGroups(status) {
         figure("calls running", num(g.in_flight) + " / " + g.max_concurrency, "in_flight"),
         figure("dispatched / min", num(g.dispatched_last_minute), "dispatched")));
     for (const l of g.limits) {
-      card.append(gauge(dimName[l.dimension] || l.dimension, l.in_use, l.upstream_in_use));
+      card.append(gauge(dimName[l.dimension] || l.dimension, dimSpoken[l.dimension] || l.dimension, l.in_use, l.upstream_in_use));
     }
     let state = "Dispatching at full speed.";
     let cls = "state";
