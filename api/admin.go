@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"math"
 	"net/http"
 	"strconv"
 	"time"
@@ -127,9 +128,13 @@ type groupStatus struct {
 type limitStatus struct {
 	Dimension string  `json:"dimension"`
 	PerMinute float64 `json:"per_minute"`
-	// InUse is the part of the limit taken, 0..1, as sluice's limiter
-	// believes it (1 − its bucket's level over capacity).
-	InUse float64 `json:"in_use"`
+	// UsedLastMinute is what went out over the last 60 s (requests
+	// dispatched; tokens as the upstream counted them), and InUse that over
+	// the limit (may pass 1 briefly: the burst).
+	UsedLastMinute float64 `json:"used_last_minute"`
+	InUse          float64 `json:"in_use"`
+	// BucketFree is what sluice's limiter holds free right now, 0..1.
+	BucketFree float64 `json:"bucket_free"`
 	// UpstreamInUse is the same from the upstream's last headers; null
 	// until a response carried them.
 	UpstreamInUse     *float64 `json:"upstream_in_use"`
@@ -161,7 +166,10 @@ func (s *Server) adminStatus(c *echo.Context) error {
 			gs.HeadersSeenAt = &st.HeadersSeen
 		}
 		for _, d := range st.Dimensions {
-			l := limitStatus{Dimension: d.Name, PerMinute: d.Limit, InUse: clamp01(1 - d.Headroom)}
+			l := limitStatus{Dimension: d.Name, PerMinute: d.Limit, UsedLastMinute: d.Used, BucketFree: clamp01(d.Headroom)}
+			if d.Limit > 0 {
+				l.InUse = math.Round(d.Used/d.Limit*1000) / 1000
+			}
 			if d.Upstream >= 0 {
 				u := clamp01(1 - d.Upstream)
 				l.UpstreamInUse = &u

@@ -114,6 +114,15 @@ func TestUsageAndMetricsFollowTheJobs(t *testing.T) {
 			t.Errorf("%s missing from /metrics", series)
 		}
 	}
+	// What went out in the last minute: 5 requests, and their tokens as
+	// the upstream counted them (a minute boundary inside the test can
+	// only weigh the previous minute a little less).
+	if v := metric(page, `sluice_used_last_minute{dimension="requests",group="sonnet"}`); v < 4 || v > 5 {
+		t.Errorf("requests used in the last minute: %v, want 5", v)
+	}
+	if v := metric(page, `sluice_used_last_minute{dimension="output_tokens",group="sonnet"}`); v < float64(output)*0.8 || v > float64(output) {
+		t.Errorf("output tokens used in the last minute: %v, want %d", v, output)
+	}
 	if strings.Contains(page, `"ann"`) || strings.Contains(page, "user_id") || strings.Contains(page, harness.TenantKey) {
 		t.Error("/metrics names a user or a key")
 	}

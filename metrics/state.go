@@ -19,7 +19,7 @@ type State struct {
 	groups []config.ModelGroup
 	log    *slog.Logger
 
-	queued, users, inFlight, dispatched, frozen, pace, limit, headroom, upstream, scrapeErrors *prometheus.Desc
+	queued, users, inFlight, dispatched, frozen, pace, limit, used, headroom, upstream, scrapeErrors *prometheus.Desc
 }
 
 // NewState returns the collector for groups.
@@ -35,6 +35,8 @@ func NewState(sched *scheduler.Scheduler, groups []config.ModelGroup, log *slog.
 		frozen:     d("frozen_seconds", "How long dispatch in the model group stays stopped by an upstream 429 (0 = running)."),
 		pace:       d("pace_factor", "The model group's pace after upstream 529s: 1 = full speed."),
 		limit:      d("limit_per_minute", "The per-minute limit sluice applies (a lower limit the upstream announced wins).", "dimension"),
+		used: d("used_last_minute",
+			"What went out in the model group over the last 60 seconds, fleet-wide: requests dispatched, input and output tokens as the upstream counted them.", "dimension"),
 		headroom: d("limiter_headroom_ratio",
 			"What is free of each per-minute limit, 0..1: source=sluice is sluice's bucket level over its capacity, source=upstream is the last response's remaining over limit.",
 			"dimension", "source"),
@@ -45,7 +47,7 @@ func NewState(sched *scheduler.Scheduler, groups []config.ModelGroup, log *slog.
 
 // Describe implements prometheus.Collector.
 func (s *State) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{s.queued, s.users, s.inFlight, s.dispatched, s.frozen, s.pace, s.limit, s.headroom, s.upstream, s.scrapeErrors} {
+	for _, d := range []*prometheus.Desc{s.queued, s.users, s.inFlight, s.dispatched, s.frozen, s.pace, s.limit, s.used, s.headroom, s.upstream, s.scrapeErrors} {
 		ch <- d
 	}
 }
@@ -74,6 +76,7 @@ func (s *State) Collect(ch chan<- prometheus.Metric) {
 		gauge(s.pace, st.Pace)
 		for _, dim := range st.Dimensions {
 			gauge(s.limit, dim.Limit, dim.Name)
+			gauge(s.used, dim.Used, dim.Name)
 			gauge(s.headroom, dim.Headroom, dim.Name, "sluice")
 			if dim.Upstream >= 0 {
 				gauge(s.headroom, dim.Upstream, dim.Name, "upstream")

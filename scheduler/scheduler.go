@@ -421,7 +421,7 @@ func (s *Scheduler) Settle(ctx context.Context, st Settlement) (limiter, quota b
 	args = append(args, st.Duration.Milliseconds(), wakeChannel(st.Group.Name), final,
 		st.Policy.RequestsPerHour, st.Policy.TokensPerHour)
 	res, err := settleScript.Run(ctx, s.rdb, []string{k.lim(), k.reservations(), k.leases(),
-		jobs.Key(j.ID), quotaKey(j.Tenant, j.UserID)}, args...).Int64Slice()
+		jobs.Key(j.ID), quotaKey(j.Tenant, j.UserID), k.rate()}, args...).Int64Slice()
 	if err != nil {
 		return false, false, fmt.Errorf("scheduler: settle %s: %w", j.ID, err)
 	}
@@ -697,6 +697,9 @@ type Gauges struct {
 type Dimension struct {
 	Name  string  // "requests", "input_tokens", "output_tokens"
 	Limit float64 // per minute, as sluice applies it (a lower announced limit wins)
+	// Used is what went out over the last 60 s: requests dispatched, input
+	// and output tokens as the upstream counted them (settled calls).
+	Used float64
 	// Headroom is what sluice believes is free now: its bucket's level over
 	// its capacity, 0..1 (negative while a job larger than the bucket is
 	// paid off).
@@ -717,7 +720,7 @@ func (s *Scheduler) Gauges(ctx context.Context, g *config.ModelGroup) (Gauges, e
 	if err != nil {
 		return Gauges{}, fmt.Errorf("scheduler: gauges %s: %w", g.Name, err)
 	}
-	if len(res) < 24 {
+	if len(res) < 28 {
 		return Gauges{}, fmt.Errorf("scheduler: gauges %s: %d values", g.Name, len(res))
 	}
 	f := func(i int) float64 {
@@ -732,12 +735,16 @@ func (s *Scheduler) Gauges(ctx context.Context, g *config.ModelGroup) (Gauges, e
 		return int64(v)
 	}
 	now := f(0)
-	frac := math.Mod(now, 60000) / 60000 // how far into this minute
+	// The last 60 s: this minute so far and the part of the previous one
+	// still inside the window.
+	frac := math.Mod(now, 60000) / 60000
+	window := func(cur, prev int) float64 { return math.Round(f(cur) + f(prev)*(1-frac)) }
 	out := Gauges{
 		InFlight: int64(f(12)), Queued: int64(f(13)), ActiveUsers: int64(f(14)),
-		Dispatched: math.Round(f(15) + f(16)*(1-frac)),
+		Dispatched: window(15, 16),
 		Pace:       f(11),
 	}
+	used := []float64{out.Dispatched, window(24, 25), window(26, 27)}
 	if fr := f(10); fr > now {
 		out.Frozen = time.Duration(fr-now) * time.Millisecond
 	}
@@ -746,7 +753,7 @@ func (s *Scheduler) Gauges(ctx context.Context, g *config.ModelGroup) (Gauges, e
 	}
 	for d, name := range []string{"requests", "input_tokens", "output_tokens"} {
 		level, capacity, limit := f(1+2*d), f(2+2*d), f(7+d)
-		dim := Dimension{Name: name, Limit: limit, Upstream: -1, UpstreamLimit: seen(17 + 2*d), UpstreamRemaining: seen(18 + 2*d)}
+		dim := Dimension{Name: name, Limit: limit, Used: used[d], Upstream: -1, UpstreamLimit: seen(17 + 2*d), UpstreamRemaining: seen(18 + 2*d)}
 		if capacity > 0 {
 			dim.Headroom = math.Round(level/capacity*1000) / 1000
 		}

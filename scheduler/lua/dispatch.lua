@@ -17,7 +17,7 @@
 -- KEYS[5] costs   KEYS[6] totals    KEYS[7] limiter state
 -- KEYS[8] reservations   KEYS[9] leases   KEYS[10] dispatching
 -- KEYS[11] delayed tags   KEYS[12] deadlines   KEYS[13] expiring
--- KEYS[14] dispatch sequence   KEYS[15] dispatches per minute (minute -> n)
+-- KEYS[14] dispatch sequence   KEYS[15] the group's use per minute (dispatches: minute -> n)
 -- ARGV[1] now ms (0 = Redis TIME)  ARGV[2..5] rpm, input_tpm, output_tpm, burst ms
 -- ARGV[6] max concurrency   ARGV[7] lease ms   ARGV[8] most jobs to pick
 -- ARGV[9] job hash key prefix ("sluice:job:")   ARGV[10] moved channel

@@ -6,6 +6,7 @@
 -- finds no reservation and changes nothing.
 -- KEYS[1] limiter state   KEYS[2] reservations   KEYS[3] leases
 -- KEYS[4] job hash        KEYS[5] user quota
+-- KEYS[6] the group's use per minute (tokens as settled: "i<minute>", "o<minute>")
 -- ARGV[1] now ms (0 = Redis TIME)   ARGV[2] job id
 -- ARGV[3..5] what the upstream counted: requests, input tokens, output tokens
 -- ARGV[6..9] rpm, input_tpm, output_tpm, burst ms
@@ -27,6 +28,12 @@ if res then
   st.i = math.min(st.ci, st.i + ri - ai)
   st.o = math.min(st.co, st.o + ro - ao)
   lim_save(st)
+  if ai > 0 or ao > 0 then
+    local minute = math.floor(now / 60000)
+    redis.call('HINCRBY', KEYS[6], 'i' .. minute, ai)
+    redis.call('HINCRBY', KEYS[6], 'o' .. minute, ao)
+    redis.call('HDEL', KEYS[6], 'i' .. (minute - 5), 'o' .. (minute - 5))
+  end
   local dur = tonumber(ARGV[10])
   if dur > 0 then
     local d = st.dur

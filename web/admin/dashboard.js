@@ -50,15 +50,16 @@ function problem(what, err) {
 
 // ---- now: one card per model group ----
 
-function gauge(label, spoken, inUse, upstream) {
+function gauge(label, spoken, l) {
+  const inUse = l.in_use, upstream = l.upstream_in_use;
   const cls = inUse >= 0.95 ? "full" : inUse >= 0.75 ? "warn" : "";
   const bar = el("div", { class: "bar", role: "meter", "aria-valuemin": "0", "aria-valuemax": "100",
     "aria-valuenow": String(Math.round(inUse * 100)), "aria-label": spoken + " in use" },
   el("span", { class: cls, style: "width:" + pct(Math.min(1, inUse)) }));
-  let title = "sluice's limiter: " + pct(inUse) + " of the limit in use";
+  let title = num(l.used_last_minute) + " of " + num(l.per_minute) + " in the last minute (" + pct(inUse) + "); sluice's limiter holds " + pct(l.bucket_free) + " of its bucket free";
   if (upstream != null) {
     bar.append(el("b", { style: "left:calc(" + pct(Math.min(1, upstream)) + " - 1px)" }));
-    title += "; upstream's last headers: " + pct(upstream);
+    title += "; the upstream's last headers say " + pct(upstream) + " used";
   }
   bar.title = title;
   return el("div", { class: "gauge" }, el("span", { text: label }), bar, el("span", { text: pct(inUse) }));
@@ -80,7 +81,7 @@ function renderGroups(status) {
         figure("calls running", num(g.in_flight) + " / " + g.max_concurrency, "in_flight"),
         figure("dispatched / min", num(g.dispatched_last_minute), "dispatched")));
     for (const l of g.limits) {
-      card.append(gauge(dimName[l.dimension] || l.dimension, dimSpoken[l.dimension] || l.dimension, l.in_use, l.upstream_in_use));
+      card.append(gauge(dimName[l.dimension] || l.dimension, dimSpoken[l.dimension] || l.dimension, l));
     }
     let state = "Dispatching at full speed.";
     let cls = "state";
