@@ -146,7 +146,9 @@ func runDev(ctx context.Context, args []string, getenv func(string) string, stdo
 sluice dev is running.
   api:        %[1]s
   demo page:  %[1]s/#key=%[2]s&user=student-1&model=%[5]s
-  monitoring: %[1]s/monitoring/  (user: anything, password: the admin key)
+  dashboard:  %[1]s/dashboard    (user: anything, password: the admin key)
+  monitoring: %[1]s/monitoring/  (asynqmon; the same)
+  metrics:    %[1]s/metrics
   redis:      %[3]s
   upstream:   %[4]s
 
@@ -164,6 +166,10 @@ Spend bob's quota (20 requests an hour) and read the refusal:
 
   for i in $(seq 21); do curl -s -o /tmp/sluice-last.json -w '%%{http_code} ' %[1]s/v1/jobs -H 'x-api-key: %[2]s'     -d '{"user_id":"bob","request":{"model":"%[5]s","max_tokens":20,"messages":[{"role":"user","content":"hi"}]}}'; done;   echo; cat /tmp/sluice-last.json; echo
   curl -s %[1]s/v1/users/bob/usage -H 'x-api-key: %[2]s'
+
+Read the usage statistics of the last 24 hours (admin key):
+
+  curl -s '%[1]s/v1/admin/usage?hours=24' -H 'x-api-key: %[6]s'
 
 `, base, key, redisNote, upstreamNote, model, admin)
 	})
