@@ -171,7 +171,7 @@ func (s *Server) adminStatus(c *echo.Context) error {
 				l.InUse = math.Round(d.Used/d.Limit*1000) / 1000
 			}
 			if d.Upstream >= 0 {
-				u := clamp01(1 - d.Upstream)
+				u := math.Round(clamp01(1-d.Upstream)*1000) / 1000
 				l.UpstreamInUse = &u
 				l.UpstreamLimit, l.UpstreamRemaining = &d.UpstreamLimit, &d.UpstreamRemaining
 			}
