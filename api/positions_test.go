@@ -227,3 +227,30 @@ func TestDispatchPushesPositionsAtOnce(t *testing.T) {
 		t.Fatalf("after a cancel: %+v", evs)
 	}
 }
+
+// TestPeriodicReadPushesUnannouncedMoves: a place that changes without a
+// queue announcing a move (another user's job admitted ahead in the fair
+// order) still reaches the follower, through the periodic read.
+func TestPeriodicReadPushesUnannouncedMoves(t *testing.T) {
+	e := harness.Start(t, harness.Options{NoWorker: true, PositionEvery: 20 * time.Millisecond})
+	e.Submit(t, harness.JobBody("u1", "hi"))
+	v := e.Submit(t, harness.JobBody("u1", "hi"))
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, e.API.URL+"/v1/jobs/"+v.ID+"/events?token="+v.Token, nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	r := bufio.NewReader(resp.Body)
+	if evs := harness.ReadSSE(t, r, 1); !strings.Contains(evs[0].Data, `"position":2`) {
+		t.Fatalf("first event %+v", evs)
+	}
+	if w := e.Submit(t, harness.JobBody("u2", "hi")); *w.Position != 2 {
+		t.Fatalf("u2's job at %d, want 2 (ahead of u1's second)", *w.Position)
+	}
+	if evs := harness.ReadSSE(t, r, 1); len(evs) != 1 || !strings.Contains(evs[0].Data, `"position":3`) {
+		t.Fatalf("after a job was admitted ahead: %+v", evs)
+	}
+}

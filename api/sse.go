@@ -74,15 +74,21 @@ func (s *Server) jobEvents(c *echo.Context) error {
 	}
 	_ = flush.Flush()
 
+	var buf []byte // the event being written, reused for the next one
 	err = sub.Follow(ctx, after, s.heartbeat,
 		func() error {
-			if _, err := fmt.Fprint(w, ": heartbeat\n\n"); err != nil {
+			if _, err := w.Write(heartbeatComment); err != nil {
 				return err
 			}
 			return flush.Flush()
 		},
 		func(ev jobs.Event) (bool, error) {
-			if _, err := fmt.Fprintf(w, "id: %s\nevent: %s\ndata: %s\n\n", ev.ID, ev.Name, ev.Data); err != nil {
+			buf = appendEvent(buf[:0], ev)
+			_, err := w.Write(buf)
+			if cap(buf) > maxKeptEventBuffer {
+				buf = nil // a rare large event: do not keep its buffer
+			}
+			if err != nil {
 				return true, err
 			}
 			return false, flush.Flush()
@@ -92,6 +98,24 @@ func (s *Server) jobEvents(c *echo.Context) error {
 	}
 	return nil // the response is committed; errors end the stream
 }
+
+// appendEvent appends one event as the stream sends it:
+// "id: <id>\nevent: <name>\ndata: <data>\n\n".
+func appendEvent(b []byte, ev jobs.Event) []byte {
+	b = append(b, "id: "...)
+	b = append(b, ev.ID...)
+	b = append(b, "\nevent: "...)
+	b = append(b, ev.Name...)
+	b = append(b, "\ndata: "...)
+	b = append(b, ev.Data...)
+	return append(b, "\n\n"...)
+}
+
+var heartbeatComment = []byte(": heartbeat\n\n")
+
+// maxKeptEventBuffer is the largest event buffer a stream keeps between
+// events (most events are well under 1 KiB).
+const maxKeptEventBuffer = 64 << 10
 
 // cancelOnDisconnect cancels a still-queued job whose last follower left
 // (?cancel_on_disconnect=true), refunding it. A running job is left alone.

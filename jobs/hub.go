@@ -7,8 +7,10 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -28,19 +30,27 @@ type Hub struct {
 	ps    *redis.PubSub
 
 	mu        sync.Mutex
-	subs      map[string]map[*Subscription]struct{} // job id → subscribers
-	confirmed map[string]chan struct{}              // channel → closed once SUBSCRIBE is confirmed
-	notify    map[string]func()                     // channel → called for each message (Notify)
+	subs      map[string][]*Subscription // job id → subscribers (almost always one)
+	confirmed map[string]chan struct{}   // channel → closed once SUBSCRIBE is confirmed
+	notify    map[string]func()          // channel → called for each message (Notify)
 	closed    bool
 	done      chan struct{}
 }
 
 // Subscription receives one job's live events.
+//
+// Its follower waits on the events channel alone (one channel, not a select
+// over several: the cheapest wake-up per event when thousands of streams
+// each get one): anything else it must see (events were dropped, a
+// heartbeat is due, its context ended) sets a flag and wakes it with a zero
+// Event, unless the buffer is full, in which case it wakes anyway.
 type Subscription struct {
 	hub    *Hub
 	job    string
-	events chan Event
-	resync chan struct{} // signaled when events were dropped: re-read the log
+	events chan Event  // live events; a zero Event only wakes the follower
+	resync atomic.Bool // events were dropped: re-read the log
+	idle   atomic.Bool // a heartbeat is due
+	closed bool        // events is closed (under hub.mu)
 	once   sync.Once
 }
 
@@ -54,7 +64,7 @@ func NewHub(store *Store, log *slog.Logger) *Hub {
 	h := &Hub{
 		store:     store,
 		log:       log,
-		subs:      map[string]map[*Subscription]struct{}{},
+		subs:      map[string][]*Subscription{},
 		confirmed: map[string]chan struct{}{},
 		notify:    map[string]func(){},
 		done:      make(chan struct{}),
@@ -79,11 +89,11 @@ func (h *Hub) Close() error {
 	<-h.done
 	h.mu.Lock()
 	for _, set := range h.subs {
-		for s := range set {
+		for _, s := range set {
 			s.closeLocked()
 		}
 	}
-	h.subs = map[string]map[*Subscription]struct{}{}
+	h.subs = map[string][]*Subscription{}
 	h.mu.Unlock()
 	return err
 }
@@ -150,11 +160,11 @@ func (h *Hub) dispatch(m *redis.Message) {
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	for s := range h.subs[id] {
+	for _, s := range h.subs[id] {
 		select {
 		case s.events <- ev:
 		default:
-			s.signalResync()
+			s.signalResyncLocked()
 		}
 	}
 }
@@ -172,8 +182,8 @@ func (h *Hub) resyncAll() {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for _, set := range h.subs {
-		for s := range set {
-			s.signalResync()
+		for _, s := range set {
+			s.signalResyncLocked()
 		}
 	}
 }
@@ -183,11 +193,12 @@ func (h *Hub) resyncAll() {
 // event the subscriber got (see ValidEventID). A subscriber too far behind
 // to take it misses it: it is only ever the latest of its kind.
 func (h *Hub) Push(id, name string, data json.RawMessage) {
+	ev := Event{Name: name, Data: data}
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	for s := range h.subs[id] {
+	for _, s := range h.subs[id] {
 		select {
-		case s.events <- Event{Name: name, Data: data}:
+		case s.events <- ev:
 		default:
 		}
 	}
@@ -214,19 +225,14 @@ func (h *Hub) Notify(ctx context.Context, channel string, fn func()) error {
 // the subscription, so an event logged after Subscribe returns is delivered
 // live (an earlier one is in the log).
 func (h *Hub) Subscribe(ctx context.Context, id string) (*Subscription, error) {
-	s := &Subscription{hub: h, job: id, events: make(chan Event, subscriptionBuffer), resync: make(chan struct{}, 1)}
+	s := &Subscription{hub: h, job: id, events: make(chan Event, subscriptionBuffer)}
 	ch := channel(id)
 	h.mu.Lock()
 	if h.closed {
 		h.mu.Unlock()
 		return nil, errors.New("event hub closed")
 	}
-	set, ok := h.subs[id]
-	if !ok {
-		set = map[*Subscription]struct{}{}
-		h.subs[id] = set
-	}
-	set[s] = struct{}{}
+	h.subs[id] = append(h.subs[id], s)
 	conf, ok := h.confirmed[ch]
 	first := !ok
 	if first {
@@ -253,25 +259,45 @@ func (h *Hub) Subscribe(ctx context.Context, id string) (*Subscription, error) {
 	case <-time.After(5 * time.Second):
 		// Confirmation lost (a reconnect in between): the subscriber will
 		// still catch up from the log on resync.
-		s.signalResync()
+		h.mu.Lock()
+		s.signalResyncLocked()
+		h.mu.Unlock()
 		return s, nil
 	}
 }
 
-// Events delivers live events; it is closed when the hub closes.
-func (s *Subscription) Events() <-chan Event { return s.events }
+// signalResyncLocked tells the follower that live events were dropped: it
+// re-reads the log. The caller holds hub.mu.
+func (s *Subscription) signalResyncLocked() {
+	s.resync.Store(true)
+	s.wakeLocked()
+}
 
-// Resync is signaled when live events were dropped: re-read the log.
-func (s *Subscription) Resync() <-chan struct{} { return s.resync }
+// wake wakes the follower up to look at its flags.
+func (s *Subscription) wake() {
+	s.hub.mu.Lock()
+	s.wakeLocked()
+	s.hub.mu.Unlock()
+}
 
-func (s *Subscription) signalResync() {
+// wakeLocked: a full buffer wakes the follower anyway. The caller holds
+// hub.mu, under which events is sent to and closed.
+func (s *Subscription) wakeLocked() {
+	if s.closed {
+		return
+	}
 	select {
-	case s.resync <- struct{}{}:
+	case s.events <- Event{}:
 	default:
 	}
 }
 
-func (s *Subscription) closeLocked() { s.once.Do(func() { close(s.events) }) }
+func (s *Subscription) closeLocked() {
+	s.once.Do(func() {
+		s.closed = true
+		close(s.events)
+	})
+}
 
 // Close stops the subscription (the Redis channel is unsubscribed when its
 // last local subscriber leaves).
@@ -279,7 +305,10 @@ func (s *Subscription) Close() {
 	h := s.hub
 	h.mu.Lock()
 	set := h.subs[s.job]
-	delete(set, s)
+	if i := slices.Index(set, s); i >= 0 {
+		set = slices.Delete(set, i, i+1)
+		h.subs[s.job] = set
+	}
 	last := len(set) == 0
 	if last {
 		delete(h.subs, s.job)
@@ -302,20 +331,26 @@ func (s *Subscription) Close() {
 // While nothing happens, idle is called every idleEvery (SSE heartbeats).
 func (s *Subscription) Follow(ctx context.Context, after string, idleEvery time.Duration, idle func() error, fn func(Event) (stop bool, err error)) error {
 	last := after
-	tick := time.NewTicker(idleEvery)
-	defer tick.Stop()
+	beat := time.AfterFunc(idleEvery, func() {
+		s.idle.Store(true)
+		s.wake()
+	})
+	defer beat.Stop()
+	defer context.AfterFunc(ctx, s.wake)()
 	started := false // a logged event other than `queued` was delivered
 	deliver := func(ev Event) (bool, error) {
 		if ev.ID == "" { // pushed, not logged: a place in line
 			if last == "" || started {
 				return false, nil // read before the log, or the job left the line
 			}
-			ev.ID = nextPushedID(last)
-		} else if ev.Name != string(Queued) {
-			started = true
-		}
-		if last != "" && compareEventIDs(ev.ID, last) <= 0 {
-			return false, nil // already delivered (replay and live overlap)
+			ev.ID = nextPushedID(last) // after last by construction
+		} else {
+			if ev.Name != string(Queued) {
+				started = true
+			}
+			if last != "" && compareEventIDs(ev.ID, last) <= 0 {
+				return false, nil // already delivered (replay and live overlap)
+			}
 		}
 		last = ev.ID
 		stop, err := fn(ev)
@@ -344,22 +379,16 @@ func (s *Subscription) Follow(ctx context.Context, after string, idleEvery time.
 		return err
 	}
 	for {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-tick.C:
-			if err := idle(); err != nil {
-				return err
-			}
-		case ev, ok := <-s.events:
-			if !ok {
-				return ErrHubClosed
-			}
-			if done, err := deliver(ev); done || err != nil {
-				return err
-			}
-		case <-s.resync:
-			// Drain what is buffered (the log has it too) and re-read.
+		ev, ok := <-s.events
+		if !ok {
+			return ErrHubClosed
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if s.resync.Swap(false) {
+			// Drop this event and what is buffered (the log has them too)
+			// and re-read.
 			for drained := false; !drained; {
 				select {
 				case _, ok := <-s.events:
@@ -373,6 +402,19 @@ func (s *Subscription) Follow(ctx context.Context, after string, idleEvery time.
 			if done, err := catchUp(); done || err != nil {
 				return err
 			}
+			ev = Event{}
+		}
+		if s.idle.Swap(false) {
+			if err := idle(); err != nil {
+				return err
+			}
+			beat.Reset(idleEvery)
+		}
+		if ev.ID == "" && ev.Name == "" {
+			continue // only a wake-up
+		}
+		if done, err := deliver(ev); done || err != nil {
+			return err
 		}
 	}
 }

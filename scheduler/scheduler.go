@@ -458,7 +458,7 @@ func (s *Scheduler) Places(ctx context.Context, ws []Watched) ([]Place, error) {
 	}
 	type batch struct {
 		idx []int
-		cmd *redis.Cmd
+		cmd *redis.IntSliceCmd
 	}
 	var batches []batch
 	run := func() error {
@@ -468,14 +468,19 @@ func (s *Scheduler) Places(ctx context.Context, ws []Watched) ([]Place, error) {
 			k := keys{g.Name}
 			for len(list) > 0 {
 				n := min(len(list), placesBatch)
-				args := make([]any, 0, 6+n)
-				args = append(args, s.now())
+				// EVALSHA as placesScript.EvalSha sends it, read as integers
+				// (not a reply of boxed values: 1,024 numbers a batch).
+				args := make([]any, 0, 12+n)
+				args = append(args, "evalsha", placesScript.Hash(), 3, k.order(), k.totals(), k.lim(), s.now())
 				args = append(args, limits(g)...)
 				args = append(args, g.MaxConcurrency)
 				for _, i := range list[:n] {
 					args = append(args, ws[i].Member)
 				}
-				batches = append(batches, batch{idx: list[:n], cmd: placesScript.EvalSha(ctx, pipe, []string{k.order(), k.totals(), k.lim()}, args...)})
+				cmd := redis.NewIntSliceCmd(ctx, args...)
+				cmd.SetFirstKeyPos(3)
+				_ = pipe.Process(ctx, cmd)
+				batches = append(batches, batch{idx: list[:n], cmd: cmd})
 				list = list[n:]
 			}
 		}
@@ -493,7 +498,7 @@ func (s *Scheduler) Places(ctx context.Context, ws []Watched) ([]Place, error) {
 		return nil, fmt.Errorf("scheduler: places: %w", err)
 	}
 	for _, b := range batches {
-		res, err := b.cmd.Int64Slice()
+		res, err := b.cmd.Result()
 		if err != nil || len(res) != 2*len(b.idx) {
 			return nil, fmt.Errorf("scheduler: places: %v (%d answers for %d jobs)", err, len(res), len(b.idx))
 		}
