@@ -18,13 +18,8 @@ import (
 
 // metric reads one series' value from a Prometheus text page (-1 when absent).
 func metric(page, series string) float64 {
-	for _, line := range strings.Split(page, "\n") {
-		if rest, ok := strings.CutPrefix(line, series+" "); ok {
-			v, err := strconv.ParseFloat(strings.TrimSpace(rest), 64)
-			if err == nil {
-				return v
-			}
-		}
+	if v, ok := harness.Metric(page, series); ok {
+		return v
 	}
 	return -1
 }

@@ -65,17 +65,20 @@ func tenantOf(c *echo.Context) *config.Tenant {
 	return t
 }
 
-// adminAuth requires an admin key: as x-api-key, Bearer, or the password of
-// HTTP basic auth (so a browser can open /monitoring/).
+// AdminKeyOf is the admin key a request presents: as x-api-key, Bearer, or
+// the password of HTTP basic auth (so a browser can open /monitoring/).
+func AdminKeyOf(r *http.Request) string {
+	if key := presentedKey(r); key != "" {
+		return key
+	}
+	_, pw, _ := r.BasicAuth()
+	return pw
+}
+
+// adminAuth requires an admin key (AdminKeyOf).
 func (s *Server) adminAuth(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c *echo.Context) error {
-		r := c.Request()
-		key := presentedKey(r)
-		if key == "" {
-			if _, pw, ok := r.BasicAuth(); ok {
-				key = pw
-			}
-		}
+		key := AdminKeyOf(c.Request())
 		if key == "" || !s.cfg.IsAdminKey(key) {
 			c.Response().Header().Set("WWW-Authenticate", `Basic realm="sluice admin", charset="UTF-8"`)
 			if key == "" {

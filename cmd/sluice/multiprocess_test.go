@@ -11,7 +11,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -365,11 +364,6 @@ func scrapeMetric(t testing.TB, base, series string) float64 {
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("%s/metrics: %d", base, resp.StatusCode)
 	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, series+" "); ok {
-			v, _ := strconv.ParseFloat(strings.TrimSpace(rest), 64)
-			return v
-		}
-	}
-	return 0
+	v, _ := harness.Metric(string(b), series)
+	return v
 }

@@ -215,7 +215,7 @@ func healthOnly(rdb redis.UniversalClient, met *metrics.Metrics, cfg *config.Con
 	mux := http.NewServeMux()
 	mh := met.Handler()
 	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
-		if cfg.Metrics.RequireAdminKey && !cfg.IsAdminKey(adminKeyOf(r)) {
+		if cfg.Metrics.RequireAdminKey && !cfg.IsAdminKey(api.AdminKeyOf(r)) {
 			w.Header().Set("WWW-Authenticate", `Basic realm="sluice admin", charset="UTF-8"`)
 			http.Error(w, "/metrics needs the sluice admin key (metrics.require_admin_key is on).", http.StatusUnauthorized)
 			return
@@ -238,19 +238,6 @@ func healthOnly(rdb redis.UniversalClient, met *metrics.Metrics, cfg *config.Con
 		_, _ = io.WriteString(w, `{"status":"ready","redis":"ok"}`)
 	})
 	return mux
-}
-
-// adminKeyOf is the key a request presents: bearer, x-api-key or the
-// basic-auth password.
-func adminKeyOf(r *http.Request) string {
-	if k := r.Header.Get("x-api-key"); k != "" {
-		return k
-	}
-	if a := r.Header.Get("Authorization"); len(a) > 7 && strings.EqualFold(a[:7], "bearer ") {
-		return strings.TrimSpace(a[7:])
-	}
-	_, pw, _ := r.BasicAuth()
-	return pw
 }
 
 func newLogger(c config.Log, w io.Writer) *slog.Logger {

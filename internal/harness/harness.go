@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -338,4 +339,17 @@ func StartAPI(tb testing.TB, e *Env) *httptest.Server {
 	ts := httptest.NewServer(srv)
 	tb.Cleanup(func() { srv.CloseStreams(); ts.Close(); _ = hub.Close() })
 	return ts
+}
+
+// Metric is one series' value in a Prometheus text page, e.g.
+// Metric(page, `sluice_queue_jobs{group="sonnet"}`); ok is false when the
+// page has no such series.
+func Metric(page, series string) (v float64, ok bool) {
+	for _, line := range strings.Split(page, "\n") {
+		if rest, found := strings.CutPrefix(line, series+" "); found {
+			v, err := strconv.ParseFloat(strings.TrimSpace(rest), 64)
+			return v, err == nil
+		}
+	}
+	return 0, false
 }
