@@ -83,7 +83,7 @@ func (s *Server) adminUsage(c *echo.Context) error {
 		tenants = append(tenants, t.Name)
 	}
 	if t := c.QueryParam("tenant"); t != "" {
-		if _, ok := s.tenantNamed(t); !ok {
+		if _, ok := s.cfg.Tenant(t); !ok {
 			return &Error{Status: http.StatusNotFound, Type: "not_found", Message: "There is no tenant named " + strconv.Quote(truncate(t, 64)) + " in the configuration."}
 		}
 		tenants = []string{t}
@@ -100,15 +100,6 @@ func (s *Server) adminUsage(c *echo.Context) error {
 		return usage.WriteCSV(w, rep)
 	}
 	return c.JSON(http.StatusOK, rep)
-}
-
-func (s *Server) tenantNamed(name string) (int, bool) {
-	for i := range s.cfg.Tenants {
-		if s.cfg.Tenants[i].Name == name {
-			return i, true
-		}
-	}
-	return 0, false
 }
 
 // groupStatus is one model group's live state in GET /v1/admin/status.

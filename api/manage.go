@@ -97,10 +97,8 @@ func (s *Server) cancel(ctx context.Context, job *jobs.Job, g *config.ModelGroup
 }
 
 func (s *Server) policy(j *jobs.Job) config.UserPolicy {
-	for i := range s.cfg.Tenants {
-		if s.cfg.Tenants[i].Name == j.Tenant {
-			return s.cfg.Tenants[i].Policy(j.UserID)
-		}
+	if t, ok := s.cfg.Tenant(j.Tenant); ok {
+		return t.Policy(j.UserID)
 	}
 	return config.UserPolicy{}
 }

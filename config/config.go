@@ -542,6 +542,16 @@ func (c *Config) TenantForKey(presented string) (*Tenant, bool) {
 	return found, found != nil
 }
 
+// Tenant is the tenant named name.
+func (c *Config) Tenant(name string) (*Tenant, bool) {
+	for i := range c.Tenants {
+		if c.Tenants[i].Name == name {
+			return &c.Tenants[i], true
+		}
+	}
+	return nil, false
+}
+
 // IsAdminKey reports whether presented is one of the admin keys, comparing
 // with every one in constant time.
 func (c *Config) IsAdminKey(presented string) bool {

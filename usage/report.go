@@ -152,43 +152,34 @@ func newStats() Stats {
 	return Stats{lat: make([]int64, len(Bounds)+1), wait: make([]int64, len(Bounds)+1)}
 }
 
+// counters are the Stats kept as hash fields, by field name.
+func (s *Stats) counters() map[string]*int64 {
+	return map[string]*int64{
+		fRequests: &s.Requests, fInput: &s.InputTokens, fOutput: &s.OutputTokens,
+		fCacheRead: &s.CacheReadTokens, fCacheWrite: &s.CacheWriteTokens, fFailed: &s.Failed,
+		fUpstream429: &s.Upstream429, fUpstream529: &s.Upstream529,
+		fRefused + RefusedUserQuota: &s.Refused.UserQuota, fRefused + RefusedQueueLimit: &s.Refused.QueueLimit,
+		fRefused + RefusedOverloaded: &s.Refused.Overloaded,
+	}
+}
+
 func parse(h map[string]string) Stats {
 	st := newStats()
+	counters := st.counters()
 	for f, v := range h {
 		n, err := strconv.ParseInt(v, 10, 64)
 		if err != nil {
 			continue
 		}
-		switch {
-		case f == fRequests:
-			st.Requests = n
-		case f == fInput:
-			st.InputTokens = n
-		case f == fOutput:
-			st.OutputTokens = n
-		case f == fCacheRead:
-			st.CacheReadTokens = n
-		case f == fCacheWrite:
-			st.CacheWriteTokens = n
-		case f == fFailed:
-			st.Failed = n
-		case f == fUpstream429:
-			st.Upstream429 = n
-		case f == fUpstream529:
-			st.Upstream529 = n
-		case f == fRefused+RefusedUserQuota:
-			st.Refused.UserQuota = n
-		case f == fRefused+RefusedQueueLimit:
-			st.Refused.QueueLimit = n
-		case f == fRefused+RefusedOverloaded:
-			st.Refused.Overloaded = n
-		case strings.HasPrefix(f, fLatency):
-			if i, err := strconv.Atoi(f[len(fLatency):]); err == nil && i >= 0 && i < len(st.lat) {
-				st.lat[i] = n
-			}
-		case strings.HasPrefix(f, fWait):
-			if i, err := strconv.Atoi(f[len(fWait):]); err == nil && i >= 0 && i < len(st.wait) {
-				st.wait[i] = n
+		if p, ok := counters[f]; ok {
+			*p = n
+			continue
+		}
+		for prefix, hist := range map[string][]int64{fLatency: st.lat, fWait: st.wait} {
+			if rest, ok := strings.CutPrefix(f, prefix); ok {
+				if i, err := strconv.Atoi(rest); err == nil && i >= 0 && i < len(hist) {
+					hist[i] = n
+				}
 			}
 		}
 	}
@@ -196,17 +187,10 @@ func parse(h map[string]string) Stats {
 }
 
 func (s *Stats) add(o Stats) {
-	s.Requests += o.Requests
-	s.InputTokens += o.InputTokens
-	s.OutputTokens += o.OutputTokens
-	s.CacheReadTokens += o.CacheReadTokens
-	s.CacheWriteTokens += o.CacheWriteTokens
-	s.Failed += o.Failed
-	s.Upstream429 += o.Upstream429
-	s.Upstream529 += o.Upstream529
-	s.Refused.UserQuota += o.Refused.UserQuota
-	s.Refused.QueueLimit += o.Refused.QueueLimit
-	s.Refused.Overloaded += o.Refused.Overloaded
+	theirs := o.counters()
+	for f, p := range s.counters() {
+		*p += *theirs[f]
+	}
 	for i := range s.lat {
 		s.lat[i] += o.lat[i]
 		s.wait[i] += o.wait[i]

@@ -86,8 +86,20 @@ func startRun(t *testing.T, args []string, getenv func(string) string) (base str
 	return base, stderr, stop
 }
 
-func TestServeEndToEnd(t *testing.T) {
-	r := redistest.Start(t)
+// writeConfig writes the harness configuration for a Redis and an upstream
+// to a file and returns its path.
+func writeConfig(t *testing.T, redisURL, upstreamURL string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "sluice.yaml")
+	if err := os.WriteFile(path, []byte(harness.BaseConfig(redisURL, upstreamURL)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// startFake serves a fake upstream with roomy limits for group "sonnet".
+func startFake(t *testing.T) (*fakeanthropic.Server, *httptest.Server) {
+	t.Helper()
 	fake, err := fakeanthropic.New(fakeanthropic.Config{
 		Groups:  []fakeanthropic.Group{{Name: "sonnet", Models: []string{"claude-sonnet-*"}, RPM: 1000, InputTPM: 1000000, OutputTPM: 1000000}},
 		APIKeys: []string{harness.UpstreamKey},
@@ -96,11 +108,14 @@ func TestServeEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 	fsrv := httptest.NewServer(fake)
-	defer fsrv.Close()
-	path := filepath.Join(t.TempDir(), "sluice.yaml")
-	if err := os.WriteFile(path, []byte(harness.BaseConfig("redis://127.0.0.1:1/0", "http://127.0.0.1:1")), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	t.Cleanup(fsrv.Close)
+	return fake, fsrv
+}
+
+func TestServeEndToEnd(t *testing.T) {
+	r := redistest.Start(t)
+	fake, fsrv := startFake(t)
+	path := writeConfig(t, "redis://127.0.0.1:1/0", "http://127.0.0.1:1")
 	env := map[string]string{
 		"REDIS_URL":          r.URL, // the environment beats the file
 		"ANTHROPIC_BASE_URL": fsrv.URL,
@@ -170,10 +185,7 @@ func TestServeEndToEnd(t *testing.T) {
 
 func TestMonitoringNeedsAdminKey(t *testing.T) {
 	r := redistest.Start(t)
-	path := filepath.Join(t.TempDir(), "sluice.yaml")
-	if err := os.WriteFile(path, []byte(harness.BaseConfig(r.URL, "http://127.0.0.1:1")), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	path := writeConfig(t, r.URL, "http://127.0.0.1:1")
 	base, _, _ := startRun(t, []string{"api", "--config", path, "--listen", "127.0.0.1:0"}, func(string) string { return "" })
 	for _, tc := range []struct {
 		name   string
@@ -252,10 +264,7 @@ func TestHelpOfEveryCommand(t *testing.T) {
 
 func TestShutdownEndsEventStreams(t *testing.T) {
 	r := redistest.Start(t)
-	path := filepath.Join(t.TempDir(), "sluice.yaml")
-	if err := os.WriteFile(path, []byte(harness.BaseConfig(r.URL, "http://127.0.0.1:1")), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	path := writeConfig(t, r.URL, "http://127.0.0.1:1")
 	base, _, stop := startRun(t, []string{"api", "--config", path, "--listen", "127.0.0.1:0"}, func(string) string { return "" })
 	body := `{"user_id":"alice","request":{"model":"claude-sonnet-4-6","messages":[{"role":"user","content":"hi"}]}}`
 	req, _ := http.NewRequest(http.MethodPost, base+"/v1/jobs", strings.NewReader(body))

@@ -5,15 +5,11 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"net/url"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/sluice-dev/sluice/fakeanthropic"
 	"github.com/sluice-dev/sluice/internal/harness"
 	"github.com/sluice-dev/sluice/internal/redistest"
 	"github.com/sluice-dev/sluice/jobs"
@@ -28,19 +24,8 @@ import (
 // or a key.
 func TestOperatorsViewEndToEnd(t *testing.T) {
 	r := redistest.Start(t)
-	fake, err := fakeanthropic.New(fakeanthropic.Config{
-		Groups:  []fakeanthropic.Group{{Name: "sonnet", Models: []string{"claude-sonnet-*"}, RPM: 1000, InputTPM: 1000000, OutputTPM: 1000000}},
-		APIKeys: []string{harness.UpstreamKey},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	fsrv := httptest.NewServer(fake)
-	defer fsrv.Close()
-	path := filepath.Join(t.TempDir(), "sluice.yaml")
-	if err := os.WriteFile(path, []byte(harness.BaseConfig(r.URL, fsrv.URL)), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	_, fsrv := startFake(t)
+	path := writeConfig(t, r.URL, fsrv.URL)
 	env := map[string]string{"ANTHROPIC_API_KEY": harness.UpstreamKey, "SLUICE_LOG_FORMAT": "json"}
 	base, stderr, stop := startRun(t, []string{"serve", "--config", path, "--listen", "127.0.0.1:0"}, func(k string) string { return env[k] })
 
