@@ -114,6 +114,20 @@ type groupStatus struct {
 	Pace           float64       `json:"pace"`
 	HeadersSeenAt  *time.Time    `json:"upstream_headers_seen_at"`
 	Limits         []limitStatus `json:"limits"`
+	// Outage is the group's outage while it is in one (null: healthy);
+	// Outages counts the outages it has had.
+	Outage  *outageStatus `json:"outage"`
+	Outages int64         `json:"outages"`
+}
+
+// outageStatus is a model group's outage: dispatch stopped because the
+// upstream kept failing, and probes test it.
+type outageStatus struct {
+	Since        time.Time  `json:"since"`
+	Seconds      float64    `json:"seconds"`
+	FailedProbes int64      `json:"failed_probes"`
+	Probing      bool       `json:"probing"`
+	NextProbeAt  *time.Time `json:"next_probe_at"`
 }
 
 type limitStatus struct {
@@ -152,7 +166,16 @@ func (s *Server) adminStatus(c *echo.Context) error {
 			return err
 		}
 		gs := groupStatus{Group: g.Name, Queued: st.Queued, ActiveUsers: st.ActiveUsers, InFlight: st.InFlight,
-			MaxConcurrency: g.MaxConcurrency, Dispatched: st.Dispatched, FrozenSeconds: st.Frozen.Seconds(), Pace: st.Pace}
+			MaxConcurrency: g.MaxConcurrency, Dispatched: st.Dispatched, FrozenSeconds: st.Frozen.Seconds(), Pace: st.Pace,
+			Outages: st.Outages}
+		if o := st.Outage; o != nil {
+			gs.Outage = &outageStatus{Since: o.Since.UTC(), Seconds: math.Round(s.now().Sub(o.Since).Seconds()*10) / 10,
+				FailedProbes: o.Probes, Probing: o.Probing}
+			if !o.Probing && !o.NextProbe.IsZero() {
+				next := o.NextProbe.UTC()
+				gs.Outage.NextProbeAt = &next
+			}
+		}
 		if !st.HeadersSeen.IsZero() {
 			gs.HeadersSeenAt = &st.HeadersSeen
 		}

@@ -38,7 +38,8 @@ func (s *Server) createJob(c *echo.Context) error {
 		return err
 	}
 	if res.Outcome == scheduler.Admitted {
-		v.Position, v.ETASeconds = &res.Position, &res.ETA
+		v.Position = &res.Position
+		setETA(&v, res.ETA)
 	} else {
 		c.Response().Header().Set("Idempotent-Replayed", "true")
 	}
@@ -117,6 +118,14 @@ func (s *Server) admit(c *echo.Context, tenant *config.Tenant, req *createReques
 			Message: fmt.Sprintf("The service is very busy: a new request would wait about %s, longer than the %s allowed. Please try again in about %s.",
 				humanSeconds(res.ETA), humanSeconds(res.MaxWait), humanSeconds(retry)),
 			Extra: map[string]any{"retry_after_seconds": retry, "eta_seconds": res.ETA}}
+	case scheduler.Unavailable:
+		retry := max(1, int(math.Ceil(res.RetryAfter.Seconds())))
+		log.Warn("job refused: the model group's outage outlasted upstream.max_outage", "down_seconds", int(res.Down.Seconds()))
+		s.quotaHeaders(c, tenant.Name, req.UserID, policy)
+		return nil, res, &Error{Status: http.StatusServiceUnavailable, Type: "upstream_unavailable", RetryAfter: retry,
+			Message: fmt.Sprintf("The Anthropic API has been unreachable for %s, so this service is not taking new requests for %s; it checks again in %s. Please try again later.",
+				humanSeconds(int(res.Down.Seconds())), req.Model, humanSeconds(retry)),
+			Extra: map[string]any{"retry_after_seconds": retry}}
 	}
 	return nil, res, fmt.Errorf("admission: unknown outcome %q", res.Outcome)
 }
@@ -253,11 +262,25 @@ func (s *Server) view(ctx context.Context, job *jobs.Job) (jobs.View, error) {
 			if !queued { // dispatched, about to start
 				pos, eta = 1, 0
 			}
-			v.Position, v.ETASeconds = &pos, &eta
+			v.Position = &pos
+			setETA(&v, eta)
 		}
 	}
 	return v, nil
 }
+
+// setETA sets a queued job's eta_seconds, or, when the eta is unknown
+// because its model group is in outage (-1), leaves it null and says why.
+func setETA(v *jobs.View, eta int) {
+	if eta < 0 {
+		v.ETASeconds, v.WaitReason = nil, waitUpstream
+		return
+	}
+	v.ETASeconds = &eta
+}
+
+// waitUpstream is why a job waits while its model group is in outage.
+const waitUpstream = "upstream_unavailable"
 
 // authorizedJob loads the job named in the path if the caller may see it:
 // the tenant that owns it (and, when ?user_id= is given, only that user's),

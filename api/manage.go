@@ -17,10 +17,6 @@ import (
 	"github.com/sluice-dev/sluice/scheduler"
 )
 
-// cancelChannel is where a canceled running job is announced to the
-// workers (worker.CancelChannel; api and worker never import each other).
-const cancelChannel = "sluice:cancel"
-
 // cancelJob is DELETE /v1/jobs/{id}. A queued job leaves its lane and its
 // reservations are refunded; a running job's upstream call is stopped and
 // charged what it used (by the worker running it). A finished job is a 409
@@ -35,7 +31,7 @@ func (s *Server) cancelJob(c *echo.Context) error {
 	if !ok {
 		return fmt.Errorf("job %s: unknown group %q", job.ID, job.Group)
 	}
-	from, err := s.cancel(ctx, job, g, jobs.Queued, jobs.Running)
+	from, err := s.cancel(ctx, job, g)
 	var se *jobs.StateError
 	if errors.As(err, &se) {
 		if se.Current.Terminal() {
@@ -56,44 +52,19 @@ func (s *Server) cancelJob(c *echo.Context) error {
 	return c.JSON(http.StatusOK, job.View())
 }
 
-// cancel moves job to canceled from the first of the given statuses it is
-// in. A queued job leaves its lane and gets every reservation back (a
-// worker that already holds its task finds it canceled and settles nothing
-// twice); a running job's worker is told to stop its call and charge what it
-// used. It fails with *jobs.StateError when the job is in none of them.
+// cancel ends a job in one of the statuses from (queued or running when
+// none is given) as canceled and returns the status it had: one atomic step
+// (scheduler.Cancel). A job with no call running
+// leaves its lane and gets every reservation back; a running call is told
+// to stop, and its worker charges what it used. It fails with
+// *jobs.StateError when the job has already ended.
 func (s *Server) cancel(ctx context.Context, job *jobs.Job, g *config.ModelGroup, from ...jobs.Status) (jobs.Status, error) {
-	t := jobs.Transition{
-		To:    jobs.Canceled,
-		Set:   map[string]string{"finished_at": jobs.MillisString(s.now().UTC())},
-		Event: "canceled", EventData: struct{}{},
+	from0, err := s.d.Scheduler.Cancel(ctx, g, job, s.now().UTC(), s.policy(job), from...)
+	if err != nil {
+		return "", err
 	}
-	var err error
-	for _, f := range from {
-		t.From = []jobs.Status{f}
-		_, err = s.d.Store.Apply(ctx, job, t)
-		var se *jobs.StateError
-		if errors.As(err, &se) && !se.Current.Terminal() {
-			continue // it moved on (queued → running) meanwhile: try the next state
-		}
-		if err != nil {
-			return "", err
-		}
-		if f == jobs.Queued {
-			if err := s.d.Scheduler.Remove(ctx, g, job); err != nil {
-				s.log.Warn("could not take a canceled job out of its queue; the dispatcher will drop it", "job_id", job.ID, "tenant", job.Tenant, "user_id", job.UserID, "err", err)
-			}
-			if _, _, err := s.d.Scheduler.Settle(context.WithoutCancel(ctx), scheduler.Settlement{
-				Group: g, Job: job, Final: true, Policy: s.policy(job),
-			}); err != nil {
-				s.log.Error("could not refund a canceled job", "job_id", job.ID, "tenant", job.Tenant, "user_id", job.UserID, "err", err)
-			}
-		} else if err := s.d.Redis.Publish(ctx, cancelChannel, job.ID).Err(); err != nil {
-			s.log.Warn("could not announce a cancel; the worker stops at its next write", "job_id", job.ID, "tenant", job.Tenant, "user_id", job.UserID, "err", err)
-		}
-		s.d.Metrics.Finished(g.Name, string(jobs.Canceled))
-		return f, nil
-	}
-	return "", err
+	s.d.Metrics.Finished(g.Name, string(jobs.Canceled))
+	return from0, nil
 }
 
 func (s *Server) policy(j *jobs.Job) config.UserPolicy {

@@ -43,7 +43,7 @@ func anthropicType(e *Error) (int, string) {
 		return http.StatusRequestEntityTooLarge, "request_too_large"
 	case "rate_limit", "queue_limit":
 		return http.StatusTooManyRequests, "rate_limit_error"
-	case "overloaded":
+	case "overloaded", "upstream_unavailable":
 		return 529, "overloaded_error"
 	case "conflict":
 		return http.StatusConflict, "invalid_request_error"
@@ -101,7 +101,7 @@ func (s *Server) createMessage(c *echo.Context) error {
 			if g, ok := s.group(job.Group); ok {
 				cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 				defer cancel()
-				_, _ = s.cancel(cctx, job, g, jobs.Queued, jobs.Running)
+				_, _ = s.cancel(cctx, job, g)
 			}
 		}
 	}()

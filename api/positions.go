@@ -45,6 +45,7 @@ type watched struct {
 	w      scheduler.Watched
 	refs   int
 	pos    int       // the place last pushed (or told at admission)
+	down   bool      // the last push said the group was in outage
 	at     time.Time // when it was pushed
 	readAt time.Time // when its place was last read (a periodic read: that tick)
 	resend bool      // push the current place even if unchanged (a new follower)
@@ -62,7 +63,8 @@ func (s *Server) watch(j *jobs.Job, after string) (unwatch func()) {
 	s.watching.mu.Lock()
 	e, ok := s.watching.jobs[j.ID]
 	if !ok {
-		e = &watched{w: scheduler.Watched{ID: j.ID, Member: j.FQMember, Group: g}, pos: firstPosition(j)}
+		pos, down := firstPosition(j)
+		e = &watched{w: scheduler.Watched{ID: j.ID, Member: j.FQMember, Group: g}, pos: pos, down: down}
 		s.watching.jobs[j.ID] = e
 	}
 	if ok || after != "" {
@@ -84,23 +86,31 @@ func (s *Server) watch(j *jobs.Job, after string) (unwatch func()) {
 }
 
 // placeData is a pushed `queued` event's data:
-// {"position":N,"eta_seconds":N}, in one allocation.
+// {"position":N,"eta_seconds":N}, in one allocation; while the job's model
+// group is in outage (eta -1) {"position":N,"eta_seconds":null,"reason":
+// "upstream_unavailable"}.
 func placeData(p scheduler.Place) json.RawMessage {
-	b := make([]byte, 0, 48)
+	b := make([]byte, 0, 80)
 	b = append(b, `{"position":`...)
 	b = strconv.AppendInt(b, int64(p.Position), 10)
+	if p.ETASeconds < 0 {
+		b = append(b, `,"eta_seconds":null,"reason":"`+waitUpstream+`"`...)
+		return append(b, '}')
+	}
 	b = append(b, `,"eta_seconds":`...)
 	b = strconv.AppendInt(b, int64(p.ETASeconds), 10)
 	return append(b, '}')
 }
 
-// firstPosition is the place the job's first event told.
-func firstPosition(j *jobs.Job) int {
+// firstPosition is the place the job's first event told, and whether it
+// said the group was in outage.
+func firstPosition(j *jobs.Job) (int, bool) {
 	var d struct {
-		Position int `json:"position"`
+		Position int    `json:"position"`
+		Reason   string `json:"reason"`
 	}
 	_ = json.Unmarshal([]byte(j.FirstEvent), &d)
-	return d.Position
+	return d.Position, d.Reason != ""
 }
 
 // moved marks group's queue as changed (called on the hub's receive loop:
@@ -207,13 +217,13 @@ func (s *Server) pushPositions() {
 				if s.watching.jobs[e.w.ID] == e {
 					delete(s.watching.jobs, e.w.ID) // left the queue: nothing more to push
 				}
-			case p.Position == e.pos && !e.resend:
+			case p.Position == e.pos && (p.ETASeconds < 0) == e.down && !e.resend:
 			case now.Sub(e.at) < scheduler.PushEvery && !e.resend:
 				if d := scheduler.PushEvery - now.Sub(e.at); retryIn == 0 || d < retryIn {
 					retryIn = d
 				}
 			default:
-				e.pos, e.at, e.resend = p.Position, now, false
+				e.pos, e.at, e.resend, e.down = p.Position, now, false, p.ETASeconds < 0
 				pushes = append(pushes, push{e.w.ID, placeData(p)})
 			}
 		}

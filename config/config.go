@@ -38,6 +38,12 @@ const (
 	DefaultMaxAttempts       = 4
 	DefaultBackoffBase       = time.Second
 	DefaultBackoffMax        = 30 * time.Second
+	DefaultMaxOutage         = 15 * time.Minute
+	DefaultFirstByteTimeout  = 2 * time.Minute
+	DefaultOutageFailures    = 5
+	DefaultOutageWindow      = 30 * time.Second
+	DefaultProbeInterval     = time.Second
+	DefaultProbeIntervalMax  = 30 * time.Second
 	DefaultMaxTokens         = 1024
 	DefaultMaxConcurrency    = 8
 	DefaultBurst             = 3 * time.Second
@@ -131,13 +137,22 @@ type Upstream struct {
 	BackoffBase time.Duration `yaml:"backoff_base"`
 	// BackoffMax caps the retry delay. Default 30s.
 	BackoffMax time.Duration `yaml:"backoff_max"`
+	// MaxOutage is how long a model group may stay in outage (the upstream
+	// unreachable or failing every call) before its waiting jobs fail with
+	// upstream_unavailable and new jobs for it are refused with a 503; a
+	// shorter outage only holds them. Default 15m.
+	MaxOutage time.Duration `yaml:"max_outage"`
+	// FirstByteTimeout bounds the wait for the upstream's answer to begin;
+	// longer is a failure of the upstream, like a refused connection.
+	// Default 2m.
+	FirstByteTimeout time.Duration `yaml:"first_byte_timeout"`
 }
 
 // String describes u without its API key, so that printing a Config with
 // %v or %+v never shows the secret.
 func (u Upstream) String() string {
-	return fmt.Sprintf("{BaseURL:%s APIKey:%s AttemptTimeout:%s MaxAttempts:%d BackoffBase:%s BackoffMax:%s}",
-		redactURL(u.BaseURL), setOrNot(u.APIKey), u.AttemptTimeout, u.MaxAttempts, u.BackoffBase, u.BackoffMax)
+	return fmt.Sprintf("{BaseURL:%s APIKey:%s AttemptTimeout:%s MaxAttempts:%d BackoffBase:%s BackoffMax:%s MaxOutage:%s FirstByteTimeout:%s}",
+		redactURL(u.BaseURL), setOrNot(u.APIKey), u.AttemptTimeout, u.MaxAttempts, u.BackoffBase, u.BackoffMax, u.MaxOutage, u.FirstByteTimeout)
 }
 
 // Tenant is one app that uses sluice on behalf of its users.
@@ -246,6 +261,21 @@ type ModelGroup struct {
 	// more upstream call per job, with its own rate limit; on failure the
 	// local estimate is used). Default false.
 	CountTokens bool `yaml:"count_tokens"`
+	// OutageFailures is how many upstream calls in a row must fail for
+	// reasons of the upstream's own (refused or broken connections, no
+	// answer, 500/502/503/504/529), with no call answered in between and
+	// each within OutageWindow of the last, before the group goes into
+	// outage: dispatching stops fleet-wide and one probe call at a time
+	// tests the upstream. Default 5.
+	OutageFailures int `yaml:"outage_failures"`
+	// OutageWindow: a failure more than this after the previous one starts
+	// the count again. Default 30s.
+	OutageWindow time.Duration `yaml:"outage_window"`
+	// ProbeInterval is the wait before the first probe of an outage; it
+	// doubles after each failed probe (with jitter) up to
+	// ProbeIntervalMax. Defaults 1s and 30s.
+	ProbeInterval    time.Duration `yaml:"probe_interval"`
+	ProbeIntervalMax time.Duration `yaml:"probe_interval_max"`
 }
 
 // API configures the HTTP server.
@@ -289,11 +319,13 @@ func Default() *Config {
 		WorkerListen: DefaultWorkerListen,
 		RedisURL:     DefaultRedisURL,
 		Upstream: Upstream{
-			BaseURL:        DefaultUpstreamBaseURL,
-			AttemptTimeout: DefaultAttemptTimeout,
-			MaxAttempts:    DefaultMaxAttempts,
-			BackoffBase:    DefaultBackoffBase,
-			BackoffMax:     DefaultBackoffMax,
+			BaseURL:          DefaultUpstreamBaseURL,
+			AttemptTimeout:   DefaultAttemptTimeout,
+			MaxAttempts:      DefaultMaxAttempts,
+			BackoffBase:      DefaultBackoffBase,
+			BackoffMax:       DefaultBackoffMax,
+			MaxOutage:        DefaultMaxOutage,
+			FirstByteTimeout: DefaultFirstByteTimeout,
 		},
 		API: API{
 			BodyLimitBytes:  DefaultBodyLimitBytes,
@@ -420,8 +452,12 @@ func applyElementDefaults(c *Config, root *yaml.Node) {
 			MaxTokensPolicy  yaml.Node `yaml:"max_tokens_policy"`
 		} `yaml:"tenants"`
 		ModelGroups []struct {
-			MaxConcurrency yaml.Node `yaml:"max_concurrency"`
-			Burst          yaml.Node `yaml:"burst"`
+			MaxConcurrency   yaml.Node `yaml:"max_concurrency"`
+			Burst            yaml.Node `yaml:"burst"`
+			OutageFailures   yaml.Node `yaml:"outage_failures"`
+			OutageWindow     yaml.Node `yaml:"outage_window"`
+			ProbeInterval    yaml.Node `yaml:"probe_interval"`
+			ProbeIntervalMax yaml.Node `yaml:"probe_interval_max"`
 		} `yaml:"model_groups"`
 	}
 	// Errors were already collected by the strict decode.
@@ -453,6 +489,18 @@ func applyElementDefaults(c *Config, root *yaml.Node) {
 		}
 		if i >= len(given.ModelGroups) || omitted(given.ModelGroups[i].Burst) {
 			c.ModelGroups[i].Burst = DefaultBurst
+		}
+		if i >= len(given.ModelGroups) || omitted(given.ModelGroups[i].OutageFailures) {
+			c.ModelGroups[i].OutageFailures = DefaultOutageFailures
+		}
+		if i >= len(given.ModelGroups) || omitted(given.ModelGroups[i].OutageWindow) {
+			c.ModelGroups[i].OutageWindow = DefaultOutageWindow
+		}
+		if i >= len(given.ModelGroups) || omitted(given.ModelGroups[i].ProbeInterval) {
+			c.ModelGroups[i].ProbeInterval = DefaultProbeInterval
+		}
+		if i >= len(given.ModelGroups) || omitted(given.ModelGroups[i].ProbeIntervalMax) {
+			c.ModelGroups[i].ProbeIntervalMax = DefaultProbeIntervalMax
 		}
 	}
 }

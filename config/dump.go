@@ -27,6 +27,8 @@ func (c *Config) Dump(w io.Writer) {
 	line("upstream.max_attempts", "%d", c.Upstream.MaxAttempts)
 	line("upstream.backoff_base", "%s", c.Upstream.BackoffBase)
 	line("upstream.backoff_max", "%s", c.Upstream.BackoffMax)
+	line("upstream.max_outage", "%s", c.Upstream.MaxOutage)
+	line("upstream.first_byte_timeout", "%s", c.Upstream.FirstByteTimeout)
 	if len(c.AdminKeys) == 0 {
 		line("admin_keys", "none (admin routes disabled)")
 	} else {
@@ -37,8 +39,9 @@ func (c *Config) Dump(w io.Writer) {
 			t.Name, shortKeys(t.Keys), t.DefaultMaxTokens)
 	}
 	for i, g := range c.ModelGroups {
-		line(fmt.Sprintf("model_groups[%d]", i), "%s: %s; rpm %d, input_tpm %d, output_tpm %d, max_concurrency %d, count_cache_reads %t",
-			g.Name, strings.Join(g.Models, ", "), g.RPM, g.InputTPM, g.OutputTPM, g.MaxConcurrency, g.CountCacheReads)
+		line(fmt.Sprintf("model_groups[%d]", i), "%s: %s; rpm %d, input_tpm %d, output_tpm %d, max_concurrency %d, count_cache_reads %t; outage after %d failures within %s, probes every %s to %s",
+			g.Name, strings.Join(g.Models, ", "), g.RPM, g.InputTPM, g.OutputTPM, g.MaxConcurrency, g.CountCacheReads,
+			g.OutageFailures, g.OutageWindow, g.ProbeInterval, g.ProbeIntervalMax)
 	}
 	line("api.body_limit_bytes", "%d", c.API.BodyLimitBytes)
 	line("api.shutdown_timeout", "%s", c.API.ShutdownTimeout)

@@ -52,6 +52,8 @@ func (c *Config) problems() []*fieldError {
 	if u.BackoffBase > 0 && u.BackoffMax > 0 && u.BackoffMax < u.BackoffBase {
 		v.add("upstream.backoff_max", "must not be less than upstream.backoff_base (%s)", u.BackoffBase)
 	}
+	v.positiveDuration("upstream.max_outage", u.MaxOutage)
+	v.positiveDuration("upstream.first_byte_timeout", u.FirstByteTimeout)
 
 	// Keys are unique across admins and tenants: a shared key would make one
 	// tenant's requests another's, or give a tenant admin rights.
@@ -148,6 +150,13 @@ func (c *Config) problems() []*fieldError {
 		v.positive(p+".output_tpm", int64(g.OutputTPM))
 		v.positive(p+".max_concurrency", int64(g.MaxConcurrency))
 		v.positiveDuration(p+".burst", g.Burst)
+		v.positive(p+".outage_failures", int64(g.OutageFailures))
+		v.positiveDuration(p+".outage_window", g.OutageWindow)
+		v.positiveDuration(p+".probe_interval", g.ProbeInterval)
+		v.positiveDuration(p+".probe_interval_max", g.ProbeIntervalMax)
+		if g.ProbeInterval > 0 && g.ProbeIntervalMax > 0 && g.ProbeIntervalMax < g.ProbeInterval {
+			v.add(p+".probe_interval_max", "must not be less than probe_interval (%s)", g.ProbeInterval)
+		}
 	}
 
 	v.positive("api.body_limit_bytes", c.API.BodyLimitBytes)

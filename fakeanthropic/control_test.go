@@ -52,7 +52,7 @@ func TestStatsEndpoint(t *testing.T) {
 	var records []json.RawMessage
 	_ = json.Unmarshal(raw["log"], &records)
 	_ = json.Unmarshal(records[0], &firstRecord)
-	wantRecordKeys := []string{"at", "group", "input_tokens", "model", "output_tokens", "status", "stream"}
+	wantRecordKeys := []string{"at", "complete", "group", "input_tokens", "model", "output_tokens", "status", "stream"}
 	if diff := cmp.Diff(wantRecordKeys, slices.Sorted(maps.Keys(firstRecord))); diff != "" {
 		t.Errorf("log record keys (-want +got):\n%s", diff)
 	}
@@ -68,8 +68,8 @@ func TestStatsEndpoint(t *testing.T) {
 		AdmittedOutputTokens: map[string]int64{"claude": 7},
 		AdmittedRequests:     map[string]int64{"claude": 2},
 		Log: []fakeanthropic.RequestRecord{
-			{At: clk.Now(), Group: "claude", Model: testModel, Status: 200, InputTokens: 18, OutputTokens: 3},
-			{At: clk.Now(), Group: "claude", Model: testModel, Status: 200, Stream: true, InputTokens: 18, OutputTokens: 4},
+			{At: clk.Now(), Group: "claude", Model: testModel, Status: 200, InputTokens: 18, OutputTokens: 3, Complete: true},
+			{At: clk.Now(), Group: "claude", Model: testModel, Status: 200, Stream: true, InputTokens: 18, OutputTokens: 4, Complete: true},
 			{At: clk.Now(), Group: "claude", Model: testModel, Status: 429, InputTokens: 13},
 			{At: clk.Now(), Status: 401},
 		},

@@ -27,6 +27,27 @@ func (s *Server) QueueFaults(rules ...FaultRule) {
 	s.queue = append(s.queue, rules...)
 }
 
+// SetFaults replaces Config.Faults, the random fault rules, while the
+// server runs: a storm of 529s is SetFaults(FaultRule{Kind:
+// FaultOverloaded, Rate: 1}), and SetFaults() ends it. Rates add up to at
+// most 1; an unknown Kind is an error.
+func (s *Server) SetFaults(rules ...FaultRule) error {
+	total := 0.0
+	for _, r := range rules {
+		if err := r.validate(); err != nil {
+			return err
+		}
+		total += r.Rate
+	}
+	if total > 1+1e-9 {
+		return fmt.Errorf("fakeanthropic: fault rates add up to %g, more than 1", total)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.cfg.Faults = append([]FaultRule(nil), rules...)
+	return nil
+}
+
 // drawFault returns the fault of the next request: the head of the queue,
 // else a random rule, else none (Kind ""). queued says which.
 func (s *Server) drawFault() (rule FaultRule, queued bool) {

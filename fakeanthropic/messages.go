@@ -266,6 +266,7 @@ func (s *Server) writeMessage(w http.ResponseWriter, out *output, msg message, f
 	msg.StopSequence = out.plan.stopSequence
 	msg.Usage.OutputTokens = out.produced()
 	c.rec.Status = http.StatusOK
+	c.rec.Complete = fault != FaultStreamCut
 	c.settle()
 	if fault != FaultStreamCut {
 		writeJSON(w, http.StatusOK, msg)
@@ -323,6 +324,7 @@ func (s *Server) writeStream(w http.ResponseWriter, out *output, msg message, fa
 		ev.send("content_block_delta", contentBlockDeltaEvent{Type: "content_block_delta",
 			Delta: textDelta{Type: "text_delta", Text: tok}})
 	}
+	c.rec.Complete = fault != FaultStreamError && fault != FaultStreamCut && ev.err == nil
 	c.settle()
 	switch fault {
 	case FaultStreamError:

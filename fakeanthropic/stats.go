@@ -71,6 +71,9 @@ type RequestRecord struct {
 	// OutputTokens are the output tokens produced.
 	OutputTokens int    `json:"output_tokens"`
 	UserID       string `json:"user_id,omitempty"`
+	// Complete: the whole answer was sent (a stream to its message_stop):
+	// a call the account pays for in full.
+	Complete bool `json:"complete"`
 }
 
 // statsState is the mutable side of Stats, guarded by Server.mu.

@@ -99,18 +99,25 @@ type Job struct {
 	// FirstEvent is the data of the job's first `queued` event (its place
 	// at admission), kept in the record.
 	FirstEvent string
-	Failures   int // failed upstream attempts (rate-limit waits excluded)
+	Failures   int // failed upstream attempts (rate-limit waits and the upstream's own failures excluded)
+	// InfraFailures counts the attempts that failed for a reason of the
+	// upstream's own, and UnavailableSince is when the first of them failed.
+	InfraFailures    int
+	UnavailableSince time.Time
 }
 
-// View is a job as the API shows it (DESIGN.md §3).
+// View is a job as the API shows it.
 type View struct {
-	ID         string     `json:"id"`
-	Status     Status     `json:"status"`
-	UserID     string     `json:"user_id"`
-	Model      string     `json:"model"`
-	MaxTokens  int        `json:"max_tokens"`
-	Position   *int       `json:"position,omitempty"`
-	ETASeconds *int       `json:"eta_seconds,omitempty"`
+	ID         string `json:"id"`
+	Status     Status `json:"status"`
+	UserID     string `json:"user_id"`
+	Model      string `json:"model"`
+	MaxTokens  int    `json:"max_tokens"`
+	Position   *int   `json:"position,omitempty"`
+	ETASeconds *int   `json:"eta_seconds,omitempty"`
+	// WaitReason says why a queued job's eta is unknown:
+	// "upstream_unavailable" while its model group is in outage.
+	WaitReason string     `json:"wait_reason,omitempty"`
 	Attempts   int        `json:"attempts"`
 	CreatedAt  time.Time  `json:"created_at"`
 	DeadlineAt *time.Time `json:"deadline_at,omitempty"`

@@ -26,6 +26,9 @@ func jobKey(id string) string    { return KeyPrefix + id }
 func eventsKey(id string) string { return KeyPrefix + id + ":events" }
 func channel(id string) string   { return eventsChannel + id }
 
+// ChannelPrefix prefixes every job's live-event channel: ChannelPrefix + id.
+const ChannelPrefix = eventsChannel
+
 // CountsKey is the Redis hash of a user's queued and running job counts.
 func CountsKey(tenant, user string) string {
 	return keyPrefix + "user:" + tenant + ":" + user + ":counts"
@@ -89,9 +92,6 @@ type Store struct {
 }
 
 var (
-	//go:embed lua/transition.lua
-	transitionSrc    string
-	transitionScript = redis.NewScript(transitionSrc)
 	//go:embed lua/append.lua
 	appendSrc    string
 	appendScript = redis.NewScript(appendSrc)
@@ -164,25 +164,9 @@ func (s *Store) Get(ctx context.Context, id string) (*Job, error) {
 	return fromHash(id, m)
 }
 
-// Transition is a status change with the fields it sets and the event it logs.
-type Transition struct {
-	From          []Status
-	To            Status
-	CountAttempt  bool
-	Dispatch      int               // > 0: only if the job's current dispatch is this one
-	Set           map[string]string // field → value
-	SetIfAbsent   map[string]string
-	Event         string // "" = none
-	EventData     any    // marshaled to JSON; the string "__ATTEMPTS__" becomes the attempt count
-	EventDataJSON []byte // used instead of EventData when set
-	// Tallies are statistics bumped in the same atomic step as the change,
-	// only when it happens (usage per hour must equal the jobs' own usage).
-	Tallies []Tally
-}
-
-// Tally is one counter a transition bumps: HINCRBY Key Field By, or, when
-// Sorted, ZINCRBY Key By Field. TTL (whole seconds; 0 = leave it) is set on
-// Key each time.
+// Tally is one counter a job's transition bumps (the usage statistics):
+// HINCRBY Key Field By, or, when Sorted, ZINCRBY Key By Field. TTL (whole
+// seconds; 0 = leave it) is set on Key each time.
 type Tally struct {
 	Key    string        `json:"k"`
 	Field  string        `json:"f"`
@@ -193,67 +177,10 @@ type Tally struct {
 
 // WaitingUsersKey is the hash of a model group's users with queued jobs
 // (user key → how many): its length is the group's active users. Admission
-// adds to it; every transition out of or back to queued keeps it.
+// adds to it; every transition out of queued keeps it.
 func WaitingUsersKey(group string) string { return waitingUsersPrefix + group + ":users" }
 
 const waitingUsersPrefix = keyPrefix + "fq:"
-
-// Apply performs t on job j atomically, keeping its owner's counts of
-// queued and running jobs. It fails with *StateError when the job's status
-// is not one of t.From, and ErrNotFound when there is no job. It returns the
-// attempt count after the change.
-func (s *Store) Apply(ctx context.Context, j *Job, t Transition) (attempts int, err error) {
-	id := j.ID
-	from := make([]string, len(t.From))
-	for i, f := range t.From {
-		from[i] = string(f)
-	}
-	data := t.EventDataJSON
-	if data == nil && t.EventData != nil {
-		if data, err = json.Marshal(t.EventData); err != nil {
-			return 0, err
-		}
-	}
-	if data == nil {
-		data = []byte("{}")
-	}
-	count := "0"
-	if t.CountAttempt {
-		count = "1"
-	}
-	ttl := s.ttl() // every transition keeps the record and its log alive
-	tallies := ""
-	if len(t.Tallies) > 0 {
-		type wire struct {
-			Tally
-			TTL int64 `json:"t"`
-		}
-		ws := make([]wire, len(t.Tallies))
-		for i, tl := range t.Tallies {
-			ws[i] = wire{tl, int64(tl.TTL / time.Second)}
-		}
-		b, err := json.Marshal(ws)
-		if err != nil {
-			return 0, err
-		}
-		tallies = string(b)
-	}
-	args := []any{strings.Join(from, " "), string(t.To), t.Event, string(data), channel(id), ttl, count, s.maxEvents, t.Dispatch,
-		waitingUsersPrefix, tallies}
-	for k, v := range t.Set {
-		args = append(args, k, v)
-	}
-	for k, v := range t.SetIfAbsent {
-		args = append(args, "?"+k, v)
-	}
-	keys := []string{jobKey(id), eventsKey(id), CountsKey(j.Tenant, j.UserID)}
-	res, err := transitionScript.Run(ctx, s.rdb, keys, args...).Slice()
-	if err != nil {
-		return 0, scriptError(id, err)
-	}
-	n, _ := res[1].(int64)
-	return int(n), nil
-}
 
 // Append logs an event of a job that must be in status want (and, when
 // dispatch > 0, at that dispatch).
@@ -401,7 +328,7 @@ func fromHash(id string, m map[string]string) (*Job, error) {
 		FinishedAt: timeFromMillis(m["finished_at"]), DeadlineAt: timeFromMillis(m["deadline_at"]),
 		NotBefore: timeFromMillis(m["not_before"]),
 		FQMember:  m["fq_member"], FQTag: m["fq_tag"], FirstEvent: m["ev0"],
-		DispatchedAt: timeFromMillis(m["dispatched_at"]),
+		DispatchedAt: timeFromMillis(m["dispatched_at"]), UnavailableSince: timeFromMillis(m["unavailable_since"]),
 	}
 	j.MaxTokens, _ = strconv.Atoi(m["max_tokens"])
 	j.Attempts, _ = strconv.Atoi(m["attempts"])
@@ -409,6 +336,7 @@ func fromHash(id string, m map[string]string) (*Job, error) {
 	j.CostOut, _ = strconv.Atoi(m["cost_out"])
 	j.Dispatch, _ = strconv.Atoi(m["dispatch"])
 	j.Failures, _ = strconv.Atoi(m["failures"])
+	j.InfraFailures, _ = strconv.Atoi(m["infra_failures"])
 	j.DispatchSeq, _ = strconv.ParseInt(m["dispatch_seq"], 10, 64)
 	if v := m["request"]; v != "" {
 		j.Request = json.RawMessage(v)

@@ -19,7 +19,7 @@ type State struct {
 	groups []config.ModelGroup
 	log    *slog.Logger
 
-	queued, users, inFlight, dispatched, frozen, pace, limit, used, headroom, upstream, scrapeErrors *prometheus.Desc
+	queued, users, inFlight, dispatched, frozen, pace, limit, used, headroom, upstream, outage, outageSeconds, outages, scrapeErrors *prometheus.Desc
 }
 
 // NewState returns the collector for groups.
@@ -40,14 +40,17 @@ func NewState(sched *scheduler.Scheduler, groups []config.ModelGroup, log *slog.
 		headroom: d("limiter_headroom_ratio",
 			"What is free of each per-minute limit, 0..1: source=sluice is sluice's bucket level over its capacity, source=upstream is the last response's remaining over limit.",
 			"dimension", "source"),
-		upstream:     d("upstream_ratelimit_remaining", "The remaining count the upstream's last anthropic-ratelimit-*-remaining header sent.", "dimension"),
-		scrapeErrors: prometheus.NewDesc(ns+"_state_unreadable_groups", "Model groups whose state could not be read from Redis at this scrape.", nil, nil),
+		upstream:      d("upstream_ratelimit_remaining", "The remaining count the upstream's last anthropic-ratelimit-*-remaining header sent.", "dimension"),
+		outage:        d("group_outage", "1 while the model group is in outage (the upstream kept failing: dispatch stopped, probes test it), else 0."),
+		outageSeconds: d("group_outage_seconds", "How long the model group's current outage has lasted (0 = healthy)."),
+		outages:       d("group_outages_total", "Outages the model group has had."),
+		scrapeErrors:  prometheus.NewDesc(ns+"_state_unreadable_groups", "Model groups whose state could not be read from Redis at this scrape.", nil, nil),
 	}
 }
 
 // Describe implements prometheus.Collector.
 func (s *State) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{s.queued, s.users, s.inFlight, s.dispatched, s.frozen, s.pace, s.limit, s.used, s.headroom, s.upstream, s.scrapeErrors} {
+	for _, d := range []*prometheus.Desc{s.queued, s.users, s.inFlight, s.dispatched, s.frozen, s.pace, s.limit, s.used, s.headroom, s.upstream, s.outage, s.outageSeconds, s.outages, s.scrapeErrors} {
 		ch <- d
 	}
 }
@@ -74,6 +77,14 @@ func (s *State) Collect(ch chan<- prometheus.Metric) {
 		gauge(s.dispatched, st.Dispatched)
 		gauge(s.frozen, st.Frozen.Seconds())
 		gauge(s.pace, st.Pace)
+		if st.Outage != nil {
+			gauge(s.outage, 1)
+			gauge(s.outageSeconds, max(0, time.Since(st.Outage.Since).Seconds()))
+		} else {
+			gauge(s.outage, 0)
+			gauge(s.outageSeconds, 0)
+		}
+		ch <- prometheus.MustNewConstMetric(s.outages, prometheus.CounterValue, float64(st.Outages), g.Name)
 		for _, dim := range st.Dimensions {
 			gauge(s.limit, dim.Limit, dim.Name)
 			gauge(s.used, dim.Used, dim.Name)

@@ -128,8 +128,17 @@ func (d *Dispatcher) loop(ctx context.Context, g *config.ModelGroup, wake chan s
 	timer := time.NewTimer(0)
 	defer timer.Stop()
 	lastHandOver := time.Time{}
+	down := false
 	for {
-		sleep, expiring := d.round(ctx, log, g)
+		sleep, expiring, state := d.round(ctx, log, g)
+		if state != "" && (state == Down) != down {
+			down = state == Down
+			if down {
+				log.Warn("the model group is in outage: dispatching only probes until the upstream answers again")
+			} else {
+				log.Info("the model group's outage is over: dispatching again")
+			}
+		}
 		if expiring {
 			d.expire(ctx, log, g)
 		}
@@ -160,15 +169,16 @@ func (d *Dispatcher) loop(ctx context.Context, g *config.ModelGroup, wake chan s
 	}
 }
 
-// round runs one dispatch round and says how long to sleep after it, and
-// whether jobs past their deadline wait to be expired.
-func (d *Dispatcher) round(ctx context.Context, log *slog.Logger, g *config.ModelGroup) (time.Duration, bool) {
+// round runs one dispatch round and says how long to sleep after it,
+// whether jobs past their deadline wait to be expired, and why the round
+// stopped ("" when it failed).
+func (d *Dispatcher) round(ctx context.Context, log *slog.Logger, g *config.ModelGroup) (time.Duration, bool, State) {
 	res, err := d.d.Scheduler.Dispatch(ctx, g, d.batch)
 	if err != nil {
 		if ctx.Err() == nil {
 			log.Error("dispatch failed; retrying shortly", "err", err)
 		}
-		return 500 * time.Millisecond, false
+		return 500 * time.Millisecond, false, ""
 	}
 	if d.d.OnDispatched != nil && len(res.Jobs) > 0 {
 		d.d.OnDispatched(g.Name, len(res.Jobs))
@@ -179,14 +189,14 @@ func (d *Dispatcher) round(ctx context.Context, log *slog.Logger, g *config.Mode
 	expiring := res.Expiring > 0
 	switch res.State {
 	case More:
-		return 0, expiring
-	case Wait, Full:
-		return min(max(res.Wait, time.Millisecond), safetyWake), expiring
+		return 0, expiring, res.State
+	case Wait, Full, Down:
+		return min(max(res.Wait, time.Millisecond), safetyWake), expiring, res.State
 	default: // Empty
 		if res.Wait > 0 {
-			return min(res.Wait, safetyWake), expiring
+			return min(res.Wait, safetyWake), expiring, res.State
 		}
-		return safetyWake, expiring
+		return safetyWake, expiring, res.State
 	}
 }
 

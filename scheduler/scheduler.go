@@ -11,6 +11,7 @@ package scheduler
 import (
 	"context"
 	_ "embed"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
@@ -40,12 +41,8 @@ var (
 	freezeSrc string
 	//go:embed lua/renew.lua
 	renewSrc string
-	//go:embed lua/requeue.lua
-	requeueSrc string
 	//go:embed lua/position.lua
 	positionSrc string
-	//go:embed lua/remove.lua
-	removeSrc string
 	//go:embed lua/gauges.lua
 	gaugesSrc string
 	//go:embed lua/places.lua
@@ -57,9 +54,7 @@ var (
 	observeScript  = redis.NewScript(prelude + observeSrc)
 	freezeScript   = redis.NewScript(prelude + freezeSrc)
 	renewScript    = redis.NewScript(prelude + renewSrc)
-	requeueScript  = redis.NewScript(prelude + requeueSrc)
 	positionScript = redis.NewScript(prelude + positionSrc)
-	removeScript   = redis.NewScript(prelude + removeSrc)
 	placesScript   = redis.NewScript(prelude + placesSrc)
 	gaugesScript   = redis.NewScript(prelude + gaugesSrc)
 )
@@ -72,16 +67,20 @@ const DefaultLeaseTTL = 15 * time.Second
 // Options tune a Scheduler.
 type Options struct {
 	LeaseTTL time.Duration // default DefaultLeaseTTL
+	// MaxOutage is how long a group may stay in outage before its waiting
+	// jobs fail (config upstream.max_outage); default 15m.
+	MaxOutage time.Duration
 	// Clock, when set, replaces Redis TIME in every script (tests).
 	Clock func() time.Time
 }
 
 // Scheduler runs the engine's scripts.
 type Scheduler struct {
-	rdb   redis.UniversalClient
-	store *jobs.Store
-	lease time.Duration
-	clock func() time.Time
+	rdb       redis.UniversalClient
+	store     *jobs.Store
+	lease     time.Duration
+	maxOutage time.Duration
+	clock     func() time.Time
 }
 
 // New returns a Scheduler on rdb; store supplies job-record settings.
@@ -89,7 +88,10 @@ func New(rdb redis.UniversalClient, store *jobs.Store, o Options) *Scheduler {
 	if o.LeaseTTL <= 0 {
 		o.LeaseTTL = DefaultLeaseTTL
 	}
-	return &Scheduler{rdb: rdb, store: store, lease: o.LeaseTTL, clock: o.Clock}
+	if o.MaxOutage <= 0 {
+		o.MaxOutage = config.DefaultMaxOutage
+	}
+	return &Scheduler{rdb: rdb, store: store, lease: o.LeaseTTL, maxOutage: o.MaxOutage, clock: o.Clock}
 }
 
 // LeaseTTL is the lease time; workers renew at a third of it.
@@ -172,6 +174,9 @@ const (
 	OverQuota  Outcome = "quota"       // QuotaWhich is "requests" or "tokens"; RetryAfter when it fits
 	QueueLimit Outcome = "queue_limit" // Queued of Limit jobs already waiting
 	Overloaded Outcome = "overloaded"  // ETA beyond MaxWait
+	// Unavailable: the group's outage outlasted upstream.max_outage;
+	// RetryAfter is when the next probe goes, Down how long it has lasted.
+	Unavailable Outcome = "unavailable"
 )
 
 // AdmitResult is admission's answer.
@@ -188,6 +193,7 @@ type AdmitResult struct {
 	// and seconds until full, for the RateLimit-* headers.
 	QuotaRemaining, QuotaReset int
 	MaxWait                    int // seconds, for Overloaded
+	Down                       time.Duration
 }
 
 // Admit decides a job's admission and, when it is admitted, stores it,
@@ -242,6 +248,9 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 		r.Remaining, r.Limit = toInt(res[1]), toInt(res[2])
 	case Overloaded:
 		r.ETA, r.MaxWait = toInt(res[1]), toInt(res[2])
+	case Unavailable:
+		r.RetryAfter = time.Duration(toInt(res[1])) * time.Millisecond
+		r.Down = time.Duration(toInt(res[2])) * time.Millisecond
 	}
 	return r, nil
 }
@@ -315,6 +324,9 @@ const (
 	Wait  State = "wait"  // the next job fits after Result.Wait
 	Full  State = "full"  // every concurrency slot is taken
 	Empty State = "empty" // nothing queued (Result.Wait: the next retry, or -1)
+	// Down: the group is in outage; Result.Wait is when the next probe may
+	// go (a job picked in this round is the probe).
+	Down State = "down"
 )
 
 // Picked is a job handed out by a dispatch round.
@@ -336,7 +348,8 @@ type Result struct {
 func (s *Scheduler) Dispatch(ctx context.Context, g *config.ModelGroup, max int) (Result, error) {
 	k := keys{g.Name}
 	args := append([]any{s.now()}, limits(g)...)
-	args = append(args, g.MaxConcurrency, s.lease.Milliseconds(), max, jobs.KeyPrefix, MovedChannel(g.Name))
+	args = append(args, g.MaxConcurrency, s.lease.Milliseconds(), max, jobs.KeyPrefix, MovedChannel(g.Name),
+		jobs.ChannelPrefix, s.store.MaxEvents(), awayAfter.Milliseconds())
 	res, err := dispatchScript.Run(ctx, s.rdb, []string{
 		k.order(), k.delayed(), k.vtime(), k.finish(), k.costs(), k.totals(), k.lim(),
 		k.reservations(), k.leases(), k.dispatching(), k.delayedTags(), k.deadlines(), k.expiring(), k.dispatchSeq(),
@@ -513,21 +526,6 @@ func (s *Scheduler) Places(ctx context.Context, ws []Watched) ([]Place, error) {
 // that one call holds Redis for about a millisecond.
 const placesBatch = 512
 
-// Remove takes a canceled job out of its group's queue (and its retry
-// wait), so the jobs behind it move up at once.
-func (s *Scheduler) Remove(ctx context.Context, g *config.ModelGroup, j *jobs.Job) error {
-	if j.FQMember == "" {
-		return nil
-	}
-	k := keys{g.Name}
-	err := removeScript.Run(ctx, s.rdb, []string{k.order(), k.costs(), k.totals(), k.deadlines(), k.delayed(), k.delayedTags()},
-		j.FQMember, wakeChannel(g.Name), MovedChannel(g.Name)).Err()
-	if err != nil {
-		return fmt.Errorf("scheduler: remove %s: %w", j.ID, err)
-	}
-	return nil
-}
-
 // Expiring lists jobs that passed their deadline while queued: the dispatch
 // script took them out of the queue; the caller expires them and calls
 // Expired.
@@ -540,30 +538,21 @@ func (s *Scheduler) Expired(ctx context.Context, group, id string) error {
 	return s.rdb.ZRem(ctx, keys{group}.expiring(), id).Err()
 }
 
-// Renew is a worker's heartbeat on its job's lease; false means the lease
-// had expired and the job may be running elsewhere: stop.
-func (s *Scheduler) Renew(ctx context.Context, group, id string) (bool, error) {
-	n, err := renewScript.Run(ctx, s.rdb, []string{keys{group}.leases()}, s.now(), id, s.lease.Milliseconds()).Int()
+// awayAfter is the gap between two dispatch rounds of a group that means
+// every dispatcher, or Redis, was away (a dispatcher runs a round at least
+// every five seconds): leases then get a fresh lease time, since their
+// holders could not renew them meanwhile.
+const awayAfter = 7 * time.Second
+
+// Renew is a worker's heartbeat on the lease of its job's dispatch; false
+// means the lease was taken back (the job was queued again and may run
+// elsewhere): stop.
+func (s *Scheduler) Renew(ctx context.Context, group, id string, dispatch int) (bool, error) {
+	n, err := renewScript.Run(ctx, s.rdb, []string{keys{group}.leases(), jobs.Key(id)}, s.now(), id, s.lease.Milliseconds(), dispatch).Int()
 	if err != nil {
 		return false, fmt.Errorf("scheduler: renew %s: %w", id, err)
 	}
 	return n == 1, nil
-}
-
-// Requeue puts a dispatched job back in its group's queue at its original
-// start tag, due after delay, and releases its lease.
-func (s *Scheduler) Requeue(ctx context.Context, g *config.ModelGroup, j *jobs.Job, delay time.Duration) error {
-	if j.FQMember == "" {
-		return errors.New("scheduler: requeue: job has no queue member")
-	}
-	k := keys{g.Name}
-	cost := strconv.Itoa(j.CostIn) + "," + strconv.Itoa(j.CostOut)
-	err := requeueScript.Run(ctx, s.rdb, []string{k.delayed(), k.delayedTags(), k.leases()},
-		s.now(), j.ID, j.FQMember, j.FQTag, cost, delay.Milliseconds(), wakeChannel(g.Name)).Err()
-	if err != nil {
-		return fmt.Errorf("scheduler: requeue %s: %w", j.ID, err)
-	}
-	return nil
 }
 
 // Pushback is the upstream telling the group to slow down.
@@ -588,11 +577,10 @@ func (s *Scheduler) Freeze(ctx context.Context, g *config.ModelGroup, kind Pushb
 
 // Observe feeds a response's anthropic-ratelimit-* headers to the limiter:
 // it adopts a lower announced limit and never runs ahead of what the
-// upstream says remains.
-func (s *Scheduler) Observe(ctx context.Context, g *config.ModelGroup, h http.Header) error {
-	if h == nil {
-		return nil
-	}
+// upstream says remains. answered says the upstream answered (the call
+// began, or the upstream refused the request itself): the group is
+// healthy, and an outage ends. It reports whether it ended one.
+func (s *Scheduler) Observe(ctx context.Context, g *config.ModelGroup, h http.Header, answered bool) (reopened bool, err error) {
 	vals := make([]any, 0, 12)
 	raw := make([]any, 0, 6)
 	seen := false
@@ -612,19 +600,28 @@ func (s *Scheduler) Observe(ctx context.Context, g *config.ModelGroup, h http.He
 		}
 		vals = append(vals, lim, rem)
 	}
-	if !seen {
-		return nil
+	if !seen && !answered {
+		return false, nil
+	}
+	ok := "0"
+	if answered {
+		ok = "1"
 	}
 	args := append([]any{s.now()}, limits(g)...)
 	args = append(args, vals...)
 	args = append(args, raw...)
-	if err := observeScript.Run(ctx, s.rdb, []string{keys{g.Name}.lim(), keys{g.Name}.seen()}, args...).Err(); err != nil {
-		return fmt.Errorf("scheduler: observe %s: %w", g.Name, err)
+	args = append(args, ok, wakeChannel(g.Name), MovedChannel(g.Name))
+	n, err := observeScript.Run(ctx, s.rdb, []string{keys{g.Name}.lim(), keys{g.Name}.seen()}, args...).Int()
+	if err != nil {
+		return false, fmt.Errorf("scheduler: observe %s: %w", g.Name, err)
 	}
-	return nil
+	return n == 1, nil
 }
 
 func headerInt(h http.Header, name string) int64 {
+	if h == nil {
+		return -1
+	}
 	v := h.Get(name)
 	if v == "" {
 		return -1
@@ -696,6 +693,21 @@ type Gauges struct {
 	Pace       float64       // the 529 pace factor: 1 = full speed
 	// HeadersSeen is when the upstream's rate-limit headers were last read.
 	HeadersSeen time.Time
+	// Outage is the group's outage, when it is in one (nil: healthy).
+	Outage *Outage
+	// Outages counts the outages the group has had.
+	Outages int64
+}
+
+// Outage is a model group's outage: the upstream failed enough calls in a
+// row that dispatching stopped, and probes test it.
+type Outage struct {
+	Since time.Time
+	// Probes is how many probes failed so far; Probing says one is in
+	// flight; NextProbe is when the next one may go (when none is).
+	Probes    int64
+	Probing   bool
+	NextProbe time.Time
 }
 
 // Dimension is one of the limiter's three per-minute limits.
@@ -717,50 +729,71 @@ type Dimension struct {
 	UpstreamLimit, UpstreamRemaining int64
 }
 
+// gaugesReply is lua/gauges.lua's reply.
+type gaugesReply struct {
+	Now        float64            `json:"now"`
+	Levels     [3]float64         `json:"levels"`
+	Caps       [3]float64         `json:"caps"`
+	Limits     [3]float64         `json:"limits"`
+	Frozen     float64            `json:"frozen"`
+	Factor     float64            `json:"factor"`
+	Leases     int64              `json:"leases"`
+	Queued     int64              `json:"queued"`
+	Users      int64              `json:"users"`
+	Dispatched [2]float64         `json:"dispatched"`
+	Input      [2]float64         `json:"input"`
+	Output     [2]float64         `json:"output"`
+	Down       float64            `json:"down"`
+	ProbeAt    float64            `json:"probe_at"`
+	Probes     int64              `json:"probes"`
+	Outages    int64              `json:"outages"`
+	Probing    bool               `json:"probing"`
+	Seen       map[string]float64 `json:"seen"`
+}
+
 // Gauges reads g's live figures in one atomic, read-only step.
 func (s *Scheduler) Gauges(ctx context.Context, g *config.ModelGroup) (Gauges, error) {
 	k := keys{g.Name}
 	args := append([]any{s.now()}, limits(g)...)
-	res, err := gaugesScript.Run(ctx, s.rdb, []string{k.lim(), k.leases(), k.order(), jobs.WaitingUsersKey(g.Name), k.seen(), k.rate()}, args...).StringSlice()
+	raw, err := gaugesScript.Run(ctx, s.rdb, []string{k.lim(), k.leases(), k.order(), jobs.WaitingUsersKey(g.Name), k.seen(), k.rate()}, args...).Text()
 	if err != nil {
 		return Gauges{}, fmt.Errorf("scheduler: gauges %s: %w", g.Name, err)
 	}
-	if len(res) < 28 {
-		return Gauges{}, fmt.Errorf("scheduler: gauges %s: %d values", g.Name, len(res))
+	var r gaugesReply
+	if err := json.Unmarshal([]byte(raw), &r); err != nil {
+		return Gauges{}, fmt.Errorf("scheduler: gauges %s: %w", g.Name, err)
 	}
-	f := func(i int) float64 {
-		v, _ := strconv.ParseFloat(res[i], 64)
-		return v
-	}
-	seen := func(i int) int64 {
-		if res[i] == "" {
-			return -1
+	seen := func(name string) int64 {
+		if v, ok := r.Seen[name]; ok {
+			return int64(v)
 		}
-		v, _ := strconv.ParseFloat(res[i], 64)
-		return int64(v)
+		return -1
 	}
-	now := f(0)
 	// The last 60 s: this minute so far and the part of the previous one
 	// still inside the window.
-	frac := math.Mod(now, 60000) / 60000
-	window := func(cur, prev int) float64 { return math.Round(f(cur) + f(prev)*(1-frac)) }
+	frac := math.Mod(r.Now, 60000) / 60000
+	window := func(w [2]float64) float64 { return math.Round(w[0] + w[1]*(1-frac)) }
 	out := Gauges{
-		InFlight: int64(f(12)), Queued: int64(f(13)), ActiveUsers: int64(f(14)),
-		Dispatched: window(15, 16),
-		Pace:       f(11),
+		InFlight: r.Leases, Queued: r.Queued, ActiveUsers: r.Users,
+		Dispatched: window(r.Dispatched), Pace: r.Factor, Outages: r.Outages,
 	}
-	used := []float64{out.Dispatched, window(24, 25), window(26, 27)}
-	if fr := f(10); fr > now {
-		out.Frozen = time.Duration(fr-now) * time.Millisecond
+	used := []float64{out.Dispatched, window(r.Input), window(r.Output)}
+	if r.Frozen > r.Now {
+		out.Frozen = time.Duration(r.Frozen-r.Now) * time.Millisecond
 	}
-	if at := seen(23); at > 0 {
+	if at := seen("at"); at > 0 {
 		out.HeadersSeen = time.UnixMilli(at).UTC()
 	}
+	if r.Down > 0 {
+		out.Outage = &Outage{Since: time.UnixMilli(int64(r.Down)).UTC(), Probes: r.Probes, Probing: r.Probing,
+			NextProbe: time.UnixMilli(int64(r.ProbeAt)).UTC()}
+	}
 	for d, name := range []string{"requests", "input_tokens", "output_tokens"} {
-		level, capacity, limit := f(1+2*d), f(2+2*d), f(7+d)
-		dim := Dimension{Name: name, Limit: limit, Used: used[d], Upstream: -1, UpstreamLimit: seen(17 + 2*d), UpstreamRemaining: seen(18 + 2*d)}
-		if capacity > 0 {
-			dim.Headroom = math.Round(level/capacity*1000) / 1000
+		prefix := name[:1]
+		dim := Dimension{Name: name, Limit: r.Limits[d], Used: used[d], Upstream: -1,
+			UpstreamLimit: seen(prefix + "l"), UpstreamRemaining: seen(prefix + "r")}
+		if r.Caps[d] > 0 {
+			dim.Headroom = math.Round(r.Levels[d]/r.Caps[d]*1000) / 1000
 		}
 		if dim.UpstreamLimit > 0 && dim.UpstreamRemaining >= 0 {
 			dim.Upstream = math.Round(float64(dim.UpstreamRemaining)/float64(dim.UpstreamLimit)*1000) / 1000

@@ -219,18 +219,23 @@ func TestDeadWorkersLeaseRequeuesJobWithoutChargingTwice(t *testing.T) {
 	before := e.levels(t)
 	// The worker renews once, then dies: nobody renews.
 	e.clk.Advance(5 * time.Second)
-	if ok, _ := e.s.Renew(ctx, e.g.Name, id); !ok {
+	if ok, _ := e.s.Renew(ctx, e.g.Name, id, 1); !ok {
 		t.Fatal("live lease did not renew")
 	}
 	e.clk.Advance(10 * time.Second)
-	if ok, _ := e.s.Renew(ctx, e.g.Name, id); ok {
-		t.Fatal("an expired lease renewed")
-	}
 	// The next round returns the job to the queue and dispatches it again,
 	// reusing its reservation.
 	r = e.dispatch(t, 1)
 	if len(r.Jobs) != 1 || r.Jobs[0].JobID != id || r.Jobs[0].Dispatch != 2 {
 		t.Fatalf("re-dispatch: %+v", r)
+	}
+	// The lease was taken back: the first dispatch's holder may not renew
+	// it, the second's may.
+	if ok, _ := e.s.Renew(ctx, e.g.Name, id, 1); ok {
+		t.Fatal("a taken-back lease renewed for its old holder")
+	}
+	if ok, _ := e.s.Renew(ctx, e.g.Name, id, 2); !ok {
+		t.Fatal("the new dispatch's lease did not renew")
 	}
 	after := e.levels(t)
 	// Only refill happened (15 s at 10 tokens/s), no second charge.
@@ -295,7 +300,7 @@ func TestObserveHeaders(t *testing.T) {
 	h.Set("anthropic-ratelimit-requests-remaining", "47") // capacity 5 of 50: level 47-45 = 2
 	h.Set("anthropic-ratelimit-input-tokens-limit", "100000")
 	h.Set("anthropic-ratelimit-input-tokens-remaining", "96000") // 95500 - (100000-95000) = 90500
-	if err := e.s.Observe(ctx, e.g, h); err != nil {
+	if _, err := e.s.Observe(ctx, e.g, h, true); err != nil {
 		t.Fatal(err)
 	}
 	l := e.levels(t)

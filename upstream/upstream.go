@@ -27,6 +27,10 @@ type Options struct {
 	APIKey  string // the account's key; never logged
 	// MaxConnsPerHost bounds the pooled connections to the upstream (default 256).
 	MaxConnsPerHost int
+	// FirstByteTimeout bounds the wait for the answer's headers (0 = none):
+	// an upstream that takes the connection and never answers is a failure
+	// of the upstream, found in this time rather than the whole attempt's.
+	FirstByteTimeout time.Duration
 }
 
 // Client is a pooled, retry-free client of the Messages API.
@@ -46,6 +50,7 @@ func New(o Options) *Client {
 	tr.MaxIdleConnsPerHost = o.MaxConnsPerHost
 	tr.MaxConnsPerHost = o.MaxConnsPerHost
 	tr.IdleConnTimeout = 90 * time.Second
+	tr.ResponseHeaderTimeout = o.FirstByteTimeout
 	hc := &http.Client{Transport: tr}
 	sdk := anthropic.NewClient(
 		option.WithoutEnvironmentDefaults(), // only cmd/sluice reads the environment
@@ -161,7 +166,31 @@ type Error struct {
 	// message_start, output estimated from the text received).
 	Started bool
 	Partial Usage
-	Err     error
+	// Unsent: the request never reached the upstream (the connection could
+	// not be made), so nothing can have been billed.
+	Unsent bool
+	Err    error
+}
+
+// Infra reports whether the failure is the upstream's state rather than
+// the request's: the connection failed, no answer came before the first
+// byte, or the upstream answered 500, 502, 503, 504 or 529 (or an
+// overloaded or api error before the answer began). Such failures say
+// nothing about the request, so they do not use up its attempts; enough of
+// them in a row put the model group into outage.
+func (e *Error) Infra() bool {
+	if e.Started || e.Kind == KindCanceled {
+		return false
+	}
+	switch e.Status {
+	case 0:
+		return e.Kind == KindRetryable
+	case 500, 502, 503, 504, 529:
+		return true
+	case http.StatusOK:
+		return e.Type == "overloaded_error" || e.Type == "api_error"
+	}
+	return false
 }
 
 func withPartial(err error, acc *accumulator) error {
@@ -221,7 +250,12 @@ func classify(ctx context.Context, err error, resp *http.Response) error {
 		if errors.As(err, &ne) && ne.Timeout() {
 			msg = "the upstream did not answer in time"
 		}
-		return &Error{Kind: KindRetryable, Message: msg, Err: err}
+		var oe *net.OpError
+		unsent := errors.As(err, &oe) && oe.Op == "dial"
+		if unsent {
+			msg = "could not connect to the upstream"
+		}
+		return &Error{Kind: KindRetryable, Message: msg, Unsent: unsent, Err: err}
 	}
 	e := &Error{Status: ae.StatusCode, Type: string(ae.Type()), Code: string(ae.ErrorCode()), Message: ae.Message, RequestID: ae.RequestID, Err: err}
 	h := http.Header(nil)

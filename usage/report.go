@@ -18,12 +18,20 @@ import (
 // Stats are the figures of one bucket, or of several added up.
 type Stats struct {
 	Requests int64 `json:"requests"` // jobs answered
+	// UpstreamCalls counts every call that reached the upstream: answers,
+	// error answers, calls cut short and retried. The token figures below
+	// are those of all of them, as the upstream bills them.
+	UpstreamCalls int64 `json:"upstream_calls"`
 	// Input tokens as the upstream counts them: uncached, read from the
 	// cache, written to the cache.
 	InputTokens      int64 `json:"input_tokens"`
 	CacheReadTokens  int64 `json:"cache_read_input_tokens"`
 	CacheWriteTokens int64 `json:"cache_creation_input_tokens"`
 	OutputTokens     int64 `json:"output_tokens"`
+	// EstimatedTokens is the part of the token figures that sluice
+	// estimated because a call was cut before the upstream reported its
+	// usage.
+	EstimatedTokens int64 `json:"estimated_tokens"`
 	// AvgTokensPerRequest is every token (input of all three kinds and
 	// output) over the requests answered; 0 when none.
 	AvgTokensPerRequest float64  `json:"avg_tokens_per_request"`
@@ -155,7 +163,8 @@ func newStats() Stats {
 // counters are the Stats kept as hash fields, by field name.
 func (s *Stats) counters() map[string]*int64 {
 	return map[string]*int64{
-		fRequests: &s.Requests, fInput: &s.InputTokens, fOutput: &s.OutputTokens,
+		fRequests: &s.Requests, fCalls: &s.UpstreamCalls, fEstimated: &s.EstimatedTokens,
+		fInput: &s.InputTokens, fOutput: &s.OutputTokens,
 		fCacheRead: &s.CacheReadTokens, fCacheWrite: &s.CacheWriteTokens, fFailed: &s.Failed,
 		fUpstream429: &s.Upstream429, fUpstream529: &s.Upstream529,
 		fRefused + RefusedUserQuota: &s.Refused.UserQuota, fRefused + RefusedQueueLimit: &s.Refused.QueueLimit,
@@ -244,8 +253,8 @@ func quantile(q float64, counts []int64) *float64 {
 }
 
 // CSVHeader is the first row of WriteCSV.
-var CSVHeader = []string{"start", "tenant", "requests", "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
-	"output_tokens", "avg_tokens_per_request", "failed", "refused_user_quota", "refused_queue_limit", "refused_overloaded",
+var CSVHeader = []string{"start", "tenant", "requests", "upstream_calls", "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
+	"output_tokens", "estimated_tokens", "avg_tokens_per_request", "failed", "refused_user_quota", "refused_queue_limit", "refused_overloaded",
 	"upstream_429", "upstream_529", "latency_p50_seconds", "latency_p95_seconds", "wait_p50_seconds", "wait_p95_seconds"}
 
 // WriteCSV writes one row per tenant per bucket, oldest first.
@@ -264,8 +273,8 @@ func WriteCSV(w io.Writer, rep *Report) error {
 	for bi := range rep.Buckets {
 		for _, t := range rep.Tenants {
 			b := t.Buckets[bi]
-			row := []string{b.Start.Format(time.RFC3339), t.Tenant, i(b.Requests), i(b.InputTokens), i(b.CacheReadTokens),
-				i(b.CacheWriteTokens), i(b.OutputTokens), strconv.FormatFloat(b.AvgTokensPerRequest, 'f', -1, 64), i(b.Failed),
+			row := []string{b.Start.Format(time.RFC3339), t.Tenant, i(b.Requests), i(b.UpstreamCalls), i(b.InputTokens), i(b.CacheReadTokens),
+				i(b.CacheWriteTokens), i(b.OutputTokens), i(b.EstimatedTokens), strconv.FormatFloat(b.AvgTokensPerRequest, 'f', -1, 64), i(b.Failed),
 				i(b.Refused.UserQuota), i(b.Refused.QueueLimit), i(b.Refused.Overloaded), i(b.Upstream429), i(b.Upstream529),
 				f(b.Latency.P50), f(b.Latency.P95), f(b.Wait.P50), f(b.Wait.P95)}
 			if err := cw.Write(row); err != nil {

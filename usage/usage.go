@@ -34,6 +34,8 @@ const (
 // Hash fields.
 const (
 	fRequests    = "requests"
+	fCalls       = "upstream_calls"
+	fEstimated   = "estimated_tokens"
 	fInput       = "input_tokens"
 	fOutput      = "output_tokens"
 	fCacheRead   = "cache_read_input_tokens"
@@ -131,11 +133,12 @@ func bucketOf(d time.Duration) int {
 	return len(Bounds)
 }
 
-// Finished is what a job that ended contributes.
+// Finished is what a job that ended contributes: one answered or one
+// failed job, and how long it took. Its tokens are counted per upstream
+// call (Call), as the upstream bills them.
 type Finished struct {
 	Tenant, UserID string
 	Succeeded      bool
-	Usage          jobs.Usage // zero unless Succeeded
 	Latency        time.Duration
 	// Wait is submitted → first start; negative when the job never started.
 	Wait time.Duration
@@ -143,34 +146,62 @@ type Finished struct {
 }
 
 // Tallies are the counters a finished job bumps, for its transition to
-// apply atomically (jobs.Transition.Tallies).
+// apply atomically.
 func (r *Recorder) Tallies(f Finished) []jobs.Tally {
 	var out []jobs.Tally
 	for _, g := range []Granularity{Hour, Day} {
 		k, ttl := key(f.Tenant, g, f.At), r.ttl(g)
+		if !f.Succeeded {
+			out = append(out, jobs.Tally{Key: k, Field: fFailed, By: 1, TTL: ttl})
+			continue
+		}
+		out = append(out,
+			jobs.Tally{Key: k, Field: fRequests, By: 1, TTL: ttl},
+			jobs.Tally{Key: k, Field: fmt.Sprint(fLatency, bucketOf(f.Latency)), By: 1, TTL: ttl},
+			jobs.Tally{Key: k + ":ureq", Field: f.UserID, Sorted: true, By: 1, TTL: ttl})
+		if f.Wait >= 0 {
+			out = append(out, jobs.Tally{Key: k, Field: fmt.Sprint(fWait, bucketOf(f.Wait)), By: 1, TTL: ttl})
+		}
+	}
+	return out
+}
+
+// Call is one upstream call of a job that reached the upstream, whatever
+// came of it (an answer, an error status, a stream cut short), with the
+// tokens the upstream counted for it.
+type Call struct {
+	Tenant, UserID string
+	Usage          jobs.Usage
+	// Estimated: the upstream reported no usage (the call was cut before it
+	// did), so Usage is sluice's estimate.
+	Estimated bool
+	At        time.Time
+}
+
+// CallTallies are the counters an upstream call bumps, for the transition
+// that ends its attempt to apply atomically.
+func (r *Recorder) CallTallies(c Call) []jobs.Tally {
+	var out []jobs.Tally
+	u := c.Usage
+	tokens := int64(u.InputTokens + u.OutputTokens + u.CacheReadInputTokens + u.CacheCreationInputTokens)
+	for _, g := range []Granularity{Hour, Day} {
+		k, ttl := key(c.Tenant, g, c.At), r.ttl(g)
 		add := func(field string, n int64) {
 			if n != 0 {
 				out = append(out, jobs.Tally{Key: k, Field: field, By: n, TTL: ttl})
 			}
 		}
-		if !f.Succeeded {
-			add(fFailed, 1)
-			continue
-		}
-		u := f.Usage
-		add(fRequests, 1)
+		add(fCalls, 1)
 		add(fInput, int64(u.InputTokens))
 		add(fOutput, int64(u.OutputTokens))
 		add(fCacheRead, int64(u.CacheReadInputTokens))
 		add(fCacheWrite, int64(u.CacheCreationInputTokens))
-		add(fmt.Sprint(fLatency, bucketOf(f.Latency)), 1)
-		if f.Wait >= 0 {
-			add(fmt.Sprint(fWait, bucketOf(f.Wait)), 1)
+		if c.Estimated {
+			add(fEstimated, tokens)
 		}
-		tokens := int64(u.InputTokens + u.OutputTokens + u.CacheReadInputTokens + u.CacheCreationInputTokens)
-		out = append(out,
-			jobs.Tally{Key: k + ":users", Field: f.UserID, Sorted: true, By: tokens, TTL: ttl},
-			jobs.Tally{Key: k + ":ureq", Field: f.UserID, Sorted: true, By: 1, TTL: ttl})
+		if tokens > 0 {
+			out = append(out, jobs.Tally{Key: k + ":users", Field: c.UserID, Sorted: true, By: tokens, TTL: ttl})
+		}
 	}
 	return out
 }

@@ -13,8 +13,10 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/sluice-dev/sluice/config"
 	"github.com/sluice-dev/sluice/internal/redistest"
 	"github.com/sluice-dev/sluice/jobs"
+	"github.com/sluice-dev/sluice/scheduler"
 	"github.com/sluice-dev/sluice/usage"
 )
 
@@ -23,7 +25,7 @@ func TestQuantilesFromBuckets(t *testing.T) {
 	rdb := r.Client(t)
 	now := time.Date(2026, 11, 29, 14, 30, 0, 0, time.UTC)
 	rec := usage.New(rdb, usage.Retention{}, func() time.Time { return now })
-	store := jobs.NewStore(rdb, jobs.Options{})
+	sched := scheduler.New(rdb, jobs.NewStore(rdb, jobs.Options{}), scheduler.Options{})
 	ctx := context.Background()
 	// 100 answers: 50 took 0.75 s (bucket 0.5–1), 45 took 1.5 s (1–2), 5 took 10 s (8–13).
 	var lat []time.Duration
@@ -37,7 +39,7 @@ func TestQuantilesFromBuckets(t *testing.T) {
 		lat = append(lat, 10*time.Second)
 	}
 	for i, d := range lat {
-		finish(t, rdb, store, rec, fmt.Sprintf("job%d", i), "t1", "u", true, jobs.Usage{InputTokens: 1}, d, now)
+		finish(t, rdb, sched, rec, fmt.Sprintf("job%d", i), "t1", "u", true, jobs.Usage{InputTokens: 1}, d, now)
 	}
 	rep, err := rec.Query(ctx, []string{"t1"}, usage.Hour, 1, 5)
 	if err != nil {
@@ -61,23 +63,27 @@ func TestQuantilesFromBuckets(t *testing.T) {
 	}
 }
 
-// finish stores a queued job and moves it to succeeded (or failed) with
-// the recorder's tallies, as the worker does.
-func finish(t *testing.T, rdb *redis.Client, store *jobs.Store, rec *usage.Recorder, id, tenant, user string, ok bool, u jobs.Usage, latency time.Duration, at time.Time) error {
+// finish stores a running job whose first attempt is open and ends it,
+// succeeded (with one upstream call's usage) or failed, with the
+// recorder's tallies, as the worker does.
+func finish(t *testing.T, rdb *redis.Client, sched *scheduler.Scheduler, rec *usage.Recorder, id, tenant, user string, ok bool, u jobs.Usage, latency time.Duration, at time.Time) error {
 	t.Helper()
 	ctx := context.Background()
-	j := &jobs.Job{ID: id, Tenant: tenant, UserID: user, Group: "g", Model: "m", Status: jobs.Queued, CreatedAt: at.Add(-latency)}
-	if err := rdb.HSet(ctx, jobs.Key(id), store.Fields(j)...).Err(); err != nil {
+	j := &jobs.Job{ID: id, Tenant: tenant, UserID: user, Group: "g", Model: "m", Status: jobs.Running, CreatedAt: at.Add(-latency)}
+	store := jobs.NewStore(rdb, jobs.Options{})
+	if err := rdb.HSet(ctx, jobs.Key(id), append(store.Fields(j), "status", "running", "dispatch", 1, "attempt_open", 1)...).Err(); err != nil {
 		t.Fatal(err)
 	}
-	to := jobs.Failed
-	if ok {
-		to = jobs.Succeeded
+	a := scheduler.Attempt{Group: &testGroup, Job: j, Dispatch: 1}
+	done := rec.Tallies(usage.Finished{Tenant: tenant, UserID: user, Succeeded: ok, Latency: latency, Wait: latency / 2, At: at})
+	if !ok {
+		return sched.Fail(ctx, scheduler.Failure{Attempt: a, Error: jobs.Error{Type: "x", Message: "y"}, At: at, Tallies: done})
 	}
-	_, err := store.Apply(ctx, j, jobs.Transition{From: []jobs.Status{jobs.Queued}, To: to,
-		Tallies: rec.Tallies(usage.Finished{Tenant: tenant, UserID: user, Succeeded: ok, Usage: u, Latency: latency, Wait: latency / 2, At: at})})
-	return err
+	call := rec.CallTallies(usage.Call{Tenant: tenant, UserID: user, Usage: u, At: at})
+	return sched.Succeed(ctx, scheduler.Success{Attempt: a, Result: []byte(`{}`), Usage: u, At: at, Tallies: append(call, done...)})
 }
+
+var testGroup = config.ModelGroup{Name: "g", RPM: 1000, InputTPM: 1000000, OutputTPM: 1000000, Burst: time.Minute, MaxConcurrency: 10}
 
 func TestSumsEqualTheJobs(t *testing.T) {
 	r := redistest.Start(t)
@@ -86,7 +92,10 @@ func TestSumsEqualTheJobs(t *testing.T) {
 	// Two workers (own Redis clients) finish jobs at once.
 	rdbs := []*redis.Client{r.Client(t), r.Client(t)}
 	recs := []*usage.Recorder{usage.New(rdbs[0], usage.Retention{}, clock), usage.New(rdbs[1], usage.Retention{}, clock)}
-	stores := []*jobs.Store{jobs.NewStore(rdbs[0], jobs.Options{}), jobs.NewStore(rdbs[1], jobs.Options{})}
+	scheds := []*scheduler.Scheduler{
+		scheduler.New(rdbs[0], jobs.NewStore(rdbs[0], jobs.Options{}), scheduler.Options{}),
+		scheduler.New(rdbs[1], jobs.NewStore(rdbs[1], jobs.Options{}), scheduler.Options{}),
+	}
 	type want struct{ requests, in, out, cr, cw, failed int64 }
 	wants := map[string]*want{"alpha": {}, "beta": {}}
 	userTokens := map[string]int64{}
@@ -103,7 +112,7 @@ func TestSumsEqualTheJobs(t *testing.T) {
 				ok := i%5 != 0
 				// An hour ago for some: they land in the previous bucket.
 				at := now.Add(-time.Duration(i%2) * time.Hour)
-				if err := finish(t, rdbs[w], stores[w], recs[w], fmt.Sprintf("w%d-%d", w, i), tenant, user, ok, u, time.Second, at); err != nil {
+				if err := finish(t, rdbs[w], scheds[w], recs[w], fmt.Sprintf("w%d-%d", w, i), tenant, user, ok, u, time.Second, at); err != nil {
 					t.Error(err)
 					return
 				}
@@ -128,8 +137,10 @@ func TestSumsEqualTheJobs(t *testing.T) {
 	wg.Wait()
 	// A transition that loses (the job was already finished) counts nothing.
 	j := &jobs.Job{ID: "w0-1", Tenant: "alpha", UserID: "user1", Group: "g"}
-	_, err := stores[0].Apply(context.Background(), j, jobs.Transition{From: []jobs.Status{jobs.Queued}, To: jobs.Succeeded,
-		Tallies: recs[0].Tallies(usage.Finished{Tenant: "alpha", UserID: "user1", Succeeded: true, Usage: jobs.Usage{InputTokens: 1000}, Latency: time.Second, At: now})})
+	err := scheds[0].Succeed(context.Background(), scheduler.Success{Attempt: scheduler.Attempt{Group: &testGroup, Job: j, Dispatch: 1},
+		Result: []byte(`{}`), At: now,
+		Tallies: append(recs[0].CallTallies(usage.Call{Tenant: "alpha", UserID: "user1", Usage: jobs.Usage{InputTokens: 1000}, At: now}),
+			recs[0].Tallies(usage.Finished{Tenant: "alpha", UserID: "user1", Succeeded: true, Latency: time.Second, At: now})...)})
 	var se *jobs.StateError
 	if !errors.As(err, &se) {
 		t.Fatalf("second finish of a job: %v, want a StateError", err)

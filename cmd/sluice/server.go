@@ -121,9 +121,9 @@ func serve(ctx context.Context, cfg *config.Config, r roles, stdout, stderr io.W
 	defer ln.Close()
 
 	store := jobs.NewStore(rdb, jobs.Options{})
-	sched := scheduler.New(rdb, store, scheduler.Options{LeaseTTL: cfg.Worker.LeaseTTL})
+	sched := scheduler.New(rdb, store, scheduler.Options{LeaseTTL: cfg.Worker.LeaseTTL, MaxOutage: cfg.Upstream.MaxOutage})
 	estimator := estimate.NewCalibrator(rdb)
-	up := upstream.New(upstream.Options{BaseURL: cfg.Upstream.BaseURL, APIKey: cfg.Upstream.APIKey})
+	up := upstream.New(upstream.Options{BaseURL: cfg.Upstream.BaseURL, APIKey: cfg.Upstream.APIKey, FirstByteTimeout: cfg.Upstream.FirstByteTimeout})
 	defer up.Close()
 	met := metrics.New()
 	use := usagestats.New(rdb, usagestats.Retention{Hourly: cfg.Usage.HourlyRetention, Daily: cfg.Usage.DailyRetention}, nil)

@@ -234,8 +234,7 @@ func BenchmarkSubscribers(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		if _, err := store.Apply(ctx, job, jobs.Transition{From: []jobs.Status{jobs.Queued}, To: jobs.Running, CountAttempt: true,
-			Dispatch: res.Jobs[0].Dispatch, Event: "started", EventDataJSON: []byte(`{"attempt":1}`)}); err != nil {
+		if _, err := sched.Start(ctx, scheduler.Attempt{Group: group, Job: job, Dispatch: res.Jobs[0].Dispatch}, time.Now()); err != nil {
 			b.Fatal(err)
 		}
 		harness.Eventually(b, time.Minute, func() bool {

@@ -55,19 +55,24 @@ type Options struct {
 	Clock func() time.Time
 	// PositionEvery is the api's periodic position read (0 = its default).
 	PositionEvery time.Duration
+	// MaxConcurrency is the model group's max_concurrency (0 = 8).
+	MaxConcurrency int
 }
 
 // Env is a running sluice.
 type Env struct {
-	Redis  *redistest.Server
-	RDB    *redis.Client
-	Fake   *fakeanthropic.Server
-	Config *config.Config
-	Store  *jobs.Store
-	Sched  *scheduler.Scheduler
-	API    *httptest.Server
-	Server *api.Server
-	Worker *worker.Worker
+	Redis *redistest.Server
+	RDB   *redis.Client
+	Fake  *fakeanthropic.Server
+	// Upstream serves Fake on a fixed address; a test may take it down
+	// and bring it back.
+	Upstream *Upstream
+	Config   *config.Config
+	Store    *jobs.Store
+	Sched    *scheduler.Scheduler
+	API      *httptest.Server
+	Server   *api.Server
+	Worker   *worker.Worker
 	// Metrics are shared by the api and every worker started here, as in
 	// `sluice serve`; Usage is the statistics recorder.
 	Metrics *metrics.Metrics
@@ -78,10 +83,10 @@ type Env struct {
 
 // BaseConfig is the harness's configuration, for a given upstream URL.
 func BaseConfig(redisURL, upstreamURL string) string {
-	return groupConfig(redisURL, upstreamURL, "", "")
+	return groupConfig(redisURL, upstreamURL, "", "", 8)
 }
 
-func groupConfig(redisURL, upstreamURL, tenantExtra, groupExtra string) string {
+func groupConfig(redisURL, upstreamURL, tenantExtra, groupExtra string, maxConcurrency int) string {
 	return fmt.Sprintf(`redis_url: %q
 upstream:
   base_url: %q
@@ -101,14 +106,14 @@ model_groups:
     rpm: 6000
     input_tpm: 10000000
     output_tpm: 10000000
-    max_concurrency: 8
+    max_concurrency: %d
 %s
 api:
   body_limit_bytes: 65536
   shutdown_timeout: 5s
 worker:
   shutdown_timeout: 5s
-`, redisURL, upstreamURL, AdminKey, TenantKey, tenantExtra, OtherTenantKey, groupExtra)
+`, redisURL, upstreamURL, AdminKey, TenantKey, tenantExtra, OtherTenantKey, maxConcurrency, groupExtra)
 }
 
 // Start runs sluice for the test and stops it when the test ends.
@@ -133,8 +138,10 @@ func Start(tb testing.TB, o Options) *Env {
 		tb.Fatal(err)
 	}
 	e.Fake = fake
-	fsrv := httptest.NewServer(fake)
-	tb.Cleanup(fsrv.Close)
+	e.Upstream = StartUpstream(tb, fake)
+	if o.MaxConcurrency == 0 {
+		o.MaxConcurrency = 8
+	}
 
 	getenv := func(k string) string {
 		if k == "ANTHROPIC_API_KEY" {
@@ -142,14 +149,14 @@ func Start(tb testing.TB, o Options) *Env {
 		}
 		return ""
 	}
-	cfg, err := config.Parse([]byte(groupConfig(e.Redis.URL, fsrv.URL, o.TenantExtra, o.GroupExtra)+o.ExtraConfig), getenv)
+	cfg, err := config.Parse([]byte(groupConfig(e.Redis.URL, e.Upstream.URL, o.TenantExtra, o.GroupExtra, o.MaxConcurrency)+o.ExtraConfig), getenv)
 	if err != nil {
 		tb.Fatalf("harness config: %v", err)
 	}
 	e.Config = cfg
 	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: e.level}))
 	e.Store = jobs.NewStore(e.RDB, jobs.Options{})
-	e.Sched = scheduler.New(e.RDB, e.Store, scheduler.Options{LeaseTTL: cfg.Worker.LeaseTTL, Clock: o.Clock})
+	e.Sched = scheduler.New(e.RDB, e.Store, scheduler.Options{LeaseTTL: cfg.Worker.LeaseTTL, MaxOutage: cfg.Upstream.MaxOutage, Clock: o.Clock})
 	e.Metrics = metrics.New()
 	e.Metrics.Register(metrics.NewState(e.Sched, cfg.ModelGroups, log))
 	e.Usage = usage.New(e.RDB, usage.Retention{Hourly: cfg.Usage.HourlyRetention, Daily: cfg.Usage.DailyRetention}, o.Clock)
@@ -158,7 +165,7 @@ func Start(tb testing.TB, o Options) *Env {
 		e.Worker = StartWorker(tb, e)
 	}
 	hub := jobs.NewHub(e.Store, log)
-	apiUp := upstream.New(upstream.Options{BaseURL: cfg.Upstream.BaseURL, APIKey: cfg.Upstream.APIKey})
+	apiUp := upstream.New(upstream.Options{BaseURL: cfg.Upstream.BaseURL, APIKey: cfg.Upstream.APIKey, FirstByteTimeout: cfg.Upstream.FirstByteTimeout})
 	tb.Cleanup(apiUp.Close)
 	secret, err := jobs.TokenSecret(context.Background(), e.RDB)
 	if err != nil {
@@ -310,7 +317,7 @@ func (e *Env) Logs() string {
 func StartWorker(tb testing.TB, e *Env) *worker.Worker {
 	tb.Helper()
 	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: e.level}))
-	up := upstream.New(upstream.Options{BaseURL: e.Config.Upstream.BaseURL, APIKey: e.Config.Upstream.APIKey})
+	up := upstream.New(upstream.Options{BaseURL: e.Config.Upstream.BaseURL, APIKey: e.Config.Upstream.APIKey, FirstByteTimeout: e.Config.Upstream.FirstByteTimeout})
 	w := worker.New(worker.Deps{Config: e.Config, Redis: e.RDB, Store: e.Store, Scheduler: e.Sched,
 		Estimator: estimate.NewCalibrator(e.RDB), Upstream: up, Metrics: e.Metrics, Usage: e.Usage, Logger: log})
 	if err := w.Start(); err != nil {
@@ -326,7 +333,7 @@ func StartAPI(tb testing.TB, e *Env) *httptest.Server {
 	tb.Helper()
 	rdb := e.Redis.Client(tb)
 	store := jobs.NewStore(rdb, jobs.Options{})
-	sched := scheduler.New(rdb, store, scheduler.Options{LeaseTTL: e.Config.Worker.LeaseTTL})
+	sched := scheduler.New(rdb, store, scheduler.Options{LeaseTTL: e.Config.Worker.LeaseTTL, MaxOutage: e.Config.Upstream.MaxOutage})
 	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: e.level}))
 	hub := jobs.NewHub(store, log)
 	secret, err := jobs.TokenSecret(context.Background(), rdb)

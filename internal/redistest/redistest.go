@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -138,13 +139,7 @@ func (s *Server) Stop() {
 func (s *Server) Restart(tb testing.TB) {
 	tb.Helper()
 	s.Stop()
-	bin, _ := exec.LookPath("redis-server")
-	_, portStr, _ := net.SplitHostPort(s.Addr)
-	var port int
-	fmt.Sscan(portStr, &port)
-	if err := s.start(bin, port); err != nil {
-		tb.Fatalf("redistest: restart: %v", err)
-	}
+	s.Revive(tb)
 }
 
 func freePort() (int, error) {
@@ -158,3 +153,45 @@ func freePort() (int, error) {
 
 // Path is where redis-server keeps its append-only files.
 func (s *Server) Path() string { return filepath.Join(s.Dir, "appendonlydir") }
+
+// Kill stops the server at once (SIGKILL), as a crash would: what it had
+// written to its append-only file survives, what it held only in memory is
+// gone. Start it again with Revive.
+func (s *Server) Kill(tb testing.TB) {
+	tb.Helper()
+	if s.cmd == nil || s.cmd.Process == nil {
+		tb.Fatal("redistest: kill: not running")
+	}
+	_ = s.cmd.Process.Kill()
+	_ = s.cmd.Wait()
+	s.cmd = nil
+}
+
+// Revive starts a killed or stopped server again on its port and folder.
+func (s *Server) Revive(tb testing.TB) {
+	tb.Helper()
+	bin, _ := exec.LookPath("redis-server")
+	_, portStr, _ := net.SplitHostPort(s.Addr)
+	var port int
+	fmt.Sscan(portStr, &port)
+	if err := s.start(bin, port); err != nil {
+		tb.Fatalf("redistest: revive: %v", err)
+	}
+}
+
+// Pause freezes the server (SIGSTOP): connections stay open and commands
+// hang, as with a Redis host that stalls. Resume lets it go on.
+func (s *Server) Pause(tb testing.TB) {
+	tb.Helper()
+	if err := s.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		tb.Fatalf("redistest: pause: %v", err)
+	}
+}
+
+// Resume continues a paused server (SIGCONT).
+func (s *Server) Resume(tb testing.TB) {
+	tb.Helper()
+	if err := s.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		tb.Fatalf("redistest: resume: %v", err)
+	}
+}

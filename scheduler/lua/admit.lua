@@ -43,6 +43,8 @@
 --   {"quota", "requests"|"tokens", retry ms, limit, remaining}
 --   {"queue_limit", queued, limit}
 --   {"overloaded", eta seconds, max wait seconds}
+--   {"unavailable", retry ms, outage ms}: the group's outage outlasted its limit
+-- (eta seconds is -1 while the group is in outage: nobody can tell)
 local now = clock(ARGV[1])
 local id, cin, cout, weight = ARGV[2], tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local cost = cin + cout
@@ -55,6 +57,14 @@ if ARGV[20] ~= '' then
     if phash == ARGV[20] then return {'replay', pid} end
     return {'conflict'}
   end
+end
+
+-- The group's upstream has been unreachable for longer than the outage
+-- limit: its waiting jobs are failing, so a new one is refused.
+local st = lim_load(KEYS[9], now, {tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])})
+if st.down > 0 and st.down_fail > 0 and now >= st.down_fail then
+  local at = num(redis.call('HGET', KEYS[9], 'probe_at'), now)
+  return {'unavailable', math.max(1000, at - now), now - st.down}
 end
 
 -- 2. Quotas: buckets of the hourly figures, refilled continuously.
@@ -89,13 +99,12 @@ end
 local v = num(redis.call('GET', KEYS[6]), 0)
 local f = num(redis.call('ZSCORE', KEYS[5], ARGV[6]), 0)
 local tag = math.max(v, f)
-local st = lim_load(KEYS[9], now, {tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])})
 local position = redis.call('ZCOUNT', KEYS[4], '-inf', tag) + 1
 local t = redis.call('HMGET', KEYS[8], 'n', 'in', 'out')
 local n, tin, tout = num(t[1], 0) + 1, num(t[2], 0) + cin, num(t[3], 0) + cout
 local eta = eta_seconds(st, position, tin / n, tout / n, tonumber(ARGV[15]))
 local maxwait = tonumber(ARGV[19])
-if maxwait > 0 and eta * 1000 > maxwait then
+if maxwait > 0 and eta >= 0 and eta * 1000 > maxwait then
   return {'overloaded', eta, math.floor(maxwait / 1000)}
 end
 
@@ -151,6 +160,9 @@ if ARGV[20] ~= '' then
 end
 
 local data = '{"position":' .. position .. ',"eta_seconds":' .. eta .. '}'
+if eta < 0 then
+  data = '{"position":' .. position .. ',"eta_seconds":null,"reason":"upstream_unavailable"}'
+end
 -- The first event lives in the record (a stream per job costs more than the
 -- rest of admission); the log's readers put it first. Its id is a
 -- millisecond before Redis's clock, so every later event (XADD '*') sorts

@@ -21,12 +21,17 @@
 -- ARGV[1] now ms (0 = Redis TIME)  ARGV[2..5] rpm, input_tpm, output_tpm, burst ms
 -- ARGV[6] max concurrency   ARGV[7] lease ms   ARGV[8] most jobs to pick
 -- ARGV[9] job hash key prefix ("sluice:job:")   ARGV[10] moved channel
+-- ARGV[11] job event channel prefix   ARGV[12] event log max length
+-- ARGV[13] ms: a longer gap between two rounds means the dispatchers (or
+--   Redis) were away
 -- Reply: {state, ms, expiring, job id 1, dispatch 1, job id 2, dispatch 2, ...}
 --   expiring: how many jobs wait in the expiring set
 --   state "more"  the pick limit was reached: call again at once
 --         "wait"  the next job fits in ms (limiter or freeze)
 --         "full"  every concurrency slot is taken; the first lease ends in ms
 --         "empty" nothing queued; the next retry is due in ms (-1: none)
+--         "down"  the group is in outage; the next probe may go in ms (the
+--                 one job picked, if any, is the probe)
 --   (a queued job's deadline coming sooner shortens ms)
 -- Jobs whose deadline passed leave the queue for the expiring set, where the
 -- dispatcher expires them; jobs canceled while queued are dropped.
@@ -68,20 +73,54 @@ for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
   end
 end
 
--- Leases whose holder stopped renewing: the worker died mid-call.
+-- A long gap since the last round (by Redis's own clock, whatever clock
+-- the scripts are given) means Redis, or every dispatcher, was away: the
+-- workers could not renew their leases meanwhile, so every lease gets one
+-- fresh lease time before any may be found expired.
+local t = redis.call('TIME')
+local real = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local last = tonumber(redis.call('HGET', KEYS[7], 'round'))
+if last and real - last > tonumber(ARGV[13]) then
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', now + lease_ms)) do
+    redis.call('ZADD', KEYS[9], now + lease_ms, id)
+  end
+end
+redis.call('HSET', KEYS[7], 'round', real)
+
+-- Leases whose holder stopped renewing: the worker died mid-call. A job
+-- whose attempt had started gets a `retrying` event (reason worker_lost):
+-- its followers discard that attempt's text, as after any retry.
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', now)) do
   redis.call('ZREM', KEYS[9], id)
-  local j = redis.call('HMGET', prefix .. id, 'status', 'fq_member', 'fq_tag', 'cost_in', 'cost_out')
+  local j = redis.call('HMGET', prefix .. id, 'status', 'fq_member', 'fq_tag', 'cost_in', 'cost_out',
+    'attempt_open', 'attempts')
   if (j[1] == 'queued' or j[1] == 'running') and j[2] then
+    if j[6] then
+      redis.call('HDEL', prefix .. id, 'attempt_open')
+      local data = '{"attempt":' .. (j[7] or '0') .. ',"reason":"worker_lost","retry_in_seconds":0}'
+      local ev = redis.call('XADD', prefix .. id .. ':events', 'MAXLEN', '~', ARGV[12], '*',
+        'event', 'retrying', 'data', data)
+      redis.call('PUBLISH', ARGV[11] .. id, '{"id":"' .. ev .. '","event":"retrying","data":' .. data .. '}')
+    end
     if not redis.call('ZSCORE', KEYS[1], j[2]) then
       back_to_queue(j[2], tonumber(j[3]), j[4] .. ',' .. j[5])
     end
   end
 end
 
--- Jobs whose deadline passed before they were dispatched.
+-- leave_retry takes a job out of its retry wait.
+local function leave_retry(member)
+  if redis.call('ZREM', KEYS[2], member) == 0 then return false end
+  redis.call('HDEL', KEYS[11], member)
+  return true
+end
+
+-- Jobs whose deadline passed before they were dispatched (or while they
+-- waited out an outage).
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[12], '-inf', now)) do
-  if leave_queue(member) then
+  local left = leave_queue(member)
+  if leave_retry(member) then left = true end
+  if left then
     redis.call('ZADD', KEYS[13], now, string.match(member, '|(.*)$'))
   end
 end
@@ -91,7 +130,42 @@ local out = {'', 0, 0}
 local picked = 0
 local v = num(redis.call('GET', KEYS[3]), 0)
 local v0 = v
-while true do
+
+-- Outage: nothing is dispatched but one probe at a time, when it is due.
+-- An outage that outlasted its limit sends the waiting jobs, a batch a
+-- round, to the expiring set, where the dispatcher fails them.
+local probing = false
+if st.down > 0 then
+  local hv = redis.call('HMGET', KEYS[7], 'probe', 'probe_at')
+  local probe = hv[1] or ''
+  if probe ~= '' and not redis.call('ZSCORE', KEYS[9], probe) then
+    -- The probe's call ended without a word on the upstream (its job was
+    -- canceled, or its worker died): another may go.
+    probe = ''
+    redis.call('HSET', KEYS[7], 'probe', '')
+  end
+  if st.down_fail > 0 and now >= st.down_fail then
+    for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, 99)) do
+      leave_queue(member)
+      redis.call('ZADD', KEYS[13], now, string.match(member, '|(.*)$'))
+    end
+    for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, 99)) do
+      leave_retry(member)
+      redis.call('ZADD', KEYS[13], now, string.match(member, '|(.*)$'))
+    end
+  end
+  local at = num(hv[2], now)
+  if probe ~= '' then
+    out[1], out[2] = 'down', 5000 -- woken when the probe's attempt ends
+  elseif now < at then
+    out[1], out[2] = 'down', at - now
+  else
+    probing = true
+    max_pick = 1
+  end
+end
+
+while out[1] == '' do
   if picked >= max_pick then
     out[1], out[2] = 'more', 0
     break
@@ -143,6 +217,10 @@ while true do
     out[#out + 1] = id
     out[#out + 1] = n
     picked = picked + 1
+    if probing then
+      redis.call('HSET', KEYS[7], 'probe', id)
+      out[1], out[2] = 'down', 5000
+    end
   end
 end
 if v > v0 then

@@ -11,7 +11,10 @@
 --   output tokens; -1 where a header was absent. Token remainings come
 --   already lowered by the upstream's rounding (to the nearest 1,000).
 -- ARGV[12..17] the same six values as the upstream sent them
--- Reply: 1
+-- ARGV[18] "1" when the upstream answered (the call began, or the upstream
+--   refused the request itself): the group is healthy (see health_ok)
+-- ARGV[19] wake channel   ARGV[20] moved channel
+-- Reply: 1 when this answer ended an outage, else 0
 local now = clock(ARGV[1])
 local cfg = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])}
 local names = {'ar', 'ai', 'ao'}
@@ -26,11 +29,15 @@ for d = 1, 3 do
   end
 end
 local seen = {'rl', 'rr', 'il', 'ir', 'ol', 'or'}
+local any = false
 for n = 1, 6 do
   local v = tonumber(ARGV[11 + n])
-  if v >= 0 then redis.call('HSET', KEYS[2], seen[n], v) end
+  if v >= 0 then
+    redis.call('HSET', KEYS[2], seen[n], v)
+    any = true
+  end
 end
-redis.call('HSET', KEYS[2], 'at', now)
+if any then redis.call('HSET', KEYS[2], 'at', now) end
 local st = lim_load(KEYS[1], now, cfg)
 local levels = {'r', 'i', 'o'}
 local caps = {st.cr, st.ci, st.co}
@@ -44,5 +51,11 @@ for d = 1, 3 do
     if level + tolerance < st[levels[d]] then st[levels[d]] = level end
   end
 end
+local reopened = ARGV[18] == '1' and health_ok(st)
 lim_save(st)
-return 1
+if reopened then
+  redis.call('PUBLISH', ARGV[19], 'reopened')
+  redis.call('PUBLISH', ARGV[20], 1)
+  return 1
+end
+return 0

@@ -10,6 +10,14 @@
 --   n529, l529   529s seen in the current 10 s window, and the last one (ms)
 --   dur          EWMA of upstream call duration (ms): measured throughput
 --   oratio       EWMA of actual output / max_tokens
+--   round        Redis's clock at the last dispatch round (ms)
+-- and the group's health (see health_fail):
+--   down         since when the group is in outage (ms); absent: healthy
+--   down_fail    when the outage has lasted too long: waiting jobs fail
+--   probe        the job sent to test the upstream ("" = none in flight)
+--   probe_at     when the next probe may go;  probe_n  probes failed so far
+--   streak, streak_at   upstream failures in a row, and the last one's time
+--   outages      how many outages the group has had
 -- Buckets refill at limit/60 s, the upstream's own rate, so sluice never
 -- runs ahead of it. The request bucket holds `burst` of the per-minute limit
 -- (at least 1), so requests are paced, not fired in bursts. The token
@@ -29,6 +37,13 @@ local function clock(arg)
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- intstr formats a whole number for a Redis integer argument: a Lua number
+-- would be sent as "%.14g", so 0 negated arrives as "-0", which HINCRBY
+-- refuses.
+local function intstr(n)
+  return string.format('%d', n)
+end
+
 local function num(v, def)
   local n = tonumber(v)
   if n == nil then return def end
@@ -39,7 +54,7 @@ end
 -- cfg = {rpm, itpm, otpm, burst_ms}
 local function lim_load(key, now, cfg)
   local h = redis.call('HMGET', key, 'r', 'i', 'o', 'ts', 'ar', 'ai', 'ao',
-    'frozen', 'factor', 'f_at', 'n529', 'l529', 'dur', 'oratio')
+    'frozen', 'factor', 'f_at', 'n529', 'l529', 'dur', 'oratio', 'down', 'down_fail')
   local st = {key = key}
   st.lr = math.min(cfg[1], num(h[5], cfg[1]))
   st.li = math.min(cfg[2], num(h[6], cfg[2]))
@@ -52,6 +67,7 @@ local function lim_load(key, now, cfg)
   st.factor = math.min(1, factor + math.max(0, now - f_at) / 60000)
   st.n529, st.l529 = num(h[11], 0), num(h[12], 0)
   st.dur, st.oratio = num(h[13], 0), num(h[14], 1)
+  st.down, st.down_fail = num(h[15], 0), num(h[16], 0)
   st.rr = st.lr / 60000 * st.factor
   st.ri = st.li / 60000 * st.factor
   st.ro = st.lo / 60000 * st.factor
@@ -87,7 +103,9 @@ end
 -- from the requests and tokens ahead of it (pos jobs of the group's average
 -- queued cost, itself included), the buckets' levels and refill rates, a
 -- freeze, and the measured throughput (max_conc calls of `dur` ms each).
+-- -1 while the group is in outage: nobody can tell.
 local function eta_seconds(st, pos, avg_in, avg_out, max_conc)
+  if st.down > 0 then return -1 end
   local t = math.max(
     wait_ms(pos, st.r, st.rr),
     wait_ms(pos * avg_in, st.i, st.ri),
@@ -126,7 +144,111 @@ local function fq_leave(order, costs, totals, deadlines, member)
   redis.call('HDEL', costs, member)
   local cin, cout = split2(cost)
   redis.call('HINCRBY', totals, 'n', -1)
-  redis.call('HINCRBY', totals, 'in', -cin)
-  redis.call('HINCRBY', totals, 'out', -cout)
+  redis.call('HINCRBY', totals, 'in', intstr(-(cin or 0)))
+  redis.call('HINCRBY', totals, 'out', intstr(-(cout or 0)))
+  return true
+end
+
+-- probe_delay is the wait before an outage's probe after n failed ones:
+-- h.probe_min doubling up to h.probe_max, times a jitter in [0.5, 1).
+-- h = {after, window, probe_min, probe_max, max_outage, jitter}
+local function probe_delay(h, n)
+  local d = math.min(h.probe_max, h.probe_min * 2 ^ math.min(n, 30))
+  return math.floor(d * (0.5 + 0.5 * h.jitter))
+end
+
+-- health_fail records a failure of the upstream's own (not the request's)
+-- met by job id. h.after of them in a row, each within h.window of the
+-- last and with no answer in between, put the group into outage:
+-- dispatching stops and one probe at a time tests the upstream. A failed
+-- probe sets the next one later. Reply: 'entered' (this failure began an
+-- outage), 'down' (the group is in outage) or ''.
+local function health_fail(key, now, h, id)
+  local v = redis.call('HMGET', key, 'down', 'probe', 'probe_n', 'streak', 'streak_at')
+  if tonumber(v[1]) then
+    if v[2] == id then
+      local n = (tonumber(v[3]) or 0) + 1
+      redis.call('HSET', key, 'probe', '', 'probe_n', n, 'probe_at', now + probe_delay(h, n))
+    end
+    return 'down'
+  end
+  local streak = tonumber(v[4]) or 0
+  if now - (tonumber(v[5]) or 0) > h.window then streak = 0 end
+  streak = streak + 1
+  if streak < h.after then
+    redis.call('HSET', key, 'streak', streak, 'streak_at', now)
+    return ''
+  end
+  redis.call('HSET', key, 'down', now, 'down_fail', now + h.max_outage, 'probe', '', 'probe_n', 0,
+    'probe_at', now + probe_delay(h, 0), 'streak', 0, 'streak_at', now)
+  redis.call('HINCRBY', key, 'outages', 1)
+  return 'entered'
+end
+
+-- health_ok records an answer from the upstream (st from lim_load; the
+-- caller saves it): the failure streak ends, and an outage is over, with
+-- the buckets emptied so that dispatch resumes paced. Reply: true when it
+-- ended an outage.
+local function health_ok(st)
+  local v = redis.call('HMGET', st.key, 'down', 'streak')
+  if tonumber(v[2]) and tonumber(v[2]) > 0 then redis.call('HSET', st.key, 'streak', 0) end
+  if not tonumber(v[1]) then return false end
+  redis.call('HDEL', st.key, 'down', 'down_fail', 'probe', 'probe_at', 'probe_n')
+  st.down, st.down_fail = 0, 0
+  st.r, st.i, st.o = math.min(st.r, 0), math.min(st.i, 0), math.min(st.o, 0)
+  return true
+end
+
+-- settle_limiter closes job id's limiter reservation, once: the buckets
+-- get back what the upstream did not count of it (used = {requests, input,
+-- output}), or give more when it counted more; the tokens go into the
+-- group's use per minute (rate key), and a completed call's duration (dur
+-- ms > 0) into the throughput estimate. It releases the job's lease.
+-- Reply: true when there was a reservation.
+local function settle_limiter(lim, reservations, leases, rate, now, cfg, id, used, dur)
+  redis.call('ZREM', leases, id)
+  local res = redis.call('HGET', reservations, id)
+  if not res then return false end
+  redis.call('HDEL', reservations, id)
+  local ar, ai, ao = used[1], used[2], used[3]
+  local rr, ri, ro = split3(res)
+  local st = lim_load(lim, now, cfg)
+  st.r = math.min(st.cr, st.r + rr - ar)
+  st.i = math.min(st.ci, st.i + ri - ai)
+  st.o = math.min(st.co, st.o + ro - ao)
+  lim_save(st)
+  if ai > 0 or ao > 0 then
+    local minute = math.floor(now / 60000)
+    redis.call('HINCRBY', rate, 'i' .. minute, intstr(ai))
+    redis.call('HINCRBY', rate, 'o' .. minute, intstr(ao))
+    redis.call('HDEL', rate, 'i' .. (minute - 5), 'o' .. (minute - 5))
+  end
+  if dur > 0 then
+    local d = st.dur
+    if d <= 0 then d = dur else d = 0.8 * d + 0.2 * dur end
+    local ratio = 1
+    if ro > 0 then ratio = math.min(1, ao / ro) end
+    redis.call('HSET', lim, 'dur', d, 'oratio', 0.8 * st.oratio + 0.2 * ratio)
+  end
+  return true
+end
+
+-- settle_quota closes a job's quota reservation (the q_req and q_tok fields
+-- of its record, taken at admission), once: the user's buckets (quota key)
+-- get back what the job did not use (used as in settle_limiter), after
+-- refilling at rph and tph per hour. Reply: true when there was one.
+local function settle_quota(job, quota, now, used, rph, tph)
+  local q = redis.call('HMGET', job, 'q_req', 'q_tok')
+  local qreq, qtok = tonumber(q[1]), tonumber(q[2])
+  if not (qreq or qtok) then return false end
+  redis.call('HDEL', job, 'q_req', 'q_tok')
+  local h = redis.call('HMGET', quota, 'r', 't', 'ts')
+  if h[3] then
+    local dt = math.max(0, now - tonumber(h[3]))
+    local r, t = num(h[1], rph), num(h[2], tph)
+    if rph > 0 then r = math.min(rph, r + rph / 3600000 * dt + (qreq or 0) - math.min(used[1], 1)) end
+    if tph > 0 then t = math.min(tph, t + tph / 3600000 * dt + (qtok or 0) - (used[2] + used[3])) end
+    redis.call('HSET', quota, 'r', r, 't', t, 'ts', now)
+  end
   return true
 end

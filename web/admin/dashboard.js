@@ -65,6 +65,14 @@ function gauge(label, spoken, l) {
   return el("div", { class: "gauge" }, el("span", { text: label }), bar, el("span", { text: pct(inUse) }));
 }
 
+// duration says a number of seconds as "42 s", "3 min 5 s" or "2 h 4 min".
+function duration(sec) {
+  sec = Math.max(0, Math.round(sec));
+  if (sec < 60) return sec + " s";
+  if (sec < 3600) return Math.floor(sec / 60) + " min " + (sec % 60) + " s";
+  return Math.floor(sec / 3600) + " h " + Math.floor((sec % 3600) / 60) + " min";
+}
+
 function figure(label, value, id) {
   return el("div", {}, el("dt", { text: label }), el("dd", { text: value, "data-figure": id }));
 }
@@ -79,13 +87,21 @@ function renderGroups(status) {
         figure("queued", num(g.queued), "queued"),
         figure("users waiting", num(g.active_users), "active_users"),
         figure("calls running", num(g.in_flight) + " / " + g.max_concurrency, "in_flight"),
-        figure("dispatched / min", num(g.dispatched_last_minute), "dispatched")));
+        figure("dispatched / min", num(g.dispatched_last_minute), "dispatched"),
+        figure("outages", num(g.outages || 0), "outages")));
     for (const l of g.limits) {
       card.append(gauge(dimName[l.dimension] || l.dimension, dimSpoken[l.dimension] || l.dimension, l));
     }
     let state = "Dispatching at full speed.";
     let cls = "state";
-    if (g.frozen_seconds > 0) {
+    if (g.outage) {
+      const o = g.outage;
+      state = "Upstream outage for " + duration(o.seconds) + " (since " + new Date(o.since).toLocaleTimeString() +
+        "): dispatch stopped; jobs keep their place. " + (o.probing ? "A probe is testing the upstream now."
+          : o.next_probe_at ? "Next probe at " + new Date(o.next_probe_at).toLocaleTimeString() + "." : "") +
+        " " + num(o.failed_probes) + " probes failed so far.";
+      cls += " frozen outage";
+    } else if (g.frozen_seconds > 0) {
       state = "Stopped by an upstream 429 for another " + Math.ceil(g.frozen_seconds) + " s.";
       cls += " frozen";
     } else if (g.pace < 1) {

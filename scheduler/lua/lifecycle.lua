@@ -1,0 +1,175 @@
+-- lifecycle.lua: every change of a job after its admission, in one atomic
+-- step: its record and status, its owner's counts, its place in the fair
+-- queue (left, or back for a retry), its limiter reservation and lease, its
+-- user's quota reservation, the usage statistics, and the event that tells
+-- its followers. A crash or a Redis error can never leave half of one.
+--
+-- Checks come before any write, so a refused step changes nothing:
+--   * the job exists (NOTFOUND), its status is one of plan.from
+--     (STATE <status>), and, when plan.dispatch > 0, it is at that dispatch
+--     (SUPERSEDED: its lease was lost and it was dispatched again);
+--   * plan.open = d starts attempt d (refused with RUNNING when attempt d is
+--     already open: asynq delivered the task twice);
+--   * plan.close = d ends the open attempt d (refused with NOATTEMPT when it
+--     is not open: the attempt was ended already). Each attempt ends once,
+--     so its settlement and statistics count once. plan.salvage lets an
+--     answer end it even when a dispatcher found its lease expired and put
+--     the job back in line (Redis was away), as long as the job was not
+--     dispatched again: the answer is kept rather than bought again.
+--
+-- Settlement: when no upstream call of the job is running after the step
+-- (no attempt stays open), the limiter reservation of its current dispatch
+-- is closed with plan.used (refunding what the upstream did not count), its
+-- lease released, and, when the new status is terminal, its user's quota
+-- reservation closed the same way. A job canceled while its call runs keeps
+-- both until the worker ends that attempt (plan.close), with what it used;
+-- the step announces the cancel on plan.cancel so the worker stops at once.
+--
+-- Queue: a terminal status with no call running takes the job out of the
+-- fair queue, its retry wait and the expiring set; plan.requeue = ms puts it
+-- back at its original start tag, due after that delay (a retry).
+--
+-- KEYS[1] job hash   KEYS[2] job events   KEYS[3] owner's counts
+-- KEYS[4] the group's waiting users   KEYS[5] limiter state
+-- KEYS[6] reservations   KEYS[7] leases   KEYS[8] user quota
+-- KEYS[9] the group's use per minute   KEYS[10] order   KEYS[11] costs
+-- KEYS[12] totals   KEYS[13] deadlines   KEYS[14] delayed
+-- KEYS[15] delayed tags   KEYS[16] expiring
+-- ARGV[1] now ms (0 = Redis TIME)
+-- ARGV[2] plan, JSON: {from = [status], to, dispatch, open, close, event,
+--   channel, ttl, maxlen, used = [requests, input, output], dur (ms of a
+--   completed call, 0 = none), lim = [rpm, itpm, otpm, burst ms],
+--   rph, tph (the user's hourly quotas), requeue (ms), tallies =
+--   [{k, f, z, n, t}], wake, moved, cancel,
+--   health = {after, window, probe_min, probe_max, max_outage, jitter}: the
+--   attempt failed for a reason of the upstream's own (see health_fail),
+--   deadline (ms): the job's deadline, which ends an outage's wait}
+-- ARGV[3] event data (JSON text; "__ATTEMPTS__", quoted, becomes the
+--   attempt count)
+-- ARGV[4..] field, value pairs to set; a field named "?name" only if absent
+-- Reply: {event id or "", attempts, limiter settled 0|1, quota settled 0|1,
+--   the status before the step, the group's health after it: "entered" (this
+--   step began an outage), "down" or ""}
+local now = clock(ARGV[1])
+local p = cjson.decode(ARGV[2])
+local h = redis.call('HMGET', KEYS[1], 'status', 'dispatch', 'attempt_open', 'fq_member',
+  'fq_tag', 'cost_in', 'cost_out', 'group', 'tenant', 'user_id', 'attempts')
+local cur = h[1]
+if not cur then return redis.error_reply('NOTFOUND') end
+local allowed = false
+for _, s in ipairs(p.from) do
+  if s == cur then allowed = true end
+end
+if not allowed then return redis.error_reply('STATE ' .. cur) end
+local dispatch = tonumber(h[2]) or 0
+if (p.dispatch or 0) > 0 and dispatch ~= p.dispatch then return redis.error_reply('SUPERSEDED') end
+local open = tonumber(h[3]) or 0
+if p.close and open ~= p.close and not p.salvage then return redis.error_reply('NOATTEMPT') end
+if p.open and open == p.open then return redis.error_reply('RUNNING') end
+
+local to = p.to
+local terminal = to == 'succeeded' or to == 'failed' or to == 'canceled' or to == 'expired'
+local ttl = tonumber(p.ttl) or 0
+
+-- log appends an event to the job's log and publishes it.
+local function log(name, data)
+  local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', p.maxlen, '*', 'event', name, 'data', data)
+  if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+  redis.call('PUBLISH', p.channel, '{"id":"' .. id .. '","event":"' .. name .. '","data":' .. data .. '}')
+  return id
+end
+
+-- The record, the owner's counts and the group's waiting users.
+redis.call('HSET', KEYS[1], 'status', to)
+if cur ~= to then
+  if cur == 'queued' or cur == 'running' then redis.call('HINCRBY', KEYS[3], cur, -1) end
+  if to == 'queued' or to == 'running' then redis.call('HINCRBY', KEYS[3], to, 1) end
+  if (cur == 'queued' or to == 'queued') and h[9] and h[10] then
+    local u = h[9] .. '\0' .. h[10]
+    if to == 'queued' then
+      redis.call('HINCRBY', KEYS[4], u, 1)
+    elseif redis.call('HINCRBY', KEYS[4], u, -1) <= 0 then
+      redis.call('HDEL', KEYS[4], u)
+    end
+  end
+end
+local attempts = tonumber(h[11]) or 0
+if p.open then
+  if open > 0 then
+    -- An earlier attempt was never ended (its worker died before its lease
+    -- was found expired): say so before the new one starts.
+    log('retrying', '{"attempt":' .. attempts .. ',"reason":"worker_lost","retry_in_seconds":0}')
+  end
+  attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  redis.call('HSET', KEYS[1], 'attempt_open', p.open)
+  open = p.open
+end
+if p.close then
+  redis.call('HDEL', KEYS[1], 'attempt_open')
+  open = 0
+end
+for i = 4, #ARGV, 2 do
+  local f = ARGV[i]
+  if string.sub(f, 1, 1) == '?' then
+    redis.call('HSETNX', KEYS[1], string.sub(f, 2), ARGV[i + 1])
+  else
+    redis.call('HSET', KEYS[1], f, ARGV[i + 1])
+  end
+end
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+
+-- The group's health: a failure of the upstream's own. While the group is
+-- in outage a retry waits for no delay: dispatch holds it (at the front of
+-- its lane) until the upstream is back; its deadline, if it has one, ends
+-- the wait.
+local health = ''
+if p.health then
+  health = health_fail(KEYS[5], now, p.health, p.id)
+  if health ~= '' and p.requeue then p.requeue = 0 end
+  if h[4] and p.deadline then redis.call('ZADD', KEYS[13], p.deadline, h[4]) end
+end
+
+-- The fair queue.
+local member = h[4]
+local moved = false
+if member and terminal and open == 0 then
+  if fq_leave(KEYS[10], KEYS[11], KEYS[12], KEYS[13], member) then moved = true end
+  if redis.call('ZREM', KEYS[14], member) == 1 then redis.call('HDEL', KEYS[15], member) end
+  redis.call('ZREM', KEYS[16], p.id)
+end
+if member and p.requeue then
+  redis.call('ZADD', KEYS[14], now + p.requeue, member)
+  redis.call('HSET', KEYS[15], member, (h[5] or '0') .. ';' .. (h[6] or '0') .. ',' .. (h[7] or '0'))
+end
+
+-- Settlement, when no call of the job runs any more.
+local lim_settled, quota_settled = 0, 0
+if open == 0 then
+  local used = p.used or {0, 0, 0}
+  if settle_limiter(KEYS[5], KEYS[6], KEYS[7], KEYS[9], now, p.lim, p.id, used, tonumber(p.dur) or 0) then
+    lim_settled = 1
+  end
+  if terminal and settle_quota(KEYS[1], KEYS[8], now, used, p.rph or 0, p.tph or 0) then
+    quota_settled = 1
+  end
+end
+
+-- Statistics, bumped exactly when the step happens.
+for _, t in ipairs(p.tallies or {}) do
+  if t.z then
+    redis.call('ZINCRBY', t.k, intstr(t.n), t.f)
+  else
+    redis.call('HINCRBY', t.k, t.f, intstr(t.n))
+  end
+  if t.t > 0 then redis.call('EXPIRE', t.k, t.t) end
+end
+
+local id = ''
+if p.event and p.event ~= '' then
+  local data = string.gsub(ARGV[3], '"__ATTEMPTS__"', tostring(attempts))
+  id = log(p.event, data)
+end
+if terminal and open > 0 and p.cancel then redis.call('PUBLISH', p.cancel, p.id) end
+if (moved or health == 'entered') and p.moved then redis.call('PUBLISH', p.moved, 1) end
+if p.wake and (lim_settled == 1 or p.requeue or moved) then redis.call('PUBLISH', p.wake, to) end
+return {id, attempts, lim_settled, quota_settled, cur, health}
