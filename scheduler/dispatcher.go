@@ -30,6 +30,10 @@ type DispatcherDeps struct {
 	// Expire ends a job whose deadline passed while it was queued (the
 	// dispatch script has taken it out of the queue).
 	Expire func(ctx context.Context, g *config.ModelGroup, jobID string) error
+	// Probe, if set, tests the upstream for a group in outage when no job
+	// waits to be the probe (see State Probe): nil when the upstream
+	// answered (whatever it said), an error when it did not.
+	Probe func(ctx context.Context, g *config.ModelGroup, model string) error
 	// OnDispatched, if set, is told how many jobs each dispatch picked (metrics).
 	OnDispatched func(group string, n int)
 	// HandOverAfter is how old a picked-but-not-handed job must be before
@@ -190,6 +194,9 @@ func (d *Dispatcher) round(ctx context.Context, log *slog.Logger, g *config.Mode
 	switch res.State {
 	case More:
 		return 0, expiring, res.State
+	case Probe:
+		go d.probe(ctx, log, g, res.ProbeModel)
+		return min(res.Wait, safetyWake), expiring, Down
 	case Wait, Full, Down:
 		return min(max(res.Wait, time.Millisecond), safetyWake), expiring, res.State
 	default: // Empty
@@ -197,6 +204,34 @@ func (d *Dispatcher) round(ctx context.Context, log *slog.Logger, g *config.Mode
 			return min(res.Wait, safetyWake), expiring, res.State
 		}
 		return safetyWake, expiring, res.State
+	}
+}
+
+// probe tests the upstream of a group in outage without a job and reports
+// the outcome: an answer ends the outage (dispatch resumes), a failure sets
+// the next probe later. With no way to probe (no Probe, no model known)
+// the probe's claim lapses after a lease and the next round tries again.
+func (d *Dispatcher) probe(ctx context.Context, log *slog.Logger, g *config.ModelGroup, model string) {
+	if d.d.Probe == nil || model == "" {
+		log.Debug("no jobless probe possible: waiting for a job to probe with", "model", model)
+		return
+	}
+	pctx, cancel := context.WithTimeout(ctx, time.Minute)
+	err := d.d.Probe(pctx, g, model)
+	cancel()
+	if ctx.Err() != nil {
+		return
+	}
+	bg := context.WithoutCancel(ctx)
+	if err != nil {
+		log.Info("probe: the upstream is still failing", "err", err)
+		if rerr := d.d.Scheduler.ProbeFailed(bg, g); rerr != nil {
+			log.Warn("could not record a failed probe", "err", rerr)
+		}
+		return
+	}
+	if _, rerr := d.d.Scheduler.Observe(bg, g, nil, true); rerr != nil {
+		log.Warn("could not record a probe's answer", "err", rerr)
 	}
 }
 

@@ -295,9 +295,7 @@ func (s *Scheduler) Retry(ctx context.Context, r Retry) (string, error) {
 	}
 	if r.Infra {
 		g := r.Group
-		p.Health = &health{After: g.OutageFailures, Window: g.OutageWindow.Milliseconds(),
-			ProbeMin: g.ProbeInterval.Milliseconds(), ProbeMax: g.ProbeIntervalMax.Milliseconds(),
-			MaxOutage: s.maxOutage.Milliseconds(), Jitter: rand.Float64()}
+		p.Health = s.health(g)
 		if !r.Deadline.IsZero() {
 			p.Deadline = r.Deadline.UnixMilli()
 		}
@@ -305,6 +303,33 @@ func (s *Scheduler) Retry(ctx context.Context, r Retry) (string, error) {
 	st, err := s.apply(ctx, r.Group, r.Job, p, json.RawMessage(fmt.Sprintf(`{"attempt":"__ATTEMPTS__","reason":%q,"retry_in_seconds":%s}`,
 		r.Reason, jsonSeconds(r.Delay))), fields...)
 	return st.Health, err
+}
+
+// health is g's outage rule, with a fresh jitter.
+func (s *Scheduler) health(g *config.ModelGroup) *health {
+	return &health{After: g.OutageFailures, Window: g.OutageWindow.Milliseconds(),
+		ProbeMin: g.ProbeInterval.Milliseconds(), ProbeMax: g.ProbeIntervalMax.Milliseconds(),
+		MaxOutage: s.maxOutage.Milliseconds(), Jitter: rand.Float64()}
+}
+
+var (
+	//go:embed lua/probe.lua
+	probeSrc    string
+	probeScript = redis.NewScript(prelude + probeSrc)
+)
+
+// ProbeFailed reports that a jobless probe (Dispatch's State Probe) found
+// the upstream still failing: the next probe goes after a longer wait. (A
+// probe the upstream answered is reported with Observe, answered.)
+func (s *Scheduler) ProbeFailed(ctx context.Context, g *config.ModelGroup) error {
+	h, err := json.Marshal(s.health(g))
+	if err != nil {
+		return err
+	}
+	if err := probeScript.Run(ctx, s.rdb, []string{keys{g.Name}.lim()}, s.now(), string(h)).Err(); err != nil {
+		return fmt.Errorf("scheduler: probe failed %s: %w", g.Name, err)
+	}
+	return nil
 }
 
 // jsonSeconds is d in seconds, to the millisecond.

@@ -327,6 +327,11 @@ const (
 	// Down: the group is in outage; Result.Wait is when the next probe may
 	// go (a job picked in this round is the probe).
 	Down State = "down"
+	// Probe: the group is in outage, a probe is due and no job waits to
+	// be it: the caller probes the upstream without a job (a free
+	// count_tokens call about Result.ProbeModel) and reports the outcome
+	// with Observe (answered) or ProbeFailed.
+	Probe State = "probe"
 )
 
 // Picked is a job handed out by a dispatch round.
@@ -341,6 +346,9 @@ type Result struct {
 	Wait     time.Duration
 	Jobs     []Picked
 	Expiring int // jobs past their deadline waiting to be expired (Expiring)
+	// ProbeModel is the model a jobless probe asks about (State Probe): the
+	// model of the last job the upstream failed; "" when none is known.
+	ProbeModel string
 }
 
 // Dispatch picks up to max jobs of group g in fair order that the limiter
@@ -359,6 +367,12 @@ func (s *Scheduler) Dispatch(ctx context.Context, g *config.ModelGroup, max int)
 		return Result{}, fmt.Errorf("scheduler: dispatch %s: %w", g.Name, err)
 	}
 	r := Result{State: State(fmt.Sprint(res[0])), Wait: time.Duration(toInt(res[1])) * time.Millisecond, Expiring: toInt(res[2])}
+	if r.State == Probe {
+		if len(res) > 3 {
+			r.ProbeModel = fmt.Sprint(res[3])
+		}
+		return r, nil
+	}
 	for i := 3; i+1 < len(res); i += 2 {
 		r.Jobs = append(r.Jobs, Picked{JobID: fmt.Sprint(res[i]), Dispatch: toInt(res[i+1])})
 	}

@@ -172,9 +172,11 @@ func (r *Recorder) Tallies(f Finished) []jobs.Tally {
 type Call struct {
 	Tenant, UserID string
 	Usage          jobs.Usage
-	// Estimated: the upstream reported no usage (the call was cut before it
-	// did), so Usage is sluice's estimate.
-	Estimated bool
+	// Estimated is how many of Usage's tokens are sluice's estimate, not
+	// the upstream's report: the call was cut before the upstream said
+	// (the output of a stream cut mid-answer is estimated from its text;
+	// the input of a call cut before message_start from the request).
+	Estimated int
 	At        time.Time
 }
 
@@ -196,9 +198,7 @@ func (r *Recorder) CallTallies(c Call) []jobs.Tally {
 		add(fOutput, int64(u.OutputTokens))
 		add(fCacheRead, int64(u.CacheReadInputTokens))
 		add(fCacheWrite, int64(u.CacheCreationInputTokens))
-		if c.Estimated {
-			add(fEstimated, tokens)
-		}
+		add(fEstimated, int64(min(c.Estimated, int(tokens))))
 		if tokens > 0 {
 			out = append(out, jobs.Tally{Key: k + ":users", Field: c.UserID, Sorted: true, By: tokens, TTL: ttl})
 		}

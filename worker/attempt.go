@@ -192,7 +192,7 @@ func (w *Worker) keep(ctx context.Context, a *attempt, res *upstream.Result, del
 		a.log.Info("job ended while its answer arrived; the answer is not kept", "status", se.Current)
 		j := *job
 		j.Status = se.Current
-		w.stop(a, &j, s.Used, w.callTallies(job, u, false, now))
+		w.stop(a, &j, s.Used, w.callTallies(job, u, 0, now))
 		return
 	case refused(err):
 		a.log.Warn("job was dispatched again before its answer could be written; the answer is not kept", "err", err)
@@ -314,7 +314,7 @@ func (w *Worker) tallies(j *jobs.Job, ok bool, now time.Time) []jobs.Tally {
 }
 
 // callTallies are the usage statistics of an upstream call.
-func (w *Worker) callTallies(j *jobs.Job, u jobs.Usage, estimated bool, now time.Time) []jobs.Tally {
+func (w *Worker) callTallies(j *jobs.Job, u jobs.Usage, estimated int, now time.Time) []jobs.Tally {
 	if w.d.Usage == nil {
 		return nil
 	}
@@ -324,16 +324,17 @@ func (w *Worker) callTallies(j *jobs.Job, u jobs.Usage, estimated bool, now time
 // billed is what the upstream bills for a call that failed: what its
 // stream reported (input from message_start; output the larger of what it
 // reported and an estimate from the text received), the input estimate
-// when it was cut before saying (estimated true), nothing when it never
+// when it was cut before saying; estimated is how many of those tokens are
+// sluice's estimate. Nothing when it never
 // reached the upstream or was refused with an error status.
-func billed(ue *upstream.Error, j *jobs.Job) (u jobs.Usage, estimated bool) {
+func billed(ue *upstream.Error, j *jobs.Job) (u jobs.Usage, estimated int) {
 	switch {
 	case ue.Started:
-		return jobs.Usage(ue.Partial), false
+		return jobs.Usage(ue.Partial), ue.Partial.OutputTokens
 	case ue.Unsent || ue.Status != 0:
-		return jobs.Usage{}, false
+		return jobs.Usage{}, 0
 	}
-	return jobs.Usage{InputTokens: j.CostIn}, true
+	return jobs.Usage{InputTokens: j.CostIn}, j.CostIn
 }
 
 // reached reports whether a failed call reached the upstream (it counts as

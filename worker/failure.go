@@ -2,10 +2,13 @@ package worker
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"time"
 
+	"github.com/sluice-dev/sluice/config"
 	"github.com/sluice-dev/sluice/jobs"
 	"github.com/sluice-dev/sluice/scheduler"
 	"github.com/sluice-dev/sluice/upstream"
@@ -45,7 +48,7 @@ func (w *Worker) failedAttempt(ctx context.Context, a *attempt, ue *upstream.Err
 	switch ue.Kind {
 	case upstream.KindFatal, upstream.KindSpendLimit:
 		// Refused before any work: nothing counted upstream.
-		w.fail(a, scheduler.Used{}, w.callTallies(job, jobs.Usage{}, false, w.now()), *jobError(ue))
+		w.fail(a, scheduler.Used{}, w.callTallies(job, jobs.Usage{}, 0, w.now()), *jobError(ue))
 		return
 	case upstream.KindRateLimited:
 		kind := scheduler.Pushback429
@@ -58,7 +61,7 @@ func (w *Worker) failedAttempt(ctx context.Context, a *attempt, ue *upstream.Err
 		}
 		a.log.Warn("upstream rate limit: group frozen", "until", until.UTC().Format(time.RFC3339Nano))
 		// A 429 is not admitted: nothing counted, no attempt used.
-		w.retry(a, ue, scheduler.Retry{Delay: ue.RetryAfter, Tallies: w.callTallies(job, jobs.Usage{}, false, w.now())})
+		w.retry(a, ue, scheduler.Retry{Delay: ue.RetryAfter, Tallies: w.callTallies(job, jobs.Usage{}, 0, w.now())})
 		return
 	}
 	if ue.Status == 529 || ue.Type == "overloaded_error" {
@@ -156,4 +159,22 @@ func backoff(base, max time.Duration, n int) time.Duration {
 		d = max
 	}
 	return d/2 + rand.N(d/2+1)
+}
+
+// probe tests the upstream of a model group in outage when no job waits to
+// be the probe: a free count_tokens call. Any answer (even a refusal of the
+// request) means the upstream is back; only a failure of the upstream's own
+// (see upstream.Error.Infra) is an error.
+func (w *Worker) probe(ctx context.Context, g *config.ModelGroup, model string) error {
+	body, err := json.Marshal(map[string]any{"model": model,
+		"messages": []map[string]string{{"role": "user", "content": "ping"}}})
+	if err != nil {
+		return err
+	}
+	_, err = w.d.Upstream.CountTokens(ctx, body)
+	var ue *upstream.Error
+	if err != nil && errors.As(err, &ue) && !ue.Infra() {
+		return nil
+	}
+	return err
 }

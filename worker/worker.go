@@ -112,6 +112,7 @@ func New(d Deps) *Worker {
 		Logger:       d.Logger.With("component", "dispatcher"),
 		Expire:       w.expireQueued,
 		OnDispatched: d.Metrics.Dispatched,
+		Probe:        w.probe,
 	})
 	return w
 }

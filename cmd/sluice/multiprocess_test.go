@@ -297,6 +297,44 @@ func TestKilledWorkersJobCompletesAndSlotReturns(t *testing.T) {
 	if got.Status != jobs.Succeeded || got.Attempts != 2 || got.Usage.OutputTokens != 40 {
 		t.Fatalf("job %s attempts %d usage %+v", got.Status, got.Attempts, got.Usage)
 	}
+	// A follower sees the crash: retrying (worker_lost) before the second
+	// started, and the deltas after the last started are the answer.
+	req, _ := http.NewRequest(http.MethodGet, c.api+"/v1/jobs/"+v.ID+"/events", nil)
+	req.Header.Set("x-api-key", harness.TenantKey)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	evs := harness.ReadSSE(t, resp.Body, -1)
+	resp.Body.Close()
+	var names []string
+	var text strings.Builder
+	for _, ev := range evs {
+		switch ev.Event {
+		case "delta":
+			var d struct{ Text string }
+			_ = json.Unmarshal([]byte(ev.Data), &d)
+			text.WriteString(d.Text)
+			continue
+		case "started":
+			text.Reset()
+		case "retrying":
+			var d struct {
+				Attempt int
+				Reason  string
+			}
+			if err := json.Unmarshal([]byte(ev.Data), &d); err != nil || d.Reason != "worker_lost" || d.Attempt != 1 {
+				t.Errorf("retrying event %s, want attempt 1, reason worker_lost", ev.Data)
+			}
+		}
+		names = append(names, ev.Event)
+	}
+	if want := "queued started retrying started succeeded"; strings.Join(names, " ") != want {
+		t.Errorf("events %v, want %s (deltas left out)", names, want)
+	}
+	if got.Text == nil || text.String() != *got.Text {
+		t.Errorf("the deltas after the last started make %q; the answer is %v", text.String(), got.Text)
+	}
 	// The slot comes back and the reservation is settled once (the worker
 	// settles just after it records the job's success).
 	rdb := c.redis.Client(t)

@@ -57,6 +57,9 @@ type Options struct {
 	PositionEvery time.Duration
 	// MaxConcurrency is the model group's max_concurrency (0 = 8).
 	MaxConcurrency int
+	// UpstreamExtra: YAML lines added to the upstream section (indented 2
+	// spaces), e.g. "  max_outage: 5s\n".
+	UpstreamExtra string
 }
 
 // Env is a running sluice.
@@ -83,10 +86,10 @@ type Env struct {
 
 // BaseConfig is the harness's configuration, for a given upstream URL.
 func BaseConfig(redisURL, upstreamURL string) string {
-	return groupConfig(redisURL, upstreamURL, "", "", 8)
+	return groupConfig(redisURL, upstreamURL, "", "", "", 8)
 }
 
-func groupConfig(redisURL, upstreamURL, tenantExtra, groupExtra string, maxConcurrency int) string {
+func groupConfig(redisURL, upstreamURL, upstreamExtra, tenantExtra, groupExtra string, maxConcurrency int) string {
 	return fmt.Sprintf(`redis_url: %q
 upstream:
   base_url: %q
@@ -94,7 +97,7 @@ upstream:
   backoff_base: 20ms
   backoff_max: 100ms
   attempt_timeout: 30s
-admin_keys: [%q]
+%sadmin_keys: [%q]
 tenants:
   - name: acme
     keys: [%q]
@@ -113,7 +116,7 @@ api:
   shutdown_timeout: 5s
 worker:
   shutdown_timeout: 5s
-`, redisURL, upstreamURL, AdminKey, TenantKey, tenantExtra, OtherTenantKey, maxConcurrency, groupExtra)
+`, redisURL, upstreamURL, upstreamExtra, AdminKey, TenantKey, tenantExtra, OtherTenantKey, maxConcurrency, groupExtra)
 }
 
 // Start runs sluice for the test and stops it when the test ends.
@@ -149,7 +152,7 @@ func Start(tb testing.TB, o Options) *Env {
 		}
 		return ""
 	}
-	cfg, err := config.Parse([]byte(groupConfig(e.Redis.URL, e.Upstream.URL, o.TenantExtra, o.GroupExtra, o.MaxConcurrency)+o.ExtraConfig), getenv)
+	cfg, err := config.Parse([]byte(groupConfig(e.Redis.URL, e.Upstream.URL, o.UpstreamExtra, o.TenantExtra, o.GroupExtra, o.MaxConcurrency)+o.ExtraConfig), getenv)
 	if err != nil {
 		tb.Fatalf("harness config: %v", err)
 	}

@@ -32,6 +32,9 @@
 --         "empty" nothing queued; the next retry is due in ms (-1: none)
 --         "down"  the group is in outage; the next probe may go in ms (the
 --                 one job picked, if any, is the probe)
+--         "probe" the group is in outage, a probe is due and no job waits
+--                 to be it: the caller probes without a job (the model to
+--                 ask about in the fourth place) and reports the outcome
 --   (a queued job's deadline coming sooner shortens ms)
 -- Jobs whose deadline passed leave the queue for the expiring set, where the
 -- dispatcher expires them; jobs canceled while queued are dropped.
@@ -138,9 +141,11 @@ local probing = false
 if st.down > 0 then
   local hv = redis.call('HMGET', KEYS[7], 'probe', 'probe_at')
   local probe = hv[1] or ''
-  if probe ~= '' and not redis.call('ZSCORE', KEYS[9], probe) then
+  local free_until = tonumber(string.match(probe, '^#(%d+)$'))
+  if (free_until and now >= free_until) or (probe ~= '' and not free_until and not redis.call('ZSCORE', KEYS[9], probe)) then
     -- The probe's call ended without a word on the upstream (its job was
-    -- canceled, or its worker died): another may go.
+    -- canceled, its worker died, or a jobless probe was never reported):
+    -- another may go.
     probe = ''
     redis.call('HSET', KEYS[7], 'probe', '')
   end
@@ -182,6 +187,15 @@ while out[1] == '' do
   local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   if #head == 0 then
     local d = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    if probing and #d == 0 then
+      -- A probe is due and no job waits to be it (the outage outlasted its
+      -- limit and the queue was failed, or nobody asked): the dispatcher
+      -- probes without a job, with the free count_tokens call, and reports.
+      redis.call('HSET', KEYS[7], 'probe', '#' .. (now + lease_ms))
+      out[1], out[2] = 'probe', 5000
+      out[4] = redis.call('HGET', KEYS[7], 'probe_model') or ''
+      break
+    end
     out[1], out[2] = 'empty', -1
     if #d > 0 then out[2] = math.max(1, tonumber(d[2]) - now) end
     break

@@ -125,6 +125,9 @@ if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 local health = ''
 if p.health then
   health = health_fail(KEYS[5], now, p.health, p.id)
+  -- The model a jobless probe asks about (see dispatch.lua).
+  local model = redis.call('HGET', KEYS[1], 'model')
+  if model then redis.call('HSET', KEYS[5], 'probe_model', model) end
   if health ~= '' and p.requeue then p.requeue = 0 end
   if h[4] and p.deadline then redis.call('ZADD', KEYS[13], p.deadline, h[4]) end
 end
