@@ -153,7 +153,8 @@ func (s *Scheduler) apply(ctx context.Context, g *config.ModelGroup, j *jobs.Job
 }
 
 func lifecycleError(id string, err error) error {
-	msg := err.Error()
+	// Redis 7 prefixes a one-word script error with "ERR ".
+	msg := strings.TrimPrefix(err.Error(), "ERR ")
 	switch {
 	case msg == "NOTFOUND":
 		return jobs.ErrNotFound

@@ -15,7 +15,8 @@
 --     so its settlement and statistics count once. plan.salvage lets an
 --     answer end it even when a dispatcher found its lease expired and put
 --     the job back in line (Redis was away), as long as the job was not
---     dispatched again: the answer is kept rather than bought again.
+--     dispatched again (its reservation is still held): the answer is
+--     kept rather than bought again.
 --
 -- Settlement: when no upstream call of the job is running after the step
 -- (no attempt stays open), the limiter reservation of its current dispatch
@@ -64,8 +65,13 @@ if not allowed then return redis.error_reply('STATE ' .. cur) end
 local dispatch = tonumber(h[2]) or 0
 if (p.dispatch or 0) > 0 and dispatch ~= p.dispatch then return redis.error_reply('SUPERSEDED') end
 local open = tonumber(h[3]) or 0
-if p.close and open ~= p.close and not p.salvage then return redis.error_reply('NOATTEMPT') end
+-- The dispatch's limiter reservation is held from the dispatch until its
+-- attempt ends (or a dispatcher finds its lease expired and the job is
+-- dispatched again): without it, the attempt has ended already.
+local reserved = (p.dispatch or 0) > 0 and redis.call('HEXISTS', KEYS[6], p.id) == 1
+if p.close and open ~= p.close and not (p.salvage and reserved) then return redis.error_reply('NOATTEMPT') end
 if p.open and open == p.open then return redis.error_reply('RUNNING') end
+if p.open and not reserved then return redis.error_reply('NOATTEMPT') end
 
 local to = p.to
 local terminal = to == 'succeeded' or to == 'failed' or to == 'canceled' or to == 'expired'
