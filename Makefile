@@ -24,6 +24,10 @@ vet: ## gofmt check and go vet
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet $(PKGS)
 
+.PHONY: chaos
+chaos: ## fault suite, full size: real processes SIGKILLed, SIGSTOPped, restarted under load; prints a table (needs redis-server)
+	$(GO) test -race -count=1 -v -timeout 30m ./chaos -args -chaos.full
+
 .PHONY: bench
 bench: ## run the Go benchmarks
 	$(GO) test -run '^$$' -bench . -benchmem $(PKGS)

@@ -147,17 +147,42 @@ type limitStatus struct {
 	UpstreamRemaining *int64   `json:"upstream_remaining"`
 }
 
+// redisStatus is the eviction guard's last check in GET /v1/admin/status.
+type redisStatus struct {
+	// MaxmemoryPolicy is Redis's maxmemory-policy; "" when it cannot be read.
+	MaxmemoryPolicy string `json:"maxmemory_policy"`
+	// OK: the policy is noeviction; false: Redis evicts keys (accepted jobs
+	// can be lost); null: the policy cannot be read.
+	OK *bool `json:"ok"`
+	// UsedMemoryBytes and MaxmemoryBytes are INFO memory's used_memory and
+	// maxmemory (0 = no limit, or not read).
+	UsedMemoryBytes int64 `json:"used_memory_bytes"`
+	MaxmemoryBytes  int64 `json:"maxmemory_bytes"`
+	// Message says why an evicting Redis is a problem and how to fix it.
+	Message string `json:"message,omitempty"`
+}
+
 // adminStatus is GET /v1/admin/status: each model group's live state
-// (queue, users, concurrency, dispatch rate, limiter), for the dashboard.
+// (queue, users, concurrency, dispatch rate, limiter), and Redis's eviction
+// policy and memory, for the dashboard.
 func (s *Server) adminStatus(c *echo.Context) error {
 	ctx := c.Request().Context()
 	out := struct {
 		Time       time.Time     `json:"time"`
 		Groups     []groupStatus `json:"groups"`
 		Monitoring string        `json:"monitoring,omitempty"`
+		Redis      *redisStatus  `json:"redis,omitempty"`
 	}{Time: s.now().UTC(), Groups: []groupStatus{}}
 	if s.d.Monitoring != nil {
 		out.Monitoring = "/monitoring/"
+	}
+	if s.d.Guard != nil {
+		st := s.d.Guard.Status()
+		out.Redis = &redisStatus{MaxmemoryPolicy: st.Policy, UsedMemoryBytes: st.UsedMemory, MaxmemoryBytes: st.MaxMemory, Message: st.Problem()}
+		if st.Known() {
+			ok := st.OK
+			out.Redis.OK = &ok
+		}
 	}
 	for i := range s.cfg.ModelGroups {
 		g := &s.cfg.ModelGroups[i]

@@ -1,17 +1,24 @@
 package api
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/http"
 	"strconv"
+	"time"
 
 	"github.com/labstack/echo/v5"
 
 	"github.com/sluice-dev/sluice/jobs"
+	"github.com/sluice-dev/sluice/redisconn"
 )
 
-// Error is an error a client sees: DESIGN.md §3's
+// unavailableRetry is the Retry-After, in seconds, of an answer given while
+// Redis is away.
+const unavailableRetry = 2
+
+// Error is an error a client sees:
 // {"error": {"type", "message", ...}} with the fields its type adds. Every
 // error a handler returns becomes one of these in exactly one place
 // (httpErrorHandler); anything else is a 500 whose details stay in the log.
@@ -52,6 +59,9 @@ var (
 		Message: "There is no such endpoint. See the README for the routes sluice serves."}
 	errMethodNotAllowed = &Error{Status: http.StatusMethodNotAllowed, Type: "invalid_request",
 		Message: "This endpoint does not accept that HTTP method."}
+	errUnavailable = &Error{Status: http.StatusServiceUnavailable, Type: "unavailable", RetryAfter: unavailableRetry,
+		Extra:   map[string]any{"retry_after_seconds": unavailableRetry},
+		Message: "sluice cannot reach its job store right now, so it can neither take nor look up jobs. Nothing already accepted is lost; try again in a few seconds."}
 	errInternal = &Error{Status: http.StatusInternalServerError, Type: "internal_error",
 		Message: "sluice hit an internal problem and could not finish this request. Nothing you sent was lost; please try again, and tell the operator if it keeps happening."}
 )
@@ -60,6 +70,9 @@ var (
 func (s *Server) httpErrorHandler(c *echo.Context, err error) {
 	if r, _ := echo.UnwrapResponse(c.Response()); r != nil && r.Committed {
 		return
+	}
+	if errors.Is(err, context.Canceled) && c.Request().Context().Err() != nil {
+		return // the client left: nobody to answer
 	}
 	var e *Error
 	switch {
@@ -70,6 +83,9 @@ func (s *Server) httpErrorHandler(c *echo.Context, err error) {
 		e = errRouteNotFound
 	case errors.Is(err, echo.ErrMethodNotAllowed):
 		e = errMethodNotAllowed
+	case redisconn.Unavailable(err):
+		s.redisAway(err)
+		e = errUnavailable
 	default:
 		var sc echo.HTTPStatusCoder
 		if errors.As(err, &sc) && sc.StatusCode() < 500 && sc.StatusCode() >= 400 {
@@ -99,3 +115,16 @@ func (s *Server) httpErrorHandler(c *echo.Context, err error) {
 	}
 	_ = c.JSON(e.Status, e.body())
 }
+
+// redisAway logs that requests are refused because Redis is away: once,
+// then at most every redisAwayLogEvery while it stays away.
+func (s *Server) redisAway(err error) {
+	now := time.Now().UnixNano()
+	last := s.awayLogged.Load()
+	if now-last < int64(redisAwayLogEvery) || !s.awayLogged.CompareAndSwap(last, now) {
+		return
+	}
+	s.log.Warn("Redis is unavailable: answering 503 until it is back", "err", err)
+}
+
+const redisAwayLogEvery = 30 * time.Second

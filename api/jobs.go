@@ -58,8 +58,14 @@ func (s *Server) admit(c *echo.Context, tenant *config.Tenant, req *createReques
 	if len(idemKey) > 255 {
 		return nil, none, invalid("Idempotency-Key", "The Idempotency-Key header is %d characters long; use at most 255.", len(idemKey))
 	}
-	ctx := c.Request().Context()
-	input := s.inputTokens(ctx, req)
+	input := s.exactInput(c.Request().Context(), req)
+	// Admission's Redis calls share one deadline, so that a Redis that
+	// stopped answering costs the client one timeout, not one per call.
+	ctx, cancel := context.WithTimeout(c.Request().Context(), s.cfg.Redis.Timeout)
+	defer cancel()
+	if input == 0 {
+		input = s.d.Estimator.Input(ctx, req.Model, req.RawInput)
+	}
 	policy := tenant.Policy(req.UserID)
 	if err := fitsLimits(req, input, tenant, policy); err != nil {
 		return nil, none, err
@@ -73,6 +79,11 @@ func (s *Server) admit(c *echo.Context, tenant *config.Tenant, req *createReques
 	job.TokenHash = jobs.HashToken(jobs.Token(s.d.TokenSecret, job.ID))
 	if req.DeadlineSeconds > 0 {
 		job.DeadlineAt = now.Add(time.Duration(req.DeadlineSeconds * float64(time.Second)))
+	}
+	// A client that gave up (its request timed out while Redis was away)
+	// is not sent a job it will never hear of.
+	if err := ctx.Err(); err != nil {
+		return nil, none, err
 	}
 	res, err := s.d.Scheduler.Admit(ctx, scheduler.Admission{
 		Job: job, Group: req.Group, InputEstimate: input, Policy: policy, MaxWait: tenant.MaxWait,
@@ -201,9 +212,9 @@ func thousands(n int) string {
 	return s
 }
 
-// inputTokens is the job's input reservation: the upstream's exact count for
-// groups that ask for it, else the calibrated local estimate.
-func (s *Server) inputTokens(ctx context.Context, req *createRequest) int {
+// exactInput is the job's input reservation for groups that ask the
+// upstream for its exact count; 0: use the calibrated local estimate.
+func (s *Server) exactInput(ctx context.Context, req *createRequest) int {
 	if req.Group.CountTokens && s.d.Upstream != nil {
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		n, err := s.d.Upstream.CountTokens(cctx, req.Request)
@@ -213,7 +224,7 @@ func (s *Server) inputTokens(ctx context.Context, req *createRequest) int {
 		}
 		s.log.Warn("count_tokens failed; using the local estimate", "group", req.Group.Name, "err", err)
 	}
-	return s.d.Estimator.Input(ctx, req.Model, req.RawInput)
+	return 0
 }
 
 // fitsLimits refuses a request that could never run: above the tenant's

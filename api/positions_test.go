@@ -120,7 +120,7 @@ func TestCancelOnDisconnect(t *testing.T) {
 	// One follower is still there: once the first has been counted out, the
 	// job is still queued.
 	harness.Eventually(t, 10*time.Second, func() bool {
-		n, _ := e.RDB.Get(context.Background(), jobs.FollowersKey(v.ID)).Int()
+		n, _ := e.RDB.ZCard(context.Background(), jobs.FollowersKey(v.ID)).Result()
 		return n == 1
 	}, "the first follower to be counted out")
 	if st := e.Get(t, v.ID).Status; st != "queued" {

@@ -5,10 +5,13 @@ package api
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
+	"sync/atomic"
 	"time"
 
 	"github.com/labstack/echo/v5"
@@ -18,6 +21,7 @@ import (
 	"github.com/sluice-dev/sluice/estimate"
 	"github.com/sluice-dev/sluice/jobs"
 	"github.com/sluice-dev/sluice/metrics"
+	"github.com/sluice-dev/sluice/redisguard"
 	"github.com/sluice-dev/sluice/scheduler"
 	"github.com/sluice-dev/sluice/upstream"
 	"github.com/sluice-dev/sluice/usage"
@@ -39,6 +43,9 @@ type Deps struct {
 	Dashboard   http.Handler     // the ops dashboard at /dashboard, behind admin auth; nil = none
 	Metrics     *metrics.Metrics // nil = no /metrics
 	Usage       *usage.Recorder  // nil = no usage statistics
+	// Guard is the Redis eviction guard: /readyz fails while it finds an
+	// evicting Redis, and /v1/admin/status reports it. nil = no guard.
+	Guard *redisguard.Guard
 	// PositionEvery is how often followed jobs' places are read even when no
 	// queue announced a move; 0 = one second (tests set it long, to see the
 	// announcements work alone).
@@ -61,6 +68,9 @@ type Server struct {
 	// proxies that cut silent connections.
 	heartbeat time.Duration
 	watching  watchers
+	followers *jobs.Followers
+	// awayLogged is when "Redis is unavailable" was last logged (unix ns).
+	awayLogged atomic.Int64
 }
 
 // DefaultHeartbeat is the SSE heartbeat period.
@@ -73,6 +83,11 @@ func New(d Deps) *Server {
 	}
 	s := &Server{cfg: d.Config, d: d, log: d.Logger, now: d.Clock, heartbeat: DefaultHeartbeat}
 	s.stop, s.close = context.WithCancel(context.Background())
+	lease := d.Config.API.FollowerLease
+	if lease <= 0 {
+		lease = config.DefaultFollowerLease
+	}
+	s.followers = jobs.NewFollowers(d.Redis, lease)
 	s.watching.jobs = map[string]*watched{}
 	s.watching.kicked = map[string]bool{}
 	s.watching.kick = make(chan struct{}, 1)
@@ -89,11 +104,22 @@ func New(d Deps) *Server {
 }
 
 // ServeHTTP serves the api.
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.echo.ServeHTTP(w, r) }
+// A request with a body must deliver it within api.body_timeout (readBodyFor
+// lifts the deadline once it has the body); the response, an event stream
+// included, may then take as long as it needs.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.ContentLength != 0 && s.cfg.API.BodyTimeout > 0 {
+		_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(s.cfg.API.BodyTimeout))
+	}
+	s.echo.ServeHTTP(w, r)
+}
 
 // CloseStreams ends every open event stream; call it when shutdown begins,
 // since http.Server.Shutdown waits for handlers but does not cancel them.
-func (s *Server) CloseStreams() { s.close() }
+func (s *Server) CloseStreams() {
+	s.close()
+	s.followers.Close()
+}
 
 // readBodyFor reads the request body up to the tenant's limit (or the
 // server's, whichever is smaller); larger is a 413.
@@ -107,9 +133,15 @@ func (s *Server) readBodyFor(c *echo.Context, t *config.Tenant) ([]byte, error) 
 		return nil, tooLarge(r.ContentLength, limit)
 	}
 	b, err := io.ReadAll(io.LimitReader(r.Body, limit+1))
+	if ne, ok := errors.AsType[net.Error](err); ok && ne.Timeout() {
+		c.Response().Header().Set("Connection", "close")
+		return nil, &Error{Status: http.StatusRequestTimeout, Type: "request_timeout",
+			Message: fmt.Sprintf("The request body did not arrive within %s of its headers, so the connection was closed. Send the whole body at once and try again.", s.cfg.API.BodyTimeout)}
+	}
 	if err != nil {
 		return nil, invalid("", "The request body could not be read: the connection broke while sending it.")
 	}
+	_ = http.NewResponseController(c.Response()).SetReadDeadline(time.Time{})
 	if int64(len(b)) > limit {
 		return nil, tooLarge(-1, limit)
 	}

@@ -2,14 +2,17 @@ package api
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/labstack/echo/v5"
 
 	"github.com/sluice-dev/sluice/jobs"
+	"github.com/sluice-dev/sluice/redisconn"
 )
 
 // jobEvents is GET /v1/jobs/{id}/events: the job's Server-Sent Events. It
@@ -18,6 +21,10 @@ import (
 // server shutting down.
 func (s *Server) jobEvents(c *echo.Context) error {
 	job, err := s.authorizedJob(c)
+	if redisconn.Unavailable(err) {
+		s.redisAway(err)
+		return s.streamUnavailable(c, true)
+	}
 	if err != nil {
 		return err
 	}
@@ -36,11 +43,13 @@ func (s *Server) jobEvents(c *echo.Context) error {
 
 	// Followers are counted across api processes, so a queued job asked to
 	// be canceled on disconnect is canceled only when its last one leaves.
-	followers := jobs.FollowersKey(job.ID)
-	if err := s.d.Redis.Incr(ctx, followers).Err(); err == nil {
-		s.d.Redis.Expire(ctx, followers, 24*time.Hour)
+	// Each stream's count is a lease this process renews: a killed api's
+	// followers stop counting when their leases end.
+	if member, err := s.followers.Join(ctx, job.ID); err == nil {
 		defer func() {
-			left, err := s.d.Redis.Decr(context.WithoutCancel(ctx), followers).Result()
+			lctx, lcancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			defer lcancel()
+			left, err := s.followers.Leave(lctx, job.ID, member)
 			clientLeft := c.Request().Context().Err() != nil && s.stop.Err() == nil
 			if err == nil && left <= 0 && cancelOnDisconnect && clientLeft {
 				s.cancelOnDisconnect(job)
@@ -53,6 +62,10 @@ func (s *Server) jobEvents(c *echo.Context) error {
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil
+		}
+		if redisconn.Unavailable(err) {
+			s.redisAway(err)
+			return s.streamUnavailable(c, true)
 		}
 		return err
 	}
@@ -93,6 +106,11 @@ func (s *Server) jobEvents(c *echo.Context) error {
 			}
 			return false, flush.Flush()
 		})
+	if redisconn.Unavailable(err) && ctx.Err() == nil {
+		s.redisAway(err)
+		_ = s.streamUnavailable(c, false)
+		return nil
+	}
 	if err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, jobs.ErrHubClosed) {
 		s.log.Debug("event stream ended", "job_id", job.ID, "tenant", job.Tenant, "user_id", job.UserID, "err", err)
 	}
@@ -112,6 +130,25 @@ func appendEvent(b []byte, ev jobs.Event) []byte {
 }
 
 var heartbeatComment = []byte(": heartbeat\n\n")
+
+// streamUnavailable ends an event stream because Redis is away: an
+// `unavailable` event says so and when to come back, and the retry field
+// makes an EventSource reconnect then, with the Last-Event-ID it has, so it
+// misses nothing. head: the stream's headers are not written yet.
+func (s *Server) streamUnavailable(c *echo.Context, head bool) error {
+	w := c.Response()
+	if head {
+		h := w.Header()
+		h.Set("Content-Type", "text/event-stream")
+		h.Set("Cache-Control", "no-cache")
+		h.Set("Retry-After", strconv.Itoa(unavailableRetry))
+		w.WriteHeader(http.StatusOK)
+	}
+	data, _ := json.Marshal(errUnavailable.body()["error"])
+	_, err := fmt.Fprintf(w, "retry: %d\nevent: unavailable\ndata: %s\n\n", unavailableRetry*1000, data)
+	_ = http.NewResponseController(w).Flush()
+	return err
+}
 
 // maxKeptEventBuffer is the largest event buffer a stream keeps between
 // events (most events are well under 1 KiB).

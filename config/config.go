@@ -59,6 +59,12 @@ const (
 	DefaultHourlyRetention   = 7 * 24 * time.Hour
 	DefaultDailyRetention    = 400 * 24 * time.Hour
 	DefaultLeaseTTL          = 15 * time.Second
+	DefaultRedisTimeout      = 2 * time.Second
+	DefaultRedisCheck        = 30 * time.Second
+	DefaultReadHeaderTimeout = 10 * time.Second
+	DefaultBodyTimeout       = 30 * time.Second
+	DefaultIdleTimeout       = 2 * time.Minute
+	DefaultFollowerLease     = 30 * time.Second
 	DefaultLogFormat         = "text"
 	DefaultLogLevel          = "info"
 )
@@ -74,6 +80,7 @@ const (
 	envAdminKey     = "SLUICE_ADMIN_KEY"
 	envLogFormat    = "SLUICE_LOG_FORMAT"
 	envLogLevel     = "SLUICE_LOG_LEVEL"
+	envAllowEvict   = "SLUICE_ALLOW_EVICTING_REDIS"
 )
 
 // Config is the whole configuration of a sluice process.
@@ -85,7 +92,9 @@ type Config struct {
 	WorkerListen string `yaml:"worker_listen"`
 	// RedisURL locates the Redis that holds jobs, queues and limiter state
 	// (redis://, rediss:// or unix://). Default "redis://127.0.0.1:6379/0"; env REDIS_URL.
-	RedisURL string   `yaml:"redis_url"`
+	RedisURL string `yaml:"redis_url"`
+	// Redis tunes how sluice uses that Redis.
+	Redis    Redis    `yaml:"redis"`
 	Upstream Upstream `yaml:"upstream"`
 	// AdminKeys open /monitoring/, /dashboard and the admin routes. Empty
 	// (the default) disables them. Env SLUICE_ADMIN_KEY adds one.
@@ -117,6 +126,24 @@ type Usage struct {
 	// DailyRetention is how long per-day statistics are kept. Default
 	// 9600h (400 days); at least 24h.
 	DailyRetention time.Duration `yaml:"daily_retention"`
+}
+
+// Redis tunes how sluice uses its Redis.
+type Redis struct {
+	// Timeout bounds each Redis call: connecting, sending and waiting for
+	// the answer. A Redis that does not answer within it is treated as
+	// away: requests get a 503 with Retry-After at once instead of hanging.
+	// Default 2s.
+	Timeout time.Duration `yaml:"timeout"`
+	// AllowEvicting lets sluice start on a Redis whose maxmemory-policy is
+	// not noeviction. Such a Redis deletes keys when it fills up: accepted
+	// jobs, queues and limiter state vanish. Default false: sluice refuses
+	// to start; env SLUICE_ALLOW_EVICTING_REDIS=true or the flag
+	// --allow-evicting-redis overrides (with a warning, and /readyz failing).
+	AllowEvicting bool `yaml:"allow_evicting"`
+	// CheckInterval is how often the eviction policy and memory use are
+	// read again while running. Default 30s.
+	CheckInterval time.Duration `yaml:"check_interval"`
 }
 
 // Upstream is the Anthropic API that sluice forwards to.
@@ -286,6 +313,20 @@ type API struct {
 	// ShutdownTimeout is how long a stopping api waits for open requests and
 	// streams. Default 10s.
 	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
+	// ReadHeaderTimeout bounds reading a request's headers. Default 10s.
+	ReadHeaderTimeout time.Duration `yaml:"read_header_timeout"`
+	// BodyTimeout bounds reading a request's body, from the end of its
+	// headers; a client slower than that gets its connection closed. It
+	// does not limit how long a response (an event stream) lasts. Default 30s.
+	BodyTimeout time.Duration `yaml:"body_timeout"`
+	// IdleTimeout closes a kept-alive connection with no request for this
+	// long. Default 2m.
+	IdleTimeout time.Duration `yaml:"idle_timeout"`
+	// FollowerLease is how long an api process's count of a job's event
+	// stream followers outlives the process: a killed api's followers stop
+	// counting after it, so cancel_on_disconnect works again. Processes
+	// renew their counts every third of it. Default 30s.
+	FollowerLease time.Duration `yaml:"follower_lease"`
 }
 
 // Worker configures the upstream workers.
@@ -299,7 +340,8 @@ type Worker struct {
 	// LeaseTTL is how long a running call's concurrency slot stays taken
 	// without a heartbeat (workers renew every third of it): when a worker
 	// dies mid-call, its slot returns and its job is queued again within
-	// this time. Default 15s.
+	// this time plus a third of it (the grace a live worker gets to renew
+	// once Redis answers again after an outage). Default 15s.
 	LeaseTTL time.Duration `yaml:"lease_ttl"`
 }
 
@@ -327,9 +369,17 @@ func Default() *Config {
 			MaxOutage:        DefaultMaxOutage,
 			FirstByteTimeout: DefaultFirstByteTimeout,
 		},
+		Redis: Redis{
+			Timeout:       DefaultRedisTimeout,
+			CheckInterval: DefaultRedisCheck,
+		},
 		API: API{
-			BodyLimitBytes:  DefaultBodyLimitBytes,
-			ShutdownTimeout: DefaultAPIShutdown,
+			BodyLimitBytes:    DefaultBodyLimitBytes,
+			ShutdownTimeout:   DefaultAPIShutdown,
+			ReadHeaderTimeout: DefaultReadHeaderTimeout,
+			BodyTimeout:       DefaultBodyTimeout,
+			IdleTimeout:       DefaultIdleTimeout,
+			FollowerLease:     DefaultFollowerLease,
 		},
 		Worker: Worker{
 			ShutdownTimeout:   DefaultWorkerShutdown,
@@ -523,32 +573,44 @@ func applyEnv(c *Config, getenv func(string) string) ([]*fieldError, map[string]
 	set(&c.Upstream.APIKey, "upstream.api_key", envAPIKey)
 	set(&c.Log.Format, "log.format", envLogFormat)
 	set(&c.Log.Level, "log.level", envLogLevel)
+	var errs []*fieldError
+	switch v := strings.ToLower(strings.TrimSpace(getenv(envAllowEvict))); v {
+	case "":
+	case "1", "true", "yes":
+		c.Redis.AllowEvicting = true
+		fromEnv["redis.allow_evicting"] = envAllowEvict
+	case "0", "false", "no":
+		c.Redis.AllowEvicting = false
+		fromEnv["redis.allow_evicting"] = envAllowEvict
+	default:
+		errs = append(errs, &fieldError{Path: envAllowEvict, Msg: fmt.Sprintf("must be true or false, not %q", v)})
+	}
 
 	v := strings.TrimSpace(getenv(envAdminKey))
 	if v == "" {
-		return nil, fromEnv
+		return errs, fromEnv
 	}
 	k, err := ParseKey(v)
 	if err != nil {
-		return []*fieldError{{Path: envAdminKey, Msg: err.Error()}}, fromEnv
+		return append(errs, &fieldError{Path: envAdminKey, Msg: err.Error()}), fromEnv
 	}
 	// The same key in the file and the environment is one admin key, not a
 	// duplicate; the same key as a tenant's would give that tenant admin
 	// rights, so it is refused.
 	for _, a := range c.AdminKeys {
 		if a.valid && a.digest == k.digest {
-			return nil, fromEnv
+			return errs, fromEnv
 		}
 	}
 	for i, t := range c.Tenants {
 		for j, tk := range t.Keys {
 			if tk.valid && tk.digest == k.digest {
-				return []*fieldError{{Path: envAdminKey, Msg: fmt.Sprintf("same key as tenants[%d].keys[%d]; an admin key must not also be a tenant's key", i, j)}}, fromEnv
+				return append(errs, &fieldError{Path: envAdminKey, Msg: fmt.Sprintf("same key as tenants[%d].keys[%d]; an admin key must not also be a tenant's key", i, j)}), fromEnv
 			}
 		}
 	}
 	c.AdminKeys = append(c.AdminKeys, k)
-	return nil, fromEnv
+	return errs, fromEnv
 }
 
 // GroupFor returns the model group that serves model: a group that lists the

@@ -104,7 +104,8 @@ model_groups:
     rpm: 100
     input_tpm: 50000
     output_tpm: 10000
-api: {body_limit_bytes: 1048576, shutdown_timeout: 5s}
+redis: {timeout: 500ms, allow_evicting: true}
+api: {body_limit_bytes: 1048576, shutdown_timeout: 5s, body_timeout: 1m}
 worker: {shutdown_timeout: 20s, task_check_interval: 10ms}
 log: {format: JSON, level: debug}
 `
@@ -132,7 +133,9 @@ log: {format: JSON, level: debug}
 			{Name: "sonnet", Models: []string{"claude-sonnet-4-5", "claude-sonnet-*"}, RPM: 50, InputTPM: 30000, OutputTPM: 8000, MaxConcurrency: 4, CountCacheReads: true, Burst: DefaultBurst, OutageFailures: DefaultOutageFailures, OutageWindow: DefaultOutageWindow, ProbeInterval: DefaultProbeInterval, ProbeIntervalMax: DefaultProbeIntervalMax},
 			{Name: "haiku", Models: []string{"claude-haiku-*"}, RPM: 100, InputTPM: 50000, OutputTPM: 10000, MaxConcurrency: DefaultMaxConcurrency, Burst: DefaultBurst, OutageFailures: DefaultOutageFailures, OutageWindow: DefaultOutageWindow, ProbeInterval: DefaultProbeInterval, ProbeIntervalMax: DefaultProbeIntervalMax},
 		},
-		API:    API{BodyLimitBytes: 1 << 20, ShutdownTimeout: 5 * time.Second},
+		Redis: Redis{Timeout: 500 * time.Millisecond, AllowEvicting: true, CheckInterval: DefaultRedisCheck},
+		API: API{BodyLimitBytes: 1 << 20, ShutdownTimeout: 5 * time.Second, ReadHeaderTimeout: DefaultReadHeaderTimeout,
+			BodyTimeout: time.Minute, IdleTimeout: DefaultIdleTimeout, FollowerLease: DefaultFollowerLease},
 		Worker: Worker{ShutdownTimeout: 20 * time.Second, TaskCheckInterval: 10 * time.Millisecond, LeaseTTL: DefaultLeaseTTL},
 		Log:    Log{Format: "json", Level: "debug"},
 		Usage:  Usage{HourlyRetention: DefaultHourlyRetention, DailyRetention: DefaultDailyRetention},
@@ -169,6 +172,13 @@ func TestDefaultsFilled(t *testing.T) {
 		{"worker.shutdown_timeout", d.Worker.ShutdownTimeout, 25 * time.Second},
 		{"task_check_interval", d.Worker.TaskCheckInterval, 2 * time.Millisecond},
 		{"lease_ttl", d.Worker.LeaseTTL, 15 * time.Second},
+		{"redis.timeout", d.Redis.Timeout, 2 * time.Second},
+		{"redis.allow_evicting", d.Redis.AllowEvicting, false},
+		{"redis.check_interval", d.Redis.CheckInterval, 30 * time.Second},
+		{"api.read_header_timeout", d.API.ReadHeaderTimeout, 10 * time.Second},
+		{"api.body_timeout", d.API.BodyTimeout, 30 * time.Second},
+		{"api.idle_timeout", d.API.IdleTimeout, 2 * time.Minute},
+		{"api.follower_lease", d.API.FollowerLease, 30 * time.Second},
 		{"log.format", d.Log.Format, "text"},
 		{"log.level", d.Log.Level, "info"},
 		{"usage.hourly_retention", d.Usage.HourlyRetention, 168 * time.Hour},
@@ -480,7 +490,7 @@ upstream:
   base_ur: "http://x"
 `,
 			want: []string{
-				"lisen: unknown field; the fields here are listen, worker_listen, redis_url, upstream, admin_keys, tenants, model_groups, api, worker, log, metrics, usage (line 12)",
+				"lisen: unknown field; the fields here are listen, worker_listen, redis_url, redis, upstream, admin_keys, tenants, model_groups, api, worker, log, metrics, usage (line 12)",
 				"upstream.base_ur: unknown field; the fields here are base_url, attempt_timeout, max_attempts, backoff_base, backoff_max, max_outage, first_byte_timeout (line 14)",
 			},
 		},

@@ -43,6 +43,13 @@ func (c *Config) problems() []*fieldError {
 		v.add("redis_url", "not a valid Redis URL (redis://host:port/db, rediss:// or unix://): %s", urlErr(err))
 	}
 
+	v.positiveDuration("redis.timeout", c.Redis.Timeout)
+	v.positiveDuration("redis.check_interval", c.Redis.CheckInterval)
+	v.positiveDuration("api.read_header_timeout", c.API.ReadHeaderTimeout)
+	v.positiveDuration("api.body_timeout", c.API.BodyTimeout)
+	v.positiveDuration("api.idle_timeout", c.API.IdleTimeout)
+	v.positiveDuration("api.follower_lease", c.API.FollowerLease)
+
 	u := c.Upstream
 	v.baseURL("upstream.base_url", u.BaseURL)
 	v.positiveDuration("upstream.attempt_timeout", u.AttemptTimeout)

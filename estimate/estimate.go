@@ -155,8 +155,12 @@ func (c *Calibrator) Ratio(ctx context.Context, model string) float64 {
 		if f, err := strconv.ParseFloat(v, 64); err == nil && f > 0 {
 			r = f
 		}
-	} else if err != redis.Nil && ok {
-		r = e.ratio // Redis hiccup: keep the last known ratio
+	} else if err != redis.Nil {
+		// Redis hiccup: the last known ratio, not remembered as new.
+		if ok {
+			return e.ratio
+		}
+		return r
 	}
 	c.mu.Lock()
 	c.cache[model] = cached{ratio: r, at: time.Now()}

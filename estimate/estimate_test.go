@@ -34,7 +34,7 @@ func body(t *testing.T, system string, msgs ...string) []byte {
 }
 
 // Raw must not under-count against bytes/4 (the fake's rule) by the margins
-// UPSTREAM.md gives for code, JSON and non-Latin text.
+// the Anthropic tokenizer shows for code, JSON and non-Latin text.
 func TestRawIsConservative(t *testing.T) {
 	code := strings.Repeat("func (s *Server) Get(ctx context.Context, id string) (*Job, error) { return s.m[id], nil }\n", 20)
 	js := strings.Repeat(`{"id":123,"tags":["a","b"],"ok":true,"nested":{"x":[1,2,3]}},`, 30)

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/sluice-dev/sluice/redisconn"
 )
 
 // Hub fans the live events of jobs out to this process's subscribers over a
@@ -28,6 +30,10 @@ type Hub struct {
 	store *Store
 	log   *slog.Logger
 	ps    *redis.PubSub
+	// failing reports a run of receive failures once (go-redis reconnects
+	// and resubscribes on the next Receive; events published meanwhile are
+	// in the log: every subscriber resyncs).
+	failing *redisconn.Reporter
 
 	mu        sync.Mutex
 	subs      map[string][]*Subscription // job id → subscribers (almost always one)
@@ -68,6 +74,7 @@ func NewHub(store *Store, log *slog.Logger) *Hub {
 		confirmed: map[string]chan struct{}{},
 		notify:    map[string]func(){},
 		done:      make(chan struct{}),
+		failing:   redisconn.NewReporter(log, "event hub: receiving published events"),
 	}
 	// Subscribe to a channel nobody publishes on so the connection exists and
 	// Receive has something to wait on.
@@ -103,6 +110,9 @@ func (h *Hub) loop() {
 	ctx := context.Background()
 	for {
 		msg, err := h.ps.ReceiveTimeout(ctx, pingEvery)
+		if err == nil {
+			h.failing.OK()
+		}
 		if err != nil {
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
@@ -117,7 +127,7 @@ func (h *Hub) loop() {
 			}
 			// go-redis reconnects and resubscribes on the next Receive; events
 			// published meanwhile are in the log: every subscriber resyncs.
-			h.log.Warn("event hub: pubsub receive failed; resyncing subscribers", "err", err)
+			h.failing.Fail(err)
 			h.resyncAll()
 			select {
 			case <-time.After(100 * time.Millisecond):

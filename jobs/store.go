@@ -29,10 +29,14 @@ func channel(id string) string   { return eventsChannel + id }
 // ChannelPrefix prefixes every job's live-event channel: ChannelPrefix + id.
 const ChannelPrefix = eventsChannel
 
-// CountsKey is the Redis hash of a user's queued and running job counts.
+// CountsKey is the Redis hash of a user's queued and running job counts
+// (UserKeyPrefix + tenant + ":" + user + ":counts").
 func CountsKey(tenant, user string) string {
-	return keyPrefix + "user:" + tenant + ":" + user + ":counts"
+	return UserKeyPrefix + tenant + ":" + user + ":counts"
 }
+
+// UserKeyPrefix prefixes every per-user key.
+const UserKeyPrefix = keyPrefix + "user:"
 
 // IndexKey is the Redis sorted set of a tenant's jobs by creation time (user
 // "" = all the tenant's users).
@@ -42,9 +46,6 @@ func IndexKey(tenant, user string) string {
 	}
 	return keyPrefix + "user:" + tenant + ":" + user + ":jobs"
 }
-
-// FollowersKey counts a job's event-stream followers across api processes.
-func FollowersKey(id string) string { return KeyPrefix + id + ":followers" }
 
 // Key is the Redis key of a job record.
 func Key(id string) string { return jobKey(id) }
@@ -227,25 +228,89 @@ func (s *Store) Events(ctx context.Context, id, after string, count int64) ([]Ev
 		start = "(" + loggedID(after)
 	}
 	pipe := s.rdb.Pipeline()
-	first := pipe.HMGet(ctx, jobKey(id), "ev0_id", "ev0")
+	// The record first: a terminal status read here has its event in the
+	// log read after it (one atomic step writes both).
+	first := pipe.HMGet(ctx, jobKey(id), "ev0_id", "ev0", "status")
 	rng := pipe.XRangeN(ctx, eventsKey(id), start, "+", count)
 	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
 		return nil, fmt.Errorf("jobs: events of %s: %w", id, err)
 	}
 	msgs := rng.Val()
 	out := make([]Event, 0, len(msgs)+1)
-	if v := first.Val(); len(v) == 2 && v[0] != nil && v[1] != nil {
+	v := first.Val()
+	ev0ID := ""
+	if len(v) == 3 && v[0] != nil && v[1] != nil {
 		ev0 := Event{ID: fmt.Sprint(v[0]), Name: string(Queued), Data: json.RawMessage(fmt.Sprint(v[1]))}
+		ev0ID = ev0.ID
 		if after == "" || compareEventIDs(ev0.ID, after) > 0 {
 			out = append(out, ev0)
 		}
 	}
+	ended := false
 	for _, m := range msgs {
 		name, _ := m.Values["event"].(string)
 		data, _ := m.Values["data"].(string)
-		out = append(out, Event{ID: m.ID, Name: name, Data: json.RawMessage(data)})
+		ev := Event{ID: m.ID, Name: name, Data: json.RawMessage(data)}
+		ended = ended || ev.Terminal()
+		out = append(out, ev)
+	}
+	if len(v) == 3 && !ended && int64(len(msgs)) < count {
+		if st, _ := v[2].(string); Status(st).Terminal() {
+			ev, err := s.lostEnd(ctx, id, after, ev0ID)
+			if err != nil {
+				return nil, err
+			}
+			if ev != nil {
+				out = append(out, *ev)
+			}
+		}
 	}
 	return out, nil
+}
+
+// lostEnd is the terminal event of an ended job whose log lost it (its
+// stream was evicted or deleted), rebuilt from the record so that its
+// followers are not left waiting for it; nil when the log ends with it (a
+// follower that already had it reconnected). Its id follows the log's last
+// event, ev0 and after.
+func (s *Store) lostEnd(ctx context.Context, id, after, ev0ID string) (*Event, error) {
+	last, err := s.rdb.XRevRangeN(ctx, eventsKey(id), "+", "-", 1).Result()
+	if err != nil && !errors.Is(err, redis.Nil) {
+		return nil, fmt.Errorf("jobs: events of %s: %w", id, err)
+	}
+	base := loggedID(ev0ID)
+	if len(last) == 1 {
+		name, _ := last[0].Values["event"].(string)
+		if Status(name).Terminal() {
+			return nil, nil
+		}
+		if compareEventIDs(last[0].ID, base) > 0 {
+			base = last[0].ID
+		}
+	}
+	if after != "" && compareEventIDs(loggedID(after), base) > 0 {
+		base = loggedID(after)
+	}
+	j, err := s.Get(ctx, id)
+	if err != nil {
+		if errors.Is(err, ErrNotFound) {
+			return nil, nil
+		}
+		return nil, err
+	}
+	var data any = struct{}{}
+	switch {
+	case j.Status == Succeeded:
+		data = j.View()
+	case j.Error != nil:
+		data = map[string]any{"error": j.Error}
+	}
+	b, err := json.Marshal(data)
+	if err != nil {
+		return nil, err
+	}
+	p := idParts(base)
+	return &Event{ID: strconv.FormatUint(p[0], 10) + "-" + strconv.FormatUint(p[1]+1, 10), Name: string(j.Status), Data: b}, nil
 }
 
 // ValidEventID reports whether s looks like an event id, so a client's

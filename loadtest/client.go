@@ -38,7 +38,7 @@ type jobView struct {
 	} `json:"error"`
 }
 
-// terminal reports whether the status is final (DESIGN.md §3).
+// terminal reports whether the status is final.
 func terminal(status string) bool {
 	switch status {
 	case "succeeded", "failed", "canceled", "expired":

@@ -1,5 +1,5 @@
 // Package loadtest drives a running sluice over HTTP through named
-// scenarios and measures what DESIGN.md §6 promises: how close the upstream
+// scenarios and measures what sluice promises: how close the upstream
 // runs to its binding limit without a 429, how fairly backlogged users are
 // served, how long each class of user waits, whether the position a job is
 // told at submit comes true, and how soon a newcomer behind a big backlog

@@ -11,6 +11,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/sluice-dev/sluice/config"
+	"github.com/sluice-dev/sluice/redisconn"
 	"github.com/sluice-dev/sluice/tasks"
 )
 
@@ -129,12 +130,13 @@ func signal(c chan struct{}) {
 
 func (d *Dispatcher) loop(ctx context.Context, g *config.ModelGroup, wake chan struct{}) {
 	log := d.d.Logger.With("group", g.Name)
+	failing := redisconn.NewReporter(log, "dispatch")
 	timer := time.NewTimer(0)
 	defer timer.Stop()
 	lastHandOver := time.Time{}
 	down := false
 	for {
-		sleep, expiring, state := d.round(ctx, log, g)
+		sleep, expiring, state := d.round(ctx, log, failing, g)
 		if state != "" && (state == Down) != down {
 			down = state == Down
 			if down {
@@ -176,14 +178,15 @@ func (d *Dispatcher) loop(ctx context.Context, g *config.ModelGroup, wake chan s
 // round runs one dispatch round and says how long to sleep after it,
 // whether jobs past their deadline wait to be expired, and why the round
 // stopped ("" when it failed).
-func (d *Dispatcher) round(ctx context.Context, log *slog.Logger, g *config.ModelGroup) (time.Duration, bool, State) {
+func (d *Dispatcher) round(ctx context.Context, log *slog.Logger, failing *redisconn.Reporter, g *config.ModelGroup) (time.Duration, bool, State) {
 	res, err := d.d.Scheduler.Dispatch(ctx, g, d.batch)
 	if err != nil {
 		if ctx.Err() == nil {
-			log.Error("dispatch failed; retrying shortly", "err", err)
+			failing.Fail(err)
 		}
 		return 500 * time.Millisecond, false, ""
 	}
+	failing.OK()
 	if d.d.OnDispatched != nil && len(res.Jobs) > 0 {
 		d.d.OnDispatched(g.Name, len(res.Jobs))
 	}

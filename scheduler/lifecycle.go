@@ -140,7 +140,7 @@ func (s *Scheduler) apply(ctx context.Context, g *config.ModelGroup, j *jobs.Job
 	res, err := lifecycleScript.Run(ctx, s.rdb, []string{
 		jobs.Key(j.ID), jobs.EventsKey(j.ID), jobs.CountsKey(j.Tenant, j.UserID), jobs.WaitingUsersKey(g.Name),
 		k.lim(), k.reservations(), k.leases(), quotaKey(j.Tenant, j.UserID), k.rate(),
-		k.order(), k.costs(), k.totals(), k.deadlines(), k.delayed(), k.delayedTags(), k.expiring(),
+		k.order(), k.costs(), k.totals(), k.deadlines(), k.delayed(), k.delayedTags(), k.expiring(), k.live(),
 	}, args...).Slice()
 	if err != nil {
 		return step{}, lifecycleError(j.ID, err)

@@ -105,7 +105,11 @@ func (s *Scheduler) now() int64 {
 	return s.clock().UnixMilli()
 }
 
-// keys of a group's engine state.
+// keys of a group's engine state. live is the hash of the group's jobs
+// admitted and not ended (id → status initial and user key): the safety
+// net that finds jobs a lost key left in no queue (lua/dispatch.lua's
+// sweep); it lies outside sluice:fq:<g>:* so that losing those keys
+// together does not lose it too.
 type keys struct{ g string }
 
 func (k keys) p(s string) string      { return "sluice:fq:" + k.g + ":" + s }
@@ -126,6 +130,7 @@ func (k keys) reservations() string   { return "sluice:lim:" + k.g + ":res" }
 func (k keys) leases() string         { return "sluice:lim:" + k.g + ":leases" }
 func (k keys) seen() string           { return "sluice:lim:" + k.g + ":seen" }
 func (k keys) rate() string           { return k.p("rate") }
+func (k keys) live() string           { return "sluice:live:" + k.g }
 func wakeChannel(group string) string { return "sluice:wake:" + group }
 
 // MovedChannel is where a group's queue announces that jobs entered or left
@@ -227,7 +232,7 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 		jobs.Key(j.ID), jobs.EventsKey(j.ID), k.seq(), k.order(), k.finish(), k.vtime(),
 		k.costs(), k.totals(), k.lim(), idem, quotaKey(j.Tenant, j.UserID),
 		jobs.CountsKey(j.Tenant, j.UserID), jobs.IndexKey(j.Tenant, ""), jobs.IndexKey(j.Tenant, j.UserID),
-		k.deadlines(), jobs.WaitingUsersKey(g.Name),
+		k.deadlines(), jobs.WaitingUsersKey(g.Name), k.live(),
 	}, args...).Slice()
 	if err != nil {
 		return AdmitResult{}, fmt.Errorf("scheduler: admit %s: %w", j.ID, err)
@@ -357,11 +362,11 @@ func (s *Scheduler) Dispatch(ctx context.Context, g *config.ModelGroup, max int)
 	k := keys{g.Name}
 	args := append([]any{s.now()}, limits(g)...)
 	args = append(args, g.MaxConcurrency, s.lease.Milliseconds(), max, jobs.KeyPrefix, MovedChannel(g.Name),
-		jobs.ChannelPrefix, s.store.MaxEvents(), awayAfter.Milliseconds())
+		jobs.ChannelPrefix, s.store.MaxEvents(), awayAfter.Milliseconds(), jobs.UserKeyPrefix)
 	res, err := dispatchScript.Run(ctx, s.rdb, []string{
 		k.order(), k.delayed(), k.vtime(), k.finish(), k.costs(), k.totals(), k.lim(),
 		k.reservations(), k.leases(), k.dispatching(), k.delayedTags(), k.deadlines(), k.expiring(), k.dispatchSeq(),
-		k.rate(),
+		k.rate(), k.live(), jobs.WaitingUsersKey(g.Name),
 	}, args...).Slice()
 	if err != nil {
 		return Result{}, fmt.Errorf("scheduler: dispatch %s: %w", g.Name, err)
@@ -456,7 +461,7 @@ func (s *Scheduler) Settle(ctx context.Context, st Settlement) (limiter, quota b
 }
 
 // PushEvery is the least time between two pushed `queued` events of one
-// job (DESIGN.md §3: at most once a second).
+// job (the API promises at most one a second).
 const PushEvery = time.Second
 
 // Watched is a waiting job someone follows.
@@ -560,9 +565,12 @@ const awayAfter = 7 * time.Second
 
 // Renew is a worker's heartbeat on the lease of its job's dispatch; false
 // means the lease was taken back (the job was queued again and may run
-// elsewhere): stop.
+// elsewhere): stop. A lease lost with its key (the job still at this
+// dispatch and out of line) is granted again.
 func (s *Scheduler) Renew(ctx context.Context, group, id string, dispatch int) (bool, error) {
-	n, err := renewScript.Run(ctx, s.rdb, []string{keys{group}.leases(), jobs.Key(id)}, s.now(), id, s.lease.Milliseconds(), dispatch).Int()
+	k := keys{group}
+	n, err := renewScript.Run(ctx, s.rdb, []string{k.leases(), jobs.Key(id), k.order(), k.delayed(), k.expiring()},
+		s.now(), id, s.lease.Milliseconds(), dispatch).Int()
 	if err != nil {
 		return false, fmt.Errorf("scheduler: renew %s: %w", id, err)
 	}

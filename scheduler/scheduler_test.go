@@ -223,8 +223,18 @@ func TestDeadWorkersLeaseRequeuesJobWithoutChargingTwice(t *testing.T) {
 		t.Fatal("live lease did not renew")
 	}
 	e.clk.Advance(10 * time.Second)
-	// The next round returns the job to the queue and dispatches it again,
-	// reusing its reservation.
+	// The round that finds the lease past its time gives its holder a
+	// grace (a third of the lease, at least 2 s) to renew it: nothing moves.
+	if r = e.dispatch(t, 1); len(r.Jobs) != 0 {
+		t.Fatalf("dispatched during the grace: %+v", r)
+	}
+	e.clk.Advance(3 * time.Second)
+	if r = e.dispatch(t, 1); len(r.Jobs) != 0 {
+		t.Fatalf("dispatched before the grace (3.3 s) ended: %+v", r)
+	}
+	e.clk.Advance(500 * time.Millisecond)
+	// The next round after the grace returns the job to the queue and
+	// dispatches it again, reusing its reservation.
 	r = e.dispatch(t, 1)
 	if len(r.Jobs) != 1 || r.Jobs[0].JobID != id || r.Jobs[0].Dispatch != 2 {
 		t.Fatalf("re-dispatch: %+v", r)
@@ -238,8 +248,8 @@ func TestDeadWorkersLeaseRequeuesJobWithoutChargingTwice(t *testing.T) {
 		t.Fatal("the new dispatch's lease did not renew")
 	}
 	after := e.levels(t)
-	// Only refill happened (15 s at 10 tokens/s), no second charge.
-	wantIn := before.Input + 150
+	// Only refill happened (18.5 s at 10 tokens/s), no second charge.
+	wantIn := before.Input + 185
 	if !near(after.Input, wantIn) || after.Reserved != 1 {
 		t.Fatalf("levels after re-dispatch %+v (before %+v), want input %v", after, before, wantIn)
 	}
@@ -421,6 +431,36 @@ func TestETA(t *testing.T) {
 		_, eta, _, _ := e.s.Position(ctx, j, e.g)
 		if want := i * 10; eta != want {
 			t.Errorf("position %d: eta %d, want %d", i+1, eta, want)
+		}
+	}
+}
+
+// A holder that could not renew while Redis was away keeps its lease if it
+// renews within the grace the first round after gives it, however long
+// the outage was; its next silence gets a grace again.
+func TestLeasePastItsTimeIsKeptWhenItsHolderRenewsInTheGrace(t *testing.T) {
+	e := newEnvLease(t, config.ModelGroup{RPM: 1000, InputTPM: 100000, OutputTPM: 100000, MaxConcurrency: 1}, 6*time.Second)
+	ctx := context.Background()
+	id := e.admit(t, "u", 10, 10, 1)
+	e.admit(t, "v", 10, 10, 1) // waits for the slot
+	if r := e.dispatch(t, 1); len(r.Jobs) != 1 || r.Jobs[0].JobID != id {
+		t.Fatalf("%+v", r)
+	}
+	for round := range 2 {
+		e.clk.Advance(time.Minute) // Redis away a minute: no renewal, no round
+		if r := e.dispatch(t, 1); len(r.Jobs) != 0 {
+			t.Fatalf("round %d: the first round after the outage dispatched %+v", round, r)
+		}
+		e.clk.Advance(time.Second)
+		if ok, err := e.s.Renew(ctx, e.g.Name, id, 1); !ok || err != nil {
+			t.Fatalf("round %d: the holder could not renew in the grace: %v %v", round, ok, err)
+		}
+		e.clk.Advance(5 * time.Second) // past the grace, inside the renewed lease
+		if r := e.dispatch(t, 1); len(r.Jobs) != 0 {
+			t.Fatalf("round %d: a renewed lease was taken back: %+v", round, r)
+		}
+		if ok, _ := e.s.Renew(ctx, e.g.Name, id, 1); !ok {
+			t.Fatalf("round %d: the holder lost its lease", round)
 		}
 	}
 }

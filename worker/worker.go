@@ -9,6 +9,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
@@ -94,7 +95,7 @@ func New(d Deps) *Worker {
 		BaseContext:       func() context.Context { return w.base },
 		TaskCheckInterval: cfg.Worker.TaskCheckInterval,
 		ShutdownTimeout:   cfg.Worker.ShutdownTimeout,
-		Logger:            asynqLogger{d.Logger.With("component", "asynq")},
+		Logger:            newAsynqLogger(d.Logger.With("component", "asynq")),
 		LogLevel:          asynq.WarnLevel,
 		ErrorHandler: asynq.ErrorHandlerFunc(func(ctx context.Context, t *asynq.Task, err error) {
 			id, _ := asynq.GetTaskID(ctx)
@@ -194,11 +195,39 @@ func (w *Worker) Shutdown() {
 	})
 }
 
-// asynqLogger routes asynq's logs to slog.
-type asynqLogger struct{ l *slog.Logger }
+// asynqLogger routes asynq's logs to slog. asynq polls Redis every few
+// milliseconds and logs each failed poll: a warning or error already logged
+// within asynqRepeatEvery (compared by its first words) goes to debug.
+type asynqLogger struct {
+	l    *slog.Logger
+	mu   sync.Mutex
+	seen map[string]time.Time
+}
 
-func (a asynqLogger) Debug(args ...any) { a.l.Debug(fmt.Sprint(args...)) }
-func (a asynqLogger) Info(args ...any)  { a.l.Info(fmt.Sprint(args...)) }
-func (a asynqLogger) Warn(args ...any)  { a.l.Warn(fmt.Sprint(args...)) }
-func (a asynqLogger) Error(args ...any) { a.l.Error(fmt.Sprint(args...)) }
-func (a asynqLogger) Fatal(args ...any) { a.l.Error(fmt.Sprint(args...)) }
+func newAsynqLogger(l *slog.Logger) *asynqLogger {
+	return &asynqLogger{l: l, seen: map[string]time.Time{}}
+}
+
+const asynqRepeatEvery = 30 * time.Second
+
+func (a *asynqLogger) Debug(args ...any) { a.l.Debug(fmt.Sprint(args...)) }
+func (a *asynqLogger) Info(args ...any)  { a.l.Info(fmt.Sprint(args...)) }
+func (a *asynqLogger) Warn(args ...any)  { a.log(slog.LevelWarn, fmt.Sprint(args...)) }
+func (a *asynqLogger) Error(args ...any) { a.log(slog.LevelError, fmt.Sprint(args...)) }
+func (a *asynqLogger) Fatal(args ...any) { a.log(slog.LevelError, fmt.Sprint(args...)) }
+
+func (a *asynqLogger) log(level slog.Level, msg string) {
+	kind := msg
+	if i := strings.IndexByte(kind, ':'); i > 0 {
+		kind = kind[:i]
+	}
+	now := time.Now()
+	a.mu.Lock()
+	if at, ok := a.seen[kind]; ok && now.Sub(at) < asynqRepeatEvery {
+		level = slog.LevelDebug
+	} else {
+		a.seen[kind] = now
+	}
+	a.mu.Unlock()
+	a.l.Log(context.Background(), level, msg)
+}

@@ -20,7 +20,7 @@ import (
 
 const loadtestHelp = `Usage: sluice loadtest --scenario NAME [flags]
 
-Drives a sluice through a named scenario and reports what DESIGN.md §6
+Drives a sluice through a named scenario and reports what sluice
 promises: utilization of each limit (and which one binds), upstream 429s,
 Jain's fairness index over backlogged users, waits per user class, how true
 the position told at submit came, and how many dispatches a newcomer waited.

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -12,13 +11,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/sluice-dev/sluice/fakeanthropic"
 	"github.com/sluice-dev/sluice/internal/harness"
+	"github.com/sluice-dev/sluice/internal/proctest"
 	"github.com/sluice-dev/sluice/internal/redistest"
 	"github.com/sluice-dev/sluice/jobs"
 )
@@ -27,100 +25,22 @@ import (
 // workers) against one Redis and the fake upstream: the engine's decisions
 // must hold across processes, and a worker must be killable.
 
-var (
-	binOnce sync.Once
-	binPath string
-	binErr  error
-)
-
-// sluiceBinary builds the sluice binary once for the test run.
-func sluiceBinary(t testing.TB) string {
-	t.Helper()
-	binOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "sluice-bin-")
-		if err != nil {
-			binErr = err
-			return
-		}
-		binPath = filepath.Join(dir, "sluice")
-		out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
-		if err != nil {
-			binErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if binErr != nil {
-		t.Fatal(binErr)
-	}
-	return binPath
-}
-
+// proc is a sluice process (internal/proctest runs it); cmd is its
+// *exec.Cmd, for the tests that need its pid.
 type proc struct {
-	cmd  *exec.Cmd
-	mu   sync.Mutex
-	out  strings.Builder
-	addr chan string
+	*proctest.Proc
+	cmd *exec.Cmd
 }
-
-func (p *proc) log() string { p.mu.Lock(); defer p.mu.Unlock(); return p.out.String() }
 
 // startProc runs `sluice role --config cfg --listen 127.0.0.1:0`.
 func startProc(t testing.TB, role, cfgPath string, env []string) *proc {
 	t.Helper()
-	cmd := exec.Command(sluiceBinary(t), role, "--config", cfgPath, "--listen", "127.0.0.1:0")
-	cmd.Env = append(os.Environ(), env...)
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stdout = io.Discard
-	p := &proc{cmd: cmd, addr: make(chan string, 1)}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		sc := bufio.NewScanner(stderr)
-		for sc.Scan() {
-			line := sc.Text()
-			p.mu.Lock()
-			p.out.WriteString(line + "\n")
-			p.mu.Unlock()
-			if i := strings.Index(line, "addr=http://"); i >= 0 && strings.Contains(line, "msg=listening") {
-				select {
-				case p.addr <- strings.Fields(line[i+5:])[0]:
-				default:
-				}
-			}
-		}
-	}()
-	t.Cleanup(func() {
-		if cmd.ProcessState == nil {
-			_ = cmd.Process.Signal(syscall.SIGTERM)
-			done := make(chan struct{})
-			go func() { _ = cmd.Wait(); close(done) }()
-			select {
-			case <-done:
-			case <-time.After(20 * time.Second):
-				_ = cmd.Process.Kill()
-				<-done
-			}
-		}
-		if t.Failed() {
-			t.Logf("%s log:\n%s", role, p.log())
-		}
-	})
-	return p
+	p := proctest.Start(t, proctest.SluiceBinary(t), []string{role, "--config", cfgPath, "--listen", "127.0.0.1:0"},
+		proctest.Options{Name: role, Env: env})
+	return &proc{Proc: p, cmd: p.Cmd}
 }
 
-func (p *proc) baseURL(t testing.TB) string {
-	t.Helper()
-	select {
-	case a := <-p.addr:
-		return a
-	case <-time.After(20 * time.Second):
-		t.Fatalf("process did not start listening:\n%s", p.log())
-	}
-	return ""
-}
+func (p *proc) baseURL(t testing.TB) string { t.Helper(); return p.BaseURL(t) }
 
 type cluster struct {
 	redis   *redistest.Server
@@ -288,10 +208,7 @@ func TestKilledWorkersJobCompletesAndSlotReturns(t *testing.T) {
 	victim := c.start(t, "worker")
 	v := c.submit(t, "alice", "tell me a long story [[reply_tokens=40]]", 100)
 	harness.Eventually(t, 20*time.Second, func() bool { return c.fake.Stats().InFlight == 1 }, "the call to start")
-	if err := victim.cmd.Process.Kill(); err != nil { // SIGKILL: no cleanup at all
-		t.Fatal(err)
-	}
-	_ = victim.cmd.Wait()
+	victim.Kill(t) // SIGKILL: no cleanup at all
 	c.start(t, "worker")
 	got := c.waitAll(t, []string{v.ID}, 60*time.Second)[v.ID]
 	if got.Status != jobs.Succeeded || got.Attempts != 2 || got.Usage.OutputTokens != 40 {
@@ -384,9 +301,7 @@ func TestUpstream429FreezesEveryProcess(t *testing.T) {
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if binPath != "" {
-		_ = os.RemoveAll(filepath.Dir(binPath))
-	}
+	proctest.Cleanup()
 	os.Exit(code)
 }
 

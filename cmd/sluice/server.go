@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -22,6 +23,8 @@ import (
 	"github.com/sluice-dev/sluice/estimate"
 	"github.com/sluice-dev/sluice/jobs"
 	"github.com/sluice-dev/sluice/metrics"
+	"github.com/sluice-dev/sluice/redisconn"
+	"github.com/sluice-dev/sluice/redisguard"
 	"github.com/sluice-dev/sluice/scheduler"
 	"github.com/sluice-dev/sluice/tasks"
 	"github.com/sluice-dev/sluice/upstream"
@@ -37,6 +40,11 @@ const serverHelp = `Usage: sluice %[1]s [flags]
 Flags:
   --config PATH   the YAML configuration file (env SLUICE_CONFIG); see sluice.example.yaml
   --listen ADDR   %[3]s
+  --allow-evicting-redis
+                  start even if Redis's maxmemory-policy is not noeviction
+                  (it then deletes jobs when full: /readyz fails, a warning
+                  is logged); env SLUICE_ALLOW_EVICTING_REDIS=true, or
+                  redis.allow_evicting: true in the file
 
 Environment (each beats the file):
   SLUICE_CONFIG         the configuration file, as --config
@@ -47,6 +55,7 @@ Environment (each beats the file):
   SLUICE_ADMIN_KEY      an extra admin key (for /monitoring/)
   SLUICE_LOG_FORMAT     text or json
   SLUICE_LOG_LEVEL      debug, info, warn or error
+  SLUICE_ALLOW_EVICTING_REDIS  true: as --allow-evicting-redis
 `
 
 var roleText = map[string][2]string{
@@ -68,6 +77,7 @@ func runServer(ctx context.Context, role string, args []string, getenv func(stri
 	}
 	configPath := fs.String("config", getenv("SLUICE_CONFIG"), "")
 	listen := fs.String("listen", "", "")
+	allowEvicting := fs.Bool("allow-evicting-redis", false, "")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -81,6 +91,9 @@ func runServer(ctx context.Context, role string, args []string, getenv func(stri
 		} else {
 			cfg.Listen = *listen
 		}
+	}
+	if *allowEvicting {
+		cfg.Redis.AllowEvicting = true
 	}
 	return serve(ctx, cfg, roles{api: role != "worker", worker: role != "api"}, stdout, stderr, nil)
 }
@@ -96,11 +109,11 @@ func serve(ctx context.Context, cfg *config.Config, r roles, stdout, stderr io.W
 		log.Warn("ANTHROPIC_API_KEY is not set: upstream calls will be refused unless the upstream needs no key")
 	}
 
-	opt, err := redis.ParseURL(cfg.RedisURL)
+	redisconn.QuietLogs(log)
+	rdb, err := redisconn.New(cfg.RedisURL, cfg.Redis.Timeout)
 	if err != nil {
 		return fmt.Errorf("redis_url: %w", err)
 	}
-	rdb := redis.NewClient(opt)
 	defer rdb.Close()
 	pingCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	err = rdb.Ping(pingCtx).Err()
@@ -108,6 +121,16 @@ func serve(ctx context.Context, cfg *config.Config, r roles, stdout, stderr io.W
 	if err != nil {
 		return fmt.Errorf("cannot reach Redis at %s: %w (is it running? set REDIS_URL or redis_url)", redactRedis(cfg.RedisURL), err)
 	}
+	// A Redis that evicts keys loses accepted jobs: refuse it unless
+	// overridden (the guard then warns loudly, and /readyz fails). A policy
+	// that cannot be read (miniredis in `sluice dev`, some managed Redis) is
+	// only warned about.
+	guard := redisguard.New(rdb, cfg.Redis, log.With("component", "redisguard"))
+	if _, err := guard.Check(ctx); err != nil {
+		return err
+	}
+	guard.Start(ctx)
+	defer guard.Stop()
 
 	addr := cfg.Listen
 	if !r.api {
@@ -126,6 +149,7 @@ func serve(ctx context.Context, cfg *config.Config, r roles, stdout, stderr io.W
 	up := upstream.New(upstream.Options{BaseURL: cfg.Upstream.BaseURL, APIKey: cfg.Upstream.APIKey, FirstByteTimeout: cfg.Upstream.FirstByteTimeout})
 	defer up.Close()
 	met := metrics.New()
+	met.Register(guard)
 	use := usagestats.New(rdb, usagestats.Retention{Hourly: cfg.Usage.HourlyRetention, Daily: cfg.Usage.DailyRetention}, nil)
 	var wk *worker.Worker
 	if r.worker {
@@ -169,15 +193,17 @@ func serve(ctx context.Context, cfg *config.Config, r roles, stdout, stderr io.W
 		met.Register(asynqmetrics.NewQueueMetricsCollector(inspector))
 		apiSrv = api.New(api.Deps{
 			Config: cfg, Redis: rdb, Store: store, Hub: hub, Scheduler: sched, Estimator: estimator, Upstream: up, TokenSecret: secret,
-			Monitoring: mon, Web: web.Handler(), Dashboard: web.Dashboard(), Metrics: met, Usage: use,
+			Monitoring: mon, Web: web.Handler(), Dashboard: web.Dashboard(), Metrics: met, Usage: use, Guard: guard,
 			Logger: log.With("component", "api"),
 		})
 		handler = apiSrv
 	} else {
-		handler = healthOnly(rdb, met, cfg)
+		handler = healthOnly(rdb, met, cfg, guard)
 	}
 
-	srv := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second}
+	// No ReadTimeout or WriteTimeout: they would cut event streams. The
+	// api bounds a request's body itself (api.body_timeout).
+	srv := &http.Server{Handler: handler, ReadHeaderTimeout: cfg.API.ReadHeaderTimeout, IdleTimeout: cfg.API.IdleTimeout}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	what := map[bool]string{true: "api", false: "worker health"}[r.api]
@@ -210,8 +236,9 @@ func serve(ctx context.Context, cfg *config.Config, r roles, stdout, stderr io.W
 }
 
 // healthOnly serves /healthz, /readyz and /metrics (its upstream calls,
-// tokens and dispatches) for a worker process.
-func healthOnly(rdb redis.UniversalClient, met *metrics.Metrics, cfg *config.Config) http.Handler {
+// tokens and dispatches) for a worker process. /readyz fails while Redis is
+// away, or evicts keys (guard; nil = not checked).
+func healthOnly(rdb redis.UniversalClient, met *metrics.Metrics, cfg *config.Config, guard *redisguard.Guard) http.Handler {
 	mux := http.NewServeMux()
 	mh := met.Handler()
 	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
@@ -228,12 +255,24 @@ func healthOnly(rdb redis.UniversalClient, met *metrics.Metrics, cfg *config.Con
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
-		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		timeout := cfg.Redis.Timeout
+		if timeout <= 0 {
+			timeout = config.DefaultRedisTimeout
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), timeout)
 		defer cancel()
 		if err := rdb.Ping(ctx).Err(); err != nil {
 			w.WriteHeader(http.StatusServiceUnavailable)
 			_, _ = io.WriteString(w, `{"status":"unavailable","redis":"unreachable"}`)
 			return
+		}
+		if guard != nil {
+			if st := guard.Status(); st.Evicting() {
+				w.WriteHeader(http.StatusServiceUnavailable)
+				_ = json.NewEncoder(w).Encode(map[string]string{"status": "unavailable", "redis": "evicting",
+					"maxmemory_policy": st.Policy, "message": st.Problem()})
+				return
+			}
 		}
 		_, _ = io.WriteString(w, `{"status":"ready","redis":"ok"}`)
 	})

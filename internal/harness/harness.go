@@ -60,6 +60,11 @@ type Options struct {
 	// UpstreamExtra: YAML lines added to the upstream section (indented 2
 	// spaces), e.g. "  max_outage: 5s\n".
 	UpstreamExtra string
+	// APIExtra: YAML lines added to the api section (indented 2 spaces),
+	// e.g. "  body_timeout: 1s\n".
+	APIExtra string
+	// RedisArgs are extra redis-server arguments (redistest.StartArgs).
+	RedisArgs []string
 }
 
 // Env is a running sluice.
@@ -89,7 +94,11 @@ func BaseConfig(redisURL, upstreamURL string) string {
 	return groupConfig(redisURL, upstreamURL, "", "", "", 8)
 }
 
-func groupConfig(redisURL, upstreamURL, upstreamExtra, tenantExtra, groupExtra string, maxConcurrency int) string {
+func groupConfig(redisURL, upstreamURL, upstreamExtra, tenantExtra, groupExtra string, maxConcurrency int, apiExtra ...string) string {
+	extra := ""
+	if len(apiExtra) > 0 {
+		extra = apiExtra[0]
+	}
 	return fmt.Sprintf(`redis_url: %q
 upstream:
   base_url: %q
@@ -114,9 +123,9 @@ model_groups:
 api:
   body_limit_bytes: 65536
   shutdown_timeout: 5s
-worker:
+%sworker:
   shutdown_timeout: 5s
-`, redisURL, upstreamURL, upstreamExtra, AdminKey, TenantKey, tenantExtra, OtherTenantKey, maxConcurrency, groupExtra)
+`, redisURL, upstreamURL, upstreamExtra, AdminKey, TenantKey, tenantExtra, OtherTenantKey, maxConcurrency, groupExtra, extra)
 }
 
 // Start runs sluice for the test and stops it when the test ends.
@@ -126,7 +135,7 @@ func Start(tb testing.TB, o Options) *Env {
 	if o.Quiet {
 		e.level = slog.LevelInfo
 	}
-	e.Redis = redistest.Start(tb)
+	e.Redis = redistest.StartArgs(tb, o.RedisArgs...)
 	e.RDB = e.Redis.Client(tb)
 
 	fc := o.Fake
@@ -152,7 +161,7 @@ func Start(tb testing.TB, o Options) *Env {
 		}
 		return ""
 	}
-	cfg, err := config.Parse([]byte(groupConfig(e.Redis.URL, e.Upstream.URL, o.UpstreamExtra, o.TenantExtra, o.GroupExtra, o.MaxConcurrency)+o.ExtraConfig), getenv)
+	cfg, err := config.Parse([]byte(groupConfig(e.Redis.URL, e.Upstream.URL, o.UpstreamExtra, o.TenantExtra, o.GroupExtra, o.MaxConcurrency, o.APIExtra)+o.ExtraConfig), getenv)
 	if err != nil {
 		tb.Fatalf("harness config: %v", err)
 	}

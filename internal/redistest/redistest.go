@@ -25,6 +25,7 @@ type Server struct {
 	URL  string // redis://host:port/0
 	Dir  string // its data folder (AOF lives here)
 	cmd  *exec.Cmd
+	args []string // extra redis-server arguments, kept for Revive
 }
 
 // Start starts redis-server on a free port with its data in tb.TempDir() and
@@ -32,6 +33,15 @@ type Server struct {
 // restart it and find their data. The test fails if redis-server is missing:
 // install it (Debian: apt-get install redis-server); .ci/run does.
 func Start(tb testing.TB) *Server {
+	tb.Helper()
+	return StartArgs(tb)
+}
+
+// StartArgs is Start with extra redis-server arguments, given after sluice's
+// defaults so that they win: StartArgs(tb, "--maxmemory-policy",
+// "allkeys-lru") or StartArgs(tb, "--rename-command", "CONFIG", "").
+// Restart and Revive keep them.
+func StartArgs(tb testing.TB, args ...string) *Server {
 	tb.Helper()
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
@@ -44,7 +54,7 @@ func Start(tb testing.TB) *Server {
 		if err != nil {
 			tb.Fatalf("redistest: %v", err)
 		}
-		s := &Server{Addr: fmt.Sprintf("127.0.0.1:%d", port), Dir: dir}
+		s := &Server{Addr: fmt.Sprintf("127.0.0.1:%d", port), Dir: dir, args: args}
 		s.URL = "redis://" + s.Addr + "/0"
 		if lastErr = s.start(bin, port); lastErr == nil {
 			tb.Cleanup(s.Stop)
@@ -56,7 +66,7 @@ func Start(tb testing.TB) *Server {
 }
 
 func (s *Server) start(bin string, port int) error {
-	cmd := exec.Command(bin,
+	cmd := exec.Command(bin, append([]string{
 		"--port", fmt.Sprint(port),
 		"--bind", "127.0.0.1",
 		"--dir", s.Dir,
@@ -66,7 +76,7 @@ func (s *Server) start(bin string, port int) error {
 		"--maxmemory-policy", "noeviction",
 		"--daemonize", "no",
 		"--loglevel", "warning",
-	)
+	}, s.args...)...)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		return err

@@ -25,6 +25,7 @@
 -- KEYS[11] user quota    KEYS[12] user counts    KEYS[13] tenant job index
 -- KEYS[14] user job index   KEYS[15] deadlines
 -- KEYS[16] the group's waiting users (user key -> queued jobs)
+-- KEYS[17] the group's live jobs (id -> status initial and user key)
 -- ARGV[1] now ms (0 = Redis TIME)   ARGV[2] job id   ARGV[3] ttl seconds
 -- ARGV[4] (unused)   ARGV[5] stream max length   ARGV[6] user key
 -- ARGV[7] input estimate   ARGV[8] max_tokens   ARGV[9] weight
@@ -90,18 +91,27 @@ end
 -- 3. Queue cap.
 local maxq = tonumber(ARGV[18])
 if maxq > 0 then
-  local queued = num(redis.call('HGET', KEYS[12], 'queued'), 0)
+  local queued = math.max(0, num(redis.call('HGET', KEYS[12], 'queued'), 0))
   if queued >= maxq then return {'queue_limit', queued, maxq} end
 end
 
 -- 4. The wait this job would have: its rank among jobs with start tags up
--- to its own.
-local v = num(redis.call('GET', KEYS[6]), 0)
+-- to its own. A lost V (key evicted) is taken as the queue head's tag, so
+-- a newcomer does not jump the line; the dispatch round stores it again.
+local v = tonumber(redis.call('GET', KEYS[6]))
+if not v then
+  local head = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+  v = tonumber(head[2]) or 0
+end
 local f = num(redis.call('ZSCORE', KEYS[5], ARGV[6]), 0)
 local tag = math.max(v, f)
 local position = redis.call('ZCOUNT', KEYS[4], '-inf', tag) + 1
+-- Totals that drifted after a lost key count as empty (the dispatch round
+-- rebuilds them): n is at least 1 here, never 0 or less.
 local t = redis.call('HMGET', KEYS[8], 'n', 'in', 'out')
-local n, tin, tout = num(t[1], 0) + 1, num(t[2], 0) + cin, num(t[3], 0) + cout
+local n0 = math.max(0, num(t[1], 0))
+local n, tin, tout = n0 + 1, cin, cout
+if n0 > 0 then tin, tout = math.max(0, num(t[2], 0)) + cin, math.max(0, num(t[3], 0)) + cout end
 local eta = eta_seconds(st, position, tin / n, tout / n, tonumber(ARGV[15]))
 local maxwait = tonumber(ARGV[19])
 if maxwait > 0 and eta >= 0 and eta * 1000 > maxwait then
@@ -121,15 +131,19 @@ if rph > 0 or tph > 0 then
   redis.call('EXPIRE', KEYS[11], 7200)
 end
 
--- The fair queue.
+-- The fair queue. A sequence that starts again (its key was lost) while
+-- jobs wait would sort newcomers ahead of them among equal tags: it goes
+-- on from the clock (ms × 1000) instead, above any count it had reached.
 local seq = redis.call('INCR', KEYS[3])
+if seq == 1 and redis.call('ZCARD', KEYS[4]) > 0 then
+  seq = now * 1000
+  redis.call('SET', KEYS[3], intstr(seq))
+end
 local member = string.format('%016d', seq) .. '|' .. id
 redis.call('ZADD', KEYS[4], tag, member)
 redis.call('ZADD', KEYS[5], tag + cost / weight, ARGV[6])
-redis.call('HSET', KEYS[7], member, cin .. ',' .. cout)
-redis.call('HINCRBY', KEYS[8], 'n', 1)
-redis.call('HINCRBY', KEYS[8], 'in', cin)
-redis.call('HINCRBY', KEYS[8], 'out', cout)
+redis.call('HSET', KEYS[7], member, intstr(cin) .. ',' .. intstr(cout))
+totals_add(KEYS[8], 1, cin, cout)
 if tonumber(ARGV[22]) > 0 then
   redis.call('ZADD', KEYS[15], ARGV[22], member)
 end
@@ -141,10 +155,11 @@ redis.call('HSET', KEYS[1], 'fq_member', member, 'fq_tag', tostring(tag),
   'cost_in', cin, 'cost_out', cout, 'dispatch', 0, 'q_req', rph > 0 and 1 or 0,
   'q_tok', tph > 0 and cost or 0, unpack(fields))
 local ttl = tonumber(ARGV[3])
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('HINCRBY', KEYS[12], 'queued', 1)
+redis.call('EXPIRE', KEYS[1], intstr(ttl))
+counts_add(KEYS[12], 'queued', 1)
 redis.call('HINCRBY', KEYS[16], ARGV[6], 1)
-redis.call('EXPIRE', KEYS[12], ttl)
+redis.call('HSET', KEYS[17], id, 'q' .. ARGV[6])
+redis.call('EXPIRE', KEYS[12], intstr(ttl))
 -- Listing indexes, scored by creation time in ms × 1000 + the group's
 -- sequence (mod 1000), so jobs created in the same millisecond still list
 -- newest first (exact in a double until the year 2255).
@@ -153,7 +168,7 @@ for _, k in ipairs({KEYS[13], KEYS[14]}) do
   redis.call('ZADD', k, score, id)
   -- Entries older than the records they name: trimmed now and then.
   if seq % 64 == 0 then redis.call('ZREMRANGEBYSCORE', k, '-inf', (now - ttl * 1000) * 1000) end
-  redis.call('EXPIRE', k, ttl)
+  redis.call('EXPIRE', k, intstr(ttl))
 end
 if ARGV[20] ~= '' then
   redis.call('SET', KEYS[10], id .. '|' .. ARGV[20], 'EX', ARGV[21])

@@ -8,6 +8,11 @@
 -- A job that already holds a reservation (its worker died after dispatch)
 -- keeps it: it is not charged twice.
 --
+-- Nothing a lost key (an eviction under allkeys-lru, a careless DEL) can
+-- wedge: each round first checks the queue's structures against each
+-- other (repair, below) and, when some live job sits in none of them, looks
+-- for it (sweep); a member whose record is gone is dropped, not picked.
+--
 -- Any number of dispatchers (one per worker process) may run this at once:
 -- the script is atomic, so a job is picked once. Picked jobs go to a
 -- `dispatching` set until they are handed to asynq, so a dispatcher that
@@ -18,12 +23,15 @@
 -- KEYS[8] reservations   KEYS[9] leases   KEYS[10] dispatching
 -- KEYS[11] delayed tags   KEYS[12] deadlines   KEYS[13] expiring
 -- KEYS[14] dispatch sequence   KEYS[15] the group's use per minute (dispatches: minute -> n)
+-- KEYS[16] the group's live jobs (id -> status initial and user key)
+-- KEYS[17] the group's waiting users
 -- ARGV[1] now ms (0 = Redis TIME)  ARGV[2..5] rpm, input_tpm, output_tpm, burst ms
 -- ARGV[6] max concurrency   ARGV[7] lease ms   ARGV[8] most jobs to pick
 -- ARGV[9] job hash key prefix ("sluice:job:")   ARGV[10] moved channel
 -- ARGV[11] job event channel prefix   ARGV[12] event log max length
 -- ARGV[13] ms: a longer gap between two rounds means the dispatchers (or
 --   Redis) were away
+-- ARGV[14] user counts key prefix ("sluice:user:")
 -- Reply: {state, ms, expiring, job id 1, dispatch 1, job id 2, dispatch 2, ...}
 --   expiring: how many jobs wait in the expiring set
 --   state "more"  the pick limit was reached: call again at once
@@ -45,19 +53,108 @@ local max_conc, lease_ms, max_pick, prefix = tonumber(ARGV[6]), tonumber(ARGV[7]
 -- changed, and the api processes following them are told (ARGV[10]).
 local moved = 0
 
--- totals_add keeps the queue's job count and estimated tokens (for etas).
-local function totals_add(sign, cin, cout)
-  redis.call('HINCRBY', KEYS[6], 'n', sign)
-  redis.call('HINCRBY', KEYS[6], 'in', sign * cin)
-  redis.call('HINCRBY', KEYS[6], 'out', sign * cout)
+-- back_to_queue puts a job back in the order at its start tag, with its
+-- cost (and the queue totals, the first time).
+local function back_to_queue(member, tag, cost)
+  local cin, cout = split2(cost)
+  cin, cout = cin or 0, cout or 0
+  moved = moved + 1
+  if redis.call('ZADD', KEYS[1], tag or 0, member) == 1 then
+    totals_add(KEYS[6], 1, cin, cout)
+  end
+  redis.call('HSET', KEYS[5], member, intstr(cin) .. ',' .. intstr(cout))
 end
 
-local function back_to_queue(member, tag, cost)
-  moved = moved + 1
-  redis.call('ZADD', KEYS[1], tag, member)
-  redis.call('HSET', KEYS[5], member, cost)
-  totals_add(1, split2(cost))
+-- Self-repair. Every structure here is kept by these atomic scripts in
+-- step with another, so a lost key (an eviction, a careless DEL) shows as
+-- two that disagree, and is rebuilt from its partner and the job records:
+--   order <-> costs: one entry each per queued job. An order entry without
+--     its cost gets the record's (0,0 without a record); a cost without its
+--     order entry is queued again at the record's start tag if the record
+--     says the job still waits (queued or running, this member, no lease,
+--     not waiting to retry or to expire), else dropped.
+--   delayed <-> delayed tags: one entry each per job waiting to retry;
+--     rebuilt the same way (a retry whose wait was lost is due now).
+--   totals: n is the number of costs, in and out their sums; rebuilt
+--     whenever n disagrees or a sum is negative.
+-- The checks cost a few O(1) calls a round; a rebuild reads the sets once.
+local function rec_waiting(id, member)
+  local j = redis.call('HMGET', prefix .. id, 'status', 'fq_member', 'fq_tag', 'cost_in', 'cost_out')
+  if (j[1] ~= 'queued' and j[1] ~= 'running') or j[2] ~= member then return nil end
+  if redis.call('ZSCORE', KEYS[9], id) or redis.call('ZSCORE', KEYS[13], id) then return nil end
+  return j
 end
+
+-- set_of makes a lookup table of a reply: its members (step 1) or the
+-- fields of a hash's field, value list (step 2).
+local function set_of(list, step)
+  local t = {}
+  for k = 1, #list, step do t[list[k]] = true end
+  return t
+end
+
+local function repair()
+  if redis.call('ZCARD', KEYS[1]) ~= redis.call('HLEN', KEYS[5]) then
+    local costs = set_of(redis.call('HGETALL', KEYS[5]), 2)
+    local order = set_of(redis.call('ZRANGE', KEYS[1], 0, -1), 1)
+    for member in pairs(order) do
+      if not costs[member] then
+        local j = redis.call('HMGET', prefix .. string.match(member, '|(.*)$'), 'cost_in', 'cost_out')
+        redis.call('HSET', KEYS[5], member, intstr(j[1]) .. ',' .. intstr(j[2]))
+      end
+    end
+    for member in pairs(costs) do
+      if not order[member] then
+        local j = rec_waiting(string.match(member, '|(.*)$'), member)
+        if j and not redis.call('ZSCORE', KEYS[2], member) then
+          redis.call('ZADD', KEYS[1], tonumber(j[3]) or 0, member)
+          moved = moved + 1
+        else
+          redis.call('HDEL', KEYS[5], member)
+        end
+      end
+    end
+  end
+  if redis.call('ZCARD', KEYS[2]) ~= redis.call('HLEN', KEYS[11]) then
+    local tags = set_of(redis.call('HGETALL', KEYS[11]), 2)
+    local delayed = set_of(redis.call('ZRANGE', KEYS[2], 0, -1), 1)
+    for member in pairs(delayed) do
+      if not tags[member] then
+        local j = rec_waiting(string.match(member, '|(.*)$'), member)
+        if j and not redis.call('ZSCORE', KEYS[1], member) then
+          redis.call('HSET', KEYS[11], member, (j[3] or '0') .. ';' .. intstr(j[4]) .. ',' .. intstr(j[5]))
+        else
+          redis.call('ZREM', KEYS[2], member)
+        end
+      end
+    end
+    for member in pairs(tags) do
+      if not delayed[member] then
+        local j = rec_waiting(string.match(member, '|(.*)$'), member)
+        if j and not redis.call('ZSCORE', KEYS[1], member) then
+          redis.call('ZADD', KEYS[2], now, member)
+        else
+          redis.call('HDEL', KEYS[11], member)
+        end
+      end
+    end
+  end
+  local t = redis.call('HMGET', KEYS[6], 'n', 'in', 'out')
+  local n = redis.call('HLEN', KEYS[5])
+  if num(t[1], 0) ~= n or num(t[2], 0) < 0 or num(t[3], 0) < 0 then
+    local tin, tout = 0, 0
+    local all = redis.call('HVALS', KEYS[5])
+    for _, c in ipairs(all) do
+      local cin, cout = split2(c)
+      tin, tout = tin + (cin or 0), tout + (cout or 0)
+    end
+    redis.call('DEL', KEYS[6])
+    if n > 0 then
+      redis.call('HSET', KEYS[6], 'n', n, 'in', intstr(tin), 'out', intstr(tout))
+    end
+  end
+end
+repair()
 
 local function leave_queue(member)
   local left = fq_leave(KEYS[1], KEYS[5], KEYS[6], KEYS[12], member)
@@ -66,6 +163,8 @@ local function leave_queue(member)
 end
 
 -- Retries whose delay is over.
+-- A retry whose tag entry was lost is rebuilt from its record, if the
+-- job still waits.
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
   local tc = redis.call('HGET', KEYS[11], member)
   redis.call('ZREM', KEYS[2], member)
@@ -73,6 +172,9 @@ for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
   if tc then
     local tag, cost = string.match(tc, '^([^;]*);(.*)$')
     back_to_queue(member, tonumber(tag), cost)
+  else
+    local j = rec_waiting(string.match(member, '|(.*)$'), member)
+    if j then back_to_queue(member, tonumber(j[3]), intstr(j[4]) .. ',' .. intstr(j[5])) end
   end
 end
 
@@ -90,14 +192,31 @@ if last and real - last > tonumber(ARGV[13]) then
 end
 redis.call('HSET', KEYS[7], 'round', real)
 
--- Leases whose holder stopped renewing: the worker died mid-call. A job
--- whose attempt had started gets a `retrying` event (reason worker_lost):
--- its followers discard that attempt's text, as after any retry.
+-- Leases whose holder stopped renewing: the worker died mid-call. A lease
+-- found past its time is first given a grace (a third of the lease, at
+-- least 2 s) and taken back only if it is still not renewed after it: a
+-- round can only see a lease run out while Redis answers, so a live holder
+-- that could not renew while Redis was away (however long) gets that much
+-- time with Redis back to say so, and its answer is not bought again. A
+-- job whose attempt had started gets a `retrying` event (reason
+-- worker_lost): its followers discard that attempt's text, as after any
+-- retry. A job that ended meanwhile, or whose record is gone, has nobody
+-- left to settle its reservation: it is dropped (nothing refunded).
+local grace_ms = math.max(math.floor(lease_ms / 3), 2000)
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', now)) do
-  redis.call('ZREM', KEYS[9], id)
   local j = redis.call('HMGET', prefix .. id, 'status', 'fq_member', 'fq_tag', 'cost_in', 'cost_out',
-    'attempt_open', 'attempts')
-  if (j[1] == 'queued' or j[1] == 'running') and j[2] then
+    'attempt_open', 'attempts', 'lease_grace')
+  local live = (j[1] == 'queued' or j[1] == 'running') and j[2]
+  if live and not j[8] then
+    redis.call('HSET', prefix .. id, 'lease_grace', '1')
+    redis.call('ZADD', KEYS[9], intstr(now + grace_ms), id)
+  else
+    redis.call('ZREM', KEYS[9], id)
+    if j[8] then redis.call('HDEL', prefix .. id, 'lease_grace') end
+  end
+  if not live then
+    redis.call('HDEL', KEYS[8], id)
+  elseif j[8] then
     if j[6] then
       redis.call('HDEL', prefix .. id, 'attempt_open')
       local data = '{"attempt":' .. (j[7] or '0') .. ',"reason":"worker_lost","retry_in_seconds":0}'
@@ -106,7 +225,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', now)) do
       redis.call('PUBLISH', ARGV[11] .. id, '{"id":"' .. ev .. '","event":"retrying","data":' .. data .. '}')
     end
     if not redis.call('ZSCORE', KEYS[1], j[2]) then
-      back_to_queue(j[2], tonumber(j[3]), j[4] .. ',' .. j[5])
+      back_to_queue(j[2], tonumber(j[3]), intstr(j[4]) .. ',' .. intstr(j[5]))
     end
   end
 end
@@ -119,20 +238,80 @@ local function leave_retry(member)
 end
 
 -- Jobs whose deadline passed before they were dispatched (or while they
--- waited out an outage).
-for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[12], '-inf', now)) do
+-- waited out an outage) go to the expiring set. Their deadline entry stays
+-- until the job has ended (the step that ends it removes it): should the
+-- expiring entry be lost, the next round finds the job still waiting and
+-- puts it back.
+local past = redis.call('ZRANGEBYSCORE', KEYS[12], '-inf', now, 'WITHSCORES')
+for k = 1, #past, 2 do
+  local member, at = past[k], past[k + 1]
+  local id = string.match(member, '|(.*)$')
   local left = leave_queue(member)
   if leave_retry(member) then left = true end
-  if left then
-    redis.call('ZADD', KEYS[13], now, string.match(member, '|(.*)$'))
+  local keep = left or redis.call('ZSCORE', KEYS[13], id)
+  if not keep then
+    local j = redis.call('HMGET', prefix .. id, 'status', 'fq_member')
+    keep = (j[1] == 'queued' or j[1] == 'running') and j[2] == member and not redis.call('ZSCORE', KEYS[9], id)
+  end
+  if keep then
+    redis.call('ZADD', KEYS[13], 'NX', now, id)
+    redis.call('ZADD', KEYS[12], at, member)
   end
 end
+
+-- The safety net: the group's live jobs (admitted, not ended) are each in
+-- the order, the retry queue, the expiring set or a lease. More live jobs
+-- than those hold means some key was lost with jobs in it (say the order
+-- and its costs both): every live job is looked at once. One whose record
+-- still waits is queued again at its start tag (or, when a call of it may
+-- still run, given a lease: its worker renews it, or it ends and the job
+-- is queued again as after a worker's death); one whose record is gone is
+-- forgotten, and so are its owner's count and waiting-user entry; one that
+-- ended is dropped.
+local function sweep()
+  local nlive = redis.call('HLEN', KEYS[16])
+  if nlive == 0 or nlive <= redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2]) +
+      redis.call('ZCARD', KEYS[9]) + redis.call('ZCARD', KEYS[13]) then
+    return
+  end
+  local all = redis.call('HGETALL', KEYS[16])
+  for k = 1, #all, 2 do
+    local id, state = all[k], all[k + 1]
+    local j = redis.call('HMGET', prefix .. id, 'status', 'fq_member', 'fq_tag', 'cost_in', 'cost_out', 'attempt_open')
+    if j[1] ~= 'queued' and j[1] ~= 'running' then
+      redis.call('HDEL', KEYS[16], id)
+      local ukey = string.sub(state, 2)
+      local tenant, user = string.match(ukey, '^([^%z]*)%z(.*)$')
+      if not j[1] and tenant then
+        local s = string.sub(state, 1, 1)
+        counts_add(ARGV[14] .. tenant .. ':' .. user .. ':counts', s == 'r' and 'running' or 'queued', -1)
+        if s == 'q' and redis.call('HINCRBY', KEYS[17], ukey, -1) <= 0 then redis.call('HDEL', KEYS[17], ukey) end
+      end
+    elseif not j[2] then
+      redis.call('HDEL', KEYS[16], id) -- not a queued job's record: nothing to look for
+    elseif not (redis.call('ZSCORE', KEYS[1], j[2]) or redis.call('ZSCORE', KEYS[2], j[2]) or
+        redis.call('ZSCORE', KEYS[9], id) or redis.call('ZSCORE', KEYS[13], id)) then
+      if j[6] then
+        redis.call('ZADD', KEYS[9], 'NX', now + lease_ms, id)
+      else
+        back_to_queue(j[2], tonumber(j[3]), intstr(j[4]) .. ',' .. intstr(j[5]))
+      end
+    end
+  end
+end
+sweep()
 
 local st = lim_load(KEYS[7], now, cfg)
 local out = {'', 0, 0}
 local picked = 0
-local v = num(redis.call('GET', KEYS[3]), 0)
-local v0 = v
+-- V, the start tag of the last job dispatched. A lost V is taken as the
+-- queue head's tag (and stored again).
+local v0 = tonumber(redis.call('GET', KEYS[3]))
+local v = v0
+if not v then
+  local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  v, v0 = tonumber(head[2]) or 0, -1
+end
 
 -- Outage: nothing is dispatched but one probe at a time, when it is due.
 -- An outage that outlasted its limit sends the waiting jobs, a batch a
@@ -150,13 +329,16 @@ if st.down > 0 then
     redis.call('HSET', KEYS[7], 'probe', '')
   end
   if st.down_fail > 0 and now >= st.down_fail then
+    -- (A deadline entry of now keeps each until it has ended: see above.)
     for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, 99)) do
       leave_queue(member)
       redis.call('ZADD', KEYS[13], now, string.match(member, '|(.*)$'))
+      redis.call('ZADD', KEYS[12], 'NX', now, member)
     end
     for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, 99)) do
       leave_retry(member)
       redis.call('ZADD', KEYS[13], now, string.match(member, '|(.*)$'))
+      redis.call('ZADD', KEYS[12], 'NX', now, member)
     end
   end
   local at = num(hv[2], now)
@@ -202,10 +384,13 @@ while out[1] == '' do
   end
   local member, tag = head[1], tonumber(head[2])
   local id = string.match(member, '|(.*)$')
-  local cost = redis.call('HGET', KEYS[5], member) or '0,0'
-  local cin, cout = split2(cost)
-  local status = redis.call('HGET', prefix .. id, 'status')
-  local live = status == 'queued' or status == 'running'
+  local rec = redis.call('HMGET', prefix .. id, 'status', 'cost_in', 'cost_out', 'fq_member')
+  -- A cost entry lost since the repair above reads the record's.
+  local cin, cout = split2(redis.call('HGET', KEYS[5], member) or (intstr(rec[2]) .. ',' .. intstr(rec[3])))
+  cin, cout = cin or 0, cout or 0
+  local status = rec[1]
+  -- A member whose record is gone (or names another member) is dropped.
+  local live = (status == 'queued' or status == 'running') and rec[4] == member
   if live and redis.call('HEXISTS', KEYS[8], id) == 0 then
     local nr, ni, no = need(1, st.cr), need(cin, st.ci), need(cout, st.co)
     if st.r < nr or st.i < ni or st.o < no then
@@ -214,7 +399,7 @@ while out[1] == '' do
       break
     end
     st.r, st.i, st.o = st.r - 1, st.i - cin, st.o - cout
-    redis.call('HSET', KEYS[8], id, '1,' .. cin .. ',' .. cout)
+    redis.call('HSET', KEYS[8], id, '1,' .. intstr(cin) .. ',' .. intstr(cout))
   end
   -- Out of the queue: dispatched, or dropped when it was canceled while
   -- queued (or its record expired).
@@ -222,6 +407,7 @@ while out[1] == '' do
   if live then
     if tag > v then v = tag end
     redis.call('ZADD', KEYS[9], now + lease_ms, id)
+    redis.call('HDEL', prefix .. id, 'lease_grace')
     local n = redis.call('HINCRBY', prefix .. id, 'dispatch', 1)
     if n == 1 then
       -- The first dispatch's time and place in the group's dispatch order.
@@ -243,8 +429,8 @@ if v > v0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', v)
 end
 lim_save(st)
--- Wake for the next deadline too.
-local dl = redis.call('ZRANGE', KEYS[12], 0, 0, 'WITHSCORES')
+-- Wake for the next deadline too (past ones wait in the expiring set).
+local dl = redis.call('ZRANGEBYSCORE', KEYS[12], '(' .. intstr(now), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
 if #dl > 0 then
   local d = math.max(1, tonumber(dl[2]) - now)
   if out[1] ~= 'more' and (out[2] < 0 or d < out[2]) then out[2] = d end
@@ -254,7 +440,7 @@ out[3] = redis.call('ZCARD', KEYS[13])
 if moved > 0 then redis.call('PUBLISH', ARGV[10], moved) end
 if picked > 0 then
   local minute = math.floor(now / 60000)
-  redis.call('HINCRBY', KEYS[15], minute, picked)
+  redis.call('HINCRBY', KEYS[15], minute, intstr(picked))
   redis.call('HDEL', KEYS[15], minute - 5)
 end
 return out

@@ -9,7 +9,8 @@
 --     (STATE <status>), and, when plan.dispatch > 0, it is at that dispatch
 --     (SUPERSEDED: its lease was lost and it was dispatched again);
 --   * plan.open = d starts attempt d (refused with RUNNING when attempt d is
---     already open: asynq delivered the task twice);
+--     already open: asynq delivered the task twice; with NOATTEMPT when the
+--     job is back in line: its retry queue, order or expiring set);
 --   * plan.close = d ends the open attempt d (refused with NOATTEMPT when it
 --     is not open: the attempt was ended already). Each attempt ends once,
 --     so its settlement and statistics count once. plan.salvage lets an
@@ -36,6 +37,7 @@
 -- KEYS[9] the group's use per minute   KEYS[10] order   KEYS[11] costs
 -- KEYS[12] totals   KEYS[13] deadlines   KEYS[14] delayed
 -- KEYS[15] delayed tags   KEYS[16] expiring
+-- KEYS[17] the group's live jobs (see dispatch.lua's sweep)
 -- ARGV[1] now ms (0 = Redis TIME)
 -- ARGV[2] plan, JSON: {from = [status], to, dispatch, open, close, event,
 --   channel, ttl, maxlen, used = [requests, input, output], dur (ms of a
@@ -71,7 +73,15 @@ local open = tonumber(h[3]) or 0
 local reserved = (p.dispatch or 0) > 0 and redis.call('HEXISTS', KEYS[6], p.id) == 1
 if p.close and open ~= p.close and not (p.salvage and reserved) then return redis.error_reply('NOATTEMPT') end
 if p.open and open == p.open then return redis.error_reply('RUNNING') end
-if p.open and not reserved then return redis.error_reply('NOATTEMPT') end
+-- An attempt starts only while its dispatch is out of line: a job back in
+-- line (a retry ended this dispatch's attempt, its lease was found expired,
+-- or it waits to expire) is dispatched anew first. Its reservation is not
+-- asked for: a lost reservations key must not keep dispatched jobs from
+-- starting (the attempt then settles nothing).
+if p.open and ((h[4] and (redis.call('ZSCORE', KEYS[10], h[4]) or redis.call('ZSCORE', KEYS[14], h[4])))
+    or redis.call('ZSCORE', KEYS[16], p.id)) then
+  return redis.error_reply('NOATTEMPT')
+end
 
 local to = p.to
 local terminal = to == 'succeeded' or to == 'failed' or to == 'canceled' or to == 'expired'
@@ -79,17 +89,18 @@ local ttl = tonumber(p.ttl) or 0
 
 -- log appends an event to the job's log and publishes it.
 local function log(name, data)
-  local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', p.maxlen, '*', 'event', name, 'data', data)
-  if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+  local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', intstr(p.maxlen), '*', 'event', name, 'data', data)
+  if ttl > 0 then redis.call('EXPIRE', KEYS[2], intstr(ttl)) end
   redis.call('PUBLISH', p.channel, '{"id":"' .. id .. '","event":"' .. name .. '","data":' .. data .. '}')
   return id
 end
 
--- The record, the owner's counts and the group's waiting users.
+-- The record, the owner's counts and the group's waiting users (both
+-- floored at 0: see counts_add).
 redis.call('HSET', KEYS[1], 'status', to)
 if cur ~= to then
-  if cur == 'queued' or cur == 'running' then redis.call('HINCRBY', KEYS[3], cur, -1) end
-  if to == 'queued' or to == 'running' then redis.call('HINCRBY', KEYS[3], to, 1) end
+  if cur == 'queued' or cur == 'running' then counts_add(KEYS[3], cur, -1) end
+  if to == 'queued' or to == 'running' then counts_add(KEYS[3], to, 1) end
   if (cur == 'queued' or to == 'queued') and h[9] and h[10] then
     local u = h[9] .. '\0' .. h[10]
     if to == 'queued' then
@@ -97,6 +108,11 @@ if cur ~= to then
     elseif redis.call('HINCRBY', KEYS[4], u, -1) <= 0 then
       redis.call('HDEL', KEYS[4], u)
     end
+  end
+  if terminal then
+    redis.call('HDEL', KEYS[17], p.id)
+  elseif (to == 'queued' or to == 'running') and h[9] and h[10] then
+    redis.call('HSET', KEYS[17], p.id, live_state(to, h[9], h[10]))
   end
 end
 local attempts = tonumber(h[11]) or 0
@@ -122,7 +138,7 @@ for i = 4, #ARGV, 2 do
     redis.call('HSET', KEYS[1], f, ARGV[i + 1])
   end
 end
-if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], intstr(ttl)) end
 
 -- The group's health: a failure of the upstream's own. While the group is
 -- in outage a retry waits for no delay: dispatch holds it (at the front of
@@ -153,7 +169,11 @@ end
 
 -- Settlement, when no call of the job runs any more.
 local lim_settled, quota_settled = 0, 0
+-- A concurrency slot freed wakes the dispatchers even when the reservation
+-- was lost with its key.
+local released = false
 if open == 0 then
+  released = redis.call('ZREM', KEYS[7], p.id) == 1
   local used = p.used or {0, 0, 0}
   if settle_limiter(KEYS[5], KEYS[6], KEYS[7], KEYS[9], now, p.lim, p.id, used, tonumber(p.dur) or 0) then
     lim_settled = 1
@@ -170,7 +190,7 @@ for _, t in ipairs(p.tallies or {}) do
   else
     redis.call('HINCRBY', t.k, t.f, intstr(t.n))
   end
-  if t.t > 0 then redis.call('EXPIRE', t.k, t.t) end
+  if (tonumber(t.t) or 0) > 0 then redis.call('EXPIRE', t.k, intstr(t.t)) end
 end
 
 local id = ''
@@ -180,5 +200,5 @@ if p.event and p.event ~= '' then
 end
 if terminal and open > 0 and p.cancel then redis.call('PUBLISH', p.cancel, p.id) end
 if (moved or health == 'entered') and p.moved then redis.call('PUBLISH', p.moved, 1) end
-if p.wake and (lim_settled == 1 or p.requeue or moved) then redis.call('PUBLISH', p.wake, to) end
+if p.wake and (lim_settled == 1 or released or p.requeue or moved) then redis.call('PUBLISH', p.wake, to) end
 return {id, attempts, lim_settled, quota_settled, cur, health}

@@ -38,9 +38,13 @@ local function clock(arg)
 end
 
 -- intstr formats a whole number for a Redis integer argument: a Lua number
--- would be sent as "%.14g", so 0 negated arrives as "-0", which HINCRBY
--- refuses.
+-- would be sent as "%.14g", so 0 negated arrives as "-0" (and a large one
+-- as "1e+15"), which HINCRBY, EXPIRE and the like refuse. A fraction is
+-- truncated; nil, NaN and infinities (what a lost or mangled key can yield)
+-- become 0.
 local function intstr(n)
+  n = tonumber(n)
+  if not n or n ~= n or n == math.huge or n == -math.huge then return '0' end
   return string.format('%d', n)
 end
 
@@ -118,35 +122,73 @@ local function eta_seconds(st, pos, avg_in, avg_out, max_conc)
 end
 
 -- queue_avgs: the average estimated input and output of a queued job.
+-- Totals that drifted (a lost key) read as an empty queue, never as a
+-- negative or undefined average.
 local function queue_avgs(totals_key)
   local t = redis.call('HMGET', totals_key, 'n', 'in', 'out')
   local n = num(t[1], 0)
   if n <= 0 then return 0, 0 end
-  return num(t[2], 0) / n, num(t[3], 0) / n
+  return math.max(0, num(t[2], 0)) / n, math.max(0, num(t[3], 0)) / n
 end
 
+-- split2 reads a cost "in,out" (more fields after a second comma are
+-- ignored); a missing or mangled part is nil.
 local function split2(s)
-  local a, b = string.match(s, '^([^,]*),(.*)$')
+  local a, b = string.match(s or '', '^([^,]*),([^,]*)')
   return tonumber(a), tonumber(b)
 end
 
 local function split3(s)
-  local a, b, c = string.match(s, '^([^,]*),([^,]*),(.*)$')
+  local a, b, c = string.match(s or '', '^([^,]*),([^,]*),([^,]*)')
   return tonumber(a), tonumber(b), tonumber(c)
 end
 
+-- totals_add adds a job (sign 1) or takes one away (-1) from a group's
+-- queue totals (n jobs, their estimated input and output). Totals that
+-- would go negative drifted (their key was lost while jobs were queued):
+-- they are floored, and an empty count empties the hash; the dispatch
+-- round rebuilds them from the costs when they disagree (dispatch.lua).
+local function totals_add(totals, sign, cin, cout)
+  local n = redis.call('HINCRBY', totals, 'n', intstr(sign))
+  local i = redis.call('HINCRBY', totals, 'in', intstr(sign * (cin or 0)))
+  local o = redis.call('HINCRBY', totals, 'out', intstr(sign * (cout or 0)))
+  if n <= 0 then
+    redis.call('DEL', totals)
+  elseif i < 0 or o < 0 then
+    redis.call('HSET', totals, 'in', intstr(math.max(0, i)), 'out', intstr(math.max(0, o)))
+  end
+end
+
 -- fq_leave takes a job out of its group's queue (order, deadlines, its cost
--- and the queue totals); it reports whether the job was in the order.
+-- and the queue totals); it reports whether the job was in the order. A
+-- cost whose order entry was lost goes too.
 local function fq_leave(order, costs, totals, deadlines, member)
   redis.call('ZREM', deadlines, member)
-  if redis.call('ZREM', order, member) == 0 then return false end
+  if redis.call('ZREM', order, member) == 0 then
+    redis.call('HDEL', costs, member)
+    return false
+  end
   local cost = redis.call('HGET', costs, member) or '0,0'
   redis.call('HDEL', costs, member)
   local cin, cout = split2(cost)
-  redis.call('HINCRBY', totals, 'n', -1)
-  redis.call('HINCRBY', totals, 'in', intstr(-(cin or 0)))
-  redis.call('HINCRBY', totals, 'out', intstr(-(cout or 0)))
+  totals_add(totals, -1, cin, cout)
   return true
+end
+
+-- counts_add moves a count of a hash (a user's queued or running jobs) by
+-- delta, never below 0 (a count of 0 is no field): a count whose key was
+-- lost while jobs were live reads low until those jobs end, then is exact
+-- again.
+local function counts_add(key, field, delta)
+  local n = redis.call('HINCRBY', key, field, intstr(delta))
+  if n <= 0 then redis.call('HDEL', key, field) end
+  return math.max(0, n)
+end
+
+-- live_state is a job's entry in its group's live jobs (see dispatch.lua's
+-- sweep): its status' initial and its owner's user key.
+local function live_state(status, tenant, user)
+  return string.sub(status, 1, 1) .. tenant .. '\0' .. user
 end
 
 -- probe_delay is the wait before an outage's probe after n failed ones:
@@ -210,8 +252,9 @@ local function settle_limiter(lim, reservations, leases, rate, now, cfg, id, use
   local res = redis.call('HGET', reservations, id)
   if not res then return false end
   redis.call('HDEL', reservations, id)
-  local ar, ai, ao = used[1], used[2], used[3]
+  local ar, ai, ao = used[1] or 0, used[2] or 0, used[3] or 0
   local rr, ri, ro = split3(res)
+  rr, ri, ro = rr or 0, ri or 0, ro or 0
   local st = lim_load(lim, now, cfg)
   st.r = math.min(st.cr, st.r + rr - ar)
   st.i = math.min(st.ci, st.i + ri - ai)

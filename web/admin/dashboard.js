@@ -116,6 +116,34 @@ function renderGroups(status) {
   $("updated").textContent = "Live state as of " + new Date(status.time).toLocaleTimeString() + ".";
 }
 
+// ---- Redis: its eviction policy and memory (the eviction guard's last check) ----
+
+const bytes = (n) => {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i === 0 || n >= 100 ? Math.round(n) : n.toFixed(1)) + " " + units[i];
+};
+
+function renderRedis(redis) {
+  const banner = $("redis-evicting"), mem = $("redis-memory");
+  const evicting = !!redis && redis.ok === false;
+  const say = evicting ? "Redis evicts keys (policy " + redis.maxmemory_policy +
+    "): accepted jobs can be lost. Set maxmemory-policy noeviction." : "";
+  banner.hidden = !evicting;
+  if (banner.textContent !== say) banner.textContent = say; // an alert: announced when it changes, not every refresh
+  const limited = !!redis && redis.maxmemory_bytes > 0;
+  mem.hidden = !limited;
+  if (limited) {
+    const share = redis.used_memory_bytes / redis.maxmemory_bytes;
+    mem.textContent = "Redis memory: " + bytes(redis.used_memory_bytes) + " of " + bytes(redis.maxmemory_bytes) + " (" + pct(share) + ")" +
+      (share >= 0.8 ? (evicting ? " — nearly full: it will evict keys." : " — nearly full: new jobs will be refused when it is.") : ".");
+    mem.className = share >= 0.8 ? "problem" : "hint";
+  } else {
+    mem.textContent = "";
+  }
+}
+
 // ---- charts ----
 
 // bars draws stacked bars: series are [{key(bucket) → value, cls, name}].
@@ -243,7 +271,9 @@ function renderUsage(rep) {
 
 async function refreshStatus() {
   try {
-    renderGroups(await getJSON("/v1/admin/status"));
+    const status = await getJSON("/v1/admin/status");
+    renderGroups(status);
+    renderRedis(status.redis);
     problem("status", null);
   } catch (e) {
     problem("status", e);
