@@ -8,9 +8,9 @@ import (
 	"time"
 )
 
-// OTPM accounting modes for Config.OTPMMode. UPSTREAM.md describes both: the
-// older rule reserves max_tokens at request start, the newer one counts output
-// as it is produced.
+// OTPM accounting modes for Config.OTPMMode, the Anthropic API's two: the
+// older rule reserves max_tokens at request start, the current one counts
+// output as it is produced. OTPMRealtime, the current rule, is the default.
 const (
 	// OTPMReserve takes max_tokens from the output bucket when a request is
 	// admitted and gives back max_tokens minus the actual output at its end.
@@ -18,7 +18,8 @@ const (
 	OTPMReserve = "reserve"
 	// OTPMRealtime takes each output token from the output bucket as it is
 	// produced (the bucket may go negative); max_tokens does not count. A
-	// request is refused while the output bucket is empty or negative.
+	// request is refused while the output bucket is empty or negative. This
+	// is the API's current rule and the default.
 	OTPMRealtime = "realtime"
 )
 
@@ -33,14 +34,17 @@ const (
 )
 
 // Config configures a Server. The zero value is usable: one tier-1 group for
-// claude-* models, reserve mode, no pacing, any API key accepted, no faults.
+// claude-* models, realtime OTPM (the API's current rule), no pacing, any
+// API key accepted, any sk-ant-admin… key accepted as an Admin API key, no
+// faults.
 type Config struct {
 	// Groups are the model groups, each with its own buckets (a "model
 	// class" upstream). A request's model picks the first group with a
 	// matching pattern; a model no group matches gets 404 not_found_error.
 	// Default: TierOne().
 	Groups []Group
-	// OTPMMode is OTPMReserve or OTPMRealtime. Default: OTPMReserve.
+	// OTPMMode is OTPMRealtime or OTPMReserve. Default: OTPMRealtime, the
+	// API's current rule (output counted as produced, max_tokens ignored).
 	OTPMMode string
 	// TokensPerSecond paces output, streaming or not, in output tokens per
 	// second of wall-clock time. Default 0: as fast as possible.
@@ -56,6 +60,11 @@ type Config struct {
 	// APIKeys are the accepted API keys. Default empty: any non-empty key
 	// is accepted.
 	APIKeys []string
+	// AdminKeys are the Admin API keys that GET /v1/organizations/rate_limits
+	// accepts. Default empty: any key that starts with "sk-ant-admin" (the
+	// prefix of real Admin API keys) is accepted there. Admin keys are only
+	// for the Admin API route; APIKeys govern /v1/messages as before.
+	AdminKeys []string
 	// Faults are the random fault rules applied to every /v1/messages
 	// request after the queued faults (see Server.QueueFaults) run out.
 	// Their rates add up to at most 1. Default none.
@@ -81,11 +90,27 @@ type Group struct {
 	// RPM is the requests-per-minute limit (and the capacity of the
 	// requests bucket). count_tokens has a separate bucket of the same size.
 	RPM int
-	// InputTPM is the input-tokens-per-minute limit (input tokens plus
-	// cache writes; cache reads are free).
+	// InputTPM is the input-tokens-per-minute limit: input_tokens plus
+	// cache_creation_input_tokens; cache reads are free unless
+	// CountCacheReads.
 	InputTPM int
 	// OutputTPM is the output-tokens-per-minute limit.
 	OutputTPM int
+	// CountCacheReads makes cache reads count toward InputTPM too, as they
+	// do on legacy models (the Rate Limits API then reports the input limit
+	// as input_tokens_per_minute rather than
+	// input_tokens_per_minute_cache_aware). Default false: the current rule,
+	// where ITPM counts input_tokens + cache_creation_input_tokens only.
+	CountCacheReads bool
+	// CacheMinTokens is the shortest prefix, in input tokens, that a
+	// cache_control breakpoint caches. Default 0: by model, 2,048 for a
+	// model whose name contains "haiku" and 1,024 for every other (the
+	// Sonnet/Opus minimum).
+	CacheMinTokens int
+	// ReportedModels are the model names that GET
+	// /v1/organizations/rate_limits lists for this group. Default: Models,
+	// as written (globs included).
+	ReportedModels []string
 }
 
 // TierOne returns the 2025 Tier 1 limits for Sonnet/Opus 4.x as one group,
@@ -215,10 +240,18 @@ func (cfg Config) withDefaults() (Config, error) {
 			errs = append(errs, fmt.Errorf("group %q: RPM, InputTPM and OutputTPM must be positive (got %d, %d, %d)",
 				g.Name, g.RPM, g.InputTPM, g.OutputTPM))
 		}
+		if g.CacheMinTokens < 0 {
+			errs = append(errs, fmt.Errorf("group %q: cache min tokens %d: must not be negative", g.Name, g.CacheMinTokens))
+		}
+		for _, m := range g.ReportedModels {
+			if m == "" {
+				errs = append(errs, fmt.Errorf("group %q: empty reported model", g.Name))
+			}
+		}
 	}
 	switch cfg.OTPMMode {
 	case "":
-		cfg.OTPMMode = OTPMReserve
+		cfg.OTPMMode = OTPMRealtime
 	case OTPMReserve, OTPMRealtime:
 	default:
 		errs = append(errs, fmt.Errorf("otpm mode %q: want %q or %q", cfg.OTPMMode, OTPMReserve, OTPMRealtime))
@@ -238,6 +271,11 @@ func (cfg Config) withDefaults() (Config, error) {
 	for i, k := range cfg.APIKeys {
 		if k == "" {
 			errs = append(errs, fmt.Errorf("api keys[%d]: empty key", i))
+		}
+	}
+	for i, k := range cfg.AdminKeys {
+		if k == "" {
+			errs = append(errs, fmt.Errorf("admin keys[%d]: empty key", i))
 		}
 	}
 	total := 0.0

@@ -43,7 +43,8 @@ func TestStatsEndpoint(t *testing.T) {
 	post(t, srv, "/v1/messages", rawBody("hi", 10, false), map[string]string{"x-api-key": ""}) // 401
 
 	raw, st := getStats(t, srv.URL, srv.Client(), "")
-	wantKeys := []string{"admitted_input_tokens", "admitted_output_tokens", "admitted_requests", "by_status",
+	wantKeys := []string{"admitted_cache_creation_input_tokens", "admitted_cache_read_input_tokens", "admitted_input_tokens",
+		"admitted_output_tokens", "admitted_requests", "by_status", "cache_entries",
 		"count_tokens_requests", "dropped", "in_flight", "log", "max_in_flight", "max_in_flight_by_group", "rate_limited", "requests"}
 	if diff := cmp.Diff(wantKeys, slices.Sorted(maps.Keys(raw))); diff != "" {
 		t.Errorf("stats keys (-want +got):\n%s", diff)
@@ -52,7 +53,8 @@ func TestStatsEndpoint(t *testing.T) {
 	var records []json.RawMessage
 	_ = json.Unmarshal(raw["log"], &records)
 	_ = json.Unmarshal(records[0], &firstRecord)
-	wantRecordKeys := []string{"at", "complete", "group", "input_tokens", "model", "output_tokens", "status", "stream"}
+	wantRecordKeys := []string{"at", "cache_creation_input_tokens", "cache_read_input_tokens", "complete", "group",
+		"input_tokens", "model", "output_tokens", "status", "stream"}
 	if diff := cmp.Diff(wantRecordKeys, slices.Sorted(maps.Keys(firstRecord))); diff != "" {
 		t.Errorf("log record keys (-want +got):\n%s", diff)
 	}
@@ -67,6 +69,9 @@ func TestStatsEndpoint(t *testing.T) {
 		AdmittedInputTokens:  map[string]int64{"claude": 36},
 		AdmittedOutputTokens: map[string]int64{"claude": 7},
 		AdmittedRequests:     map[string]int64{"claude": 2},
+
+		AdmittedCacheReadTokens:     map[string]int64{"claude": 0},
+		AdmittedCacheCreationTokens: map[string]int64{"claude": 0},
 		Log: []fakeanthropic.RequestRecord{
 			{At: clk.Now(), Group: "claude", Model: testModel, Status: 200, InputTokens: 18, OutputTokens: 3, Complete: true},
 			{At: clk.Now(), Group: "claude", Model: testModel, Status: 200, Stream: true, InputTokens: 18, OutputTokens: 4, Complete: true},
@@ -100,7 +105,10 @@ func TestStatsEndpoint(t *testing.T) {
 		AdmittedInputTokens:  map[string]int64{"claude": 0},
 		AdmittedOutputTokens: map[string]int64{"claude": 0},
 		AdmittedRequests:     map[string]int64{"claude": 0},
-		Log:                  []fakeanthropic.RequestRecord{},
+
+		AdmittedCacheReadTokens:     map[string]int64{"claude": 0},
+		AdmittedCacheCreationTokens: map[string]int64{"claude": 0},
+		Log:                         []fakeanthropic.RequestRecord{},
 	}
 	if diff := cmp.Diff(zero, st); diff != "" {
 		t.Errorf("stats after reset (-want +got):\n%s", diff)

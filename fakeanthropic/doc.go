@@ -1,16 +1,18 @@
 // Package fakeanthropic is a faithful stand-in for the Anthropic Messages API,
 // for tests, for `sluice dev` and the demo, for the load tester, and for
-// operators who rehearse failures. It honours the facts in
-// shared/UPSTREAM.md: both auth header styles, the exact JSON and SSE wire
+// operators who rehearse failures. It behaves as the Anthropic API does:
+// both auth header styles, the exact JSON and SSE wire
 // format the Go SDK parses, per-group token buckets with the real
-// anthropic-ratelimit-* headers and 429s, both OTPM accounting modes, paced
-// output and injected faults.
+// anthropic-ratelimit-* headers and 429s, both OTPM accounting modes (the
+// current one, output counted as produced, by default), prompt caching,
+// the Admin API's Rate Limits route, paced output and injected faults.
 //
 // # API routes
 //
-//	POST /v1/messages               Messages, streaming or not
-//	POST /v1/messages/count_tokens  {"input_tokens": N}; its own RPM bucket per group
-//	anything else                   404 not_found_error
+//	POST /v1/messages                   Messages, streaming or not
+//	POST /v1/messages/count_tokens      {"input_tokens": N}; its own RPM bucket per group
+//	GET  /v1/organizations/rate_limits  the groups' limits (Admin API; see below)
+//	anything else                       404 not_found_error
 //
 // Authentication is `x-api-key: K` or `Authorization: Bearer K`; missing or
 // unknown keys get 401 authentication_error. An anthropic-version header is
@@ -31,23 +33,68 @@
 //	                     {"faults":[{"kind":"overloaded"},{"kind":"rate_limit","retry_after_seconds":2}]};
 //	                     answers {"queued": N}, the queue length now, or 400
 //	                     for an unknown kind.
+//	POST /_fake/cache/clear
+//	                     ClearCache: empties the prompt cache; answers
+//	                     {"cleared": N}, the live entries dropped.
+//	POST /_fake/limits   SetGroupLimits, with the body
+//	                     {"group":"claude","rpm":10,"input_tpm":5000,"output_tpm":1000}
+//	                     (0 or absent: unchanged); answers the group's limits
+//	                     now in the same shape, 404 for an unknown group.
 //
 // # Token counting and replies
 //
 // Input tokens follow CountTokens: 8 framing tokens, plus ceil(bytes/4) of
-// every text of the system prompt and the messages (other blocks: of their
-// compact JSON), plus 4 per message. A reply is made of deterministic words,
+// the compact JSON of every tool, of every text of the system prompt and the
+// messages (other blocks: of their compact JSON), plus 4 per message;
+// cache_control members cost nothing. A reply is made of deterministic words,
 // one word and a space per output token, so that text deltas, words and
 // usage.output_tokens agree. Its length is Config.ReplyTokens unless the
 // last user message says otherwise with a directive; max_tokens always caps
 // it (stop_reason "max_tokens"):
 //
 //	[[reply_tokens=N]]  reply with N output tokens
-//	[[cache_write=N]]   report N cache_creation_input_tokens (they count toward ITPM)
-//	[[cache_read=N]]    report N cache_read_input_tokens (they do not)
+//	[[cache_write=N]]   add N cache_creation_input_tokens (they count toward ITPM)
+//	[[cache_read=N]]    add N cache_read_input_tokens (they do not, by default)
 //
 // The cache directives describe a cached prefix on top of the counted
-// prompt: input_tokens stays CountTokens of the body.
+// prompt, on top of what real prompt caching (below) reports: they do not
+// take anything from input_tokens.
+//
+// # Prompt caching
+//
+// A cache_control {"type":"ephemeral"} (optionally "ttl":"5m" or "1h"; 5m
+// by default) on an entry of tools, a system text block or a block of a
+// message's content marks a breakpoint; more than 4 get 400
+// invalid_request_error ("A maximum of 4 blocks with cache_control may be
+// provided. Found N."), and a malformed one names its field. A breakpoint's
+// prefix runs tools, system, messages, up to and including its block,
+// counted as above (framing included). A prefix shorter than the group's
+// Group.CacheMinTokens (default 1,024 tokens, 2,048 for models whose name
+// contains "haiku") is not cached.
+//
+// At admission the longest live prefix in the cache is read and its
+// lifetime refreshed (to at least now plus its ttl); every later breakpoint
+// is written. The usage then splits the prompt's CountTokens into
+//
+//	cache_read_input_tokens      the prefix read
+//	cache_creation_input_tokens  the tokens past it up to the last breakpoint written
+//	input_tokens                 the rest, after the last breakpoint read or written
+//
+// with cache_creation {"ephemeral_5m_input_tokens","ephemeral_1h_input_tokens"}
+// splitting the creation by the ttl of the breakpoint that writes each
+// part. The same usage is in the JSON message and in message_start;
+// message_delta repeats the three counts (without the breakdown) with the
+// final output_tokens. An entry written by a call becomes readable when
+// that call's answer begins, just before its message_start (for a
+// non-streaming call, before its first output token): two calls that both
+// start before the first one begins both write. A call refused (429, a
+// fault) or canceled before its answer begins reads and writes nothing.
+// count_tokens ignores caching. The cache is one per server (one
+// organization), keyed by the exact model name and the prefix's content;
+// lifetimes run on Config.Clock. ClearCache (POST /_fake/cache/clear)
+// empties it. Simplifications: only the breakpoints are looked up (the API
+// also checks up to 20 blocks before each), and mixing ttls in any order is
+// accepted.
 //
 // # Rate limits
 //
@@ -57,12 +104,43 @@
 // rate_limit_error naming the limit, retry-after (whole seconds until it
 // would fit, at least 1) and x-should-retry: true. In OTPMReserve mode
 // max_tokens is reserved at admission and the unused part given back at the
-// end; in OTPMRealtime mode each token is taken as it is produced. Every
-// 2xx and 429 of /v1/messages carries anthropic-ratelimit-{requests,
+// end; in OTPMRealtime mode (the default, the API's current rule) each token
+// is taken as it is produced, max_tokens is not used, and a request is
+// refused only while the output bucket is at or below zero. ITPM counts
+// input_tokens + cache_creation_input_tokens, and cache reads too on groups
+// with Group.CountCacheReads (legacy models).
+//
+// Every 2xx and 429 of /v1/messages carries anthropic-ratelimit-{requests,
 // input-tokens,output-tokens,tokens}-{limit,remaining,reset}, read just
 // after the request's own charge; the tokens axis is whichever of input and
 // output has fewer tokens left. count_tokens answers carry the
 // anthropic-ratelimit-requests-* headers of their own bucket.
+// SetGroupLimits (POST /_fake/limits) changes a group's limits while the
+// server runs: enforced, in the headers and in the Rate Limits API at once.
+//
+// # Rate Limits API
+//
+// GET /v1/organizations/rate_limits takes an Admin API key (Config.AdminKeys;
+// with none configured, any key starting with sk-ant-admin) in x-api-key
+// and an anthropic-version header. A missing or unknown key gets 401
+// authentication_error; a key the Messages API accepts gets 403
+// permission_error. It answers the groups' limits now, one entry per group:
+//
+//	{"data":[{"type":"rate_limit","id":"rl_…",
+//	          "group":{"type":"model_group","id":"rlg_…","display_name":"claude"},
+//	          "models":["claude-*"],
+//	          "limits":[{"type":"requests_per_minute","value":50},
+//	                    {"type":"input_tokens_per_minute_cache_aware","value":30000},
+//	                    {"type":"output_tokens_per_minute","value":8000}]}],
+//	 "next_page":null}
+//
+// models are Group.ReportedModels (default Group.Models as written); the
+// input limit's type is input_tokens_per_minute on groups that count cache
+// reads. Query parameters: model (the entry containing it, by name or
+// pattern; 404 if none), group_type (model_group; the other types list
+// nothing), limit (1 to 1,000) and page (the cursor of next_page). admin.go
+// says which parts of this shape are verified against the official SDK and
+// which are assumed.
 //
 // # Faults
 //

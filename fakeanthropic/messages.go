@@ -19,7 +19,9 @@ func (s *Server) handleMessages(w http.ResponseWriter, r *http.Request) {
 		rec := c.rec
 		s.logger.Debug("fake-anthropic request", "request_id", w.Header().Get("request-id"),
 			"group", rec.Group, "model", rec.Model, "status", rec.Status, "fault", rec.Fault,
-			"stream", rec.Stream, "input_tokens", rec.InputTokens, "output_tokens", rec.OutputTokens)
+			"stream", rec.Stream, "input_tokens", rec.InputTokens, "output_tokens", rec.OutputTokens,
+			"cache_read_input_tokens", rec.CacheReadInputTokens,
+			"cache_creation_input_tokens", rec.CacheCreationInputTokens)
 	}()
 	s.serveMessages(w, r, c)
 }
@@ -31,7 +33,42 @@ type call struct {
 	group    *groupState // nil until the model is known
 	left     func()      // counts the call out of its group
 	reserved int         // output tokens reserved (reserve mode)
-	settled  bool
+	// cacheWrites are the cache entries the call writes, readable once its
+	// answer begins.
+	cacheWrites []breakpoint
+	settled     bool
+}
+
+// pricing is what a call's prompt costs: its usage (output_tokens aside)
+// and the tokens charged to the ITPM bucket.
+type pricing struct {
+	usage   usage
+	charged int
+	plan    cachePlan
+}
+
+// price works out req's usage from the cache at now. The caller holds
+// Server.mu; the cache is not changed.
+func (s *Server) price(g *groupState, req *messagesRequest, bps []breakpoint, now time.Time) pricing {
+	plan := s.planCache(bps, g.minCacheTokens(req.model), now)
+	// The directives describe a cached prefix on top of the counted prompt.
+	write, read := max(0, req.directives.cacheWrite), max(0, req.directives.cacheRead)
+	u := usage{
+		InputTokens:              req.inputTokens - plan.read - plan.creation,
+		CacheCreationInputTokens: plan.creation + write,
+		CacheReadInputTokens:     plan.read + read,
+		CacheCreation: &cacheCreation{
+			Ephemeral5mInputTokens: plan.creation5m + write,
+			Ephemeral1hInputTokens: plan.creation1h,
+		},
+	}
+	// ITPM counts input tokens and cache writes; cache reads only on groups
+	// that count them (legacy models).
+	charged := u.InputTokens + u.CacheCreationInputTokens
+	if g.CountCacheReads {
+		charged += u.CacheReadInputTokens
+	}
+	return pricing{usage: u, charged: charged, plan: plan}
 }
 
 // settle closes the books of the call: it gives back the unused output
@@ -84,43 +121,47 @@ func (s *Server) serveMessages(w http.ResponseWriter, r *http.Request, c *call) 
 		return
 	}
 	rec.Group, c.group, c.left = g.Name, g, s.groupEntered(g.Name)
-
-	u := usage{
-		InputTokens:              req.inputTokens,
-		CacheCreationInputTokens: max(0, req.directives.cacheWrite),
-		CacheReadInputTokens:     max(0, req.directives.cacheRead),
-	}
-	// ITPM counts input tokens and cache writes, not cache reads.
-	charged := u.InputTokens + u.CacheCreationInputTokens
-	rec.InputTokens = charged
+	bps := breakpoints(req)
 
 	rule, queued := s.drawFault()
 	rec.Fault = rule.Kind
 	now := s.now()
-	if rule.Kind == FaultDrop {
-		rec.Status = 0
-		c.settle()
-		dropConnection(w)
-		return
-	}
-	if !rule.Kind.admitted(req.stream) {
+	if rule.Kind == FaultDrop || !rule.Kind.admitted(req.stream) {
+		// Refused before the buckets: the cache is neither read nor written.
+		s.mu.Lock()
+		rec.InputTokens = s.price(g, req, bps, now).charged
+		g.refill(now)
+		h := g.headers(now)
+		s.mu.Unlock()
+		if rule.Kind == FaultDrop {
+			rec.Status = 0
+			c.settle()
+			dropConnection(w)
+			return
+		}
 		e := faultError(rule, now)
 		if e.status == http.StatusTooManyRequests {
-			s.mu.Lock()
-			g.refill(now)
-			h := g.headers(now)
-			s.mu.Unlock()
 			h.write(w.Header())
 		}
 		fail(e)
 		return
 	}
 
+	// Price, admit and (if admitted) touch the cache in one step, so that
+	// the cache the price was read from is the one the call uses.
 	s.mu.Lock()
-	charge, h, refused := s.admit(g, charged, req.maxTokens, now)
+	p := s.price(g, req, bps, now)
+	rec.InputTokens = p.charged
+	charge, h, refused := s.admit(g, p.charged, req.maxTokens, now)
 	if refused == nil {
 		s.stats.AdmittedRequests[g.Name]++
 		s.stats.AdmittedInputTokens[g.Name] += int64(charge.input)
+		s.stats.AdmittedCacheReadTokens[g.Name] += int64(p.usage.CacheReadInputTokens)
+		s.stats.AdmittedCacheCreationTokens[g.Name] += int64(p.usage.CacheCreationInputTokens)
+		s.touchCache(p.plan, now)
+		c.cacheWrites = p.plan.writes
+		rec.CacheReadInputTokens = p.usage.CacheReadInputTokens
+		rec.CacheCreationInputTokens = p.usage.CacheCreationInputTokens
 	}
 	s.mu.Unlock()
 	h.write(w.Header())
@@ -141,7 +182,7 @@ func (s *Server) serveMessages(w http.ResponseWriter, r *http.Request, c *call) 
 		Role:    "assistant",
 		Model:   req.model,
 		Content: []textBlock{},
-		Usage:   u,
+		Usage:   p.usage,
 	}
 	if req.stream {
 		s.writeStream(w, out, msg, rule.Kind)
@@ -161,9 +202,19 @@ type output struct {
 
 func (o *output) produced() int { return o.c.rec.OutputTokens }
 
-// firstByte waits for the configured latency.
+// firstByte waits for the configured latency; then the answer begins, and
+// the cache entries the call writes become readable.
 func (o *output) firstByte() error {
-	return o.s.pause(o.ctx, o.start.Add(o.s.cfg.Latency))
+	if err := o.s.pause(o.ctx, o.start.Add(o.s.cfg.Latency)); err != nil {
+		return err
+	}
+	if writes := o.c.cacheWrites; len(writes) > 0 {
+		o.c.cacheWrites = nil
+		o.s.mu.Lock()
+		o.s.commitCache(writes, o.s.now())
+		o.s.mu.Unlock()
+	}
+	return nil
 }
 
 // next waits until the next token is due, then produces it: it counts in
@@ -192,11 +243,19 @@ func (o *output) next() (string, error) {
 
 // Wire types of the Messages API, in the API's field order.
 type (
+	// usage is the usage of a message (and of message_start), with the
+	// cache_creation breakdown by ttl; message_delta's usage has no
+	// breakdown (CacheCreation nil).
 	usage struct {
-		InputTokens              int `json:"input_tokens"`
-		CacheCreationInputTokens int `json:"cache_creation_input_tokens"`
-		CacheReadInputTokens     int `json:"cache_read_input_tokens"`
-		OutputTokens             int `json:"output_tokens"`
+		InputTokens              int            `json:"input_tokens"`
+		CacheCreationInputTokens int            `json:"cache_creation_input_tokens"`
+		CacheReadInputTokens     int            `json:"cache_read_input_tokens"`
+		CacheCreation            *cacheCreation `json:"cache_creation,omitempty"`
+		OutputTokens             int            `json:"output_tokens"`
+	}
+	cacheCreation struct {
+		Ephemeral5mInputTokens int `json:"ephemeral_5m_input_tokens"`
+		Ephemeral1hInputTokens int `json:"ephemeral_1h_input_tokens"`
 	}
 	textBlock struct {
 		Type string `json:"type"`
@@ -335,6 +394,7 @@ func (s *Server) writeStream(w http.ResponseWriter, out *output, msg message, fa
 	}
 	u := msg.Usage
 	u.OutputTokens = out.produced()
+	u.CacheCreation = nil
 	ev.send("content_block_stop", contentBlockStopEvent{Type: "content_block_stop"})
 	ev.send("message_delta", messageDeltaEvent{Type: "message_delta",
 		Delta: messageDelta{StopReason: &out.plan.stopReason, StopSequence: out.plan.stopSequence}, Usage: u})

@@ -190,8 +190,8 @@ func TestCacheDirectives(t *testing.T) {
 	}
 }
 
-// TestWireFormat checks the exact JSON and SSE shapes, key by key, that
-// UPSTREAM.md gives.
+// TestWireFormat checks the exact JSON and SSE shapes, key by key, that the
+// Anthropic API sends.
 func TestWireFormat(t *testing.T) {
 	_, srv := newFake(t, fakeanthropic.Config{})
 
@@ -207,10 +207,11 @@ func TestWireFormat(t *testing.T) {
 		if diff := cmp.Diff([]string{"content", "id", "model", "role", "stop_reason", "stop_sequence", "type", "usage"}, slices.Sorted(maps.Keys(m))); diff != "" {
 			t.Errorf("message keys (-want +got):\n%s", diff)
 		}
-		var usage map[string]int
+		var usage map[string]any
 		_ = json.Unmarshal(m["usage"], &usage)
-		if diff := cmp.Diff(map[string]int{"input_tokens": 18, "output_tokens": 2,
-			"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}, usage); diff != "" {
+		if diff := cmp.Diff(map[string]any{"input_tokens": 18.0, "output_tokens": 2.0,
+			"cache_creation_input_tokens": 0.0, "cache_read_input_tokens": 0.0,
+			"cache_creation": map[string]any{"ephemeral_5m_input_tokens": 0.0, "ephemeral_1h_input_tokens": 0.0}}, usage); diff != "" {
 			t.Errorf("usage (-want +got):\n%s", diff)
 		}
 		for key, want := range map[string]string{"type": `"message"`, "role": `"assistant"`, "stop_reason": `"end_turn"`,

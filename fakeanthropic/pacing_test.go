@@ -149,6 +149,7 @@ func TestCanceledRequestEndsPromptly(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			tt.cfg.Groups = []Group{{Name: "g", Models: []string{"claude-*"}, RPM: 100, InputTPM: 100_000, OutputTPM: 8_000}}
+			tt.cfg.OTPMMode = OTPMReserve // the reservation of the canceled call must come back
 			clock := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 			tt.cfg.Clock = func() time.Time { return clock }
 			s, srv := newInternal(t, tt.cfg)

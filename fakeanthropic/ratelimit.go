@@ -50,6 +50,17 @@ func (b *bucket) take(n float64) { b.level -= n }
 
 func (b *bucket) give(n float64) { b.level = math.Min(b.limit, b.level+n) }
 
+// setLimit changes the bucket's per-minute limit at now: the capacity and
+// the refill rate. What has been used stays used: the bucket keeps its
+// shortfall from full (limit - level), so that a lowered limit bites at
+// once and a raised one grants the difference.
+func (b *bucket) setLimit(limit int, now time.Time) {
+	b.refill(now)
+	used := b.limit - b.level
+	b.limit = float64(limit)
+	b.level = b.limit - used
+}
+
 // limitState is what the anthropic-ratelimit-*-{limit,remaining,reset}
 // headers of one axis say.
 type limitState struct {
@@ -93,6 +104,24 @@ func newGroupState(g Group, now time.Time) *groupState {
 		input:    newBucket(g.InputTPM, now),
 		output:   newBucket(g.OutputTPM, now),
 		counts:   newBucket(g.RPM, now),
+	}
+}
+
+// setLimits changes the group's limits at now; 0 keeps a limit. The caller
+// holds Server.mu.
+func (g *groupState) setLimits(rpm, inputTPM, outputTPM int, now time.Time) {
+	if rpm > 0 {
+		g.RPM = rpm
+		g.requests.setLimit(rpm, now)
+		g.counts.setLimit(rpm, now)
+	}
+	if inputTPM > 0 {
+		g.InputTPM = inputTPM
+		g.input.setLimit(inputTPM, now)
+	}
+	if outputTPM > 0 {
+		g.OutputTPM = outputTPM
+		g.output.setLimit(outputTPM, now)
 	}
 }
 

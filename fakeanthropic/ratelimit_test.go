@@ -140,7 +140,7 @@ func TestTokensHeaderIsTheMostRestrictive(t *testing.T) {
 
 func TestOutputTokensReserveMode(t *testing.T) {
 	clk := newTestClock()
-	_, srv := newFake(t, fakeanthropic.Config{Groups: oneGroup(1000, 1_000_000, 8_000), Clock: clk.Now})
+	_, srv := newFake(t, fakeanthropic.Config{Groups: oneGroup(1000, 1_000_000, 8_000), OTPMMode: fakeanthropic.OTPMReserve, Clock: clk.Now})
 	at := func(d time.Duration) string { return clk.Now().Add(d).Format(time.RFC3339) }
 	reply := "go [[reply_tokens=1000]]"
 

@@ -7,7 +7,11 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"time"
 )
+
+// maxBreakpoints is how many cache_control blocks a request may carry.
+const maxBreakpoints = 4
 
 // messagesRequest is a validated Messages (or count_tokens) request body.
 type messagesRequest struct {
@@ -16,6 +20,7 @@ type messagesRequest struct {
 	stream        bool
 	userID        string
 	stopSequences []string
+	tools         []block // each a "tool" block: its compact JSON
 	system        []block
 	turns         []turn
 
@@ -83,6 +88,12 @@ func parseRequest(body []byte, countOnly bool) (*messagesRequest, *apiError) {
 	if req.system, apiErr = parseSystem(fields["system"]); apiErr != nil {
 		return nil, apiErr
 	}
+	if req.tools, apiErr = parseTools(fields["tools"]); apiErr != nil {
+		return nil, apiErr
+	}
+	if n := countBreakpoints(req.tools, req.system, req.turns); n > maxBreakpoints && !countOnly {
+		return nil, invalidRequest("A maximum of %d blocks with cache_control may be provided. Found %d.", maxBreakpoints, n)
+	}
 
 	if raw := fields["stream"]; !isNull(raw) {
 		if json.Unmarshal(raw, &req.stream) != nil {
@@ -106,7 +117,7 @@ func parseRequest(body []byte, countOnly bool) (*messagesRequest, *apiError) {
 		}
 	}
 
-	req.inputTokens = countPrompt(req.system, req.turns)
+	req.inputTokens = countPrompt(req.tools, req.system, req.turns)
 	req.directives = parseDirectives(lastUserText(req.turns))
 	return req, nil
 }
@@ -121,6 +132,118 @@ func parseInt(raw json.RawMessage) (int, error) {
 		return 0, fmt.Errorf("not an integer: %s", raw)
 	}
 	return int(f), nil
+}
+
+// parseTools parses the optional tools list: each an object, counted and
+// cached by its compact JSON (without cache_control).
+func parseTools(raw json.RawMessage) ([]block, *apiError) {
+	if isNull(raw) {
+		return nil, nil
+	}
+	var items []json.RawMessage
+	if json.Unmarshal(raw, &items) != nil {
+		return nil, invalidRequest("tools: Input should be a valid list")
+	}
+	tools := make([]block, 0, len(items))
+	for i, item := range items {
+		at := fmt.Sprintf("tools.%d", i)
+		var m map[string]json.RawMessage
+		if json.Unmarshal(item, &m) != nil || m == nil {
+			return nil, invalidRequest("%s: Input should be a valid dictionary", at)
+		}
+		b := block{typ: "tool"}
+		var apiErr *apiError
+		if b.cache, b.raw, apiErr = cacheControlOf(m, item, at); apiErr != nil {
+			return nil, apiErr
+		}
+		tools = append(tools, b)
+	}
+	return tools, nil
+}
+
+// cacheControlOf reads the cache_control of a block or tool (m, whose JSON
+// is raw) and returns it with the compact JSON of the object without it.
+func cacheControlOf(m map[string]json.RawMessage, raw json.RawMessage, at string) (*cacheControl, []byte, *apiError) {
+	cc, apiErr := parseCacheControl(m["cache_control"], at)
+	if apiErr != nil {
+		return nil, nil, apiErr
+	}
+	var compact bytes.Buffer
+	if _, ok := m["cache_control"]; ok {
+		// Keys sorted, HTML left alone: the length is that of the compact
+		// original without its cache_control member.
+		delete(m, "cache_control")
+		enc := json.NewEncoder(&compact)
+		enc.SetEscapeHTML(false)
+		if err := enc.Encode(m); err != nil {
+			return nil, nil, invalidRequest("%s: Input should be a valid dictionary", at)
+		}
+		return cc, bytes.TrimSuffix(compact.Bytes(), []byte("\n")), nil
+	}
+	if err := json.Compact(&compact, raw); err != nil {
+		return nil, nil, invalidRequest("%s: Input should be a valid dictionary", at)
+	}
+	return cc, compact.Bytes(), nil
+}
+
+// cacheControl is a cache breakpoint: {"type":"ephemeral","ttl":"5m"|"1h"}.
+type cacheControl struct {
+	ttl time.Duration
+}
+
+// Cache lifetimes of the two ttl values.
+const (
+	cacheTTL5m = 5 * time.Minute
+	cacheTTL1h = time.Hour
+)
+
+// parseCacheControl parses an optional cache_control (null or absent: none).
+func parseCacheControl(raw json.RawMessage, at string) (*cacheControl, *apiError) {
+	if isNull(raw) {
+		return nil, nil
+	}
+	at += ".cache_control"
+	var m map[string]json.RawMessage
+	if json.Unmarshal(raw, &m) != nil || m == nil {
+		return nil, invalidRequest("%s: Input should be a valid dictionary", at)
+	}
+	var typ string
+	if rawType, ok := m["type"]; !ok || isNull(rawType) {
+		return nil, invalidRequest("%s.type: Field required", at)
+	} else if json.Unmarshal(rawType, &typ) != nil || typ != "ephemeral" {
+		return nil, invalidRequest("%s.type: Input should be 'ephemeral'", at)
+	}
+	cc := &cacheControl{ttl: cacheTTL5m}
+	if rawTTL := m["ttl"]; !isNull(rawTTL) {
+		var ttl string
+		_ = json.Unmarshal(rawTTL, &ttl)
+		switch ttl {
+		case "5m":
+		case "1h":
+			cc.ttl = cacheTTL1h
+		default:
+			return nil, invalidRequest("%s.ttl: Input should be '5m' or '1h'", at)
+		}
+	}
+	return cc, nil
+}
+
+// countBreakpoints counts the blocks with a cache_control.
+func countBreakpoints(tools, system []block, turns []turn) int {
+	n := 0
+	count := func(blocks []block) {
+		for _, b := range blocks {
+			if b.cache != nil {
+				n++
+			}
+		}
+	}
+	count(tools)
+	count(system)
+	for _, t := range turns {
+		count(t.blocks)
+	}
+	return n
 }
 
 // parseSystem parses the optional system prompt: a string or a list of text
@@ -197,8 +320,8 @@ func parseMessages(raw json.RawMessage) ([]turn, *apiError) {
 	return turns, nil
 }
 
-// parseBlock parses one content block: an object with a string type; a text
-// block also needs a string text.
+// parseBlock parses one content block: an object with a string type and an
+// optional cache_control; a text block also needs a string text.
 func parseBlock(raw json.RawMessage, at string) (block, *apiError) {
 	var m map[string]json.RawMessage
 	if json.Unmarshal(raw, &m) != nil || m == nil {
@@ -216,13 +339,16 @@ func parseBlock(raw json.RawMessage, at string) (block, *apiError) {
 		} else if json.Unmarshal(rawText, &b.text) != nil {
 			return block{}, invalidRequest("%s.text: Input should be a valid string", at)
 		}
+		var apiErr *apiError
+		if b.cache, apiErr = parseCacheControl(m["cache_control"], at); apiErr != nil {
+			return block{}, apiErr
+		}
 		return b, nil
 	}
-	var compact bytes.Buffer
-	if err := json.Compact(&compact, raw); err != nil {
-		return block{}, invalidRequest("%s: Input should be a valid dictionary", at)
+	var apiErr *apiError
+	if b.cache, b.raw, apiErr = cacheControlOf(m, raw, at); apiErr != nil {
+		return block{}, apiErr
 	}
-	b.raw = compact.Bytes()
 	return b, nil
 }
 

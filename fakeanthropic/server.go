@@ -3,6 +3,7 @@ package fakeanthropic
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/json"
 	"errors"
@@ -37,6 +38,9 @@ type Server struct {
 	queue  []FaultRule
 	rng    *mrand.Rand
 	stats  statsState
+	// cache maps a prompt prefix (breakpoint.key) to when it expires.
+	cache        map[[sha256.Size]byte]time.Time
+	cacheSweepAt int // sweep expired entries when the cache grows this big
 }
 
 // New returns a Server for cfg, with defaults filled in (see Config). It
@@ -57,6 +61,9 @@ func New(cfg Config) (*Server, error) {
 		pause:  sleepUntil,
 		rng:    mrand.New(mrand.NewPCG(seed, 0x5eed)),
 		stats:  newStatsState(cfg.Groups),
+		cache:  map[[sha256.Size]byte]time.Time{},
+
+		cacheSweepAt: cacheSweepMin,
 	}
 	now := s.now()
 	for _, g := range cfg.Groups {
@@ -78,34 +85,62 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case r.Method == http.MethodPost && r.URL.Path == "/_fake/reset":
 		s.ResetStats()
 		w.WriteHeader(http.StatusNoContent)
+	case r.Method == http.MethodGet && r.URL.Path == "/v1/organizations/rate_limits":
+		s.handleRateLimits(w, r)
 	case r.Method == http.MethodPost && r.URL.Path == "/_fake/faults":
 		s.handleQueueFaults(w, r)
+	case r.Method == http.MethodPost && r.URL.Path == "/_fake/cache/clear":
+		writeJSON(w, http.StatusOK, map[string]int{"cleared": s.ClearCache()})
+	case r.Method == http.MethodPost && r.URL.Path == "/_fake/limits":
+		s.handleSetLimits(w, r)
 	default:
 		writeError(w, &apiError{status: http.StatusNotFound, typ: typeNotFound,
 			message: fmt.Sprintf("Not found: %s %s", r.Method, r.URL.Path)})
 	}
 }
 
-// authenticate checks the x-api-key header, or else Authorization: Bearer.
-func (s *Server) authenticate(r *http.Request) *apiError {
+// requestKey is the x-api-key header, or else the Authorization: Bearer
+// token; "" for none.
+func requestKey(r *http.Request) string {
 	key := r.Header.Get("x-api-key")
 	if key == "" {
 		if auth := r.Header.Get("Authorization"); len(auth) > len("Bearer ") && strings.EqualFold(auth[:7], "Bearer ") {
 			key = strings.TrimSpace(auth[7:])
 		}
 	}
-	if key == "" {
-		return &apiError{status: http.StatusUnauthorized, typ: typeAuthentication, message: "x-api-key header is required"}
-	}
-	if len(s.cfg.APIKeys) == 0 {
-		return nil
-	}
+	return key
+}
+
+// oneOf reports whether key is one of keys, in constant time per key.
+func oneOf(key string, keys []string) bool {
 	ok := 0
-	for _, k := range s.cfg.APIKeys {
+	for _, k := range keys {
 		ok |= subtle.ConstantTimeCompare([]byte(k), []byte(key))
 	}
-	if ok == 0 {
-		return &apiError{status: http.StatusUnauthorized, typ: typeAuthentication, message: "invalid x-api-key"}
+	return ok == 1
+}
+
+func missingKey() *apiError {
+	return &apiError{status: http.StatusUnauthorized, typ: typeAuthentication, message: "x-api-key header is required"}
+}
+
+func invalidKey() *apiError {
+	return &apiError{status: http.StatusUnauthorized, typ: typeAuthentication, message: "invalid x-api-key"}
+}
+
+// validAPIKey reports whether key is accepted by the Messages API.
+func (s *Server) validAPIKey(key string) bool {
+	return key != "" && (len(s.cfg.APIKeys) == 0 || oneOf(key, s.cfg.APIKeys))
+}
+
+// authenticate checks the x-api-key header, or else Authorization: Bearer.
+func (s *Server) authenticate(r *http.Request) *apiError {
+	key := requestKey(r)
+	if key == "" {
+		return missingKey()
+	}
+	if !s.validAPIKey(key) {
+		return invalidKey()
 	}
 	return nil
 }
@@ -179,11 +214,11 @@ func (s *Server) handleCountTokens(w http.ResponseWriter, r *http.Request) {
 	if fits {
 		g.counts.take(1)
 	}
-	st, wait := g.counts.state(now, true), g.counts.secondsUntil(1)
+	st, wait, rpm := g.counts.state(now, true), g.counts.secondsUntil(1), g.RPM
 	s.mu.Unlock()
 	writeLimit(w.Header(), "requests", st)
 	if !fits {
-		writeError(w, rateLimited(commas(g.RPM)+" count_tokens requests", wait))
+		writeError(w, rateLimited(commas(rpm)+" count_tokens requests", wait))
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]int{"input_tokens": req.inputTokens})

@@ -39,8 +39,14 @@ type Stats struct {
 	// the moment the model is known.
 	MaxInFlightByGroup map[string]int64 `json:"max_in_flight_by_group"`
 	// AdmittedInputTokens are, per group, the input tokens charged to the
-	// ITPM bucket (input tokens plus cache writes) by admitted requests.
+	// ITPM bucket (input tokens plus cache writes, plus cache reads on
+	// groups with CountCacheReads) by admitted requests.
 	AdmittedInputTokens map[string]int64 `json:"admitted_input_tokens"`
+	// AdmittedCacheReadTokens and AdmittedCacheCreationTokens are, per
+	// group, the cache_read_input_tokens and cache_creation_input_tokens
+	// reported to admitted requests.
+	AdmittedCacheReadTokens     map[string]int64 `json:"admitted_cache_read_input_tokens"`
+	AdmittedCacheCreationTokens map[string]int64 `json:"admitted_cache_creation_input_tokens"`
 	// AdmittedOutputTokens are, per group, the output tokens produced,
 	// including those of cut or canceled answers.
 	AdmittedOutputTokens map[string]int64 `json:"admitted_output_tokens"`
@@ -48,6 +54,9 @@ type Stats struct {
 	AdmittedRequests map[string]int64 `json:"admitted_requests"`
 	// CountTokensRequests is the number of /v1/messages/count_tokens calls.
 	CountTokensRequests int64 `json:"count_tokens_requests"`
+	// CacheEntries is the number of live prompt-cache entries now (not a
+	// counter: ResetStats leaves the cache alone; ClearCache empties it).
+	CacheEntries int64 `json:"cache_entries"`
 	// Log holds the last 10,000 /v1/messages requests, oldest first, in the
 	// order they finished.
 	Log []RequestRecord `json:"log"`
@@ -66,8 +75,15 @@ type RequestRecord struct {
 	Status int       `json:"status"`
 	Fault  FaultKind `json:"fault,omitempty"`
 	Stream bool      `json:"stream"`
-	// InputTokens are the tokens charged to ITPM (input plus cache writes).
+	// InputTokens are the tokens charged to ITPM: usage.input_tokens plus
+	// cache_creation_input_tokens (plus cache_read_input_tokens on groups
+	// with CountCacheReads).
 	InputTokens int `json:"input_tokens"`
+	// CacheReadInputTokens and CacheCreationInputTokens are the usage's,
+	// for admitted requests (0 for refused ones): a call that wrote the
+	// cache has CacheCreationInputTokens > 0.
+	CacheReadInputTokens     int `json:"cache_read_input_tokens"`
+	CacheCreationInputTokens int `json:"cache_creation_input_tokens"`
 	// OutputTokens are the output tokens produced.
 	OutputTokens int    `json:"output_tokens"`
 	UserID       string `json:"user_id,omitempty"`
@@ -92,6 +108,9 @@ func newStatsState(groups []Group) statsState {
 			AdmittedInputTokens:  map[string]int64{},
 			AdmittedOutputTokens: map[string]int64{},
 			AdmittedRequests:     map[string]int64{},
+
+			AdmittedCacheReadTokens:     map[string]int64{},
+			AdmittedCacheCreationTokens: map[string]int64{},
 		},
 		inFlightByGroup: map[string]int64{},
 	}
@@ -100,6 +119,8 @@ func newStatsState(groups []Group) statsState {
 		st.AdmittedInputTokens[g.Name] = 0
 		st.AdmittedOutputTokens[g.Name] = 0
 		st.AdmittedRequests[g.Name] = 0
+		st.AdmittedCacheReadTokens[g.Name] = 0
+		st.AdmittedCacheCreationTokens[g.Name] = 0
 		st.inFlightByGroup[g.Name] = 0
 	}
 	return st
@@ -124,6 +145,9 @@ func (s *Server) Stats() Stats {
 	out.AdmittedInputTokens = maps.Clone(s.stats.AdmittedInputTokens)
 	out.AdmittedOutputTokens = maps.Clone(s.stats.AdmittedOutputTokens)
 	out.AdmittedRequests = maps.Clone(s.stats.AdmittedRequests)
+	out.AdmittedCacheReadTokens = maps.Clone(s.stats.AdmittedCacheReadTokens)
+	out.AdmittedCacheCreationTokens = maps.Clone(s.stats.AdmittedCacheCreationTokens)
+	out.CacheEntries = int64(s.liveCacheEntries())
 	out.Log = make([]RequestRecord, 0, len(s.stats.log))
 	out.Log = append(out.Log, s.stats.log[s.stats.next:]...)
 	out.Log = append(out.Log, s.stats.log[:s.stats.next]...)

@@ -17,16 +17,20 @@ const (
 // /v1/messages/count_tokens. The formula is deterministic:
 //
 //	8 (framing)
+//	+ ceil(compact JSON bytes / 4) for each entry of tools
 //	+ ceil(utf8 bytes / 4) for the system prompt (a string or each text block)
 //	+ for each message: 4 + for its content, ceil(utf8 bytes / 4) of a string,
 //	  or per block ceil(bytes / 4) of its text for a text block and of its
 //	  compact JSON for any other block (image, tool_use, tool_result, ...)
 //
-// Tools, tool_choice and other fields do not count. The body must be a JSON
-// object; system and messages, when present, must have the shapes the API
+// A cache_control member costs nothing: a tool or a non-text block counts
+// by its compact JSON without it. tool_choice and other fields do not count.
+// Caching does not change the count. The body must be a JSON object;
+// tools, system and messages, when present, must have the shapes the API
 // accepts. Other fields are not checked.
 func CountTokens(body []byte) (int, error) {
 	var top struct {
+		Tools    json.RawMessage `json:"tools"`
 		System   json.RawMessage `json:"system"`
 		Messages json.RawMessage `json:"messages"`
 	}
@@ -37,20 +41,26 @@ func CountTokens(body []byte) (int, error) {
 	if apiErr != nil {
 		return 0, errors.New(apiErr.message)
 	}
+	tools, apiErr := parseTools(top.Tools)
+	if apiErr != nil {
+		return 0, errors.New(apiErr.message)
+	}
 	var turns []turn
 	if !isNull(top.Messages) {
 		if turns, apiErr = parseMessages(top.Messages); apiErr != nil {
 			return 0, errors.New(apiErr.message)
 		}
 	}
-	return countPrompt(system, turns), nil
+	return countPrompt(tools, system, turns), nil
 }
 
-// block is one content block of a prompt. A string content is one text block.
+// block is one content block of a prompt (a string content is one text
+// block), or one entry of tools (typ "tool").
 type block struct {
-	typ  string
-	text string // text blocks
-	raw  []byte // compact JSON of every other block
+	typ   string
+	text  string        // text blocks
+	raw   []byte        // compact JSON, without cache_control, of every other block
+	cache *cacheControl // its cache breakpoint, if any
 }
 
 // turn is one message of a prompt.
@@ -59,8 +69,8 @@ type turn struct {
 	blocks []block
 }
 
-func countPrompt(system []block, turns []turn) int {
-	n := framingTokens + countBlocks(system)
+func countPrompt(tools, system []block, turns []turn) int {
+	n := framingTokens + countBlocks(tools) + countBlocks(system)
 	for _, t := range turns {
 		n += perMessageTokens + countBlocks(t.blocks)
 	}
@@ -70,13 +80,17 @@ func countPrompt(system []block, turns []turn) int {
 func countBlocks(blocks []block) int {
 	n := 0
 	for _, b := range blocks {
-		if b.typ == "text" {
-			n += ceilQuarter(len(b.text))
-		} else {
-			n += ceilQuarter(len(b.raw))
-		}
+		n += b.tokens()
 	}
 	return n
+}
+
+// tokens is the block's share of CountTokens.
+func (b block) tokens() int {
+	if b.typ == "text" {
+		return ceilQuarter(len(b.text))
+	}
+	return ceilQuarter(len(b.raw))
 }
 
 func ceilQuarter(n int) int { return (n + 3) / 4 }

@@ -26,7 +26,10 @@ func TestCountTokens(t *testing.T) {
 		{"escapes count decoded", `{"messages":[{"role":"user","content":"a\nb\u00e9"}]}`, 8 + 4 + 2}, // 5 bytes
 		{"other blocks by compact JSON", `{"messages":[{"role":"user","content":[` + image + `]}]}`, 8 + 4 + (len(image)+3)/4},
 		{"whitespace in JSON does not count", `{"messages":[{"role":"user","content":[ {"type" : "image", "source" : {"type":"base64","media_type":"image/png","data":"iVBORw0KGgo="}} ]}]}`, 8 + 4 + (len(image)+3)/4},
-		{"tools do not count", `{"tools":[{"name":"x","input_schema":{}}],"messages":[{"role":"user","content":"Hello"}]}`, 8 + 4 + 2},
+		{"tools by compact JSON", `{"tools":[{"name":"x", "input_schema":{}}],"messages":[{"role":"user","content":"Hello"}]}`, 8 + 8 + 4 + 2}, // 31 bytes
+		{"cache_control costs nothing", `{"tools":[{"name":"x","input_schema":{},"cache_control":{"type":"ephemeral"}}],"system":[{"type":"text","text":"abcd","cache_control":{"type":"ephemeral","ttl":"1h"}}],"messages":[{"role":"user","content":[` +
+			image[:len(image)-1] + `,"cache_control":{"type":"ephemeral"}}]}]}`, 8 + 8 + 1 + 4 + (len(image)+3)/4},
+		{"tool_choice does not count", `{"tool_choice":{"type":"auto"},"messages":[{"role":"user","content":"Hello"}]}`, 8 + 4 + 2},
 		{"directives are text", `{"messages":[{"role":"user","content":"[[reply_tokens=5]]"}]}`, 8 + 4 + 5},
 		{"long text", `{"messages":[{"role":"user","content":"` + strings.Repeat("x", 4001) + `"}]}`, 8 + 4 + 1001},
 	}

@@ -28,6 +28,7 @@ func runFake(ctx context.Context, args []string, getenv func(string) string, std
 		defaultListen   = "127.0.0.1:8090"
 		envListen       = "FAKE_ANTHROPIC_LISTEN"
 		envAPIKey       = "FAKE_ANTHROPIC_API_KEY"
+		envAdminKey     = "FAKE_ANTHROPIC_ADMIN_KEY"
 		shutdownBudget  = 5 * time.Second
 		readHeaderLimit = 10 * time.Second
 	)
@@ -39,8 +40,11 @@ func runFake(ctx context.Context, args []string, getenv func(string) string, std
 	rpm := fs.Int("rpm", tier.RPM, "requests per minute of the claude-* group")
 	inputTPM := fs.Int("input-tpm", tier.InputTPM, "input tokens per minute (input + cache writes)")
 	outputTPM := fs.Int("output-tpm", tier.OutputTPM, "output tokens per minute")
-	otpmMode := fs.String("otpm-mode", fakeanthropic.OTPMReserve, "output-token accounting: "+fakeanthropic.OTPMReserve+
-		" (max_tokens reserved at start, corrected at the end) or "+fakeanthropic.OTPMRealtime+" (counted as produced)")
+	otpmMode := fs.String("otpm-mode", fakeanthropic.OTPMRealtime, "output-token accounting: "+fakeanthropic.OTPMRealtime+
+		" (the API's current rule: counted as produced, max_tokens ignored) or "+fakeanthropic.OTPMReserve+
+		" (the older rule: max_tokens reserved at start, corrected at the end)")
+	countCacheReads := fs.Bool("count-cache-reads", false, "count cache reads toward input-tpm too, as legacy models do (reported as input_tokens_per_minute)")
+	cacheMinTokens := fs.Int("cache-min-tokens", 0, "shortest prompt prefix a cache_control breakpoint caches; 0 = by model: 2048 for *haiku*, else 1024")
 	tokensPerSecond := fs.Float64("tokens-per-second", 50, "output pace in tokens per second; 0 = as fast as possible")
 	latency := fs.Duration("latency", 200*time.Millisecond, "wait before the first byte of an answer")
 	replyTokens := fs.Int("reply-tokens", fakeanthropic.DefaultReplyTokens,
@@ -51,11 +55,15 @@ func runFake(ctx context.Context, args []string, getenv func(string) string, std
 	fs.Func("api-key", "accepted API `key`s, repeatable or comma-separated; none = any non-empty key (env "+envAPIKey+")",
 		func(v string) error {
 			keysSet = true
-			for _, k := range strings.Split(v, ",") {
-				if k = strings.TrimSpace(k); k != "" {
-					apiKeys = append(apiKeys, k)
-				}
-			}
+			apiKeys = append(apiKeys, splitKeys(v)...)
+			return nil
+		})
+	var adminKeys []string
+	adminKeysSet := false
+	fs.Func("admin-key", "accepted Admin API `key`s for GET /v1/organizations/rate_limits, repeatable or comma-separated; none = any sk-ant-admin… key (env "+envAdminKey+")",
+		func(v string) error {
+			adminKeysSet = true
+			adminKeys = append(adminKeys, splitKeys(v)...)
 			return nil
 		})
 	var faults []fakeanthropic.FaultRule
@@ -89,13 +97,28 @@ func runFake(ctx context.Context, args []string, getenv func(string) string, std
 Serves a stand-in for the Anthropic Messages API: POST /v1/messages (streaming
 or not) and /v1/messages/count_tokens, with tier-1-like token buckets and
 anthropic-ratelimit-* headers, 429s, paced output and injected faults. Point a
-client's base URL at it. One model group matches every claude-* model.
+client's base URL at it. One model group, "claude", matches every claude-*
+model.
+
+Output tokens count as produced (--otpm-mode realtime, the API's current
+rule) unless --otpm-mode reserve. Prompt caching works as the API's:
+cache_control {"type":"ephemeral"[,"ttl":"5m"|"1h"]} on up to 4 blocks (tools,
+system, message content); prefixes under the minimum are not cached; usage
+splits input_tokens, cache_creation_input_tokens and cache_read_input_tokens;
+input-tpm counts input + cache writes (and reads with --count-cache-reads).
+
+Admin API on the same address (x-api-key: an admin key, anthropic-version):
+  GET  /v1/organizations/rate_limits   the group's limits, as the Rate Limits API
+                                       lists them; an ordinary API key gets 403
 
 Control endpoints on the same address:
-  GET  /_fake/stats    counters and the request log as JSON (?log=N: last N records)
-  POST /_fake/reset    zero the counters
-  POST /_fake/faults   queue faults for the next requests:
-                       {"faults":[{"kind":"overloaded"},{"kind":"rate_limit","retry_after_seconds":2}]}
+  GET  /_fake/stats        counters and the request log as JSON (?log=N: last N records)
+  POST /_fake/reset        zero the counters
+  POST /_fake/faults       queue faults for the next requests:
+                           {"faults":[{"kind":"overloaded"},{"kind":"rate_limit","retry_after_seconds":2}]}
+  POST /_fake/cache/clear  empty the prompt cache; answers {"cleared":N}
+  POST /_fake/limits       change the group's limits now, enforced and reported:
+                           {"group":"claude","rpm":10,"input_tpm":5000,"output_tpm":1000} (0/absent: unchanged)
 
 Prompt directives: [[reply_tokens=N]], [[cache_write=N]], [[cache_read=N]].
 Fault kinds: `)
@@ -104,9 +127,10 @@ Fault kinds: `)
 		fs.PrintDefaults()
 		fmt.Fprintf(out, `
 Environment:
-  %s   address to listen on (overridden by --listen)
-  %s  accepted API keys, comma-separated (overridden by --api-key)
-`, envListen, envAPIKey)
+  %s     address to listen on (overridden by --listen)
+  %s    accepted API keys, comma-separated (overridden by --api-key)
+  %s  accepted Admin API keys, comma-separated (overridden by --admin-key)
+`, envListen, envAPIKey, envAdminKey)
 	}
 	if err := fs.Parse(args); err != nil {
 		return err // flag.ErrHelp for -h: the caller treats it as success
@@ -123,21 +147,22 @@ Environment:
 		addr = defaultListen
 	}
 	if !keysSet {
-		for _, k := range strings.Split(getenv(envAPIKey), ",") {
-			if k = strings.TrimSpace(k); k != "" {
-				apiKeys = append(apiKeys, k)
-			}
-		}
+		apiKeys = splitKeys(getenv(envAPIKey))
+	}
+	if !adminKeysSet {
+		adminKeys = splitKeys(getenv(envAdminKey))
 	}
 
 	logger := slog.New(slog.NewTextHandler(stderr, nil))
 	fake, err := fakeanthropic.New(fakeanthropic.Config{
-		Groups:          []fakeanthropic.Group{{Name: tier.Name, Models: tier.Models, RPM: *rpm, InputTPM: *inputTPM, OutputTPM: *outputTPM}},
+		Groups: []fakeanthropic.Group{{Name: tier.Name, Models: tier.Models, RPM: *rpm, InputTPM: *inputTPM, OutputTPM: *outputTPM,
+			CountCacheReads: *countCacheReads, CacheMinTokens: *cacheMinTokens}},
 		OTPMMode:        *otpmMode,
 		TokensPerSecond: *tokensPerSecond,
 		Latency:         *latency,
 		ReplyTokens:     *replyTokens,
 		APIKeys:         apiKeys,
+		AdminKeys:       adminKeys,
 		Faults:          faults,
 		Seed:            *seed,
 		Logger:          logger,
@@ -154,12 +179,17 @@ Environment:
 	if len(apiKeys) > 0 {
 		keys = fmt.Sprintf("%d key(s), hidden", len(apiKeys))
 	}
+	admins := "any sk-ant-admin… key"
+	if len(adminKeys) > 0 {
+		admins = fmt.Sprintf("%d key(s), hidden", len(adminKeys))
+	}
 	faultList := make([]string, 0, len(faults))
 	for _, f := range faults {
 		faultList = append(faultList, fmt.Sprintf("%s:%g", f.Kind, f.Rate))
 	}
 	logger.Info("fake-anthropic config", "models", strings.Join(tier.Models, ","), "rpm", *rpm,
 		"input_tpm", *inputTPM, "output_tpm", *outputTPM, "otpm_mode", *otpmMode,
+		"count_cache_reads", *countCacheReads, "cache_min_tokens", *cacheMinTokens, "admin_keys", admins,
 		"tokens_per_second", *tokensPerSecond, "latency", *latency, "reply_tokens", *replyTokens,
 		"api_keys", keys, "faults", strings.Join(faultList, ","), "seed", *seed)
 	fmt.Fprintf(stdout, "fake-anthropic listening on http://%s\n", ln.Addr())
@@ -189,4 +219,15 @@ Environment:
 		return fmt.Errorf("fake-anthropic: serve: %w", err)
 	}
 	return nil
+}
+
+// splitKeys splits a comma-separated list of keys, dropping blanks.
+func splitKeys(v string) []string {
+	var keys []string
+	for _, k := range strings.Split(v, ",") {
+		if k = strings.TrimSpace(k); k != "" {
+			keys = append(keys, k)
+		}
+	}
+	return keys
 }
