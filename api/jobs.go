@@ -229,10 +229,14 @@ func (s *Server) exactInput(ctx context.Context, req *createRequest) int {
 
 // fitsLimits refuses a request that could never run: above the tenant's
 // per-request input limit, the user's hourly token quota, or what the
-// group's limits can carry (the upstream itself would answer 429 forever).
+// group's limits can carry (the upstream itself would answer 429 forever):
+// its input limit, and its output limit for a group whose upstream reserves
+// max_tokens.
 func fitsLimits(req *createRequest, input int, t *config.Tenant, p config.UserPolicy) error {
 	g := req.Group
-	if req.MaxTokens > g.OutputTPM {
+	// Output counted as it is produced: max_tokens is bounded by the model
+	// (request validation), not by the output limit per minute.
+	if !g.Produced() && req.MaxTokens > g.OutputTPM {
 		return invalid("request.max_tokens", "request.max_tokens is %d, but this model's output limit is %d tokens per minute, so the request could never run. Ask for at most %d.", req.MaxTokens, g.OutputTPM, g.OutputTPM)
 	}
 	if t != nil && t.MaxInputTokens > 0 && input > t.MaxInputTokens {

@@ -52,6 +52,7 @@ const (
 	DefaultMaxQueued         = 50
 	DefaultMaxWait           = 15 * time.Minute
 	DefaultMaxTokensPolicy   = "clamp"
+	DefaultOutputAccounting  = OutputProduced
 	DefaultBodyLimitBytes    = 8 << 20 // 8 MiB
 	DefaultAPIShutdown       = 10 * time.Second
 	DefaultWorkerShutdown    = 25 * time.Second
@@ -303,7 +304,24 @@ type ModelGroup struct {
 	// ProbeIntervalMax. Defaults 1s and 30s.
 	ProbeInterval    time.Duration `yaml:"probe_interval"`
 	ProbeIntervalMax time.Duration `yaml:"probe_interval_max"`
+	// OutputAccounting is how the upstream counts output tokens against
+	// OutputTPM: "produced" (the current rule: as they are produced;
+	// max_tokens plays no part) or "reserved" (the older rule: max_tokens
+	// at the start, corrected at the end). With "produced" a dispatch holds
+	// the output the call is expected to produce (learned from the group's
+	// answers), not max_tokens, and max_tokens may exceed OutputTPM.
+	// Default "produced".
+	OutputAccounting string `yaml:"output_accounting"`
 }
+
+// The upstream's rules for counting output tokens (ModelGroup.OutputAccounting).
+const (
+	OutputProduced = "produced"
+	OutputReserved = "reserved"
+)
+
+// Produced reports whether g's upstream counts output as it is produced.
+func (g *ModelGroup) Produced() bool { return g.OutputAccounting != OutputReserved }
 
 // API configures the HTTP server.
 type API struct {
@@ -508,6 +526,7 @@ func applyElementDefaults(c *Config, root *yaml.Node) {
 			OutageWindow     yaml.Node `yaml:"outage_window"`
 			ProbeInterval    yaml.Node `yaml:"probe_interval"`
 			ProbeIntervalMax yaml.Node `yaml:"probe_interval_max"`
+			OutputAccounting yaml.Node `yaml:"output_accounting"`
 		} `yaml:"model_groups"`
 	}
 	// Errors were already collected by the strict decode.
@@ -551,6 +570,9 @@ func applyElementDefaults(c *Config, root *yaml.Node) {
 		}
 		if i >= len(given.ModelGroups) || omitted(given.ModelGroups[i].ProbeIntervalMax) {
 			c.ModelGroups[i].ProbeIntervalMax = DefaultProbeIntervalMax
+		}
+		if i >= len(given.ModelGroups) || omitted(given.ModelGroups[i].OutputAccounting) {
+			c.ModelGroups[i].OutputAccounting = DefaultOutputAccounting
 		}
 	}
 }

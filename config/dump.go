@@ -42,9 +42,9 @@ func (c *Config) Dump(w io.Writer) {
 			t.Name, shortKeys(t.Keys), t.DefaultMaxTokens)
 	}
 	for i, g := range c.ModelGroups {
-		line(fmt.Sprintf("model_groups[%d]", i), "%s: %s; rpm %d, input_tpm %d, output_tpm %d, max_concurrency %d, count_cache_reads %t; outage after %d failures within %s, probes every %s to %s",
+		line(fmt.Sprintf("model_groups[%d]", i), "%s: %s; rpm %d, input_tpm %d, output_tpm %d, max_concurrency %d, count_cache_reads %t; output counted %s; outage after %d failures within %s, probes every %s to %s",
 			g.Name, strings.Join(g.Models, ", "), g.RPM, g.InputTPM, g.OutputTPM, g.MaxConcurrency, g.CountCacheReads,
-			g.OutageFailures, g.OutageWindow, g.ProbeInterval, g.ProbeIntervalMax)
+			g.OutputAccounting, g.OutageFailures, g.OutageWindow, g.ProbeInterval, g.ProbeIntervalMax)
 	}
 	line("api.body_limit_bytes", "%d", c.API.BodyLimitBytes)
 	line("api.shutdown_timeout", "%s", c.API.ShutdownTimeout)

@@ -161,6 +161,9 @@ func (c *Config) problems() []*fieldError {
 		v.positiveDuration(p+".outage_window", g.OutageWindow)
 		v.positiveDuration(p+".probe_interval", g.ProbeInterval)
 		v.positiveDuration(p+".probe_interval_max", g.ProbeIntervalMax)
+		if g.OutputAccounting != "" && g.OutputAccounting != OutputProduced && g.OutputAccounting != OutputReserved {
+			v.add(p+".output_accounting", "must be %q (output counted as it is produced: the current rule) or %q (max_tokens reserved at the start: the older rule), not %q", OutputProduced, OutputReserved, g.OutputAccounting)
+		}
 		if g.ProbeInterval > 0 && g.ProbeIntervalMax > 0 && g.ProbeIntervalMax < g.ProbeInterval {
 			v.add(p+".probe_interval_max", "must not be less than probe_interval (%s)", g.ProbeInterval)
 		}

@@ -23,6 +23,8 @@
 //   - saturate: Users users (default 20) each keep a backlog of queued jobs
 //     for Warmup + Duration (default 60 s + 2 min); the figures cover the
 //     Duration after the warm-up.
+//   - long-answers: saturate with answers of ReplyTokens (1,000) written
+//     slowly and max_tokens 8,192, the output limit binding.
 package loadtest
 
 import (
@@ -45,10 +47,14 @@ const (
 	Classroom    = "classroom"
 	HeavyVsLight = "heavy-vs-light"
 	Saturate     = "saturate"
+	// LongAnswers is saturate with long, slowly written answers and a
+	// large max_tokens, so that the output limit binds (the command sets
+	// its limits: see LongAnswersPreset).
+	LongAnswers = "long-answers"
 )
 
 // Scenarios lists the scenario names.
-func Scenarios() []string { return []string{Classroom, HeavyVsLight, Saturate} }
+func Scenarios() []string { return []string{Classroom, HeavyVsLight, Saturate, LongAnswers} }
 
 // Defaults for Options fields left zero.
 const (
@@ -316,7 +322,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		sc, err = r.classroom(ctx)
 	case HeavyVsLight:
 		sc, err = r.heavyVsLight(ctx)
-	case Saturate:
+	case Saturate, LongAnswers:
 		sc, err = r.saturate(ctx)
 	}
 	stopSampling()

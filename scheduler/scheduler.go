@@ -140,6 +140,13 @@ func wakeChannel(group string) string { return "sluice:wake:" + group }
 func MovedChannel(group string) string { return "sluice:moved:" + group }
 
 // limits are the configured-limit arguments every limiter script takes.
+func outputAccounting(g *config.ModelGroup) string {
+	if g.Produced() {
+		return config.OutputProduced
+	}
+	return config.OutputReserved
+}
+
 func limits(g *config.ModelGroup) []any {
 	return []any{g.RPM, g.InputTPM, g.OutputTPM, g.Burst.Milliseconds()}
 }
@@ -362,7 +369,7 @@ func (s *Scheduler) Dispatch(ctx context.Context, g *config.ModelGroup, max int)
 	k := keys{g.Name}
 	args := append([]any{s.now()}, limits(g)...)
 	args = append(args, g.MaxConcurrency, s.lease.Milliseconds(), max, jobs.KeyPrefix, MovedChannel(g.Name),
-		jobs.ChannelPrefix, s.store.MaxEvents(), awayAfter.Milliseconds(), jobs.UserKeyPrefix)
+		jobs.ChannelPrefix, s.store.MaxEvents(), awayAfter.Milliseconds(), jobs.UserKeyPrefix, outputAccounting(g))
 	res, err := dispatchScript.Run(ctx, s.rdb, []string{
 		k.order(), k.delayed(), k.vtime(), k.finish(), k.costs(), k.totals(), k.lim(),
 		k.reservations(), k.leases(), k.dispatching(), k.delayedTags(), k.deadlines(), k.expiring(), k.dispatchSeq(),

@@ -40,9 +40,14 @@ Scenarios:
                   stops once the light jobs are done
   saturate        --users users (20) keep a backlog queued for --warmup (60s)
                   + --duration (2m); figures cover the --duration
+  long-answers    saturate with the output limit binding: answers of 1,000
+                  tokens at 50 tokens/s, max_tokens 8,192, 10 users; unless
+                  given: --rpm 1000 --input-tpm 1000000 --output-tpm 8000
+                  --max-concurrency 16
 
 Flags:
-  --scenario NAME         classroom, heavy-vs-light or saturate (required)
+  --scenario NAME         classroom, heavy-vs-light, saturate or long-answers
+                          (required)
   --url URL               a running sluice's base URL; none = start one in-process
   --key KEY               its tenant key (env SLUICE_KEY); in-process makes one
   --fake-url URL          the fake upstream behind --url, for 429s and upstream
@@ -131,7 +136,26 @@ func runLoadtest(ctx context.Context, args []string, getenv func(string) string,
 	}
 	if o.Scenario == "" {
 		fs.Usage()
-		return errors.New("loadtest: --scenario is required (classroom, heavy-vs-light or saturate)")
+		return errors.New("loadtest: --scenario is required (classroom, heavy-vs-light, saturate or long-answers)")
+	}
+	if o.Scenario == loadtest.LongAnswers {
+		set := map[string]bool{}
+		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+		preset := func(name string, v *int, def int) {
+			if !set[name] {
+				*v = def
+			}
+		}
+		preset("rpm", &o.Limits.RPM, 1000)
+		preset("input-tpm", &o.Limits.InputTPM, 1000000)
+		preset("output-tpm", &o.Limits.OutputTPM, 8000)
+		preset("max-concurrency", &o.Limits.MaxConcurrency, 16)
+		preset("reply-tokens", &o.ReplyTokens, 1000)
+		preset("max-tokens", &o.MaxTokens, 8192)
+		preset("users", &o.Users, 10)
+		if !set["tokens-per-second"] {
+			ip.tokensPerSecond = 50
+		}
 	}
 	if o.Warmup == 0 {
 		o.Warmup = loadtest.NoWarmup // Options reads 0 as "the default"

@@ -32,6 +32,7 @@
 -- ARGV[13] ms: a longer gap between two rounds means the dispatchers (or
 --   Redis) were away
 -- ARGV[14] user counts key prefix ("sluice:user:")
+-- ARGV[15] how the upstream counts output: produced | reserved
 -- Reply: {state, ms, expiring, job id 1, dispatch 1, job id 2, dispatch 2, ...}
 --   expiring: how many jobs wait in the expiring set
 --   state "more"  the pick limit was reached: call again at once
@@ -49,6 +50,7 @@
 local now = clock(ARGV[1])
 local cfg = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])}
 local max_conc, lease_ms, max_pick, prefix = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
+local produced = ARGV[15] == 'produced'
 -- moved counts jobs that entered or left the order: waiting jobs' positions
 -- changed, and the api processes following them are told (ARGV[10]).
 local moved = 0
@@ -392,6 +394,10 @@ while out[1] == '' do
   -- A member whose record is gone (or names another member) is dropped.
   local live = (status == 'queued' or status == 'running') and rec[4] == member
   if live and redis.call('HEXISTS', KEYS[8], id) == 0 then
+    -- Output counted as produced: hold what the call is expected to
+    -- produce, not max_tokens (kept, fourth, for the output ratio).
+    local maxout = cout
+    if produced then cout = expected_out(st, cout) end
     local nr, ni, no = need(1, st.cr), need(cin, st.ci), need(cout, st.co)
     if st.r < nr or st.i < ni or st.o < no then
       out[1] = 'wait'
@@ -399,7 +405,7 @@ while out[1] == '' do
       break
     end
     st.r, st.i, st.o = st.r - 1, st.i - cin, st.o - cout
-    redis.call('HSET', KEYS[8], id, '1,' .. intstr(cin) .. ',' .. intstr(cout))
+    redis.call('HSET', KEYS[8], id, '1,' .. intstr(cin) .. ',' .. intstr(cout) .. ',' .. intstr(maxout))
   end
   -- Out of the queue: dispatched, or dropped when it was canceled while
   -- queued (or its record expired).

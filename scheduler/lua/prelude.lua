@@ -10,6 +10,8 @@
 --   n529, l529   529s seen in the current 10 s window, and the last one (ms)
 --   dur          EWMA of upstream call duration (ms): measured throughput
 --   oratio       EWMA of actual output / max_tokens
+--   oavg, odev, on   EWMA of answers' output tokens, of its deviation, and
+--                how many answers taught them (expected_out)
 --   round        Redis's clock at the last dispatch round (ms)
 -- and the group's health (see health_fail):
 --   down         since when the group is in outage (ms); absent: healthy
@@ -58,7 +60,7 @@ end
 -- cfg = {rpm, itpm, otpm, burst_ms}
 local function lim_load(key, now, cfg)
   local h = redis.call('HMGET', key, 'r', 'i', 'o', 'ts', 'ar', 'ai', 'ao',
-    'frozen', 'factor', 'f_at', 'n529', 'l529', 'dur', 'oratio', 'down', 'down_fail')
+    'frozen', 'factor', 'f_at', 'n529', 'l529', 'dur', 'oratio', 'down', 'down_fail', 'oavg', 'odev', 'on')
   local st = {key = key}
   st.lr = math.min(cfg[1], num(h[5], cfg[1]))
   st.li = math.min(cfg[2], num(h[6], cfg[2]))
@@ -72,6 +74,7 @@ local function lim_load(key, now, cfg)
   st.n529, st.l529 = num(h[11], 0), num(h[12], 0)
   st.dur, st.oratio = num(h[13], 0), num(h[14], 1)
   st.down, st.down_fail = num(h[15], 0), num(h[16], 0)
+  st.oavg, st.odev, st.on = num(h[17], 0), num(h[18], 0), num(h[19], 0)
   st.rr = st.lr / 60000 * st.factor
   st.ri = st.li / 60000 * st.factor
   st.ro = st.lo / 60000 * st.factor
@@ -136,6 +139,15 @@ end
 local function split2(s)
   local a, b = string.match(s or '', '^([^,]*),([^,]*)')
   return tonumber(a), tonumber(b)
+end
+
+-- expected_out is the output a call is expected to produce, for a group
+-- whose upstream counts output as it is produced: the mean of the group's
+-- recent answers plus twice their mean deviation (a high quantile), at most
+-- max_tokens; max_tokens itself until the group has had an answer.
+local function expected_out(st, max_tokens)
+  if st.on <= 0 then return max_tokens end
+  return math.max(1, math.min(max_tokens, math.ceil(st.oavg + 2 * st.odev)))
 end
 
 local function split3(s)
@@ -254,6 +266,7 @@ local function settle_limiter(lim, reservations, leases, rate, now, cfg, id, use
   redis.call('HDEL', reservations, id)
   local ar, ai, ao = used[1] or 0, used[2] or 0, used[3] or 0
   local rr, ri, ro = split3(res)
+  local rmax = tonumber(string.match(res, '^[^,]*,[^,]*,[^,]*,([^,]*)')) or ro
   rr, ri, ro = rr or 0, ri or 0, ro or 0
   local st = lim_load(lim, now, cfg)
   st.r = math.min(st.cr, st.r + rr - ar)
@@ -270,8 +283,15 @@ local function settle_limiter(lim, reservations, leases, rate, now, cfg, id, use
     local d = st.dur
     if d <= 0 then d = dur else d = 0.8 * d + 0.2 * dur end
     local ratio = 1
-    if ro > 0 then ratio = math.min(1, ao / ro) end
-    redis.call('HSET', lim, 'dur', d, 'oratio', 0.8 * st.oratio + 0.2 * ratio)
+    if rmax > 0 then ratio = math.min(1, ao / rmax) end
+    -- The answers' output: its mean and mean deviation (expected_out).
+    local avg, dev = ao, ao / 2
+    if st.on > 0 then
+      dev = 0.8 * st.odev + 0.2 * math.abs(ao - st.oavg)
+      avg = 0.8 * st.oavg + 0.2 * ao
+    end
+    redis.call('HSET', lim, 'dur', d, 'oratio', 0.8 * st.oratio + 0.2 * ratio,
+      'oavg', avg, 'odev', dev, 'on', intstr(math.min(st.on + 1, 1000000)))
   end
   return true
 end
