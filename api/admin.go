@@ -132,7 +132,11 @@ type outageStatus struct {
 
 type limitStatus struct {
 	Dimension string  `json:"dimension"`
-	PerMinute float64 `json:"per_minute"`
+	PerMinute float64 `json:"per_minute"` // the limit in force: the lowest of the next two and the upstream's announced one
+	// Configured is the configuration's limit; Account the account's, as
+	// the Admin API stated it (null: not read, no ANTHROPIC_ADMIN_KEY).
+	Configured float64  `json:"configured"`
+	Account    *float64 `json:"account"`
 	// UsedLastMinute is what went out over the last 60 s (requests
 	// dispatched; tokens as the upstream counted them), and InUse that over
 	// the limit (may pass 1 briefly: the burst).
@@ -204,8 +208,19 @@ func (s *Server) adminStatus(c *echo.Context) error {
 		if !st.HeadersSeen.IsZero() {
 			gs.HeadersSeenAt = &st.HeadersSeen
 		}
+		xr, xi, xo, err := s.d.Scheduler.AccountLimits(ctx, g.Name)
+		if err != nil {
+			return err
+		}
+		configured := map[string]int{"requests": g.RPM, "input_tokens": g.InputTPM, "output_tokens": g.OutputTPM}
+		account := map[string]int{"requests": xr, "input_tokens": xi, "output_tokens": xo}
 		for _, d := range st.Dimensions {
-			l := limitStatus{Dimension: d.Name, PerMinute: d.Limit, UsedLastMinute: d.Used, BucketFree: clamp01(d.Headroom)}
+			l := limitStatus{Dimension: d.Name, PerMinute: d.Limit, UsedLastMinute: d.Used, BucketFree: clamp01(d.Headroom),
+				Configured: float64(configured[d.Name])}
+			if a := account[d.Name]; a > 0 {
+				v := float64(a)
+				l.Account = &v
+			}
 			if d.Limit > 0 {
 				l.InUse = math.Round(d.Used/d.Limit*1000) / 1000
 			}

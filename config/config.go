@@ -82,6 +82,7 @@ const (
 	envLogFormat    = "SLUICE_LOG_FORMAT"
 	envLogLevel     = "SLUICE_LOG_LEVEL"
 	envAllowEvict   = "SLUICE_ALLOW_EVICTING_REDIS"
+	envAdminAPIKey  = "ANTHROPIC_ADMIN_KEY"
 )
 
 // Config is the whole configuration of a sluice process.
@@ -155,6 +156,11 @@ type Upstream struct {
 	// APIKey comes only from env ANTHROPIC_API_KEY, never from the file (an
 	// api_key field there is an error). Empty means not set.
 	APIKey string `yaml:"-" json:"-"`
+	// AdminKey is an Anthropic Admin API key, only ever from env
+	// ANTHROPIC_ADMIN_KEY: with it, workers read the account's rate limits
+	// at start and every 10 minutes and use the lower of those and the
+	// configured ones. Empty (the default): the configured limits only.
+	AdminKey string `yaml:"-" json:"-"`
 	// AttemptTimeout bounds one upstream call, streaming included. Default 10m.
 	AttemptTimeout time.Duration `yaml:"attempt_timeout"`
 	// MaxAttempts is how many failed attempts a job may have before it fails;
@@ -179,8 +185,8 @@ type Upstream struct {
 // String describes u without its API key, so that printing a Config with
 // %v or %+v never shows the secret.
 func (u Upstream) String() string {
-	return fmt.Sprintf("{BaseURL:%s APIKey:%s AttemptTimeout:%s MaxAttempts:%d BackoffBase:%s BackoffMax:%s MaxOutage:%s FirstByteTimeout:%s}",
-		redactURL(u.BaseURL), setOrNot(u.APIKey), u.AttemptTimeout, u.MaxAttempts, u.BackoffBase, u.BackoffMax, u.MaxOutage, u.FirstByteTimeout)
+	return fmt.Sprintf("{BaseURL:%s APIKey:%s AdminKey:%s AttemptTimeout:%s MaxAttempts:%d BackoffBase:%s BackoffMax:%s MaxOutage:%s FirstByteTimeout:%s}",
+		redactURL(u.BaseURL), setOrNot(u.APIKey), setOrNot(u.AdminKey), u.AttemptTimeout, u.MaxAttempts, u.BackoffBase, u.BackoffMax, u.MaxOutage, u.FirstByteTimeout)
 }
 
 // Tenant is one app that uses sluice on behalf of its users.
@@ -593,6 +599,7 @@ func applyEnv(c *Config, getenv func(string) string) ([]*fieldError, map[string]
 	set(&c.RedisURL, "redis_url", envRedisURL)
 	set(&c.Upstream.BaseURL, "upstream.base_url", envBaseURL)
 	set(&c.Upstream.APIKey, "upstream.api_key", envAPIKey)
+	set(&c.Upstream.AdminKey, "upstream.admin_key", envAdminAPIKey)
 	set(&c.Log.Format, "log.format", envLogFormat)
 	set(&c.Log.Level, "log.level", envLogLevel)
 	var errs []*fieldError

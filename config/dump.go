@@ -26,6 +26,7 @@ func (c *Config) Dump(w io.Writer) {
 	line("redis.check_interval", "%s", c.Redis.CheckInterval)
 	line("upstream.base_url", "%s", redactURL(c.Upstream.BaseURL))
 	line("upstream.api_key", "%s", setOrNot(c.Upstream.APIKey))
+	line("upstream.admin_key", "%s (the account's rate limits)", setOrNot(c.Upstream.AdminKey))
 	line("upstream.attempt_timeout", "%s", c.Upstream.AttemptTimeout)
 	line("upstream.max_attempts", "%d", c.Upstream.MaxAttempts)
 	line("upstream.backoff_base", "%s", c.Upstream.BackoffBase)

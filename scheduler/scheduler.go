@@ -140,6 +140,42 @@ func wakeChannel(group string) string { return "sluice:wake:" + group }
 func MovedChannel(group string) string { return "sluice:moved:" + group }
 
 // limits are the configured-limit arguments every limiter script takes.
+// SetAccountLimits records the account's per-minute limits for group g, as
+// the Admin API states them (0: none stated); the limiter uses the lowest
+// of these, the configured ones and those the response headers announce.
+func (s *Scheduler) SetAccountLimits(ctx context.Context, g *config.ModelGroup, rpm, inputTPM, outputTPM int) error {
+	k := keys{g.Name}.lim()
+	pipe := s.rdb.TxPipeline()
+	for _, f := range []struct {
+		field string
+		v     int
+	}{{"xr", rpm}, {"xi", inputTPM}, {"xo", outputTPM}} {
+		if f.v > 0 {
+			pipe.HSet(ctx, k, f.field, f.v)
+		} else {
+			pipe.HDel(ctx, k, f.field)
+		}
+	}
+	if _, err := pipe.Exec(ctx); err != nil {
+		return fmt.Errorf("scheduler: account limits %s: %w", g.Name, err)
+	}
+	return nil
+}
+
+// AccountLimits is what SetAccountLimits last recorded for group g (0: none).
+func (s *Scheduler) AccountLimits(ctx context.Context, g string) (rpm, inputTPM, outputTPM int, err error) {
+	v, err := s.rdb.HMGet(ctx, keys{g}.lim(), "xr", "xi", "xo").Result()
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	n := func(x any) int {
+		str, _ := x.(string)
+		i, _ := strconv.Atoi(str)
+		return i
+	}
+	return n(v[0]), n(v[1]), n(v[2]), nil
+}
+
 func outputAccounting(g *config.ModelGroup) string {
 	if g.Produced() {
 		return config.OutputProduced

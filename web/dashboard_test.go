@@ -113,3 +113,23 @@ func TestDashboard(t *testing.T) {
 	must(t, os.WriteFile(shot, png, 0o644))
 	t.Logf("screenshot: %s", shot)
 }
+
+// TestDashboardFromACredentialsURL opens the dashboard the way a script or
+// a bookmark does, with the admin key in the URL
+// (http://ops:KEY@host/dashboard): the page's own requests must not carry
+// the URL's credentials (browsers refuse to fetch such URLs) yet still be
+// authorized.
+func TestDashboardFromACredentialsURL(t *testing.T) {
+	e := harness.Start(t, harness.Options{NoWorker: true})
+	e.Submit(t, harness.JobBody("ann", "waiting"))
+	ctx := browser.New(t, 60*time.Second)
+	u := strings.Replace(e.API.URL, "http://", "http://ops:"+harness.AdminKey+"@", 1) + "/dashboard"
+	must(t, chromedp.Do(ctx, chromedp.Navigate(u)))
+	waitText(t, ctx, "#updated", "Live state as of")
+	if !eval[bool](t, ctx, `document.getElementById("problem").hidden`) {
+		t.Fatalf("the page shows a problem: %s", eval[string](t, ctx, `document.getElementById("problem").textContent`))
+	}
+	if q := eval[string](t, ctx, `(document.querySelector('[data-group="sonnet"] [data-figure="queued"]') || {}).textContent || ""`); q != "1" {
+		t.Fatalf("the page shows %q queued, want 1", q)
+	}
+}

@@ -247,14 +247,25 @@ model_groups:
 }
 
 func TestHelpOfEveryCommand(t *testing.T) {
-	for _, cmd := range []string{"serve", "api", "worker", "dev", "fake-anthropic"} {
+	for _, cmd := range []string{"serve", "api", "worker", "dev", "fake-anthropic", "keygen", "healthcheck"} {
 		var stderr bytes.Buffer
 		err := run(context.Background(), []string{cmd, "--help"}, func(string) string { return "" }, &bytes.Buffer{}, &stderr)
 		if !errors.Is(err, flag.ErrHelp) {
 			t.Errorf("%s --help: err = %v", cmd, err)
 		}
-		if out := stderr.String(); !strings.Contains(out, "--listen") || !strings.Contains(out, "LISTEN") {
-			t.Errorf("%s --help does not document --listen and its variable:\n%s", cmd, out)
+		switch out := stderr.String(); cmd {
+		case "keygen": // not a server: no --listen
+			if !strings.Contains(out, "sha256") || !strings.Contains(out, "--prefix") {
+				t.Errorf("keygen --help does not document the sha256 form and --prefix:\n%s", out)
+			}
+		case "healthcheck":
+			if !strings.Contains(out, "--url") || !strings.Contains(out, "/readyz") {
+				t.Errorf("healthcheck --help does not document --url:\n%s", out)
+			}
+		default:
+			if !strings.Contains(out, "--listen") || !strings.Contains(out, "LISTEN") {
+				t.Errorf("%s --help does not document --listen and its variable:\n%s", cmd, out)
+			}
 		}
 	}
 	if err := run(context.Background(), []string{"nope"}, func(string) string { return "" }, &bytes.Buffer{}, &bytes.Buffer{}); err == nil {

@@ -19,6 +19,8 @@ Commands:
   worker          a worker only: runs queued jobs against the upstream
   fake-anthropic  a stand-in for the Anthropic API, with real limits and fault injection
   loadtest        drive a sluice through a scenario and measure utilization and fairness
+  keygen          print a new random key and its sha256 form for the config file
+  healthcheck     GET a URL, exit 0 on 200 (the container health check)
   help            this text
 
 Run "sluice <command> --help" for the flags and environment variables of each.
@@ -45,6 +47,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return runFake(ctx, rest, getenv, stdout, stderr)
 	case "loadtest":
 		return runLoadtest(ctx, rest, getenv, stdout, stderr)
+	case "keygen":
+		return runKeygen(rest, stdout, stderr)
+	case "healthcheck":
+		return runHealthcheck(ctx, rest, stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil

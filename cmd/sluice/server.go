@@ -18,6 +18,7 @@ import (
 	"github.com/hibiken/asynqmon"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/sluice-dev/sluice/accountlimits"
 	"github.com/sluice-dev/sluice/api"
 	"github.com/sluice-dev/sluice/config"
 	"github.com/sluice-dev/sluice/estimate"
@@ -103,6 +104,13 @@ type roles struct{ api, worker bool }
 // serve runs the parts of sluice that r names until ctx ends. ready, if not
 // nil, gets the bound address once the HTTP listener is up.
 func serve(ctx context.Context, cfg *config.Config, r roles, stdout, stderr io.Writer, ready func(addr string)) error {
+	// Before Redis: keys anyone can read in the repository must not open
+	// an api reachable from other machines.
+	if r.api {
+		if err := refusePublishedKeys(cfg, cfg.Listen); err != nil {
+			return err
+		}
+	}
 	log := newLogger(cfg.Log, stderr)
 	cfg.Dump(stderr)
 	if r.worker && cfg.Upstream.APIKey == "" {
@@ -161,6 +169,13 @@ func serve(ctx context.Context, cfg *config.Config, r roles, stdout, stderr io.W
 			return err
 		}
 		defer wk.Shutdown()
+		// The account's rate limits, with an Admin API key.
+		if sync := accountlimits.New(accountlimits.Options{BaseURL: cfg.Upstream.BaseURL, AdminKey: cfg.Upstream.AdminKey,
+			Groups: cfg.ModelGroups, Setter: sched, Logger: log.With("component", "account-limits")}); sync != nil {
+			sctx, stopSync := context.WithCancel(ctx)
+			defer stopSync()
+			go sync.Run(sctx)
+		}
 	}
 
 	var handler http.Handler

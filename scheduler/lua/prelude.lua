@@ -4,6 +4,7 @@
 --   r, i, o      levels of the request, input-token and output-token buckets
 --   ts           when the levels were last brought up to date (ms)
 --   ar, ai, ao   limits the upstream announced lower than the configured ones
+--   xr, xi, xo   the account's limits (the Admin API's rate limits), if read
 --   frozen       no dispatch before this time (ms): an upstream 429
 --   factor, f_at the pace factor (0.25..1) after a burst of 529s, and when it
 --                was last set; it recovers linearly to 1 over a minute
@@ -60,11 +61,12 @@ end
 -- cfg = {rpm, itpm, otpm, burst_ms}
 local function lim_load(key, now, cfg)
   local h = redis.call('HMGET', key, 'r', 'i', 'o', 'ts', 'ar', 'ai', 'ao',
-    'frozen', 'factor', 'f_at', 'n529', 'l529', 'dur', 'oratio', 'down', 'down_fail', 'oavg', 'odev', 'on')
+    'frozen', 'factor', 'f_at', 'n529', 'l529', 'dur', 'oratio', 'down', 'down_fail', 'oavg', 'odev', 'on',
+    'xr', 'xi', 'xo')
   local st = {key = key}
-  st.lr = math.min(cfg[1], num(h[5], cfg[1]))
-  st.li = math.min(cfg[2], num(h[6], cfg[2]))
-  st.lo = math.min(cfg[3], num(h[7], cfg[3]))
+  st.lr = math.min(cfg[1], num(h[5], cfg[1]), num(h[20], cfg[1]))
+  st.li = math.min(cfg[2], num(h[6], cfg[2]), num(h[21], cfg[2]))
+  st.lo = math.min(cfg[3], num(h[7], cfg[3]), num(h[22], cfg[3]))
   st.cr = math.max(1, st.lr * cfg[4] / 60000)
   st.ci = math.max(1, st.li * TOKEN_SHARE)
   st.co = math.max(1, st.lo * TOKEN_SHARE)
@@ -113,10 +115,14 @@ end
 -- -1 while the group is in outage: nobody can tell.
 local function eta_seconds(st, pos, avg_in, avg_out, max_conc)
   if st.down > 0 then return -1 end
+  -- A job's output: max_tokens times the output ratio, or, once the group
+  -- has had answers, at most what an answer is expected to be.
+  local per_out = avg_out * st.oratio
+  if st.on > 0 then per_out = math.min(per_out, st.oavg + 2 * st.odev) end
   local t = math.max(
     wait_ms(pos, st.r, st.rr),
     wait_ms(pos * avg_in, st.i, st.ri),
-    wait_ms(pos * avg_out * st.oratio, st.o, st.ro))
+    wait_ms(pos * per_out, st.o, st.ro))
   if st.frozen > st.now then t = t + (st.frozen - st.now) end
   if st.dur > 0 and max_conc > 0 then
     t = math.max(t, math.floor((pos - 1) / max_conc) * st.dur)

@@ -27,8 +27,14 @@ function el(tag, attrs = {}, ...children) {
   return e;
 }
 
+// api resolves a path against the page's origin, which never holds the
+// credentials of a URL like http://ops:KEY@host/dashboard: browsers refuse
+// to fetch a URL with credentials in it, and send the ones they remember
+// for this origin anyway.
+function api(path) { return new URL(path, location.origin).href; }
+
 async function getJSON(url) {
-  const r = await fetch(url, { headers: { Accept: "application/json" }, cache: "no-store" });
+  const r = await fetch(api(url), { headers: { Accept: "application/json" }, cache: "no-store", credentials: "same-origin" });
   let body = null;
   try { body = await r.json(); } catch (_) { /* not JSON */ }
   if (!r.ok) {

@@ -9,6 +9,11 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.hash.slice(1));
+
+// api resolves a path against the page's origin, which never holds the
+// credentials of a URL like http://user:pass@host/: browsers refuse to
+// fetch a URL with credentials in it.
+function api(path) { return new URL(path, location.origin).href; }
 for (const k of ["key", "user", "model"]) if (params.get(k)) $(k).value = params.get(k);
 if ($("key").value) $("settings").open = false;
 
@@ -83,7 +88,7 @@ function refusal(body) {
 async function send(messages) {
   let res, body;
   try {
-    res = await fetch("/v1/jobs", {
+    res = await fetch(api("/v1/jobs"), {
       method: "POST",
       headers: { "content-type": "application/json", "x-api-key": $("key").value },
       body: JSON.stringify({
@@ -131,7 +136,7 @@ $("cancel").addEventListener("click", async () => {
   if (!current) return;
   say("Canceling…");
   try {
-    await fetch("/v1/jobs/" + current.id, { method: "DELETE", headers: { "x-api-key": $("key").value } });
+    await fetch(api("/v1/jobs/" + current.id), { method: "DELETE", headers: { "x-api-key": $("key").value } });
   } catch (e) { /* the stream says what happened */ }
 });
 
@@ -152,7 +157,7 @@ function follow(job, text) {
     written += t;
     answer.textContent = written;
   };
-  const source = new EventSource("/v1/jobs/" + job.id + "/events?token=" + encodeURIComponent(job.token));
+  const source = new EventSource(api("/v1/jobs/" + job.id + "/events?token=" + encodeURIComponent(job.token)));
   current = { id: job.id, source, timer: null, eta: 0, position: 0 };
   const tick = () => {
     if (!current || current.position === 0) return;
