@@ -20,9 +20,11 @@ test: ## run every test with the race detector (needs redis-server on PATH)
 	$(GO) test $(TESTFLAGS) $(PKGS)
 
 .PHONY: vet
-vet: ## gofmt check and go vet
+vet: ## gofmt check, go vet and staticcheck (installed at its pinned version)
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet $(PKGS)
+	$(GO) install honnef.co/go/tools/cmd/staticcheck@v0.8.2
+	$$($(GO) env GOPATH)/bin/staticcheck $(PKGS)
 
 .PHONY: chaos
 chaos: ## fault suite, full size: real processes SIGKILLed, SIGSTOPped, restarted under load; prints a table (needs redis-server)

@@ -112,8 +112,6 @@ func NewStore(rdb redis.UniversalClient, o Options) *Store {
 	return &Store{rdb: rdb, retention: o.Retention, maxEvents: o.MaxEvents, now: o.Clock}
 }
 
-func (s *Store) ttl() string { return strconv.Itoa(int(s.retention / time.Second)) }
-
 // Fields are the hash fields of a new job record (the scheduler stores it
 // in the same atomic step that queues it).
 func (s *Store) Fields(j *Job) []any {

@@ -551,7 +551,7 @@ type Fractions struct {
 	InputTPM    float64
 	OutputTPM   float64
 	Concurrency float64 // mean in flight / max_concurrency; -1 if unknown
-	Binding     string  // DimRPM, DimInputTPM or DimOutputTPM
+	Binding     string  // DimRPM, DimInputTPM, DimOutputTPM or DimConcurrency
 	// PerMinute are the achieved rates.
 	PerMinute Counters
 }
@@ -592,6 +592,11 @@ func Utilize(delta Counters, d time.Duration, meanInFlight float64, l Limits) Fr
 	}
 	if meanInFlight >= 0 && l.MaxConcurrency > 0 {
 		f.Concurrency = meanInFlight / float64(l.MaxConcurrency)
+		// Calls in flight bind when they fill max_concurrency more than
+		// any per-minute limit is used.
+		if f.Concurrency > best {
+			f.Binding = DimConcurrency
+		}
 	}
 	return f
 }
@@ -614,13 +619,6 @@ func ClockOffset(sent, answered, created []time.Time) time.Duration {
 
 func maxTime(a, b time.Time) time.Time {
 	if a.After(b) {
-		return a
-	}
-	return b
-}
-
-func minTime(a, b time.Time) time.Time {
-	if a.Before(b) {
 		return a
 	}
 	return b

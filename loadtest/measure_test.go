@@ -386,8 +386,8 @@ func TestUtilize(t *testing.T) {
 				PerMinute: Counters{75, 75 * 112, 7500}},
 		},
 		{
-			name: "full concurrency is reported, never binding", delta: Counters{10, 1000, 100}, d: time.Minute, inFlight: 7.6,
-			want: Fractions{RPM: 0.2, InputTPM: 1000 / 30_000.0, OutputTPM: 100 / 8000.0, Concurrency: 0.95, Binding: DimRPM,
+			name: "full concurrency binds", delta: Counters{10, 1000, 100}, d: time.Minute, inFlight: 7.6,
+			want: Fractions{RPM: 0.2, InputTPM: 1000 / 30_000.0, OutputTPM: 100 / 8000.0, Concurrency: 0.95, Binding: DimConcurrency,
 				PerMinute: Counters{10, 1000, 100}},
 		},
 		{name: "empty window", d: 0, want: Fractions{Concurrency: -1}},

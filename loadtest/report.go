@@ -387,7 +387,7 @@ func (r *runner) utilization(rep *Report, jobs []Job, sc scenarioResult, offset 
 			o.Duration, o.Warmup)
 	}
 	if u.MaxConcurrency != nil {
-		rep.note("utilization.max_concurrency is the fake's requests in flight (every group), read every %s and averaged over the window, over max_concurrency; it is never the binding dimension", sampleEvery)
+		rep.note("utilization.max_concurrency is the fake's requests in flight (every group), read every %s and averaged over the window, over max_concurrency; it binds when it is fuller than every per-minute limit", sampleEvery)
 	}
 }
 

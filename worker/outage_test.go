@@ -67,17 +67,6 @@ func gauges(t *testing.T, e *harness.Env) scheduler.Gauges {
 	return g
 }
 
-// metric reads one series from the api's /metrics (0 when absent).
-func metric(t *testing.T, e *harness.Env, series string) float64 {
-	t.Helper()
-	resp, b := e.Do(t, http.MethodGet, "/metrics", "", nil)
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("/metrics: %d", resp.StatusCode)
-	}
-	v, _ := harness.Metric(string(b), series)
-	return v
-}
-
 // record loads a job's full record (failure counts are not in the view).
 func record(t *testing.T, e *harness.Env, id string) *jobs.Job {
 	t.Helper()

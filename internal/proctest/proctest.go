@@ -213,7 +213,7 @@ func (p *Proc) Write(b []byte) (int, error) {
 		}
 		line := p.partial[:i]
 		p.partial = p.partial[i+1:]
-		if m := p.listening.FindSubmatch(line); m != nil && len(m) > 1 {
+		if m := p.listening.FindSubmatch(line); len(m) > 1 {
 			p.addr = string(m[1])
 			p.partial = nil
 			close(p.ready)
