@@ -28,7 +28,9 @@ the position told at submit came, and how many dispatches a newcomer waited.
 Without --url it starts everything in this process: a Redis (REDIS_URL, else a
 redis-server from PATH on a free port in a temporary folder, else an embedded
 one), a fake Anthropic API with the limits below, and sluice (api + worker)
-with the same limits. With --url it measures that sluice, and the fake behind
+with the same limits and a tenant without queue caps or wait limits (so a
+scenario's backlog is really queued). Against --url the tenant's own caps
+apply: refusals are counted in the report's jobs line. With --url it measures that sluice, and the fake behind
 it when --fake-url is given.
 
 Scenarios:
@@ -340,13 +342,18 @@ func startInProcess(ctx context.Context, o inProcessOptions, getenv func(string)
 }
 
 // loadtestConfig is the in-process sluice's configuration: one group for
-// every claude-* model with the given limits, one tenant, short shutdown
-// budgets (the run is over; queued work is thrown away with the Redis).
+// every claude-* model with the given limits, one tenant whose users may
+// queue without limit and wait as long as it takes (the scenarios shape
+// their own backlogs: heavy-vs-light's 500 jobs are really queued), short
+// shutdown budgets (the run is over; queued work is thrown away with the
+// Redis).
 func loadtestConfig(tenantKey string, l loadtest.Limits) string {
 	return fmt.Sprintf(`# sluice loadtest's in-process configuration
 tenants:
   - name: loadtest
     keys: [%q]
+    max_queued: 0
+    max_wait: 0s
 model_groups:
   - name: claude
     models: ["claude-*"]
