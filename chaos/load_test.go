@@ -15,6 +15,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/sluice-dev/sluice/jobs"
 )
 
 // job is one request a client sends: its own Idempotency-Key and its own
@@ -46,14 +48,6 @@ type view struct {
 		Type    string `json:"type"`
 		Message string `json:"message"`
 	} `json:"error"`
-}
-
-func terminal(status string) bool {
-	switch status {
-	case "succeeded", "failed", "canceled", "expired":
-		return true
-	}
-	return false
 }
 
 // load is the clients of one scenario and what they saw.
@@ -285,7 +279,7 @@ func (l *load) settle(within time.Duration) {
 					v, code, err := l.get(j.id)
 					mu.Lock()
 					switch {
-					case err == nil && code == http.StatusOK && terminal(v.Status):
+					case err == nil && code == http.StatusOK && jobs.Status(v.Status).Terminal():
 						j.final, j.missing = v, false
 					case err == nil && code == http.StatusNotFound:
 						j.missing = true

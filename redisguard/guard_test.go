@@ -16,6 +16,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/sluice-dev/sluice/config"
+	"github.com/sluice-dev/sluice/internal/harness"
 	"github.com/sluice-dev/sluice/internal/redistest"
 	"github.com/sluice-dev/sluice/redisguard"
 )
@@ -40,18 +41,6 @@ func (l *logBuffer) String() string {
 
 func (l *logBuffer) logger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(l, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-// eventually polls cond until it holds or the deadline passes.
-func eventually(t *testing.T, within time.Duration, cond func() bool, what string) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", within, what)
-		}
-		time.Sleep(5 * time.Millisecond) // polling a condition with a deadline
-	}
 }
 
 func configSet(t *testing.T, c *redis.Client, key, value string) {
@@ -197,11 +186,11 @@ func TestGuardRechecksPolicy(t *testing.T) {
 	checkGauge(t, g, "sluice_redis_eviction_policy_ok", 1)
 
 	configSet(t, c, "maxmemory-policy", "allkeys-lru")
-	eventually(t, 5*time.Second, func() bool { st := g.Status(); return st.Policy == "allkeys-lru" && st.Evicting() }, "the guard to see allkeys-lru")
+	harness.Eventually(t, 5*time.Second, func() bool { st := g.Status(); return st.Policy == "allkeys-lru" && st.Evicting() }, "the guard to see allkeys-lru")
 	checkGauge(t, g, "sluice_redis_eviction_policy_ok", 0)
 	// A few more checks must not repeat the warning.
 	seen := g.Status().CheckedAt
-	eventually(t, 5*time.Second, func() bool { return g.Status().CheckedAt.After(seen.Add(120 * time.Millisecond)) }, "more checks")
+	harness.Eventually(t, 5*time.Second, func() bool { return g.Status().CheckedAt.After(seen.Add(120 * time.Millisecond)) }, "more checks")
 	if n := strings.Count(logs.String(), "REDIS EVICTS KEYS"); n != 1 {
 		t.Errorf("the evicting policy was logged %d times, want once:\n%s", n, logs.String())
 	}
@@ -210,8 +199,8 @@ func TestGuardRechecksPolicy(t *testing.T) {
 	}
 
 	configSet(t, c, "maxmemory-policy", "noeviction")
-	eventually(t, 5*time.Second, func() bool { st := g.Status(); return st.OK && !st.Evicting() }, "the guard to see noeviction again")
-	eventually(t, 5*time.Second, func() bool { return strings.Contains(logs.String(), "noeviction again") }, "the recovery to be logged")
+	harness.Eventually(t, 5*time.Second, func() bool { st := g.Status(); return st.OK && !st.Evicting() }, "the guard to see noeviction again")
+	harness.Eventually(t, 5*time.Second, func() bool { return strings.Contains(logs.String(), "noeviction again") }, "the recovery to be logged")
 	checkGauge(t, g, "sluice_redis_eviction_policy_ok", 1)
 
 	g.Stop()
@@ -242,9 +231,9 @@ func TestGuardWarnsOnMemory(t *testing.T) {
 
 	limit := used * 11 / 10 // used is about 91% of it
 	configSet(t, c, "maxmemory", strconv.FormatInt(limit, 10))
-	eventually(t, 5*time.Second, func() bool { st := g.Status(); return st.MaxMemory == limit && st.MemoryHigh() }, "the guard to see the limit")
+	harness.Eventually(t, 5*time.Second, func() bool { st := g.Status(); return st.MaxMemory == limit && st.MemoryHigh() }, "the guard to see the limit")
 	seen := g.Status().CheckedAt
-	eventually(t, 5*time.Second, func() bool { return g.Status().CheckedAt.After(seen.Add(120 * time.Millisecond)) }, "more checks")
+	harness.Eventually(t, 5*time.Second, func() bool { return g.Status().CheckedAt.After(seen.Add(120 * time.Millisecond)) }, "more checks")
 	if n := strings.Count(logs.String(), "of maxmemory: when it is full"); n != 1 {
 		t.Errorf("high memory was logged %d times, want once:\n%s", n, logs.String())
 	}
@@ -254,7 +243,7 @@ func TestGuardWarnsOnMemory(t *testing.T) {
 	}
 
 	configSet(t, c, "maxmemory", "0")
-	eventually(t, 5*time.Second, func() bool { return strings.Contains(logs.String(), "below 80% of maxmemory again") }, "the fall below to be logged")
+	harness.Eventually(t, 5*time.Second, func() bool { return strings.Contains(logs.String(), "below 80% of maxmemory again") }, "the fall below to be logged")
 	if st := g.Status(); st.MemoryHigh() || st.MaxMemory != 0 {
 		t.Errorf("status %+v after removing the limit", st)
 	}

@@ -26,16 +26,8 @@ func (s *Server) Terminate(tb testing.TB) time.Duration {
 		tb.Fatal("redistest: terminate: not running")
 	}
 	start := time.Now()
-	_ = s.cmd.Process.Signal(syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { _ = s.cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(30 * time.Second):
-		_ = s.cmd.Process.Kill()
-		<-done
+	if !s.signalAndWait(syscall.SIGTERM, 30*time.Second) {
 		tb.Errorf("redistest: redis-server did not exit within 30 s of SIGTERM; killed it")
 	}
-	s.cmd = nil
 	return time.Since(start)
 }

@@ -132,16 +132,25 @@ func (s *Server) Stop() {
 	if s.cmd == nil || s.cmd.Process == nil {
 		return
 	}
-	_ = s.cmd.Process.Signal(os.Interrupt)
+	s.signalAndWait(os.Interrupt, 10*time.Second)
+}
+
+// signalAndWait sends sig and waits up to grace for the server to exit,
+// then kills it; it reports whether it exited by itself.
+func (s *Server) signalAndWait(sig os.Signal, grace time.Duration) bool {
+	_ = s.cmd.Process.Signal(sig)
 	done := make(chan struct{})
 	go func() { _ = s.cmd.Wait(); close(done) }()
+	clean := true
 	select {
 	case <-done:
-	case <-time.After(10 * time.Second):
+	case <-time.After(grace):
 		_ = s.cmd.Process.Kill()
 		<-done
+		clean = false
 	}
 	s.cmd = nil
+	return clean
 }
 
 // Restart stops the server and starts it again on the same port and folder;
