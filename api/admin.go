@@ -118,6 +118,20 @@ type groupStatus struct {
 	// Outages counts the outages it has had.
 	Outage  *outageStatus `json:"outage"`
 	Outages int64         `json:"outages"`
+	Cache   cacheStatus   `json:"cache"`
+}
+
+// cacheStatus is a model group's prompt-cache use over the last minutes.
+type cacheStatus struct {
+	// ReadRatio is the share of input read from the cache (null until an
+	// answer began in the window).
+	ReadRatio      *float64 `json:"read_ratio"`
+	InputTokens    int64    `json:"input_tokens"`
+	ReadTokens     int64    `json:"read_tokens"`
+	CreationTokens int64    `json:"creation_tokens"`
+	WindowSeconds  int      `json:"window_seconds"`
+	// Held: jobs waiting for another job's call to write a prefix they share.
+	Held int64 `json:"held"`
 }
 
 // outageStatus is a model group's outage: dispatch stopped because the
@@ -207,6 +221,16 @@ func (s *Server) adminStatus(c *echo.Context) error {
 		}
 		if !st.HeadersSeen.IsZero() {
 			gs.HeadersSeenAt = &st.HeadersSeen
+		}
+		cs, err := s.d.Scheduler.CacheStats(ctx, g.Name)
+		if err != nil {
+			return err
+		}
+		gs.Cache = cacheStatus{InputTokens: cs.InputTokens, ReadTokens: cs.CacheRead, CreationTokens: cs.CacheCreation,
+			WindowSeconds: int(cs.Window.Seconds()), Held: cs.Held}
+		if r, ok := cs.ReadRatio(); ok {
+			r = math.Round(r*1000) / 1000
+			gs.Cache.ReadRatio = &r
 		}
 		xr, xi, xo, err := s.d.Scheduler.AccountLimits(ctx, g.Name)
 		if err != nil {

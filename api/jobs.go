@@ -70,6 +70,10 @@ func (s *Server) admit(c *echo.Context, tenant *config.Tenant, req *createReques
 	if err := fitsLimits(req, input, tenant, policy); err != nil {
 		return nil, none, err
 	}
+	prefixes, err := s.cachePrefixes(ctx, req, input)
+	if err != nil {
+		return nil, none, err
+	}
 	now := s.now().UTC().Truncate(time.Millisecond) // as the store keeps it
 	job := &jobs.Job{
 		ID: jobs.NewID(), Tenant: tenant.Name, UserID: req.UserID, Model: req.Model,
@@ -86,7 +90,7 @@ func (s *Server) admit(c *echo.Context, tenant *config.Tenant, req *createReques
 		return nil, none, err
 	}
 	res, err := s.d.Scheduler.Admit(ctx, scheduler.Admission{
-		Job: job, Group: req.Group, InputEstimate: input, Policy: policy, MaxWait: tenant.MaxWait,
+		Job: job, Group: req.Group, InputEstimate: input, CachePrefixes: prefixes, Policy: policy, MaxWait: tenant.MaxWait,
 		IdempotencyKey: idemKey, BodyHash: bodyHash(body),
 	})
 	if err != nil {
@@ -302,8 +306,8 @@ const waitUpstream = "upstream_unavailable"
 // or the holder of the job's token. Anything else is a 404, so no one learns
 // that someone else's job exists.
 func (s *Server) authorizedJob(c *echo.Context) (*jobs.Job, error) {
-	id := c.Param("id")
-	if !jobs.ValidID(id) {
+	id, err := pathParam(c, "id")
+	if err != nil || !jobs.ValidID(id) {
 		return nil, errJobNotFound
 	}
 	job, err := s.d.Store.Get(c.Request().Context(), id)
@@ -314,8 +318,10 @@ func (s *Server) authorizedJob(c *echo.Context) (*jobs.Job, error) {
 		if job.Tenant != t.Name {
 			return nil, errJobNotFound
 		}
-		if u := c.QueryParam("user_id"); u != "" && !sameString(u, job.UserID) {
-			return nil, errJobNotFound
+		if u := c.QueryParam("user_id"); u != "" {
+			if u, err = userID("user_id", u); err != nil || !sameString(u, job.UserID) {
+				return nil, errJobNotFound
+			}
 		}
 		return job, nil
 	}

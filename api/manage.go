@@ -85,7 +85,8 @@ func (s *Server) listJobs(c *echo.Context) error {
 	tenant := tenantOf(c)
 	user := c.QueryParam("user_id")
 	if user != "" {
-		if err := checkUserID("user_id", user); err != nil {
+		var err error
+		if user, err = userID("user_id", user); err != nil {
 			return err
 		}
 	}
@@ -154,8 +155,8 @@ func decodeCursor(s string) (jobs.Cursor, error) {
 // many of their jobs wait and run.
 func (s *Server) userUsage(c *echo.Context) error {
 	tenant := tenantOf(c)
-	user := c.Param("user_id")
-	if err := checkUserID("user_id", user); err != nil {
+	user, err := pathUserID(c)
+	if err != nil {
 		return err
 	}
 	ctx := c.Request().Context()

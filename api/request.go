@@ -5,9 +5,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
+	"net/url"
 	"strings"
-	"unicode"
 	"unicode/utf8"
+
+	"github.com/labstack/echo/v5"
 
 	"github.com/sluice-dev/sluice/config"
 	"github.com/sluice-dev/sluice/estimate"
@@ -26,7 +28,9 @@ type createRequest struct {
 }
 
 const (
-	maxUserIDLen = 256
+	maxUserIDLen = config.MaxUserIDLength
+	// maxMetadataBytes bounds the client's own metadata kept with a job.
+	maxMetadataBytes = 16 << 10
 	// maxMaxTokens bounds max_tokens to what any current model could give.
 	maxMaxTokens = 1_000_000
 	// maxDeadline is the longest deadline_seconds a job may ask for (7 days).
@@ -35,150 +39,213 @@ const (
 
 var jobFields = map[string]bool{"user_id": true, "request": true, "deadline_seconds": true, "metadata": true}
 
-// parseCreate validates a POST /v1/jobs body. Every refusal names the field
-// (as a JSON path) and says what would be accepted.
+// parseCreate validates a POST /v1/jobs body (and, wrapped as
+// {"request": …}, a POST /v1/messages body). Every refusal names the field
+// (as a JSON path) and says what would be accepted. The steps run in this
+// order, so the first problem found is the one reported.
 func parseCreate(body []byte, cfg *config.Config, tenant *config.Tenant) (*createRequest, error) {
-	if !utf8.Valid(body) {
-		return nil, invalid("", "The request body is not valid UTF-8 text. Send JSON encoded as UTF-8.")
-	}
-	var top map[string]json.RawMessage
-	if err := decodeStrict(body, &top); err != nil {
-		return nil, invalid("", "The request body is not a JSON object: %s.", jsonProblem(err))
-	}
-	if top == nil {
-		return nil, invalid("", "The request body must be a JSON object with user_id and request.")
-	}
-	for k := range top {
-		if !jobFields[k] {
-			return nil, invalid(k, "Unknown field %q. A job takes user_id, request, deadline_seconds and metadata.", truncate(k, 64))
-		}
-	}
-	out := &createRequest{}
-	rawReq, ok := top["request"]
-	if !ok || isNull(rawReq) {
-		return nil, invalid("request", "The request field is missing: it holds the Messages API body (model, max_tokens, messages).")
-	}
-	var req map[string]json.RawMessage
-	if err := json.Unmarshal(rawReq, &req); err != nil || req == nil {
-		return nil, invalid("request", "The request field must be a JSON object (a Messages API body).")
-	}
-
-	// user_id: top level or request.metadata.user_id; both must agree.
-	var topUser, mdUser string
-	var haveTop, haveMD bool
-	if raw, ok := top["user_id"]; ok && !isNull(raw) {
-		if err := json.Unmarshal(raw, &topUser); err != nil {
-			return nil, invalid("user_id", "user_id must be a string.")
-		}
-		haveTop = true
-	}
-	if raw, ok := req["metadata"]; ok && !isNull(raw) {
-		var md map[string]json.RawMessage
-		if err := json.Unmarshal(raw, &md); err != nil || md == nil {
-			return nil, invalid("request.metadata", "request.metadata must be a JSON object.")
-		}
-		if u, ok := md["user_id"]; ok && !isNull(u) {
-			if err := json.Unmarshal(u, &mdUser); err != nil {
-				return nil, invalid("request.metadata.user_id", "request.metadata.user_id must be a string.")
-			}
-			haveMD = true
-		}
-	}
-	switch {
-	case haveTop && haveMD && topUser != mdUser:
-		return nil, invalid("user_id", "user_id and request.metadata.user_id are both given and differ; give one, or the same value in both.")
-	case haveTop:
-		out.UserID = topUser
-	case haveMD:
-		out.UserID = mdUser
-	default:
-		return nil, invalid("user_id", "user_id is missing: say which of your users this request is for (top-level user_id or request.metadata.user_id).")
-	}
-	field := "user_id"
-	if !haveTop {
-		field = "request.metadata.user_id"
-	}
-	if err := checkUserID(field, out.UserID); err != nil {
+	top, req, err := decodeJob(body)
+	if err != nil {
 		return nil, err
 	}
-
-	// model
-	rawModel, ok := req["model"]
-	if !ok || isNull(rawModel) {
-		return nil, invalid("request.model", "request.model is missing. Name a model such as %q.", exampleModel(cfg))
+	out := &createRequest{}
+	if out.UserID, err = jobUser(top, req); err != nil {
+		return nil, err
 	}
-	if err := json.Unmarshal(rawModel, &out.Model); err != nil || out.Model == "" {
-		return nil, invalid("request.model", "request.model must be a non-empty string naming a model.")
+	if out.Model, out.Group, err = jobModel(req, cfg); err != nil {
+		return nil, err
 	}
-	g, ok := cfg.GroupFor(out.Model)
-	if !ok {
-		e := invalid("request.model", "The model %q is not served here. Models served: %s.", truncate(out.Model, 100), modelList(cfg))
-		e.Extra = map[string]any{"unknown_model": true}
-		return nil, e
+	if out.MaxTokens, err = jobMaxTokens(req, tenant); err != nil {
+		return nil, err
 	}
-	out.Group = g
-
-	// max_tokens
-	if raw, ok := req["max_tokens"]; ok && !isNull(raw) {
-		n, err := positiveInt(raw, maxMaxTokens)
-		if err != nil {
-			return nil, invalid("request.max_tokens", "request.max_tokens must be a whole number from 1 to %d.", maxMaxTokens)
-		}
-		out.MaxTokens = n
-	} else {
-		out.MaxTokens = tenant.DefaultMaxTokens
-		req["max_tokens"] = json.RawMessage(fmt.Sprint(out.MaxTokens))
-	}
-
-	// The tenant's cap on max_tokens.
-	if c := tenant.MaxTokensCap; c > 0 && out.MaxTokens > c {
-		if tenant.MaxTokensPolicy == "reject" {
-			return nil, invalid("request.max_tokens", "request.max_tokens is %d; the most allowed here is %d. Ask for %d or less.", out.MaxTokens, c, c)
-		}
-		out.MaxTokens = c // clamp: the job shows the value used
-		req["max_tokens"] = json.RawMessage(fmt.Sprint(c))
-	}
-
-	// messages
 	contents, err := checkMessages(req["messages"], tenant.MaxMessages)
 	if err != nil {
 		return nil, err
 	}
 	out.RawInput = estimate.RawParts(req["system"], contents, req["tools"])
-
-	// stream: the job API streams through /v1/jobs/{id}/events instead.
-	if raw, ok := req["stream"]; ok {
-		var b bool
-		if err := json.Unmarshal(raw, &b); err != nil || b {
-			return nil, invalid("request.stream", "request.stream is not used here: follow GET /v1/jobs/{id}/events for live text, or use POST /v1/messages with stream: true.")
-		}
-		delete(req, "stream")
+	if err := dropStream(req); err != nil {
+		return nil, err
 	}
 	delete(req, "metadata") // the upstream gets an opaque user hash instead
-
-	if raw, ok := top["deadline_seconds"]; ok && !isNull(raw) {
-		var d float64
-		if err := json.Unmarshal(raw, &d); err != nil || d <= 0 || d > maxDeadline || math.IsNaN(d) {
-			return nil, invalid("deadline_seconds", "deadline_seconds must be a number of seconds greater than 0 and at most %d (7 days).", maxDeadline)
-		}
-		out.DeadlineSeconds = d
+	if out.DeadlineSeconds, err = jobDeadline(top); err != nil {
+		return nil, err
 	}
-	if raw, ok := top["metadata"]; ok && !isNull(raw) {
-		var md map[string]json.RawMessage
-		if err := json.Unmarshal(raw, &md); err != nil || md == nil {
-			return nil, invalid("metadata", "metadata must be a JSON object; it is kept with the job and returned as given.")
-		}
-		if len(raw) > 16<<10 {
-			return nil, invalid("metadata", "metadata is %d bytes; at most 16 KiB is kept with a job.", len(raw))
-		}
-		out.Metadata = raw
+	if out.Metadata, err = jobMetadata(top); err != nil {
+		return nil, err
 	}
-	b, err := json.Marshal(req)
-	if err != nil {
+	if out.Request, err = json.Marshal(req); err != nil {
 		return nil, invalid("request", "The request could not be re-encoded: %v.", err)
 	}
-	out.Request = b
 	return out, nil
+}
+
+// decodeJob splits a job body into its top-level fields and the fields of
+// its request (the Messages API body), refusing a body that is not UTF-8
+// JSON, has an unknown top-level field, or has no request object.
+func decodeJob(body []byte) (top, req map[string]json.RawMessage, err error) {
+	if !utf8.Valid(body) {
+		return nil, nil, invalid("", "The request body is not valid UTF-8 text. Send JSON encoded as UTF-8.")
+	}
+	if err := decodeStrict(body, &top); err != nil {
+		return nil, nil, invalid("", "The request body is not a JSON object: %s.", jsonProblem(err))
+	}
+	if top == nil {
+		return nil, nil, invalid("", "The request body must be a JSON object with user_id and request.")
+	}
+	for k := range top {
+		if !jobFields[k] {
+			return nil, nil, invalid(k, "Unknown field %q. A job takes user_id, request, deadline_seconds and metadata.", truncate(k, 64))
+		}
+	}
+	rawReq, ok := top["request"]
+	if !ok || isNull(rawReq) {
+		return nil, nil, invalid("request", "The request field is missing: it holds the Messages API body (model, max_tokens, messages).")
+	}
+	if err := json.Unmarshal(rawReq, &req); err != nil || req == nil {
+		return nil, nil, invalid("request", "The request field must be a JSON object (a Messages API body).")
+	}
+	return top, req, nil
+}
+
+// jobUser is the job's user (checked and normalised: userID): the
+// top-level user_id or request.metadata.user_id; given in both, they must
+// name the same user. A user_id inside request itself is in the wrong place
+// (the Messages API has no such field) and is refused, saying where it goes.
+func jobUser(top, req map[string]json.RawMessage) (string, error) {
+	if raw, ok := req["user_id"]; ok && !isNull(raw) {
+		// A Messages request reads this as "user_id is in the wrong place:
+		// give the user id as metadata.user_id, …" (messagesError drops
+		// "request."), which is right for it too.
+		return "", invalid("request.user_id", "request.user_id is in the wrong place: give the user id as request.metadata.user_id, or (in a POST /v1/jobs body) as user_id at the top level, next to request.")
+	}
+	topUser, haveTop, err := userField(top, "user_id", "user_id")
+	if err != nil {
+		return "", err
+	}
+	var mdUser string
+	var haveMD bool
+	if raw, ok := req["metadata"]; ok && !isNull(raw) {
+		var md map[string]json.RawMessage
+		if err := json.Unmarshal(raw, &md); err != nil || md == nil {
+			return "", invalid("request.metadata", "request.metadata must be a JSON object.")
+		}
+		if mdUser, haveMD, err = userField(md, "user_id", "request.metadata.user_id"); err != nil {
+			return "", err
+		}
+	}
+	switch {
+	case haveTop && haveMD && topUser != mdUser:
+		return "", invalid("user_id", "user_id and request.metadata.user_id are both given and differ; give one, or the same value in both.")
+	case haveTop:
+		return topUser, nil
+	case haveMD:
+		return mdUser, nil
+	}
+	return "", invalid("user_id", "user_id is missing: say which of your users this request is for (top-level user_id or request.metadata.user_id).")
+}
+
+// userField reads the user id m[key] (path names it in a refusal),
+// checked and normalised (userID); ok is false when it is absent or null.
+func userField(m map[string]json.RawMessage, key, path string) (u string, ok bool, err error) {
+	raw, present := m[key]
+	if !present || isNull(raw) {
+		return "", false, nil
+	}
+	if err := json.Unmarshal(raw, &u); err != nil {
+		return "", false, invalid(path, "%s must be a string.", path)
+	}
+	if u, err = userID(path, u); err != nil {
+		return "", false, err
+	}
+	return u, true, nil
+}
+
+// jobModel is request.model and the model group that serves it.
+func jobModel(req map[string]json.RawMessage, cfg *config.Config) (string, *config.ModelGroup, error) {
+	rawModel, ok := req["model"]
+	if !ok || isNull(rawModel) {
+		return "", nil, invalid("request.model", "request.model is missing. Name a model such as %q.", exampleModel(cfg))
+	}
+	var model string
+	if err := json.Unmarshal(rawModel, &model); err != nil || model == "" {
+		return "", nil, invalid("request.model", "request.model must be a non-empty string naming a model.")
+	}
+	g, ok := cfg.GroupFor(model)
+	if !ok {
+		e := invalid("request.model", "The model %q is not served here. Models served: %s.", truncate(model, 100), modelList(cfg))
+		e.Extra = map[string]any{"unknown_model": true}
+		return "", nil, e
+	}
+	return model, g, nil
+}
+
+// jobMaxTokens is the job's max_tokens: request.max_tokens, or the
+// tenant's default, within the tenant's cap (clamped to it, or refused
+// above it, as the tenant's policy says). req is updated to the value used.
+func jobMaxTokens(req map[string]json.RawMessage, tenant *config.Tenant) (int, error) {
+	var n int
+	if raw, ok := req["max_tokens"]; ok && !isNull(raw) {
+		var err error
+		if n, err = positiveInt(raw, maxMaxTokens); err != nil {
+			return 0, invalid("request.max_tokens", "request.max_tokens must be a whole number from 1 to %d.", maxMaxTokens)
+		}
+	} else {
+		n = tenant.DefaultMaxTokens
+		req["max_tokens"] = json.RawMessage(fmt.Sprint(n))
+	}
+	if c := tenant.MaxTokensCap; c > 0 && n > c {
+		if tenant.MaxTokensPolicy == "reject" {
+			return 0, invalid("request.max_tokens", "request.max_tokens is %d; the most allowed here is %d. Ask for %d or less.", n, c, c)
+		}
+		n = c // clamp: the job shows the value used
+		req["max_tokens"] = json.RawMessage(fmt.Sprint(c))
+	}
+	return n, nil
+}
+
+// dropStream removes request.stream: false, and refuses stream: true (the
+// job API streams through /v1/jobs/{id}/events instead).
+func dropStream(req map[string]json.RawMessage) error {
+	raw, ok := req["stream"]
+	if !ok {
+		return nil
+	}
+	var b bool
+	if err := json.Unmarshal(raw, &b); err != nil || b {
+		return invalid("request.stream", "request.stream is not used here: follow GET /v1/jobs/{id}/events for live text, or use POST /v1/messages with stream: true.")
+	}
+	delete(req, "stream")
+	return nil
+}
+
+// jobDeadline is deadline_seconds; 0 when none is given.
+func jobDeadline(top map[string]json.RawMessage) (float64, error) {
+	raw, ok := top["deadline_seconds"]
+	if !ok || isNull(raw) {
+		return 0, nil
+	}
+	var d float64
+	if err := json.Unmarshal(raw, &d); err != nil || d <= 0 || d > maxDeadline || math.IsNaN(d) {
+		return 0, invalid("deadline_seconds", "deadline_seconds must be a number of seconds greater than 0 and at most %d (7 days).", maxDeadline)
+	}
+	return d, nil
+}
+
+// jobMetadata is the client's own metadata, kept with the job as given;
+// nil when none is given.
+func jobMetadata(top map[string]json.RawMessage) (json.RawMessage, error) {
+	raw, ok := top["metadata"]
+	if !ok || isNull(raw) {
+		return nil, nil
+	}
+	var md map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &md); err != nil || md == nil {
+		return nil, invalid("metadata", "metadata must be a JSON object; it is kept with the job and returned as given.")
+	}
+	if len(raw) > maxMetadataBytes {
+		return nil, invalid("metadata", "metadata is %d bytes; at most 16 KiB is kept with a job.", len(raw))
+	}
+	return raw, nil
 }
 
 // checkMessages validates request.messages and returns each one's content.
@@ -198,60 +265,108 @@ func checkMessages(raw json.RawMessage, max int) ([]json.RawMessage, error) {
 	}
 	contents := make([]json.RawMessage, len(msgs))
 	for i, m := range msgs {
-		path := fmt.Sprintf("request.messages[%d]", i)
-		if m == nil {
-			return nil, invalid(path, "%s must be an object with role and content.", path)
+		c, err := checkMessage(fmt.Sprintf("request.messages[%d]", i), m, i == len(msgs)-1)
+		if err != nil {
+			return nil, err
 		}
-		var role string
-		if err := json.Unmarshal(m["role"], &role); err != nil || (role != "user" && role != "assistant") {
-			return nil, invalid(path+".role", "%s.role must be \"user\" or \"assistant\".", path)
-		}
-		c, ok := m["content"]
 		contents[i] = c
-		if !ok || isNull(c) {
-			return nil, invalid(path+".content", "%s.content is missing: give a string or an array of content blocks.", path)
-		}
-		switch firstByte(c) {
-		case '"':
-			var s string
-			if err := json.Unmarshal(c, &s); err != nil {
-				return nil, invalid(path+".content", "%s.content is not a valid string.", path)
-			}
-			if s == "" && i == len(msgs)-1 && role == "user" {
-				return nil, invalid(path+".content", "%s.content is empty: the last user message needs some text.", path)
-			}
-		case '[':
-			var blocks []map[string]json.RawMessage
-			if err := json.Unmarshal(c, &blocks); err != nil {
-				return nil, invalid(path+".content", "%s.content must be a string or an array of content blocks (objects with a type).", path)
-			}
-			for j, b := range blocks {
-				var typ string
-				if b == nil || json.Unmarshal(b["type"], &typ) != nil || typ == "" {
-					return nil, invalid(fmt.Sprintf("%s.content[%d].type", path, j), "Every content block needs a type, such as \"text\".")
-				}
-			}
-		default:
-			return nil, invalid(path+".content", "%s.content must be a string or an array of content blocks.", path)
-		}
 	}
 	return contents, nil
 }
 
-// checkUserID: 1–256 printable characters.
-func checkUserID(field, u string) error {
-	if u == "" {
-		return invalid(field, "%s is empty: give the id of your end user (1 to %d printable characters).", field, maxUserIDLen)
+// checkMessage validates one message (path is its JSON path; last: it is
+// the conversation's last) and returns its content.
+func checkMessage(path string, m map[string]json.RawMessage, last bool) (json.RawMessage, error) {
+	if m == nil {
+		return nil, invalid(path, "%s must be an object with role and content.", path)
 	}
-	if n := utf8.RuneCountInString(u); n > maxUserIDLen {
-		return invalid(field, "%s is %d characters long; the limit is %d.", field, n, maxUserIDLen)
+	var role string
+	if err := json.Unmarshal(m["role"], &role); err != nil || (role != "user" && role != "assistant") {
+		return nil, invalid(path+".role", "%s.role must be \"user\" or \"assistant\".", path)
 	}
-	for _, r := range u {
-		if !unicode.IsPrint(r) {
-			return invalid(field, "%s contains a control or non-printable character; use printable characters only.", field)
+	c, ok := m["content"]
+	if !ok || isNull(c) {
+		return nil, invalid(path+".content", "%s.content is missing: give a string or an array of content blocks.", path)
+	}
+	switch firstByte(c) {
+	case '"':
+		var s string
+		if err := json.Unmarshal(c, &s); err != nil {
+			return nil, invalid(path+".content", "%s.content is not a valid string.", path)
 		}
+		if s == "" && last && role == "user" {
+			return nil, invalid(path+".content", "%s.content is empty: the last user message needs some text.", path)
+		}
+	case '[':
+		var blocks []map[string]json.RawMessage
+		if err := json.Unmarshal(c, &blocks); err != nil {
+			return nil, invalid(path+".content", "%s.content must be a string or an array of content blocks (objects with a type).", path)
+		}
+		for j, b := range blocks {
+			var typ string
+			if b == nil || json.Unmarshal(b["type"], &typ) != nil || typ == "" {
+				return nil, invalid(fmt.Sprintf("%s.content[%d].type", path, j), "Every content block needs a type, such as \"text\".")
+			}
+		}
+	default:
+		return nil, invalid(path+".content", "%s.content must be a string or an array of content blocks.", path)
 	}
-	return nil
+	return c, nil
+}
+
+// userID checks a user id given in field (a JSON path, or the name of a
+// query or path parameter) and returns its canonical form: the rule is
+// config.NormalizeUserID's (valid UTF-8; letters, marks, numbers,
+// punctuation, symbols, space separators and format characters, not control
+// characters or U+2028/U+2029; normalised to NFC; 1 to 256 characters).
+// Every user id that enters the api goes through it before it is used.
+func userID(field, u string) (string, error) {
+	n, err := config.NormalizeUserID(u)
+	if err == nil {
+		return n, nil
+	}
+	e, _ := err.(*config.UserIDError)
+	if e == nil {
+		return "", invalid(field, "%s %v.", field, err)
+	}
+	switch e.Problem {
+	case config.UserIDEmpty:
+		return "", invalid(field, "%s is empty: give the id of your end user (1 to %d characters).", field, maxUserIDLen)
+	case config.UserIDInvalidUTF8:
+		return "", invalid(field, "%s is not valid UTF-8 text: send the id of your end user as UTF-8 (percent-encoded in a URL).", field)
+	case config.UserIDBadChar:
+		return "", invalid(field, "%s contains %s at character %d. A user id may hold letters, digits, punctuation, symbols, spaces and emoji, but not control characters or line breaks.", field, config.DescribeChar(e.Char), e.At)
+	case config.UserIDTooLong:
+		return "", invalid(field, "%s is %d characters long; the limit is %d.", field, e.Length, maxUserIDLen)
+	}
+	return "", invalid(field, "%s %v.", field, err)
+}
+
+// pathParam is the path parameter name, percent-decoded exactly once.
+// Echo's router matches the path as it was sent (URL.RawPath) when that
+// differs from the decoded URL.Path, as it does when the path holds %2F,
+// and then leaves parameters encoded; otherwise it matches URL.Path and
+// they come decoded. Every path parameter goes through here, so that
+// /v1/users/a%2Fb/usage names the user "a/b" as a body's "a/b" does.
+func pathParam(c *echo.Context, name string) (string, error) {
+	v := c.Param(name)
+	if c.Request().URL.RawPath == "" {
+		return v, nil
+	}
+	d, err := url.PathUnescape(v)
+	if err != nil {
+		return "", invalid(name, "The %s in the path is not correctly percent-encoded.", name)
+	}
+	return d, nil
+}
+
+// pathUserID is the {user_id} of the path, decoded and checked (userID).
+func pathUserID(c *echo.Context) (string, error) {
+	u, err := pathParam(c, "user_id")
+	if err != nil {
+		return "", err
+	}
+	return userID("user_id", u)
 }
 
 func positiveInt(raw json.RawMessage, max int) (int, error) {

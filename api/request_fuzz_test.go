@@ -7,6 +7,8 @@ import (
 	"unicode"
 	"unicode/utf8"
 
+	"golang.org/x/text/unicode/norm"
+
 	"github.com/sluice-dev/sluice/config"
 )
 
@@ -25,6 +27,10 @@ func FuzzParseCreate(f *testing.F) {
 		`[[[[[[[[[[]]]]]]]]]]`,
 		`{"user_id":"u","deadline_seconds":-1,"request":{"model":"x"}}`,
 		`{"user_id":"u","request":{"model":"claude-sonnet-4-6","max_tokens":1e400,"messages":[{"role":"user","content":"x"}]}}`,
+		`{"user_id":"jose\u0301","request":{"model":"claude-sonnet-4-6","metadata":{"user_id":"jos\u00e9"},"messages":[{"role":"user","content":"x"}]}}`,
+		`{"user_id":"\ud83d\udc69\u200d\ud83c\udf93\u00a0\u3000\u200e","request":{"model":"claude-sonnet-4-6","messages":[{"role":"user","content":"x"}]}}`,
+		`{"user_id":"a\u2028b","request":{"model":"claude-sonnet-4-6","messages":[{"role":"user","content":"x"}]}}`,
+		`{"request":{"user_id":"u","model":"claude-sonnet-4-6","messages":[{"role":"user","content":"x"}]}}`,
 		`null`, ``, `{}`, `{"user_id":"u","request":{"model":"claude-sonnet-4-6","messages":[{"role":"assistant","content":""}]}}`,
 	} {
 		f.Add([]byte(seed))
@@ -44,9 +50,12 @@ func FuzzParseCreate(f *testing.F) {
 			t.Fatalf("accepted user_id of %d characters", n)
 		}
 		for _, r := range req.UserID {
-			if !unicode.IsPrint(r) {
-				t.Fatalf("accepted a non-printable user_id %q", req.UserID)
+			if !unicode.In(r, unicode.L, unicode.M, unicode.N, unicode.P, unicode.S, unicode.Zs, unicode.Cf) {
+				t.Fatalf("accepted user_id %q holding %U", req.UserID, r)
 			}
+		}
+		if !norm.NFC.IsNormalString(req.UserID) {
+			t.Fatalf("accepted user_id %q is not in NFC", req.UserID)
 		}
 		if req.MaxTokens < 1 || req.MaxTokens > tenant.MaxTokensCap || req.Group == nil {
 			t.Fatalf("accepted max_tokens %d (group %v)", req.MaxTokens, req.Group)

@@ -13,6 +13,7 @@ func (s *Server) routes() {
 	e := s.echo
 	e.GET("/healthz", s.healthz)
 	e.GET("/readyz", s.readyz)
+	e.GET("/v1/page-info", s.pageInfo) // open: non-secret facts for the chat page
 
 	e.POST("/v1/jobs", s.createJob, s.tenantAuth)
 	e.GET("/v1/jobs", s.listJobs, s.tenantAuth)

@@ -29,13 +29,17 @@ import (
 
 // Deps are what the api needs.
 type Deps struct {
-	Config    *config.Config
-	Redis     redis.UniversalClient
-	Store     *jobs.Store
-	Hub       *jobs.Hub
-	Scheduler *scheduler.Scheduler
-	Estimator *estimate.Calibrator
-	Upstream  *upstream.Client // for count_tokens (groups with count_tokens: true); nil = estimate only
+	// FakeUpstream: the upstream is sluice's own fake Anthropic API (dev,
+	// the in-process load test, tests): GET /v1/page-info says so, and the
+	// chat page tells its reader the answers are made up.
+	FakeUpstream bool
+	Config       *config.Config
+	Redis        redis.UniversalClient
+	Store        *jobs.Store
+	Hub          *jobs.Hub
+	Scheduler    *scheduler.Scheduler
+	Estimator    *estimate.Calibrator
+	Upstream     *upstream.Client // for count_tokens (groups with count_tokens: true); nil = estimate only
 	// TokenSecret signs job read tokens (jobs.TokenSecret: shared by the fleet).
 	TokenSecret []byte
 	Monitoring  http.Handler     // asynqmon, mounted at /monitoring/ behind admin auth; nil = not mounted

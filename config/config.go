@@ -53,6 +53,7 @@ const (
 	DefaultMaxWait           = 15 * time.Minute
 	DefaultMaxTokensPolicy   = "clamp"
 	DefaultOutputAccounting  = OutputProduced
+	DefaultCacheHold         = 10 * time.Second
 	DefaultBodyLimitBytes    = 8 << 20 // 8 MiB
 	DefaultAPIShutdown       = 10 * time.Second
 	DefaultWorkerShutdown    = 25 * time.Second
@@ -318,6 +319,13 @@ type ModelGroup struct {
 	// answers), not max_tokens, and max_tokens may exceed OutputTPM.
 	// Default "produced".
 	OutputAccounting string `yaml:"output_accounting"`
+	// CacheHold bounds how long a queued job waits for another job's call
+	// to write a prompt-cache prefix the two share (cache-aware dispatch):
+	// when several waiting jobs share a cacheable prefix the upstream has
+	// not cached yet, one goes first and the others keep their place until
+	// its answer begins (the prefix is then cached and they read it) or
+	// this long after it was sent. 0 turns the hold off. Default 10s.
+	CacheHold time.Duration `yaml:"cache_hold"`
 }
 
 // The upstream's rules for counting output tokens (ModelGroup.OutputAccounting).
@@ -506,6 +514,7 @@ func Parse(data []byte, getenv func(string) string) (*Config, error) {
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
 	}
+	c.normalizeUsers()
 	return c, nil
 }
 
@@ -533,6 +542,7 @@ func applyElementDefaults(c *Config, root *yaml.Node) {
 			ProbeInterval    yaml.Node `yaml:"probe_interval"`
 			ProbeIntervalMax yaml.Node `yaml:"probe_interval_max"`
 			OutputAccounting yaml.Node `yaml:"output_accounting"`
+			CacheHold        yaml.Node `yaml:"cache_hold"`
 		} `yaml:"model_groups"`
 	}
 	// Errors were already collected by the strict decode.
@@ -576,6 +586,9 @@ func applyElementDefaults(c *Config, root *yaml.Node) {
 		}
 		if i >= len(given.ModelGroups) || omitted(given.ModelGroups[i].ProbeIntervalMax) {
 			c.ModelGroups[i].ProbeIntervalMax = DefaultProbeIntervalMax
+		}
+		if i >= len(given.ModelGroups) || omitted(given.ModelGroups[i].CacheHold) {
+			c.ModelGroups[i].CacheHold = DefaultCacheHold
 		}
 		if i >= len(given.ModelGroups) || omitted(given.ModelGroups[i].OutputAccounting) {
 			c.ModelGroups[i].OutputAccounting = DefaultOutputAccounting

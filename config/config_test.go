@@ -130,8 +130,8 @@ log: {format: JSON, level: debug}
 			{Name: "beta_2", Keys: []Key{mustKey(t, "beta-key-0123456789")}, DefaultMaxTokens: DefaultMaxTokens, MaxTokensPolicy: "clamp", MaxMessages: 1000, MaxWait: 15 * time.Minute, UserPolicy: UserPolicy{Weight: 1, MaxQueued: 50}},
 		},
 		ModelGroups: []ModelGroup{
-			{Name: "sonnet", Models: []string{"claude-sonnet-4-5", "claude-sonnet-*"}, RPM: 50, InputTPM: 30000, OutputTPM: 8000, MaxConcurrency: 4, CountCacheReads: true, Burst: DefaultBurst, OutageFailures: DefaultOutageFailures, OutageWindow: DefaultOutageWindow, ProbeInterval: DefaultProbeInterval, ProbeIntervalMax: DefaultProbeIntervalMax, OutputAccounting: OutputProduced},
-			{Name: "haiku", Models: []string{"claude-haiku-*"}, RPM: 100, InputTPM: 50000, OutputTPM: 10000, MaxConcurrency: DefaultMaxConcurrency, Burst: DefaultBurst, OutageFailures: DefaultOutageFailures, OutageWindow: DefaultOutageWindow, ProbeInterval: DefaultProbeInterval, ProbeIntervalMax: DefaultProbeIntervalMax, OutputAccounting: OutputProduced},
+			{Name: "sonnet", Models: []string{"claude-sonnet-4-5", "claude-sonnet-*"}, RPM: 50, InputTPM: 30000, OutputTPM: 8000, MaxConcurrency: 4, CountCacheReads: true, Burst: DefaultBurst, OutageFailures: DefaultOutageFailures, OutageWindow: DefaultOutageWindow, ProbeInterval: DefaultProbeInterval, ProbeIntervalMax: DefaultProbeIntervalMax, OutputAccounting: OutputProduced, CacheHold: DefaultCacheHold},
+			{Name: "haiku", Models: []string{"claude-haiku-*"}, RPM: 100, InputTPM: 50000, OutputTPM: 10000, MaxConcurrency: DefaultMaxConcurrency, Burst: DefaultBurst, OutageFailures: DefaultOutageFailures, OutageWindow: DefaultOutageWindow, ProbeInterval: DefaultProbeInterval, ProbeIntervalMax: DefaultProbeIntervalMax, OutputAccounting: OutputProduced, CacheHold: DefaultCacheHold},
 		},
 		Redis: Redis{Timeout: 500 * time.Millisecond, AllowEvicting: true, CheckInterval: DefaultRedisCheck},
 		API: API{BodyLimitBytes: 1 << 20, ShutdownTimeout: 5 * time.Second, ReadHeaderTimeout: DefaultReadHeaderTimeout,
@@ -149,7 +149,7 @@ func TestDefaultsFilled(t *testing.T) {
 	got := mustParse(t, minimal, env())
 	want := Default()
 	want.Tenants = []Tenant{{Name: "acme", Keys: []Key{mustKey(t, "acme-key-0123456789")}, DefaultMaxTokens: 1024, MaxTokensPolicy: "clamp", MaxMessages: 1000, MaxWait: 15 * time.Minute, UserPolicy: UserPolicy{Weight: 1, MaxQueued: 50}}}
-	want.ModelGroups = []ModelGroup{{Name: "sonnet", Models: []string{"claude-sonnet-*"}, RPM: 50, InputTPM: 30000, OutputTPM: 8000, MaxConcurrency: 8, Burst: DefaultBurst, OutageFailures: DefaultOutageFailures, OutageWindow: DefaultOutageWindow, ProbeInterval: DefaultProbeInterval, ProbeIntervalMax: DefaultProbeIntervalMax, OutputAccounting: OutputProduced}}
+	want.ModelGroups = []ModelGroup{{Name: "sonnet", Models: []string{"claude-sonnet-*"}, RPM: 50, InputTPM: 30000, OutputTPM: 8000, MaxConcurrency: 8, Burst: DefaultBurst, OutageFailures: DefaultOutageFailures, OutageWindow: DefaultOutageWindow, ProbeInterval: DefaultProbeInterval, ProbeIntervalMax: DefaultProbeIntervalMax, OutputAccounting: OutputProduced, CacheHold: DefaultCacheHold}}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("defaults (-want +got):\n%s", diff)
 	}
@@ -504,7 +504,7 @@ model_groups:
   - {name: g, models: [m], rpm: 1, input_tpm: 1, output_tpm: 1, max_concurency: 3}
 `,
 			want: []string{
-				"model_groups[0].max_concurency: unknown field; the fields here are name, models, rpm, input_tpm, output_tpm, max_concurrency, count_cache_reads, burst, count_tokens, outage_failures, outage_window, probe_interval, probe_interval_max, output_accounting (line 6)",
+				"model_groups[0].max_concurency: unknown field; the fields here are name, models, rpm, input_tpm, output_tpm, max_concurrency, count_cache_reads, burst, count_tokens, outage_failures, outage_window, probe_interval, probe_interval_max, output_accounting, cache_hold (line 6)",
 				"tenants[0].key: unknown field; the fields here are name, keys, default_max_tokens, max_tokens_cap, max_tokens_policy, max_body_bytes, max_messages, max_input_tokens, max_wait, weight, requests_per_hour, tokens_per_hour, max_queued, users (line 4)",
 				"tenants[0].keys: at least one key is required",
 			},
@@ -642,7 +642,7 @@ func TestValidateDefault(t *testing.T) {
 	}
 	c := Default()
 	c.Tenants = []Tenant{{Name: "a", Keys: []Key{mustKey(t, "a-key-0123456789abc")}, DefaultMaxTokens: 1, MaxTokensPolicy: "clamp", MaxMessages: 1000, MaxWait: 15 * time.Minute, UserPolicy: UserPolicy{Weight: 1, MaxQueued: 50}}}
-	c.ModelGroups = []ModelGroup{{Name: "g", Models: []string{"m"}, RPM: 1, InputTPM: 1, OutputTPM: 1, MaxConcurrency: 1, Burst: DefaultBurst, OutageFailures: DefaultOutageFailures, OutageWindow: DefaultOutageWindow, ProbeInterval: DefaultProbeInterval, ProbeIntervalMax: DefaultProbeIntervalMax, OutputAccounting: OutputProduced}}
+	c.ModelGroups = []ModelGroup{{Name: "g", Models: []string{"m"}, RPM: 1, InputTPM: 1, OutputTPM: 1, MaxConcurrency: 1, Burst: DefaultBurst, OutageFailures: DefaultOutageFailures, OutageWindow: DefaultOutageWindow, ProbeInterval: DefaultProbeInterval, ProbeIntervalMax: DefaultProbeIntervalMax, OutputAccounting: OutputProduced, CacheHold: DefaultCacheHold}}
 	if err := c.Validate(); err != nil {
 		t.Errorf("Validate: %v", err)
 	}
@@ -775,7 +775,7 @@ model_groups:
 		"redis://user:xxxxx@cache:6379/0",
 		"admin_keys                   " + HashKey(adminKey)[:15] + "…",
 		"tenants[0]                   acme: keys " + HashKey(tenantKey)[:15] + "…; default_max_tokens 1024",
-		"model_groups[0]              sonnet: claude-sonnet-*; rpm 50, input_tpm 30000, output_tpm 8000, max_concurrency 8, count_cache_reads false; output counted produced; outage after 5 failures within 30s, probes every 1s to 30s",
+		"model_groups[0]              sonnet: claude-sonnet-*; rpm 50, input_tpm 30000, output_tpm 8000, max_concurrency 8, count_cache_reads false, cache_hold 10s; output counted produced; outage after 5 failures within 30s, probes every 1s to 30s",
 	} {
 		if !strings.Contains(dump, want) {
 			t.Errorf("Dump lacks %q:\n%s", want, dump)

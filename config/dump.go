@@ -12,14 +12,25 @@ import (
 // path in the file, as printed at start. Secrets are hidden: the upstream key
 // shows as "set" or "not set", other keys as the start of their digest, and
 // passwords in URLs as "xxxxx".
-func (c *Config) Dump(w io.Writer) {
+func (c *Config) Dump(w io.Writer) { c.dump(w, nil) }
+
+// Process is which parts of sluice one process runs (DumpFor).
+type Process struct{ API, Worker bool }
+
+// DumpFor is Dump for a process that runs p: an address the process does
+// not listen on says so instead of showing a port nothing answers on (a
+// worker that runs with the api, as in serve and dev, is served on listen).
+func (c *Config) DumpFor(w io.Writer, p Process) { c.dump(w, &p) }
+
+func (c *Config) dump(w io.Writer, p *Process) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	line := func(path string, format string, args ...any) {
 		fmt.Fprintf(tw, "  %s\t%s\n", path, fmt.Sprintf(format, args...))
 	}
 	fmt.Fprintln(tw, "configuration:")
-	line("listen", "%s", c.Listen)
-	line("worker_listen", "%s", c.WorkerListen)
+	listen, workerListen := c.listenLines(p)
+	line("listen", "%s", listen)
+	line("worker_listen", "%s", workerListen)
 	line("redis_url", "%s", redactURL(c.RedisURL))
 	line("redis.timeout", "%s", c.Redis.Timeout)
 	line("redis.allow_evicting", "%t", c.Redis.AllowEvicting)
@@ -43,8 +54,8 @@ func (c *Config) Dump(w io.Writer) {
 			t.Name, shortKeys(t.Keys), t.DefaultMaxTokens)
 	}
 	for i, g := range c.ModelGroups {
-		line(fmt.Sprintf("model_groups[%d]", i), "%s: %s; rpm %d, input_tpm %d, output_tpm %d, max_concurrency %d, count_cache_reads %t; output counted %s; outage after %d failures within %s, probes every %s to %s",
-			g.Name, strings.Join(g.Models, ", "), g.RPM, g.InputTPM, g.OutputTPM, g.MaxConcurrency, g.CountCacheReads,
+		line(fmt.Sprintf("model_groups[%d]", i), "%s: %s; rpm %d, input_tpm %d, output_tpm %d, max_concurrency %d, count_cache_reads %t, cache_hold %s; output counted %s; outage after %d failures within %s, probes every %s to %s",
+			g.Name, strings.Join(g.Models, ", "), g.RPM, g.InputTPM, g.OutputTPM, g.MaxConcurrency, g.CountCacheReads, g.CacheHold,
 			g.OutputAccounting, g.OutageFailures, g.OutageWindow, g.ProbeInterval, g.ProbeIntervalMax)
 	}
 	line("api.body_limit_bytes", "%d", c.API.BodyLimitBytes)
@@ -61,6 +72,23 @@ func (c *Config) Dump(w io.Writer) {
 	line("log.format", "%s", c.Log.Format)
 	line("log.level", "%s", c.Log.Level)
 	_ = tw.Flush()
+}
+
+// listenLines are the values shown for listen and worker_listen: the
+// addresses, or, for a process p, what is true of them there.
+func (c *Config) listenLines(p *Process) (listen, workerListen string) {
+	switch {
+	case p == nil:
+		return c.Listen, c.WorkerListen
+	case p.API && p.Worker:
+		return c.Listen + " (the api, and the worker's health and metrics)",
+			"not used: the worker runs in the api's process and is served on listen"
+	case p.API:
+		return c.Listen, "not used: no worker in this process"
+	case p.Worker:
+		return "not used: no api in this process", c.WorkerListen + " (the worker's /healthz, /readyz and /metrics)"
+	}
+	return c.Listen, c.WorkerListen
 }
 
 func shortKeys(keys []Key) string {

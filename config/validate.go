@@ -32,24 +32,43 @@ func (c *Config) Validate() error {
 	return errors.Join(errs...)
 }
 
+// problems is every problem of c, section by section, in the order of the
+// file.
 func (c *Config) problems() []*fieldError {
 	var v validator
+	c.checkAddresses(&v)
+	c.checkRedis(&v)
+	c.checkUpstream(&v)
+	keys := v.keyChecker()
+	for i, k := range c.AdminKeys {
+		keys(fmt.Sprintf("admin_keys[%d]", i), k)
+	}
+	c.checkTenants(&v, keys)
+	c.checkModelGroups(&v)
+	c.checkProcesses(&v)
+	c.checkLog(&v)
+	return v.errs
+}
 
+// checkAddresses: listen and worker_listen.
+func (c *Config) checkAddresses(v *validator) {
 	v.addr("listen", c.Listen)
 	v.addr("worker_listen", c.WorkerListen)
+}
+
+// checkRedis: redis_url and the redis section.
+func (c *Config) checkRedis(v *validator) {
 	if c.RedisURL == "" {
 		v.add("redis_url", "required")
 	} else if _, err := redis.ParseURL(c.RedisURL); err != nil {
 		v.add("redis_url", "not a valid Redis URL (redis://host:port/db, rediss:// or unix://): %s", urlErr(err))
 	}
-
 	v.positiveDuration("redis.timeout", c.Redis.Timeout)
 	v.positiveDuration("redis.check_interval", c.Redis.CheckInterval)
-	v.positiveDuration("api.read_header_timeout", c.API.ReadHeaderTimeout)
-	v.positiveDuration("api.body_timeout", c.API.BodyTimeout)
-	v.positiveDuration("api.idle_timeout", c.API.IdleTimeout)
-	v.positiveDuration("api.follower_lease", c.API.FollowerLease)
+}
 
+// checkUpstream: the upstream section.
+func (c *Config) checkUpstream(v *validator) {
 	u := c.Upstream
 	v.baseURL("upstream.base_url", u.BaseURL)
 	v.positiveDuration("upstream.attempt_timeout", u.AttemptTimeout)
@@ -61,37 +80,41 @@ func (c *Config) problems() []*fieldError {
 	}
 	v.positiveDuration("upstream.max_outage", u.MaxOutage)
 	v.positiveDuration("upstream.first_byte_timeout", u.FirstByteTimeout)
+}
 
-	// Keys are unique across admins and tenants: a shared key would make one
-	// tenant's requests another's, or give a tenant admin rights.
-	seenKey := map[[32]byte]string{}
-	key := func(p string, k Key) {
+// keyChecker returns a check of one admin or tenant key at a path. Keys are
+// unique across admins and tenants: a shared key would make one tenant's
+// requests another's, or give a tenant admin rights.
+func (v *validator) keyChecker() func(path string, k Key) {
+	seen := map[[32]byte]string{}
+	return func(p string, k Key) {
 		if msg := k.check(); msg != "" {
 			v.add(p, "%s", msg)
 			return
 		}
-		if first, dup := seenKey[k.digest]; dup {
+		if first, dup := seen[k.digest]; dup {
 			v.add(p, "same key as %s; every key must be unique", first)
 			return
 		}
-		seenKey[k.digest] = p
+		seen[k.digest] = p
 	}
-	for i, k := range c.AdminKeys {
-		key(fmt.Sprintf("admin_keys[%d]", i), k)
-	}
+}
 
+// checkTenants: the tenants, their keys (with keys, shared with the admin
+// keys' check) and their users.
+func (c *Config) checkTenants(v *validator, keys func(string, Key)) {
 	if len(c.Tenants) == 0 {
 		v.add("tenants", "at least one tenant is required")
 	}
-	tenantNames := map[string]string{}
+	names := map[string]string{}
 	for i, t := range c.Tenants {
 		p := fmt.Sprintf("tenants[%d]", i)
-		v.name(p+".name", t.Name, tenantNames)
+		v.name(p+".name", t.Name, names)
 		if len(t.Keys) == 0 {
 			v.add(p+".keys", "at least one key is required")
 		}
 		for j, k := range t.Keys {
-			key(fmt.Sprintf("%s.keys[%d]", p, j), k)
+			keys(fmt.Sprintf("%s.keys[%d]", p, j), k)
 		}
 		v.positive(p+".default_max_tokens", int64(t.DefaultMaxTokens))
 		if !(t.Weight > 0) {
@@ -109,68 +132,132 @@ func (c *Config) problems() []*fieldError {
 		if t.MaxWait < 0 {
 			v.add(p+".max_wait", "must be ≥ 0 (0 means no limit)")
 		}
-		v.nonNegative(p+".requests_per_hour", int64(t.RequestsPerHour))
-		v.nonNegative(p+".tokens_per_hour", int64(t.TokensPerHour))
-		v.nonNegative(p+".max_queued", int64(t.MaxQueued))
-		for _, u := range slices.Sorted(maps.Keys(t.Users)) {
-			up := fmt.Sprintf("%s.users[%q]", p, u)
-			o := t.Users[u]
-			if o.Weight < 0 {
-				v.add(up+".weight", "must be > 0")
-			}
-			v.nonNegative(up+".requests_per_hour", int64(o.RequestsPerHour))
-			v.nonNegative(up+".tokens_per_hour", int64(o.TokensPerHour))
-			v.nonNegative(up+".max_queued", int64(o.MaxQueued))
-		}
+		v.userPolicy(p, t.UserPolicy, false)
+		v.users(p, t.Users)
 	}
+}
 
+// userPolicy checks a tenant's per-user defaults (p is the tenant's path)
+// or, override set, one user's overrides (p is the user's path).
+func (v *validator) userPolicy(p string, o UserPolicy, override bool) {
+	if override && o.Weight < 0 {
+		v.add(p+".weight", "must be > 0")
+	}
+	v.nonNegative(p+".requests_per_hour", int64(o.RequestsPerHour))
+	v.nonNegative(p+".tokens_per_hour", int64(o.TokensPerHour))
+	v.nonNegative(p+".max_queued", int64(o.MaxQueued))
+}
+
+// users checks a tenant's users: (p is the tenant's path): every key a user
+// id (NormalizeUserID), no two the same user once normalised, and each
+// user's overrides.
+func (v *validator) users(p string, users map[string]UserPolicy) {
+	seen := map[string]string{}
+	for _, u := range slices.Sorted(maps.Keys(users)) {
+		up := fmt.Sprintf("%s.users[%q]", p, u)
+		n, err := NormalizeUserID(u)
+		if err != nil {
+			v.add(up, "not a user id: it %v", err)
+		} else if first, dup := seen[n]; dup {
+			v.add(up, "the same user as %s (user ids are compared in Unicode NFC)", first)
+		} else {
+			seen[n] = up
+		}
+		v.userPolicy(up, users[u], true)
+	}
+}
+
+// normalizeUsers rewrites the keys of every tenant's users: in NFC, the
+// form the api looks them up in (NormalizeUserID). Keys that are not user
+// ids are left as they are: validation reports them.
+func (c *Config) normalizeUsers() {
+	for i := range c.Tenants {
+		t := &c.Tenants[i]
+		if len(t.Users) == 0 {
+			continue
+		}
+		users := make(map[string]UserPolicy, len(t.Users))
+		for u, o := range t.Users {
+			if n, err := NormalizeUserID(u); err == nil {
+				u = n
+			}
+			users[u] = o
+		}
+		t.Users = users
+	}
+}
+
+// checkModelGroups: the model groups, and that each model name or pattern
+// belongs to one group (listed twice, the second would never be used:
+// GroupFor takes the first).
+func (c *Config) checkModelGroups(v *validator) {
 	if len(c.ModelGroups) == 0 {
 		v.add("model_groups", "at least one model group is required")
 	}
-	groupNames := map[string]string{}
-	// Each model name or pattern belongs to one group: listed twice, the
-	// second would never be used (GroupFor takes the first).
+	names := map[string]string{}
 	seenModel := map[string]string{}
 	for i, g := range c.ModelGroups {
 		p := fmt.Sprintf("model_groups[%d]", i)
-		v.name(p+".name", g.Name, groupNames)
-		if len(g.Models) == 0 {
-			v.add(p+".models", "at least one model name or pattern is required")
-		}
-		for j, m := range g.Models {
-			mp := fmt.Sprintf("%s.models[%d]", p, j)
-			switch _, err := path.Match(m, ""); {
-			case strings.TrimSpace(m) == "":
-				v.add(mp, "must not be empty")
-			case err != nil:
-				v.add(mp, "%q is not a valid pattern (see Go's path.Match: *, ?, [a-z], \\ to escape)", m)
-			default:
-				if first, dup := seenModel[m]; dup {
-					v.add(mp, "%q is already listed at %s", m, first)
-				} else {
-					seenModel[m] = mp
-				}
+		v.name(p+".name", g.Name, names)
+		v.models(p, g.Models, seenModel)
+		v.groupLimits(p, g)
+	}
+}
+
+// models checks a group's models (p is the group's path); seen holds the
+// names and patterns of the groups before it.
+func (v *validator) models(p string, models []string, seen map[string]string) {
+	if len(models) == 0 {
+		v.add(p+".models", "at least one model name or pattern is required")
+	}
+	for j, m := range models {
+		mp := fmt.Sprintf("%s.models[%d]", p, j)
+		switch _, err := path.Match(m, ""); {
+		case strings.TrimSpace(m) == "":
+			v.add(mp, "must not be empty")
+		case err != nil:
+			v.add(mp, "%q is not a valid pattern (see Go's path.Match: *, ?, [a-z], \\ to escape)", m)
+		default:
+			if first, dup := seen[m]; dup {
+				v.add(mp, "%q is already listed at %s", m, first)
+			} else {
+				seen[m] = mp
 			}
 		}
-		v.positive(p+".rpm", int64(g.RPM))
-		v.positive(p+".input_tpm", int64(g.InputTPM))
-		v.positive(p+".output_tpm", int64(g.OutputTPM))
-		v.positive(p+".max_concurrency", int64(g.MaxConcurrency))
-		v.positiveDuration(p+".burst", g.Burst)
-		v.positive(p+".outage_failures", int64(g.OutageFailures))
-		v.positiveDuration(p+".outage_window", g.OutageWindow)
-		v.positiveDuration(p+".probe_interval", g.ProbeInterval)
-		v.positiveDuration(p+".probe_interval_max", g.ProbeIntervalMax)
-		if g.OutputAccounting != "" && g.OutputAccounting != OutputProduced && g.OutputAccounting != OutputReserved {
-			v.add(p+".output_accounting", "must be %q (output counted as it is produced: the current rule) or %q (max_tokens reserved at the start: the older rule), not %q", OutputProduced, OutputReserved, g.OutputAccounting)
-		}
-		if g.ProbeInterval > 0 && g.ProbeIntervalMax > 0 && g.ProbeIntervalMax < g.ProbeInterval {
-			v.add(p+".probe_interval_max", "must not be less than probe_interval (%s)", g.ProbeInterval)
-		}
 	}
+}
 
+// groupLimits checks a group's limits, outage detection and accounting (p
+// is the group's path).
+func (v *validator) groupLimits(p string, g ModelGroup) {
+	v.positive(p+".rpm", int64(g.RPM))
+	v.positive(p+".input_tpm", int64(g.InputTPM))
+	v.positive(p+".output_tpm", int64(g.OutputTPM))
+	v.positive(p+".max_concurrency", int64(g.MaxConcurrency))
+	v.positiveDuration(p+".burst", g.Burst)
+	v.positive(p+".outage_failures", int64(g.OutageFailures))
+	v.positiveDuration(p+".outage_window", g.OutageWindow)
+	v.positiveDuration(p+".probe_interval", g.ProbeInterval)
+	v.positiveDuration(p+".probe_interval_max", g.ProbeIntervalMax)
+	if g.CacheHold < 0 {
+		v.add(p+".cache_hold", "must be 0 (no hold) or a positive duration such as 10s, not %s", g.CacheHold)
+	}
+	if g.OutputAccounting != "" && g.OutputAccounting != OutputProduced && g.OutputAccounting != OutputReserved {
+		v.add(p+".output_accounting", "must be %q (output counted as it is produced: the current rule) or %q (max_tokens reserved at the start: the older rule), not %q", OutputProduced, OutputReserved, g.OutputAccounting)
+	}
+	if g.ProbeInterval > 0 && g.ProbeIntervalMax > 0 && g.ProbeIntervalMax < g.ProbeInterval {
+		v.add(p+".probe_interval_max", "must not be less than probe_interval (%s)", g.ProbeInterval)
+	}
+}
+
+// checkProcesses: the api, worker and usage sections.
+func (c *Config) checkProcesses(v *validator) {
 	v.positive("api.body_limit_bytes", c.API.BodyLimitBytes)
 	v.positiveDuration("api.shutdown_timeout", c.API.ShutdownTimeout)
+	v.positiveDuration("api.read_header_timeout", c.API.ReadHeaderTimeout)
+	v.positiveDuration("api.body_timeout", c.API.BodyTimeout)
+	v.positiveDuration("api.idle_timeout", c.API.IdleTimeout)
+	v.positiveDuration("api.follower_lease", c.API.FollowerLease)
 	v.positiveDuration("worker.shutdown_timeout", c.Worker.ShutdownTimeout)
 	v.positiveDuration("worker.task_check_interval", c.Worker.TaskCheckInterval)
 	v.positiveDuration("worker.lease_ttl", c.Worker.LeaseTTL)
@@ -180,7 +267,10 @@ func (c *Config) problems() []*fieldError {
 	if c.Usage.DailyRetention < 24*time.Hour {
 		v.add("usage.daily_retention", "must be at least 24h, got %s", c.Usage.DailyRetention)
 	}
+}
 
+// checkLog: the log section.
+func (c *Config) checkLog(v *validator) {
 	switch c.Log.Format {
 	case "text", "json":
 	default:
@@ -191,7 +281,6 @@ func (c *Config) problems() []*fieldError {
 	default:
 		v.add("log.level", "must be one of debug, info, warn, error, got %q", c.Log.Level)
 	}
-	return v.errs
 }
 
 type validator struct{ errs []*fieldError }

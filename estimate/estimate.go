@@ -14,6 +14,8 @@ import (
 	"unicode/utf8"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/sluice-dev/sluice/internal/rkeys"
 )
 
 // Raw is a conservative local count of a Messages request's input tokens.
@@ -54,6 +56,30 @@ func RawParts(system json.RawMessage, contents []json.RawMessage, tools json.Raw
 		n += float64(textTokens(tools))
 	}
 	return int(math.Ceil(n))
+}
+
+// Fragment is Raw's count of one part of a request: a content block, a
+// tool definition, or a string standing for a text block (its JSON
+// string). Text blocks count by their text, anything else by its JSON,
+// framing not included: the sum over a prompt-cache prefix's blocks is a
+// little below Raw's count of the same prompt, so the cached part of a
+// request is never overestimated.
+func Fragment(raw json.RawMessage) int {
+	if len(raw) == 0 || string(raw) == "null" {
+		return 0
+	}
+	var s string
+	if raw[0] == '"' && json.Unmarshal(raw, &s) == nil {
+		return int(math.Floor(text(s)))
+	}
+	var b struct {
+		Type string  `json:"type"`
+		Text *string `json:"text"`
+	}
+	if raw[0] == '{' && json.Unmarshal(raw, &b) == nil && b.Type == "text" && b.Text != nil {
+		return int(math.Floor(text(*b.Text)))
+	}
+	return int(math.Floor(text(string(raw))))
 }
 
 // content counts a string or an array of blocks (text blocks by their text,
@@ -127,7 +153,7 @@ type cached struct {
 }
 
 const (
-	ratiosKey = "sluice:estimate:ratio"
+	ratiosKey = rkeys.EstimateRatios
 	// Margin is added to the calibrated estimate: under-estimating risks an
 	// upstream 429, over-estimating only delays (the excess is refunded).
 	Margin = 0.10

@@ -55,6 +55,7 @@
 //	[[reply_tokens=N]]  reply with N output tokens
 //	[[cache_write=N]]   add N cache_creation_input_tokens (they count toward ITPM)
 //	[[cache_read=N]]    add N cache_read_input_tokens (they do not, by default)
+//	[[latency_ms=N]]    wait N ms more (on top of Config.Latency) before the answer begins
 //
 // The cache directives describe a cached prefix on top of the counted
 // prompt, on top of what real prompt caching (below) reports: they do not

@@ -158,6 +158,9 @@ func (s *Server) serveMessages(w http.ResponseWriter, r *http.Request, c *call) 
 		s.stats.AdmittedInputTokens[g.Name] += int64(charge.input)
 		s.stats.AdmittedCacheReadTokens[g.Name] += int64(p.usage.CacheReadInputTokens)
 		s.stats.AdmittedCacheCreationTokens[g.Name] += int64(p.usage.CacheCreationInputTokens)
+		if p.usage.CacheCreationInputTokens > 0 {
+			s.stats.CacheWriteRequests[g.Name]++
+		}
 		s.touchCache(p.plan, now)
 		c.cacheWrites = p.plan.writes
 		rec.CacheReadInputTokens = p.usage.CacheReadInputTokens
@@ -175,7 +178,8 @@ func (s *Server) serveMessages(w http.ResponseWriter, r *http.Request, c *call) 
 	}
 	c.reserved = charge.reserved
 
-	out := &output{s: s, c: c, ctx: r.Context(), start: time.Now(), plan: planReply(req, s.cfg.ReplyTokens)}
+	out := &output{s: s, c: c, ctx: r.Context(), start: time.Now(), plan: planReply(req, s.cfg.ReplyTokens),
+		latency: s.cfg.Latency + time.Duration(max(0, req.directives.latencyMS))*time.Millisecond}
 	msg := message{
 		ID:      "msg_" + rand.Text(),
 		Type:    "message",
@@ -198,6 +202,9 @@ type output struct {
 	ctx   context.Context
 	start time.Time // wall clock
 	plan  reply
+	// latency is the wait before the answer begins: Config.Latency and
+	// the request's [[latency_ms=N]].
+	latency time.Duration
 }
 
 func (o *output) produced() int { return o.c.rec.OutputTokens }
@@ -205,7 +212,7 @@ func (o *output) produced() int { return o.c.rec.OutputTokens }
 // firstByte waits for the configured latency; then the answer begins, and
 // the cache entries the call writes become readable.
 func (o *output) firstByte() error {
-	if err := o.s.pause(o.ctx, o.start.Add(o.s.cfg.Latency)); err != nil {
+	if err := o.s.pause(o.ctx, o.start.Add(o.latency)); err != nil {
 		return err
 	}
 	if writes := o.c.cacheWrites; len(writes) > 0 {
@@ -221,7 +228,7 @@ func (o *output) firstByte() error {
 // Stats and, in realtime OTPM mode, in the output bucket. It returns the
 // token, or an error if the client went away.
 func (o *output) next() (string, error) {
-	due := o.start.Add(o.s.cfg.Latency)
+	due := o.start.Add(o.latency)
 	if tps := o.s.cfg.TokensPerSecond; tps > 0 {
 		due = due.Add(time.Duration(float64(o.produced()+1) / tps * float64(time.Second)))
 	}

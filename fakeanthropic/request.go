@@ -34,9 +34,10 @@ type directives struct {
 	replyTokens int // [[reply_tokens=N]]: reply length in output tokens
 	cacheRead   int // [[cache_read=N]]: cache_read_input_tokens
 	cacheWrite  int // [[cache_write=N]]: cache_creation_input_tokens
+	latencyMS   int // [[latency_ms=N]]: more wait before the answer begins
 }
 
-var directiveRE = regexp.MustCompile(`\[\[(reply_tokens|cache_read|cache_write)=(\d{1,9})\]\]`)
+var directiveRE = regexp.MustCompile(`\[\[(reply_tokens|cache_read|cache_write|latency_ms)=(\d{1,9})\]\]`)
 
 // parseRequest validates body the way the API does and reports the first
 // problem as a 400 invalid_request_error with the field's path, in the
@@ -371,7 +372,7 @@ func lastUserText(turns []turn) string {
 }
 
 func parseDirectives(text string) directives {
-	d := directives{replyTokens: -1, cacheRead: -1, cacheWrite: -1}
+	d := directives{replyTokens: -1, cacheRead: -1, cacheWrite: -1, latencyMS: -1}
 	for _, m := range directiveRE.FindAllStringSubmatch(text, -1) {
 		n, err := strconv.Atoi(m[2])
 		if err != nil {
@@ -384,6 +385,8 @@ func parseDirectives(text string) directives {
 			d.cacheRead = n
 		case "cache_write":
 			d.cacheWrite = n
+		case "latency_ms":
+			d.latencyMS = n
 		}
 	}
 	return d

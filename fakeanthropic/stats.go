@@ -47,6 +47,9 @@ type Stats struct {
 	// reported to admitted requests.
 	AdmittedCacheReadTokens     map[string]int64 `json:"admitted_cache_read_input_tokens"`
 	AdmittedCacheCreationTokens map[string]int64 `json:"admitted_cache_creation_input_tokens"`
+	// CacheWriteRequests are, per group, the admitted requests that wrote
+	// the cache (cache_creation_input_tokens > 0).
+	CacheWriteRequests map[string]int64 `json:"cache_write_requests"`
 	// AdmittedOutputTokens are, per group, the output tokens produced,
 	// including those of cut or canceled answers.
 	AdmittedOutputTokens map[string]int64 `json:"admitted_output_tokens"`
@@ -111,6 +114,7 @@ func newStatsState(groups []Group) statsState {
 
 			AdmittedCacheReadTokens:     map[string]int64{},
 			AdmittedCacheCreationTokens: map[string]int64{},
+			CacheWriteRequests:          map[string]int64{},
 		},
 		inFlightByGroup: map[string]int64{},
 	}
@@ -121,6 +125,7 @@ func newStatsState(groups []Group) statsState {
 		st.AdmittedRequests[g.Name] = 0
 		st.AdmittedCacheReadTokens[g.Name] = 0
 		st.AdmittedCacheCreationTokens[g.Name] = 0
+		st.CacheWriteRequests[g.Name] = 0
 		st.inFlightByGroup[g.Name] = 0
 	}
 	return st
@@ -147,6 +152,7 @@ func (s *Server) Stats() Stats {
 	out.AdmittedRequests = maps.Clone(s.stats.AdmittedRequests)
 	out.AdmittedCacheReadTokens = maps.Clone(s.stats.AdmittedCacheReadTokens)
 	out.AdmittedCacheCreationTokens = maps.Clone(s.stats.AdmittedCacheCreationTokens)
+	out.CacheWriteRequests = maps.Clone(s.stats.CacheWriteRequests)
 	out.CacheEntries = int64(s.liveCacheEntries())
 	out.Log = make([]RequestRecord, 0, len(s.stats.log))
 	out.Log = append(out.Log, s.stats.log[s.stats.next:]...)

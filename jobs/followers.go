@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/sluice-dev/sluice/internal/rkeys"
 )
 
 // FollowersKey holds a job's event-stream followers across api processes:
@@ -14,7 +16,7 @@ import (
 // clock, ms) its lease ends. The process holding a stream renews its lease;
 // a process that dies stops renewing, and its streams stop counting when
 // their leases end.
-func FollowersKey(id string) string { return KeyPrefix + id + ":follow" }
+func FollowersKey(id string) string { return rkeys.JobFollowers(id) }
 
 // followScript joins, renews or leaves one stream's lease and answers how
 // many leases of the job are still live.

@@ -78,7 +78,7 @@ func NewHub(store *Store, log *slog.Logger) *Hub {
 	}
 	// Subscribe to a channel nobody publishes on so the connection exists and
 	// Receive has something to wait on.
-	h.ps = store.rdb.Subscribe(context.Background(), eventsChannel+"_hub")
+	h.ps = store.rdb.Subscribe(context.Background(), ChannelPrefix+"_hub")
 	go h.loop()
 	return h
 }
@@ -162,7 +162,7 @@ func (h *Hub) loop() {
 }
 
 func (h *Hub) dispatch(m *redis.Message) {
-	id := strings.TrimPrefix(m.Channel, eventsChannel)
+	id := strings.TrimPrefix(m.Channel, ChannelPrefix)
 	var ev Event
 	if err := json.Unmarshal([]byte(m.Payload), &ev); err != nil {
 		h.log.Error("event hub: bad event payload", "job_id", id, "err", err)

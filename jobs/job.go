@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/sluice-dev/sluice/internal/rkeys"
 )
 
 // Status is where a job is in its life.
@@ -198,7 +200,7 @@ func Token(secret []byte, id string) string {
 	return "jt_" + base64.RawURLEncoding.EncodeToString(m.Sum(nil)[:24])
 }
 
-const tokenSecretKey = keyPrefix + "token_secret"
+const tokenSecretKey = rkeys.TokenSecret
 
 // TokenSecret returns the fleet's token secret, creating it on first use.
 // It lives in Redis, like every other piece of the fleet's shared state.
@@ -227,4 +229,30 @@ func (j *Job) TokenMatches(token string) bool {
 		return false
 	}
 	return subtle.ConstantTimeCompare([]byte(HashToken(token)), []byte(j.TokenHash)) == 1
+}
+
+// TimeLayout is how the API writes times: UTC with exactly three
+// fractional digits ("2026-11-29T20:24:03.590Z"), so every timestamp has
+// the same width.
+const TimeLayout = "2006-01-02T15:04:05.000Z07:00"
+
+// MarshalJSON writes v with its times in TimeLayout (encoding/json alone
+// drops trailing zeros: ".59Z", or no fraction at all).
+func (v View) MarshalJSON() ([]byte, error) {
+	type plain View
+	at := func(t *time.Time) *string {
+		if t == nil {
+			return nil
+		}
+		s := t.UTC().Format(TimeLayout)
+		return &s
+	}
+	return json.Marshal(struct {
+		plain
+		CreatedAt    *string `json:"created_at"`
+		DeadlineAt   *string `json:"deadline_at,omitempty"`
+		DispatchedAt *string `json:"dispatched_at,omitempty"`
+		StartedAt    *string `json:"started_at,omitempty"`
+		FinishedAt   *string `json:"finished_at,omitempty"`
+	}{plain(v), at(&v.CreatedAt), at(v.DeadlineAt), at(v.DispatchedAt), at(v.StartedAt), at(v.FinishedAt)})
 }

@@ -11,40 +11,35 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/sluice-dev/sluice/internal/rkeys"
 )
 
-// Key layout. Every key sluice owns starts with "sluice:".
-const (
-	keyPrefix     = "sluice:"
-	eventsChannel = keyPrefix + "jobev:" // + job id: live events of one job
-)
+// Key layout: see package rkeys.
 
 // KeyPrefix prefixes every job record's key: KeyPrefix + id.
-const KeyPrefix = keyPrefix + "job:"
+const KeyPrefix = rkeys.JobPrefix
 
-func jobKey(id string) string    { return KeyPrefix + id }
-func eventsKey(id string) string { return KeyPrefix + id + ":events" }
-func channel(id string) string   { return eventsChannel + id }
+func jobKey(id string) string    { return rkeys.Job(id) }
+func eventsKey(id string) string { return rkeys.JobEvents(id) }
+func channel(id string) string   { return rkeys.JobChannel(id) }
 
 // ChannelPrefix prefixes every job's live-event channel: ChannelPrefix + id.
-const ChannelPrefix = eventsChannel
+const ChannelPrefix = rkeys.JobChannelPrefix
 
-// CountsKey is the Redis hash of a user's queued and running job counts
-// (UserKeyPrefix + tenant + ":" + user + ":counts").
-func CountsKey(tenant, user string) string {
-	return UserKeyPrefix + tenant + ":" + user + ":counts"
-}
+// CountsKey is the Redis hash of a user's queued and running job counts.
+func CountsKey(tenant, user string) string { return rkeys.UserCounts(tenant, user) }
 
 // UserKeyPrefix prefixes every per-user key.
-const UserKeyPrefix = keyPrefix + "user:"
+const UserKeyPrefix = rkeys.UserPrefix
 
 // IndexKey is the Redis sorted set of a tenant's jobs by creation time (user
 // "" = all the tenant's users).
 func IndexKey(tenant, user string) string {
 	if user == "" {
-		return keyPrefix + "tenant:" + tenant + ":jobs"
+		return rkeys.TenantJobs(tenant)
 	}
-	return keyPrefix + "user:" + tenant + ":" + user + ":jobs"
+	return rkeys.UserJobs(tenant, user)
 }
 
 // Key is the Redis key of a job record.
@@ -177,9 +172,7 @@ type Tally struct {
 // WaitingUsersKey is the hash of a model group's users with queued jobs
 // (user key → how many): its length is the group's active users. Admission
 // adds to it; every transition out of queued keeps it.
-func WaitingUsersKey(group string) string { return waitingUsersPrefix + group + ":users" }
-
-const waitingUsersPrefix = keyPrefix + "fq:"
+func WaitingUsersKey(group string) string { return rkeys.WaitingUsers(group) }
 
 // Append logs an event of a job that must be in status want (and, when
 // dispatch > 0, at that dispatch).

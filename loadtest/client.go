@@ -61,9 +61,22 @@ type submitBody struct {
 }
 
 type messageRequest struct {
-	Model     string    `json:"model"`
-	MaxTokens int       `json:"max_tokens"`
-	Messages  []message `json:"messages"`
+	Model     string        `json:"model"`
+	MaxTokens int           `json:"max_tokens"`
+	System    []systemBlock `json:"system,omitempty"`
+	Messages  []message     `json:"messages"`
+}
+
+// systemBlock is a text block of the system prompt, marked for prompt
+// caching or not.
+type systemBlock struct {
+	Type         string        `json:"type"`
+	Text         string        `json:"text"`
+	CacheControl *cacheControl `json:"cache_control,omitempty"`
+}
+
+type cacheControl struct {
+	Type string `json:"type"`
 }
 
 type message struct {
@@ -127,6 +140,9 @@ type fakeStats struct {
 	AdmittedInputTokens  map[string]int64 `json:"admitted_input_tokens"`
 	AdmittedOutputTokens map[string]int64 `json:"admitted_output_tokens"`
 	AdmittedRequests     map[string]int64 `json:"admitted_requests"`
+	AdmittedCacheRead    map[string]int64 `json:"admitted_cache_read_input_tokens"`
+	AdmittedCacheWrite   map[string]int64 `json:"admitted_cache_creation_input_tokens"`
+	CacheWriteRequests   map[string]int64 `json:"cache_write_requests"`
 }
 
 // counters are the admitted amounts of group, or of every group when

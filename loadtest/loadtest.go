@@ -25,6 +25,13 @@
 //     Duration after the warm-up.
 //   - long-answers: saturate with answers of ReplyTokens (1,000) written
 //     slowly and max_tokens 8,192, the output limit binding.
+//   - cached-classroom: saturate where every job carries the same system
+//     prompt of PrefixBytes (6,000 tokens) marked for prompt caching and a
+//     short question of its own: once the prefix is cached a job costs the
+//     input limit only its question.
+//   - mixed-cache: saturate where half the users send that cached prefix
+//     and the other half a system prompt of the same size that is new each
+//     time (no caching), the input limit binding.
 package loadtest
 
 import (
@@ -51,10 +58,20 @@ const (
 	// large max_tokens, so that the output limit binds (the command sets
 	// its limits: see LongAnswersPreset).
 	LongAnswers = "long-answers"
+	// CachedClassroom is saturate with a shared, cached system prompt.
+	CachedClassroom = "cached-classroom"
+	// MixedCache is saturate with half the users caching a shared system
+	// prompt and half sending uncached ones of the same size.
+	MixedCache = "mixed-cache"
 )
 
 // Scenarios lists the scenario names.
-func Scenarios() []string { return []string{Classroom, HeavyVsLight, Saturate, LongAnswers} }
+func Scenarios() []string {
+	return []string{Classroom, HeavyVsLight, Saturate, LongAnswers, CachedClassroom, MixedCache}
+}
+
+// cacheScenario reports whether a scenario sends system prompts.
+func cacheScenario(s string) bool { return s == CachedClassroom || s == MixedCache }
 
 // Defaults for Options fields left zero.
 const (
@@ -70,6 +87,7 @@ const (
 	DefaultHeavyJobs       = 500
 	DefaultLightUsers      = 20
 	DefaultSaturateUsers   = 20
+	DefaultPrefixBytes     = 24000 // 6,000 tokens as the fake counts them
 )
 
 // NoWarmup as Options.Warmup measures from the first moment of backlog.
@@ -119,6 +137,9 @@ type Options struct {
 	// PromptBytes is the length of each prompt, directive included, in
 	// bytes. Default 400.
 	PromptBytes int
+	// PrefixBytes is the length of the system prompt of cached-classroom
+	// and mixed-cache, in bytes. Default 24,000 (6,000 tokens).
+	PrefixBytes int
 	// Users: students (classroom), light users (heavy-vs-light) or users
 	// (saturate). Default 30, 20, 20.
 	Users int
@@ -182,6 +203,7 @@ func (o Options) withDefaults() (Options, error) {
 	def(&o.ReplyTokens, DefaultReplyTokens)
 	def(&o.MaxTokens, o.ReplyTokens)
 	def(&o.PromptBytes, DefaultPromptBytes)
+	def(&o.PrefixBytes, DefaultPrefixBytes)
 	switch o.Scenario {
 	case Classroom:
 		def(&o.Users, DefaultClassroomUsers)
@@ -206,7 +228,7 @@ func (o Options) withDefaults() (Options, error) {
 	}
 	for name, v := range map[string]int{
 		"users": o.Users, "requests-per-user": o.RequestsPerUser, "heavy-jobs": o.HeavyJobs,
-		"reply-tokens": o.ReplyTokens, "max-tokens": o.MaxTokens, "prompt-bytes": o.PromptBytes,
+		"reply-tokens": o.ReplyTokens, "max-tokens": o.MaxTokens, "prompt-bytes": o.PromptBytes, "prefix-bytes": o.PrefixBytes,
 		"rpm": o.Limits.RPM, "input-tpm": o.Limits.InputTPM, "output-tpm": o.Limits.OutputTPM,
 		"max-concurrency": o.Limits.MaxConcurrency,
 	} {
@@ -266,6 +288,7 @@ type runner struct {
 	fatal      error // the first submission failed in a way retrying cannot fix
 	firstErr   string
 	samples    []Sample // the fake's counters, our clock
+	shared     string   // the cached system prompt of the cache scenarios
 	firstFake  *fakeStats
 	lastFake   *fakeStats
 	fakeErr    error
@@ -289,6 +312,9 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		api:     &sluiceClient{http: o.HTTPClient, base: o.BaseURL, key: o.Key},
 		rng:     rand.New(rand.NewPCG(o.Seed, o.Seed^0x9e3779b97f4a7c15)),
 		refused: map[int]int{},
+	}
+	if cacheScenario(o.Scenario) {
+		r.shared = r.randomText(o.PrefixBytes)
 	}
 	if o.FakeURL != "" {
 		r.fake = &fakeClient{http: o.HTTPClient, base: o.FakeURL}
@@ -322,7 +348,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		sc, err = r.classroom(ctx)
 	case HeavyVsLight:
 		sc, err = r.heavyVsLight(ctx)
-	case Saturate, LongAnswers:
+	case Saturate, LongAnswers, CachedClassroom, MixedCache:
 		sc, err = r.saturate(ctx)
 	}
 	stopSampling()
@@ -382,10 +408,15 @@ func (r *runner) progress(format string, args ...any) {
 // ending in the reply-length directive, its words drawn from the seed.
 func (r *runner) promptText() string {
 	directive := fmt.Sprintf(" [[reply_tokens=%d]]", r.o.ReplyTokens)
-	n := max(0, r.o.PromptBytes-len(directive))
+	return r.randomText(max(0, r.o.PromptBytes-len(directive))) + directive
+}
+
+// randomText is n bytes of lower-case words drawn from the seed.
+func (r *runner) randomText(n int) string {
 	var b strings.Builder
-	b.Grow(n + len(directive))
+	b.Grow(n)
 	r.mu.Lock()
+	defer r.mu.Unlock()
 	for b.Len() < n {
 		if w := b.Len(); w > 0 && r.rng.IntN(6) == 0 && w < n-1 {
 			b.WriteByte(' ')
@@ -393,23 +424,58 @@ func (r *runner) promptText() string {
 		}
 		b.WriteByte(byte('a' + r.rng.IntN(26)))
 	}
-	r.mu.Unlock()
-	b.WriteString(directive)
 	return b.String()
 }
 
 // jobTokens are one job's input tokens as the fake counts them (8 framing,
-// ⌈bytes/4⌉ of the text, 4 for the one message) and its output tokens.
+// ⌈bytes/4⌉ of the text, 4 for the one message), and its output tokens.
+// In the cache scenarios the input is the job's uncached part on average
+// (the question; mixed-cache's uncached users add their system prompt):
+// what a job charges the input limit once the shared prefix is cached.
 func (r *runner) jobTokens() (input, output int) {
 	bytes := max(r.o.PromptBytes, len(fmt.Sprintf(" [[reply_tokens=%d]]", r.o.ReplyTokens)))
-	return 8 + (bytes+3)/4 + 4, min(r.o.ReplyTokens, r.o.MaxTokens)
+	input = 8 + (bytes+3)/4 + 4
+	switch r.o.Scenario {
+	case CachedClassroom:
+		input -= 8 // the framing is part of the cached prefix
+	case MixedCache:
+		// Half the jobs: the question only; half: all of it.
+		input = ((input - 8) + (input + (r.o.PrefixBytes+3)/4)) / 2
+	}
+	return input, min(r.o.ReplyTokens, r.o.MaxTokens)
+}
+
+// classOf is the class of a saturate user: in mixed-cache every other user
+// sends uncached system prompts.
+func (r *runner) classOf(i int) string {
+	switch {
+	case r.o.Scenario == CachedClassroom:
+		return "cached"
+	case r.o.Scenario == MixedCache && i%2 == 0:
+		return "cached"
+	case r.o.Scenario == MixedCache:
+		return "uncached"
+	}
+	return "user"
+}
+
+// system is the system prompt of a job of class: the shared prefix marked
+// for caching, a new prompt of the same size, or none.
+func (r *runner) system(class string) []systemBlock {
+	switch class {
+	case "cached":
+		return []systemBlock{{Type: "text", Text: r.shared, CacheControl: &cacheControl{Type: "ephemeral"}}}
+	case "uncached":
+		return []systemBlock{{Type: "text", Text: r.randomText(r.o.PrefixBytes)}}
+	}
+	return nil
 }
 
 // submit posts one job for user. It returns the submission if sluice
 // accepted it.
 func (r *runner) submit(ctx context.Context, user, class string) *submission {
 	body := submitBody{UserID: user, Request: messageRequest{
-		Model: r.o.Model, MaxTokens: r.o.MaxTokens,
+		Model: r.o.Model, MaxTokens: r.o.MaxTokens, System: r.system(class),
 		Messages: []message{{Role: "user", Content: r.promptText()}},
 	}}
 	sent := r.o.Now()
@@ -653,8 +719,10 @@ func (r *runner) saturate(ctx context.Context) (scenarioResult, error) {
 	// through at once.
 	prefill := backlog + min(int(math.Ceil(perUser)), 100)
 	users := make([]string, o.Users)
+	class := map[string]string{}
 	for i := range users {
 		users[i] = fmt.Sprintf("user-%02d", i+1)
+		class[users[i]] = r.classOf(i)
 	}
 	r.progress("saturate: %d users, %d queued jobs each (first fill %d), binding limit ≈ %.0f jobs/min; warm-up %s, measured %s",
 		o.Users, backlog, prefill, rate, o.Warmup, o.Duration)
@@ -694,7 +762,7 @@ func (r *runner) saturate(ctx context.Context) (scenarioResult, error) {
 				sem <- struct{}{}
 				wg.Go(func() {
 					defer func() { <-sem }()
-					r.submit(ctx, u, "user")
+					r.submit(ctx, u, class[u])
 				})
 			}
 		}

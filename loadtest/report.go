@@ -44,6 +44,9 @@ type Report struct {
 	// the run; null without the fake.
 	Upstream429 *int64    `json:"upstream_429"`
 	Upstream    *Upstream `json:"upstream"`
+	// Cache are the prompt-cache figures of the run, from the fake's
+	// counters; null without the fake.
+	Cache *CacheFigures `json:"cache"`
 	// JainIndex is Jain's fairness index over the served tokens of the
 	// users backlogged for the whole fairness window; null when not
 	// meaningful.
@@ -95,6 +98,26 @@ type Upstream struct {
 	// MaxInFlight is the fake's highest concurrency since it started or
 	// was last reset (not only this run's, for a shared fake).
 	MaxInFlight int64 `json:"max_in_flight"`
+}
+
+// CacheFigures are the prompt cache's share of the run's admitted input.
+type CacheFigures struct {
+	// ReadRatio is cache reads over all input (uncached, written, read);
+	// null when no input was admitted.
+	ReadRatio *float64 `json:"read_ratio"`
+	// ChargedInputPerRequest is what each request admitted in the
+	// utilization window charged the input limit on average (input + cache
+	// writes, as the upstream counts them); ChargedInputPerRequestRun the
+	// same over the whole run (the cold start's writes included).
+	// UncachedInputPerRequest is what the scenario sends outside the
+	// shared prefix per request: the floor once the prefix is cached.
+	ChargedInputPerRequest    *float64 `json:"charged_input_per_request"`
+	ChargedInputPerRequestRun *float64 `json:"charged_input_per_request_run"`
+	UncachedInputPerRequest   float64  `json:"uncached_input_per_request"`
+	// WriteRequests counts the requests that paid for writing the cache.
+	WriteRequests int64 `json:"write_requests"`
+	ReadTokens    int64 `json:"read_tokens"`
+	WriteTokens   int64 `json:"write_tokens"`
 }
 
 // FairnessReport says over what Jain's index was computed.
@@ -269,6 +292,7 @@ func (r *runner) report(start, end time.Time, sc scenarioResult) *Report {
 			}
 		}
 		rep.Upstream = up
+		rep.Cache = r.cacheFigures()
 	} else {
 		rep.note("no fake upstream URL: upstream_429 is unknown and utilization comes from the jobs' own usage")
 	}
@@ -277,6 +301,10 @@ func (r *runner) report(start, end time.Time, sc scenarioResult) *Report {
 	}
 
 	r.utilization(rep, jobs, sc, offset, horizon)
+	if c, pm := rep.Cache, rep.Utilization.PerMinute; c != nil && pm[DimRPM] > 0 {
+		v := round(pm[DimInputTPM]/pm[DimRPM], 1)
+		c.ChargedInputPerRequest = &v
+	}
 	r.fairness(rep, jobs, sc, offset, horizon)
 	if o.Scenario == HeavyVsLight {
 		r.newcomers(rep, jobs)
@@ -507,6 +535,16 @@ func (rep *Report) WriteTable(w io.Writer) error {
 	} else {
 		fmt.Fprintf(tw, "upstream 429s\tunknown (no fake URL)\n")
 	}
+	if c := rep.Cache; c != nil && (c.ReadTokens > 0 || c.WriteTokens > 0 || cacheScenario(rep.Scenario)) {
+		text := func(v *float64, format string) string {
+			if v == nil {
+				return "n/a"
+			}
+			return fmt.Sprintf(format, *v)
+		}
+		fmt.Fprintf(tw, "prompt cache\tread ratio %s\tinput charged per request %s in the window, %s over the run (uncached part %.0f)\trequests that wrote the cache %d\n",
+			text(c.ReadRatio, "%.3f"), text(c.ChargedInputPerRequest, "%.0f"), text(c.ChargedInputPerRequestRun, "%.0f"), c.UncachedInputPerRequest, c.WriteRequests)
+	}
 	tw.Flush()
 
 	u := rep.Utilization
@@ -607,4 +645,36 @@ func countsText[V int | int64](m map[string]V) string {
 		parts = append(parts, fmt.Sprintf("%s %d", k, m[k]))
 	}
 	return strings.Join(parts, ", ")
+}
+
+// cacheFigures are the prompt-cache figures over the run, from the growth
+// of the fake's counters (r.mu held).
+func (r *runner) cacheFigures() *CacheFigures {
+	a, b := r.firstFake, r.lastFake
+	g := r.o.FakeGroup
+	sum := func(m map[string]int64) int64 {
+		var n int64
+		for k, v := range m {
+			if g == "" || k == g {
+				n += v
+			}
+		}
+		return n
+	}
+	read := sum(b.AdmittedCacheRead) - sum(a.AdmittedCacheRead)
+	write := sum(b.AdmittedCacheWrite) - sum(a.AdmittedCacheWrite)
+	charged := sum(b.AdmittedInputTokens) - sum(a.AdmittedInputTokens)
+	reqs := sum(b.AdmittedRequests) - sum(a.AdmittedRequests)
+	in, _ := r.jobTokens()
+	c := &CacheFigures{UncachedInputPerRequest: float64(in), WriteRequests: sum(b.CacheWriteRequests) - sum(a.CacheWriteRequests),
+		ReadTokens: read, WriteTokens: write}
+	if all := charged + read; all > 0 {
+		v := round(float64(read)/float64(all), 3)
+		c.ReadRatio = &v
+	}
+	if reqs > 0 {
+		v := round(float64(charged)/float64(reqs), 1)
+		c.ChargedInputPerRequestRun = &v
+	}
+	return c
 }

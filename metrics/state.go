@@ -20,6 +20,7 @@ type State struct {
 	log    *slog.Logger
 
 	queued, users, inFlight, dispatched, frozen, pace, limit, used, headroom, upstream, outage, outageSeconds, outages, scrapeErrors *prometheus.Desc
+	cacheRatio, cacheHeld                                                                                                            *prometheus.Desc
 }
 
 // NewState returns the collector for groups.
@@ -44,13 +45,16 @@ func NewState(sched *scheduler.Scheduler, groups []config.ModelGroup, log *slog.
 		outage:        d("group_outage", "1 while the model group is in outage (the upstream kept failing: dispatch stopped, probes test it), else 0."),
 		outageSeconds: d("group_outage_seconds", "How long the model group's current outage has lasted (0 = healthy)."),
 		outages:       d("group_outages_total", "Outages the model group has had."),
-		scrapeErrors:  prometheus.NewDesc(ns+"_state_unreadable_groups", "Model groups whose state could not be read from Redis at this scrape.", nil, nil),
+		cacheRatio: d("cache_read_ratio",
+			"The share of the model group's input tokens the upstream read from its prompt cache, over the last 5 minutes of answers begun, fleet-wide (absent until one began)."),
+		cacheHeld:    d("cache_held_jobs", "Jobs the model group's last dispatch round held for another job's call to write a prompt-cache prefix they share."),
+		scrapeErrors: prometheus.NewDesc(ns+"_state_unreadable_groups", "Model groups whose state could not be read from Redis at this scrape.", nil, nil),
 	}
 }
 
 // Describe implements prometheus.Collector.
 func (s *State) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{s.queued, s.users, s.inFlight, s.dispatched, s.frozen, s.pace, s.limit, s.used, s.headroom, s.upstream, s.outage, s.outageSeconds, s.outages, s.scrapeErrors} {
+	for _, d := range []*prometheus.Desc{s.queued, s.users, s.inFlight, s.dispatched, s.frozen, s.pace, s.limit, s.used, s.headroom, s.upstream, s.outage, s.outageSeconds, s.outages, s.scrapeErrors, s.cacheRatio, s.cacheHeld} {
 		ch <- d
 	}
 }
@@ -85,6 +89,14 @@ func (s *State) Collect(ch chan<- prometheus.Metric) {
 			gauge(s.outageSeconds, 0)
 		}
 		ch <- prometheus.MustNewConstMetric(s.outages, prometheus.CounterValue, float64(st.Outages), g.Name)
+		if cs, err := s.sched.CacheStats(ctx, g.Name); err == nil {
+			if r, ok := cs.ReadRatio(); ok {
+				gauge(s.cacheRatio, r)
+			}
+			gauge(s.cacheHeld, float64(cs.Held))
+		} else {
+			s.log.Warn("metrics: could not read a model group's cache figures", "group", g.Name, "err", err)
+		}
 		for _, dim := range st.Dimensions {
 			gauge(s.limit, dim.Limit, dim.Name)
 			gauge(s.used, dim.Used, dim.Name)

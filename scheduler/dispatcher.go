@@ -200,7 +200,7 @@ func (d *Dispatcher) round(ctx context.Context, log *slog.Logger, failing *redis
 	case Probe:
 		go d.probe(ctx, log, g, res.ProbeModel)
 		return min(res.Wait, safetyWake), expiring, Down
-	case Wait, Full, Down:
+	case Wait, Full, Down, Hold:
 		return min(max(res.Wait, time.Millisecond), safetyWake), expiring, res.State
 	default: // Empty
 		if res.Wait > 0 {

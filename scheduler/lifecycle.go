@@ -14,6 +14,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/sluice-dev/sluice/config"
+	"github.com/sluice-dev/sluice/internal/rkeys"
 	"github.com/sluice-dev/sluice/jobs"
 )
 
@@ -45,7 +46,7 @@ var (
 
 // CancelChannel is where a cancel of a job whose upstream call is running
 // is announced (payload: the job id); the worker running it stops the call.
-const CancelChannel = "sluice:cancel"
+const CancelChannel = rkeys.Cancel
 
 // plan is lua/lifecycle.lua's plan (see its header).
 type plan struct {

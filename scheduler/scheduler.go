@@ -23,6 +23,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/sluice-dev/sluice/config"
+	"github.com/sluice-dev/sluice/internal/rkeys"
 	"github.com/sluice-dev/sluice/jobs"
 )
 
@@ -112,7 +113,7 @@ func (s *Scheduler) now() int64 {
 // together does not lose it too.
 type keys struct{ g string }
 
-func (k keys) p(s string) string      { return "sluice:fq:" + k.g + ":" + s }
+func (k keys) p(s string) string      { return rkeys.FQ(k.g, s) }
 func (k keys) order() string          { return k.p("order") }
 func (k keys) delayed() string        { return k.p("delayed") }
 func (k keys) delayedTags() string    { return k.p("delayed_tags") }
@@ -125,19 +126,20 @@ func (k keys) dispatching() string    { return k.p("dispatching") }
 func (k keys) deadlines() string      { return k.p("deadlines") }
 func (k keys) expiring() string       { return k.p("expiring") }
 func (k keys) dispatchSeq() string    { return k.p("dispatch_seq") }
-func (k keys) lim() string            { return "sluice:lim:" + k.g }
-func (k keys) reservations() string   { return "sluice:lim:" + k.g + ":res" }
-func (k keys) leases() string         { return "sluice:lim:" + k.g + ":leases" }
-func (k keys) seen() string           { return "sluice:lim:" + k.g + ":seen" }
+func (k keys) lim() string            { return rkeys.Limiter(k.g) }
+func (k keys) reservations() string   { return rkeys.Reservations(k.g) }
+func (k keys) leases() string         { return rkeys.Leases(k.g) }
+func (k keys) seen() string           { return rkeys.HeadersSeen(k.g) }
 func (k keys) rate() string           { return k.p("rate") }
-func (k keys) live() string           { return "sluice:live:" + k.g }
-func wakeChannel(group string) string { return "sluice:wake:" + group }
+func (k keys) live() string           { return rkeys.Live(k.g) }
+func (k keys) cache() string          { return rkeys.Cache(k.g) }
+func wakeChannel(group string) string { return rkeys.Wake(group) }
 
 // MovedChannel is where a group's queue announces that jobs entered or left
 // it (dispatched, expired, canceled, back for a retry): the positions of the
 // jobs waiting there changed. Arrivals are not announced (a newcomer rarely
 // goes ahead of anyone; the periodic check catches it).
-func MovedChannel(group string) string { return "sluice:moved:" + group }
+func MovedChannel(group string) string { return rkeys.Moved(group) }
 
 // limits are the configured-limit arguments every limiter script takes.
 // SetAccountLimits records the account's per-minute limits for group g, as
@@ -192,10 +194,10 @@ func UserKey(tenant, user string) string { return tenant + "\x00" + user }
 
 // quotaKey is the hash of a user's quota buckets. Tenant names hold no ':',
 // so the key is unambiguous whatever the user id holds.
-func quotaKey(tenant, user string) string { return "sluice:quota:" + tenant + ":" + user }
+func quotaKey(tenant, user string) string { return rkeys.Quota(tenant, user) }
 
 func idempotencyKey(tenant, user, key string) string {
-	return "sluice:idem:" + tenant + ":" + strconv.Itoa(len(user)) + ":" + user + ":" + key
+	return rkeys.Idempotency(tenant, user, key)
 }
 
 // IdempotencyTTL is how long an Idempotency-Key is remembered.
@@ -206,6 +208,11 @@ type Admission struct {
 	Job           *jobs.Job
 	Group         *config.ModelGroup
 	InputEstimate int
+	// CachePrefixes are the request's cacheable prefixes (none: no
+	// prompt caching): the input the upstream reads from its cache is not
+	// reserved, and jobs sharing a prefix not yet cached wait for one
+	// call to write it (model_groups[].cache_hold).
+	CachePrefixes []CachePrefix
 	Policy        config.UserPolicy // the user's weight, quotas, queue cap
 	MaxWait       time.Duration     // 0 = no limit
 	// IdempotencyKey (optional) with the hash of the request body.
@@ -251,7 +258,7 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 	j, g := a.Job, a.Group
 	j.Status = jobs.Queued
 	k := keys{g.Name}
-	idem := "sluice:idem:none"
+	idem := rkeys.NoIdempotency
 	if a.IdempotencyKey != "" {
 		idem = idempotencyKey(j.Tenant, j.UserID, a.IdempotencyKey)
 	} else {
@@ -265,14 +272,14 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 	if weight <= 0 {
 		weight = 1
 	}
-	args := []any{s.now(), j.ID, s.store.TTLSeconds(), jobs.Channel(j.ID), s.store.MaxEvents(),
+	args := []any{s.now(), j.ID, s.store.TTLSeconds(), encodePrefixes(a.CachePrefixes), s.store.MaxEvents(),
 		UserKey(j.Tenant, j.UserID), a.InputEstimate, j.MaxTokens, weight, wakeChannel(g.Name)}
 	args = append(args, limits(g)...)
 	args = append(args, g.MaxConcurrency, a.Policy.RequestsPerHour, a.Policy.TokensPerHour,
-		a.Policy.MaxQueued, a.MaxWait.Milliseconds(), a.BodyHash, int(IdempotencyTTL/time.Second), deadline)
+		a.Policy.MaxQueued, a.MaxWait.Milliseconds(), a.BodyHash, int(IdempotencyTTL/time.Second), deadline, countReads(g))
 	args = append(args, s.store.Fields(j)...)
 	res, err := admitScript.Run(ctx, s.rdb, []string{
-		jobs.Key(j.ID), jobs.EventsKey(j.ID), k.seq(), k.order(), k.finish(), k.vtime(),
+		jobs.Key(j.ID), k.cache(), k.seq(), k.order(), k.finish(), k.vtime(),
 		k.costs(), k.totals(), k.lim(), idem, quotaKey(j.Tenant, j.UserID),
 		jobs.CountsKey(j.Tenant, j.UserID), jobs.IndexKey(j.Tenant, ""), jobs.IndexKey(j.Tenant, j.UserID),
 		k.deadlines(), jobs.WaitingUsersKey(g.Name), k.live(),
@@ -380,6 +387,11 @@ const (
 	// count_tokens call about Result.ProbeModel) and reports the outcome
 	// with Observe (answered) or ProbeFailed.
 	Probe State = "probe"
+	// Hold: every job that could go waits for another job's call to write
+	// a prompt-cache prefix they share; Result.Wait is when the first hold
+	// ends (the dispatchers are woken sooner when that call's answer
+	// begins).
+	Hold State = "hold"
 )
 
 // Picked is a job handed out by a dispatch round.
@@ -405,11 +417,12 @@ func (s *Scheduler) Dispatch(ctx context.Context, g *config.ModelGroup, max int)
 	k := keys{g.Name}
 	args := append([]any{s.now()}, limits(g)...)
 	args = append(args, g.MaxConcurrency, s.lease.Milliseconds(), max, jobs.KeyPrefix, MovedChannel(g.Name),
-		jobs.ChannelPrefix, s.store.MaxEvents(), awayAfter.Milliseconds(), jobs.UserKeyPrefix, outputAccounting(g))
+		jobs.ChannelPrefix, s.store.MaxEvents(), awayAfter.Milliseconds(), jobs.UserKeyPrefix, outputAccounting(g),
+		g.CacheHold.Milliseconds(), countReads(g))
 	res, err := dispatchScript.Run(ctx, s.rdb, []string{
 		k.order(), k.delayed(), k.vtime(), k.finish(), k.costs(), k.totals(), k.lim(),
 		k.reservations(), k.leases(), k.dispatching(), k.delayedTags(), k.deadlines(), k.expiring(), k.dispatchSeq(),
-		k.rate(), k.live(), jobs.WaitingUsersKey(g.Name),
+		k.rate(), k.live(), jobs.WaitingUsersKey(g.Name), k.cache(),
 	}, args...).Slice()
 	if err != nil {
 		return Result{}, fmt.Errorf("scheduler: dispatch %s: %w", g.Name, err)

@@ -81,11 +81,12 @@ type Usage struct {
 }
 
 // Stream sends body (a complete Messages request; stream is forced on),
-// calls onStart with the response headers as soon as the stream begins (the
-// rate-limit headers are freshest then), and onText for every piece of text
+// calls onStart with the response headers and message_start's usage (the
+// input, cache writes and cache reads are final then) as soon as the
+// stream begins (the rate-limit headers are freshest then), and onText for every piece of text
 // as the model writes it. A stream that ends without message_stop is an
 // error (Kind Cut), never a short success.
-func (c *Client) Stream(ctx context.Context, body []byte, onStart func(http.Header), onText func(string)) (*Result, error) {
+func (c *Client) Stream(ctx context.Context, body []byte, onStart func(http.Header, Usage), onText func(string)) (*Result, error) {
 	var resp *http.Response
 	stream := c.sdk.Messages.NewStreaming(ctx, anthropic.MessageNewParams{},
 		option.WithRequestBody("application/json", body),
@@ -95,15 +96,15 @@ func (c *Client) Stream(ctx context.Context, body []byte, onStart func(http.Head
 	acc := newAccumulator()
 	started := false
 	for stream.Next() {
-		if !started {
-			started = true
-			if onStart != nil && resp != nil {
-				onStart(resp.Header)
-			}
-		}
 		ev := stream.Current()
 		if err := acc.add(ev.Type, []byte(ev.RawJSON())); err != nil {
 			return nil, &Error{Kind: KindCut, Message: "the upstream sent a malformed stream: " + err.Error()}
+		}
+		if !started {
+			started = true
+			if onStart != nil && resp != nil {
+				onStart(resp.Header, acc.partialUsage())
+			}
 		}
 		if ev.Type == "content_block_delta" && ev.Delta.Type == "text_delta" && ev.Delta.Text != "" && onText != nil {
 			onText(ev.Delta.Text)

@@ -21,6 +21,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/sluice-dev/sluice/internal/rkeys"
 	"github.com/sluice-dev/sluice/jobs"
 )
 
@@ -109,9 +110,9 @@ func (g Granularity) start(t time.Time) time.Time {
 func key(tenant string, g Granularity, t time.Time) string {
 	t = t.UTC()
 	if g == Day {
-		return "sluice:usage:" + tenant + ":d:" + t.Format("20060102")
+		return rkeys.Usage(tenant, "d", t.Format("20060102"))
 	}
-	return "sluice:usage:" + tenant + ":h:" + t.Format("2006010215")
+	return rkeys.Usage(tenant, "h", t.Format("2006010215"))
 }
 
 func (r *Recorder) ttl(g Granularity) time.Duration {

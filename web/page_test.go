@@ -37,7 +37,7 @@ func TestChatPage(t *testing.T) {
 	}
 	send(t, ctx, "What is a token bucket?")
 	status := waitText(t, ctx, "#status", "#4 in line")
-	if !regexp.MustCompile(`^You're #4 in line · (about \d+ (s|min)|starting any moment)$`).MatchString(status) {
+	if !regexp.MustCompile(`^You're #4 in line, (about \d+ (seconds|minutes)|starting any moment)\.$`).MatchString(status) {
 		t.Errorf("status %q: want the place and the time estimate", status)
 	}
 	if eval[bool](t, ctx, `document.getElementById("cancel").hidden`) {

@@ -132,7 +132,10 @@ func (w *Worker) run(ctx context.Context, a *attempt) error {
 	start := time.Now()
 	call := w.d.Metrics.Call(g.Name)
 	res, err := w.d.Upstream.Stream(attemptCtx, body,
-		func(h http.Header) { w.observe(ctx, a, h, true) },
+		func(h http.Header, u upstream.Usage) {
+			w.observe(ctx, a, h, true)
+			w.cacheBegan(ctx, a, u)
+		},
 		func(text string) { call.Text(); deltas.add(text) })
 	elapsed := time.Since(start)
 	call.End(callStatus(err))
@@ -143,6 +146,9 @@ func (w *Worker) run(ctx context.Context, a *attempt) error {
 	var ue *upstream.Error
 	if !errors.As(err, &ue) {
 		ue = &upstream.Error{Kind: upstream.KindRetryable, Message: err.Error(), Err: err}
+	}
+	if !ue.Started {
+		w.cacheReleased(ctx, a)
 	}
 	stopped := ue.Kind == upstream.KindCanceled || callCtx.Err() != nil
 	switch {
@@ -208,7 +214,11 @@ func (w *Worker) keep(ctx context.Context, a *attempt, res *upstream.Result, del
 		return
 	}
 	if w.d.Estimator != nil {
-		if err := w.d.Estimator.Observe(context.WithoutCancel(ctx), job.Model, estimate.Raw(job.Request), input); err != nil {
+		// The whole input, however much of it the cache served: the
+		// calibration learns the tokenizer, not the cache (prefixes the
+		// upstream holds are subtracted at dispatch).
+		all := res.Usage.InputTokens + res.Usage.CacheCreationInputTokens + res.Usage.CacheReadInputTokens
+		if err := w.d.Estimator.Observe(context.WithoutCancel(ctx), job.Model, estimate.Raw(job.Request), all); err != nil {
 			a.log.Warn("could not update the token estimate", "err", err)
 		}
 	}
@@ -480,4 +490,27 @@ func (w *Worker) fail(a *attempt, u scheduler.Used, callTallies []jobs.Tally, e 
 	}
 	w.d.Metrics.Finished(a.Group.Name, string(jobs.Failed))
 	a.log.Warn("job failed", "error_type", e.Type)
+}
+
+// cacheBegan tells the scheduler what the answer's beginning said about
+// the prompt cache: the group's cache figures, the job's prefixes known
+// cached, and jobs held for them free to go.
+func (w *Worker) cacheBegan(ctx context.Context, a *attempt, u upstream.Usage) {
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), persistTry)
+	defer cancel()
+	_, err := w.d.Scheduler.CacheBegan(cctx, a.Group, a.Job.ID, scheduler.CacheUsage{
+		Input: u.InputTokens, CacheCreation: u.CacheCreationInputTokens, CacheRead: u.CacheReadInputTokens})
+	if err != nil {
+		a.log.Warn("could not record the prompt cache's use (jobs held for it go when their hold ends)", "err", err)
+	}
+}
+
+// cacheReleased frees the jobs held for the prefixes this call was to
+// write: it ended before its answer began.
+func (w *Worker) cacheReleased(ctx context.Context, a *attempt) {
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), persistTry)
+	defer cancel()
+	if _, err := w.d.Scheduler.CacheReleased(cctx, a.Group, a.Job.ID); err != nil {
+		a.log.Warn("could not release the job's prompt-cache writes (jobs held for them go when their hold ends)", "err", err)
+	}
 }

@@ -18,13 +18,13 @@ import (
 	"time"
 
 	"github.com/alicebob/miniredis/v2"
-	"github.com/redis/go-redis/v9"
 
 	"github.com/sluice-dev/sluice/config"
 	"github.com/sluice-dev/sluice/fakeanthropic"
 )
 
-const devHelp = `Usage: sluice dev [flags]
+// devHelp is `sluice dev --help`.
+var devHelp = `Usage: sluice dev [flags]
 
 Zero-setup sluice on this machine: the api and a worker in one process, a
 tenant and an admin key made up for you, and (unless ANTHROPIC_API_KEY is set)
@@ -36,18 +36,19 @@ port with its data under --data; else an embedded in-memory Redis (nothing
 survives a restart).
 
 Flags:
-  --listen ADDR   the api's address (env SLUICE_LISTEN; default 127.0.0.1:8080)
-  --config PATH   use this configuration file instead of the built-in one
-                  (env SLUICE_CONFIG); the fake upstream still starts unless
-                  ANTHROPIC_API_KEY is set
-  --data DIR      where dev keeps its Redis data and keys (default .sluice-dev)
-
+` + helpTable(
+	[2]string{"--listen ADDR", "the api's address (env SLUICE_LISTEN; default 127.0.0.1:8080)"},
+	[2]string{"--config PATH", "use this configuration file instead of the built-in one (env SLUICE_CONFIG); the fake upstream still starts unless ANTHROPIC_API_KEY is set"},
+	[2]string{"--data DIR", "where dev keeps its Redis data and keys (default .sluice-dev)"},
+) + `
 Environment:
-  REDIS_URL           use this Redis instead of starting one
-  ANTHROPIC_API_KEY   talk to the real Anthropic API instead of the fake
-  ANTHROPIC_BASE_URL  the upstream's base URL (with ANTHROPIC_API_KEY)
-  SLUICE_LOG_FORMAT, SLUICE_LOG_LEVEL   as for serve
-`
+` + helpTable(
+	[2]string{"REDIS_URL", "use this Redis instead of starting one"},
+	[2]string{"ANTHROPIC_API_KEY", "talk to the real Anthropic API instead of the fake"},
+	[2]string{"ANTHROPIC_BASE_URL", "the upstream's base URL (with ANTHROPIC_API_KEY)"},
+	[2]string{"SLUICE_LOG_FORMAT", "text or json, as for serve"},
+	[2]string{"SLUICE_LOG_LEVEL", "debug, info, warn or error, as for serve"},
+)
 
 // runDev runs `sluice dev`.
 func runDev(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
@@ -67,7 +68,10 @@ func runDev(ctx context.Context, args []string, getenv func(string) string, stdo
 	// Redis.
 	redisURL := getenv("REDIS_URL")
 	redisNote := "REDIS_URL"
-	if redisURL == "" {
+	dev := roles{api: true, worker: true}
+	if redisURL != "" {
+		dev.redisHint = "unset REDIS_URL and dev starts its own Redis (or set it to a Redis that answers)"
+	} else {
 		url, stop, note, err := devRedis(*dataDir, stderr)
 		if err != nil {
 			return err
@@ -101,6 +105,7 @@ func runDev(ctx context.Context, args []string, getenv func(string) string, stdo
 		}()
 		upstreamURL = "http://" + ln.Addr().String()
 		upstreamNote = "a fake Anthropic API with tier-1 limits at " + upstreamURL + " (stats: " + upstreamURL + "/_fake/stats)"
+		dev.fakeUpstream = true
 	}
 
 	tenantKey, adminKey, err := devKeys(*dataDir)
@@ -131,7 +136,7 @@ func runDev(ctx context.Context, args []string, getenv func(string) string, stdo
 	}
 	cfg.Listen = *listen
 
-	return serve(ctx, cfg, roles{api: true, worker: true}, stdout, stderr, func(addr string) {
+	return serve(ctx, cfg, dev, stdout, stderr, func(addr string) {
 		base := "http://" + addr
 		model := "claude-sonnet-4-6"
 		if *configPath != "" {
@@ -261,16 +266,8 @@ func devRedis(dir string, stderr io.Writer) (url string, stop func(), note strin
 		}
 	}()
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	c := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1})
-	defer c.Close()
 	deadline := time.Now().Add(10 * time.Second)
-	for {
-		pctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
-		perr := c.Ping(pctx).Err()
-		cancel()
-		if perr == nil {
-			break
-		}
+	for !redisAnswers(addr) {
 		if time.Now().After(deadline) {
 			_ = cmd.Process.Kill()
 			_ = cmd.Wait()
@@ -290,4 +287,21 @@ func devRedis(dir string, stderr io.Writer) (url string, stop func(), note strin
 		}
 	}
 	return "redis://" + addr + "/0", stop, "redis-server (pid " + fmt.Sprint(cmd.Process.Pid) + ") on " + addr + ", data in " + data, nil
+}
+
+// redisAnswers reports whether a Redis at addr answers PING with PONG. It
+// speaks the protocol itself rather than through go-redis, whose pool logs
+// every refused connection while redis-server is still starting.
+func redisAnswers(addr string) bool {
+	conn, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+	if err != nil {
+		return false
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(200 * time.Millisecond))
+	if _, err := io.WriteString(conn, "PING\r\n"); err != nil {
+		return false
+	}
+	line, err := bufio.NewReader(conn).ReadString('\n')
+	return err == nil && line == "+PONG\r\n"
 }

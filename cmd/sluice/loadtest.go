@@ -46,10 +46,18 @@ Scenarios:
                   tokens at 50 tokens/s, max_tokens 8,192, 10 users; unless
                   given: --rpm 1000 --input-tpm 1000000 --output-tpm 8000
                   --max-concurrency 16
+  cached-classroom  saturate where every job carries one shared system prompt
+                  of --prefix-bytes (6,000 tokens) marked for prompt caching
+                  and a short question, 30 users; unless given: --rpm 120
+                  --input-tpm 60000 --output-tpm 100000 --max-concurrency 16
+  mixed-cache     saturate where half of 20 users send that cached prompt and
+                  half a new uncached one of the same size each time; unless
+                  given: --rpm 1000 --input-tpm 60000 --output-tpm 1000000
+                  --max-concurrency 16
 
 Flags:
-  --scenario NAME         classroom, heavy-vs-light, saturate or long-answers
-                          (required)
+  --scenario NAME         classroom, heavy-vs-light, saturate, long-answers,
+                          cached-classroom or mixed-cache (required)
   --url URL               a running sluice's base URL; none = start one in-process
   --key KEY               its tenant key (env SLUICE_KEY); in-process makes one
   --fake-url URL          the fake upstream behind --url, for 429s and upstream
@@ -74,6 +82,8 @@ Flags:
   --reply-tokens N        reply length asked of the fake (default 100)
   --max-tokens N          max_tokens of each job (default --reply-tokens)
   --prompt-bytes N        prompt length in bytes (default 400: 112 input tokens)
+  --prefix-bytes N        cache scenarios: the system prompt's length in bytes
+                          (default 24000: 6,000 input tokens)
   --timeout D             longest wait for jobs to finish after submitting
                           (default 10m); unfinished jobs then count as lost
   --seed N                seed of arrival times and prompts (default 1)
@@ -121,6 +131,7 @@ func runLoadtest(ctx context.Context, args []string, getenv func(string) string,
 	fs.IntVar(&o.ReplyTokens, "reply-tokens", loadtest.DefaultReplyTokens, "")
 	fs.IntVar(&o.MaxTokens, "max-tokens", 0, "")
 	fs.IntVar(&o.PromptBytes, "prompt-bytes", loadtest.DefaultPromptBytes, "")
+	fs.IntVar(&o.PrefixBytes, "prefix-bytes", loadtest.DefaultPrefixBytes, "")
 	fs.DurationVar(&o.Timeout, "timeout", loadtest.DefaultTimeout, "")
 	fs.Uint64Var(&o.Seed, "seed", 1, "")
 	asJSON := fs.Bool("json", false, "")
@@ -138,16 +149,29 @@ func runLoadtest(ctx context.Context, args []string, getenv func(string) string,
 	}
 	if o.Scenario == "" {
 		fs.Usage()
-		return errors.New("loadtest: --scenario is required (classroom, heavy-vs-light, saturate or long-answers)")
+		return errors.New("loadtest: --scenario is required (classroom, heavy-vs-light, saturate, long-answers, cached-classroom or mixed-cache)")
 	}
-	if o.Scenario == loadtest.LongAnswers {
-		set := map[string]bool{}
-		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-		preset := func(name string, v *int, def int) {
-			if !set[name] {
-				*v = def
-			}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	preset := func(name string, v *int, def int) {
+		if !set[name] {
+			*v = def
 		}
+	}
+	switch o.Scenario {
+	case loadtest.CachedClassroom:
+		preset("rpm", &o.Limits.RPM, 120)
+		preset("input-tpm", &o.Limits.InputTPM, 60000)
+		preset("output-tpm", &o.Limits.OutputTPM, 100000)
+		preset("max-concurrency", &o.Limits.MaxConcurrency, 16)
+		preset("users", &o.Users, 30)
+	case loadtest.MixedCache:
+		preset("rpm", &o.Limits.RPM, 1000)
+		preset("input-tpm", &o.Limits.InputTPM, 60000)
+		preset("output-tpm", &o.Limits.OutputTPM, 1000000)
+		preset("max-concurrency", &o.Limits.MaxConcurrency, 16)
+		preset("users", &o.Users, 20)
+	case loadtest.LongAnswers:
 		preset("rpm", &o.Limits.RPM, 1000)
 		preset("input-tpm", &o.Limits.InputTPM, 1000000)
 		preset("output-tpm", &o.Limits.OutputTPM, 8000)
@@ -328,7 +352,7 @@ func startInProcess(ctx context.Context, o inProcessOptions, getenv func(string)
 			return "", ctx.Err()
 		}
 	}
-	addr, err := start(cfg, roles{api: true, worker: true})
+	addr, err := start(cfg, roles{api: true, worker: true, fakeUpstream: true})
 	if err != nil {
 		return nil, fmt.Errorf("loadtest: starting sluice: %w", err)
 	}

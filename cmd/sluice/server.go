@@ -34,48 +34,40 @@ import (
 	"github.com/sluice-dev/sluice/worker"
 )
 
-const serverHelp = `Usage: sluice %[1]s [flags]
-
-%[2]s
-
-Flags:
-  --config PATH   the YAML configuration file (env SLUICE_CONFIG); see sluice.example.yaml
-  --listen ADDR   %[3]s
-  --allow-evicting-redis
-                  start even if Redis's maxmemory-policy is not noeviction
-                  (it then deletes jobs when full: /readyz fails, a warning
-                  is logged); env SLUICE_ALLOW_EVICTING_REDIS=true, or
-                  redis.allow_evicting: true in the file
-
-Environment (each beats the file):
-  SLUICE_CONFIG         the configuration file, as --config
-  %[4]s
-  REDIS_URL             the Redis that holds jobs, queues and limits (redis://host:port/db)
-  ANTHROPIC_BASE_URL    the upstream's base URL (default https://api.anthropic.com)
-  ANTHROPIC_API_KEY     the upstream key: only ever from the environment
-  SLUICE_ADMIN_KEY      an extra admin key (for /monitoring/)
-  SLUICE_LOG_FORMAT     text or json
-  SLUICE_LOG_LEVEL      debug, info, warn or error
-  SLUICE_ALLOW_EVICTING_REDIS  true: as --allow-evicting-redis
-`
-
 var roleText = map[string][2]string{
 	"serve":  {"Runs the HTTP api and a worker in one process.", "the api's address, host:port (default :8080)"},
 	"api":    {"Runs the HTTP api only. Run as many as you like against one Redis.", "the api's address, host:port (default :8080)"},
 	"worker": {"Runs a worker only: it takes queued jobs and calls the upstream. Run as many as you like.", "the health endpoint's address, host:port (default :8081)"},
 }
 
+// serverUsage is `sluice serve|api|worker --help`.
+func serverUsage(role string) string {
+	listenEnv := [2]string{"SLUICE_LISTEN", "the api's address, as --listen"}
+	if role == "worker" {
+		listenEnv = [2]string{"SLUICE_WORKER_LISTEN", "the health endpoint's address, as --listen"}
+	}
+	return fmt.Sprintf("Usage: sluice %s [flags]\n\n%s\n\nFlags:\n", role, roleText[role][0]) + helpTable(
+		[2]string{"--config PATH", "the YAML configuration file (env SLUICE_CONFIG); see sluice.example.yaml"},
+		[2]string{"--listen ADDR", roleText[role][1]},
+		[2]string{"--allow-evicting-redis", "start even if Redis's maxmemory-policy is not noeviction (it then deletes jobs when full: /readyz fails, a warning is logged); env SLUICE_ALLOW_EVICTING_REDIS=true, or redis.allow_evicting: true in the file"},
+	) + "\nEnvironment (each beats the file):\n" + helpTable(
+		[2]string{"SLUICE_CONFIG", "the configuration file, as --config"},
+		listenEnv,
+		[2]string{"REDIS_URL", "the Redis that holds jobs, queues and limits (redis://host:port/db)"},
+		[2]string{"ANTHROPIC_BASE_URL", "the upstream's base URL (default https://api.anthropic.com)"},
+		[2]string{"ANTHROPIC_API_KEY", "the upstream key: only ever from the environment"},
+		[2]string{"SLUICE_ADMIN_KEY", "an extra admin key (for /monitoring/)"},
+		[2]string{"SLUICE_LOG_FORMAT", "text or json"},
+		[2]string{"SLUICE_LOG_LEVEL", "debug, info, warn or error"},
+		[2]string{"SLUICE_ALLOW_EVICTING_REDIS", "true: as --allow-evicting-redis"},
+	)
+}
+
 // runServer runs `sluice serve`, `sluice api` or `sluice worker`.
 func runServer(ctx context.Context, role string, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet(role, flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	listenEnv := "SLUICE_LISTEN          the api's address, as --listen"
-	if role == "worker" {
-		listenEnv = "SLUICE_WORKER_LISTEN  the health endpoint's address, as --listen"
-	}
-	fs.Usage = func() {
-		fmt.Fprintf(stderr, serverHelp, role, roleText[role][0], roleText[role][1], listenEnv)
-	}
+	fs.Usage = func() { fmt.Fprint(stderr, serverUsage(role)) }
 	configPath := fs.String("config", getenv("SLUICE_CONFIG"), "")
 	listen := fs.String("listen", "", "")
 	allowEvicting := fs.Bool("allow-evicting-redis", false, "")
@@ -99,10 +91,22 @@ func runServer(ctx context.Context, role string, args []string, getenv func(stri
 	return serve(ctx, cfg, roles{api: role != "worker", worker: role != "api"}, stdout, stderr, nil)
 }
 
-type roles struct{ api, worker bool }
+// roles are the parts of sluice a process runs.
+type roles struct {
+	api, worker bool
+	// redisHint ends the message about a Redis that cannot be used at
+	// start: what to change. "" means serve's: set REDIS_URL or redis_url.
+	redisHint string
+	// fakeUpstream: the upstream is the fake sluice started itself (dev,
+	// the in-process load test): the chat page says its answers are made up.
+	fakeUpstream bool
+}
 
 // serve runs the parts of sluice that r names until ctx ends. ready, if not
 // nil, gets the bound address once the HTTP listener is up.
+//
+// A Redis that cannot be used stops it before anything else is printed,
+// with one message that says why and what to change.
 func serve(ctx context.Context, cfg *config.Config, r roles, stdout, stderr io.Writer, ready func(addr string)) error {
 	// Before Redis: keys anyone can read in the repository must not open
 	// an api reachable from other machines.
@@ -112,110 +116,251 @@ func serve(ctx context.Context, cfg *config.Config, r roles, stdout, stderr io.W
 		}
 	}
 	log := newLogger(cfg.Log, stderr)
-	cfg.Dump(stderr)
+	redisconn.QuietLogs(log)
+	rdb, err := connectRedis(ctx, cfg, r.redisHint)
+	if err != nil {
+		return err
+	}
+	defer rdb.Close()
+	// Listen before serving, so a busy port fails at once.
+	ln, err := listen(cfg, r)
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+	dumpConfig(stderr, cfg, r, ln)
 	if r.worker && cfg.Upstream.APIKey == "" {
 		log.Warn("ANTHROPIC_API_KEY is not set: upstream calls will be refused unless the upstream needs no key")
 	}
-
-	redisconn.QuietLogs(log)
-	rdb, err := redisconn.New(cfg.RedisURL, cfg.Redis.Timeout)
+	guard, err := startGuard(ctx, rdb, cfg, log)
 	if err != nil {
-		return fmt.Errorf("redis_url: %w", err)
-	}
-	defer rdb.Close()
-	pingCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	err = rdb.Ping(pingCtx).Err()
-	cancel()
-	if err != nil {
-		return fmt.Errorf("cannot reach Redis at %s: %w (is it running? set REDIS_URL or redis_url)", redactRedis(cfg.RedisURL), err)
-	}
-	// A Redis that evicts keys loses accepted jobs: refuse it unless
-	// overridden (the guard then warns loudly, and /readyz fails). A policy
-	// that cannot be read (miniredis in `sluice dev`, some managed Redis) is
-	// only warned about.
-	guard := redisguard.New(rdb, cfg.Redis, log.With("component", "redisguard"))
-	if _, err := guard.Check(ctx); err != nil {
 		return err
 	}
-	guard.Start(ctx)
 	defer guard.Stop()
 
+	p := newParts(cfg, rdb, guard, log)
+	p.fake = r.fakeUpstream
+	defer p.up.Close()
+	var wk *worker.Worker
+	if r.worker {
+		var stopWorker func()
+		if wk, stopWorker, err = p.startWorker(ctx); err != nil {
+			return err
+		}
+		defer stopWorker()
+	}
+	var apiSrv *api.Server
+	var handler http.Handler
+	if r.api {
+		var closeAPI func()
+		if apiSrv, closeAPI, err = p.newAPI(ctx); err != nil {
+			return err
+		}
+		defer closeAPI()
+		handler = apiSrv
+	} else {
+		handler = healthOnly(rdb, p.met, cfg, guard)
+	}
+	return serveHTTP(ctx, ln, handler, cfg, r, log, ready, apiSrv, wk)
+}
+
+// listen opens the process's HTTP listener: the api's (listen), or a
+// worker's health endpoint (worker_listen).
+func listen(cfg *config.Config, r roles) (net.Listener, error) {
 	addr := cfg.Listen
 	if !r.api {
 		addr = cfg.WorkerListen
 	}
-	// Listen before serving, so a busy port fails at once.
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		return fmt.Errorf("listen on %s: %w", addr, err)
+		return nil, fmt.Errorf("listen on %s: %w", addr, err)
 	}
-	defer ln.Close()
+	return ln, nil
+}
 
-	store := jobs.NewStore(rdb, jobs.Options{})
-	sched := scheduler.New(rdb, store, scheduler.Options{LeaseTTL: cfg.Worker.LeaseTTL, MaxOutage: cfg.Upstream.MaxOutage})
-	estimator := estimate.NewCalibrator(rdb)
-	up := upstream.New(upstream.Options{BaseURL: cfg.Upstream.BaseURL, APIKey: cfg.Upstream.APIKey, FirstByteTimeout: cfg.Upstream.FirstByteTimeout})
-	defer up.Close()
-	met := metrics.New()
-	met.Register(guard)
-	use := usagestats.New(rdb, usagestats.Retention{Hourly: cfg.Usage.HourlyRetention, Daily: cfg.Usage.DailyRetention}, nil)
-	var wk *worker.Worker
-	if r.worker {
-		wk = worker.New(worker.Deps{
-			Config: cfg, Redis: rdb, Store: store, Scheduler: sched, Estimator: estimator,
-			Upstream: up, Metrics: met, Usage: use, Logger: log.With("component", "worker"),
-		})
-		if err := wk.Start(); err != nil {
-			return err
-		}
-		defer wk.Shutdown()
-		// The account's rate limits, with an Admin API key.
-		if sync := accountlimits.New(accountlimits.Options{BaseURL: cfg.Upstream.BaseURL, AdminKey: cfg.Upstream.AdminKey,
-			Groups: cfg.ModelGroups, Setter: sched, Logger: log.With("component", "account-limits")}); sync != nil {
-			sctx, stopSync := context.WithCancel(ctx)
-			defer stopSync()
-			go sync.Run(sctx)
+// dumpConfig prints the configuration as this process uses it: the
+// addresses it does not listen on say so (config.DumpFor), and a port 0
+// shows the port picked.
+func dumpConfig(w io.Writer, cfg *config.Config, r roles, ln net.Listener) {
+	shown := *cfg
+	if _, port, err := net.SplitHostPort(cfg.Listen); err == nil && port == "0" && r.api {
+		shown.Listen = ln.Addr().String()
+	}
+	if _, port, err := net.SplitHostPort(cfg.WorkerListen); err == nil && port == "0" && !r.api {
+		shown.WorkerListen = ln.Addr().String()
+	}
+	shown.DumpFor(w, config.Process{API: r.api, Worker: r.worker})
+}
+
+// connectRedis opens the Redis client and checks, within 5 s, that the
+// Redis at redis_url answers. A Redis that does not is one error that says
+// what went wrong (unreachable, refusing sluice's password, not Redis, no
+// such database) and what to change, hint ("" = set REDIS_URL or
+// redis_url).
+func connectRedis(ctx context.Context, cfg *config.Config, hint string) (*redis.Client, error) {
+	rdb, err := redisconn.New(cfg.RedisURL, cfg.Redis.Timeout)
+	if err != nil {
+		return nil, fmt.Errorf("redis_url: %w", err)
+	}
+	pingCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	err = rdb.Ping(pingCtx).Err()
+	cancel()
+	if err != nil {
+		_ = rdb.Close()
+		return nil, redisProblem(redactRedis(cfg.RedisURL), err, hint)
+	}
+	return rdb, nil
+}
+
+// redisProblem is the start-up error of the Redis at url (password
+// hidden), whose PING failed with err: what went wrong, then hint, what to
+// change ("" = serve's: set REDIS_URL or redis_url).
+func redisProblem(url string, err error, hint string) error {
+	if hint == "" {
+		hint = "set REDIS_URL (or redis_url in the configuration file) to the Redis sluice should use"
+	}
+	msg := err.Error()
+	var what string
+	switch {
+	case strings.Contains(msg, "NOAUTH") || strings.Contains(msg, "WRONGPASS") || strings.Contains(msg, "invalid password") || strings.Contains(msg, "invalid username-password"):
+		what = "Redis at %s refused sluice's credentials (%v): give its password in the URL, redis://:PASSWORD@host:port/0 or redis://USER:PASSWORD@host:port/0"
+	case strings.Contains(msg, "DB index is out of range"):
+		what = "Redis at %s has no such database (%v): end the URL with a database number it has, such as /0"
+	case strings.Contains(msg, "invalid reply") || strings.Contains(msg, "can't parse") || strings.Contains(msg, "tls:"):
+		what = "the server at %s does not answer as Redis does (%v): check the host and port, and use rediss:// only for a Redis that speaks TLS"
+	case redisconn.Unavailable(err):
+		what = "cannot reach Redis at %s (%v): nothing answers there"
+	default:
+		what = "Redis at %s cannot be used (%v)"
+	}
+	return fmt.Errorf(what+"; %s", url, err, hint)
+}
+
+// startGuard checks Redis's eviction policy and starts watching it. A
+// Redis that evicts keys loses accepted jobs: it is refused unless
+// overridden (the guard then warns loudly, and /readyz fails). A policy
+// that cannot be read (miniredis in `sluice dev`, some managed Redis) is
+// only warned about.
+func startGuard(ctx context.Context, rdb *redis.Client, cfg *config.Config, log *slog.Logger) (*redisguard.Guard, error) {
+	guard := redisguard.New(rdb, cfg.Redis, log.With("component", "redisguard"))
+	if _, err := guard.Check(ctx); err != nil {
+		return nil, err
+	}
+	guard.Start(ctx)
+	return guard, nil
+}
+
+// parts are what the api and the worker of one process share.
+type parts struct {
+	cfg       *config.Config
+	log       *slog.Logger
+	rdb       *redis.Client
+	guard     *redisguard.Guard
+	store     *jobs.Store
+	sched     *scheduler.Scheduler
+	estimator *estimate.Calibrator
+	up        *upstream.Client
+	met       *metrics.Metrics
+	use       *usagestats.Recorder
+	fake      bool // the upstream is sluice's own fake
+}
+
+func newParts(cfg *config.Config, rdb *redis.Client, guard *redisguard.Guard, log *slog.Logger) *parts {
+	p := &parts{cfg: cfg, log: log, rdb: rdb, guard: guard}
+	p.store = jobs.NewStore(rdb, jobs.Options{})
+	p.sched = scheduler.New(rdb, p.store, scheduler.Options{LeaseTTL: cfg.Worker.LeaseTTL, MaxOutage: cfg.Upstream.MaxOutage})
+	p.estimator = estimate.NewCalibrator(rdb)
+	p.up = upstream.New(upstream.Options{BaseURL: cfg.Upstream.BaseURL, APIKey: cfg.Upstream.APIKey, FirstByteTimeout: cfg.Upstream.FirstByteTimeout})
+	p.met = metrics.New()
+	p.met.Register(guard)
+	p.use = usagestats.New(rdb, usagestats.Retention{Hourly: cfg.Usage.HourlyRetention, Daily: cfg.Usage.DailyRetention}, nil)
+	return p
+}
+
+// startWorker starts the worker, and, with an Admin API key, the sync of
+// the account's rate limits. stop ends both (the worker's Shutdown may be
+// called again).
+func (p *parts) startWorker(ctx context.Context) (wk *worker.Worker, stop func(), err error) {
+	cfg := p.cfg
+	wk = worker.New(worker.Deps{
+		Config: cfg, Redis: p.rdb, Store: p.store, Scheduler: p.sched, Estimator: p.estimator,
+		Upstream: p.up, Metrics: p.met, Usage: p.use, Logger: p.log.With("component", "worker"),
+	})
+	if err := wk.Start(); err != nil {
+		return nil, nil, err
+	}
+	stopSync := func() {}
+	if sync := accountlimits.New(accountlimits.Options{BaseURL: cfg.Upstream.BaseURL, AdminKey: cfg.Upstream.AdminKey,
+		Groups: cfg.ModelGroups, Setter: p.sched, Logger: p.log.With("component", "account-limits")}); sync != nil {
+		sctx, cancel := context.WithCancel(ctx)
+		stopSync = cancel
+		go sync.Run(sctx)
+	}
+	return wk, func() { stopSync(); wk.Shutdown() }, nil
+}
+
+// newAPI builds the api: its event hub, asynqmon (with admin keys), and
+// the metrics only api processes report. closeAPI releases what it holds.
+func (p *parts) newAPI(ctx context.Context) (srv *api.Server, closeAPI func(), err error) {
+	cfg, log := p.cfg, p.log
+	var closers []func()
+	closeAPI = func() {
+		for i := len(closers) - 1; i >= 0; i-- {
+			closers[i]()
 		}
 	}
-
-	var handler http.Handler
-	var apiSrv *api.Server
-	if r.api {
-		hub := jobs.NewHub(store, log.With("component", "events"))
-		defer hub.Close()
-		secret, err := jobs.TokenSecret(ctx, rdb)
-		if err != nil {
-			return err
-		}
-		var mon http.Handler
-		if len(cfg.AdminKeys) > 0 {
-			connOpt, err := asynq.ParseRedisURI(cfg.RedisURL)
-			if err != nil {
-				return fmt.Errorf("redis_url for asynqmon: %w", err)
-			}
-			m := asynqmon.New(asynqmon.Options{RootPath: "/monitoring", RedisConnOpt: connOpt, ReadOnly: true,
-				PayloadFormatter: asynqmon.PayloadFormatterFunc(tasks.FormatPayload),
-				ResultFormatter:  asynqmon.ResultFormatterFunc(tasks.FormatResult)})
-			defer m.Close()
-			mon = m
-		} else {
-			log.Info("no admin key configured: /monitoring/ is off (set admin_keys or SLUICE_ADMIN_KEY)")
-		}
-		// The fleet's shared state is reported by api processes only, so
-		// summing a fleet's series counts it once per api (see README).
-		met.Register(metrics.NewState(sched, cfg.ModelGroups, log.With("component", "metrics")))
-		inspector := asynq.NewInspectorFromRedisClient(rdb)
-		met.Register(asynqmetrics.NewQueueMetricsCollector(inspector))
-		apiSrv = api.New(api.Deps{
-			Config: cfg, Redis: rdb, Store: store, Hub: hub, Scheduler: sched, Estimator: estimator, Upstream: up, TokenSecret: secret,
-			Monitoring: mon, Web: web.Handler(), Dashboard: web.Dashboard(), Metrics: met, Usage: use, Guard: guard,
-			Logger: log.With("component", "api"),
-		})
-		handler = apiSrv
-	} else {
-		handler = healthOnly(rdb, met, cfg, guard)
+	hub := jobs.NewHub(p.store, log.With("component", "events"))
+	closers = append(closers, func() { _ = hub.Close() })
+	secret, err := jobs.TokenSecret(ctx, p.rdb)
+	if err != nil {
+		closeAPI()
+		return nil, nil, err
 	}
+	mon, err := monitoring(cfg, log)
+	if err != nil {
+		closeAPI()
+		return nil, nil, err
+	}
+	if mon != nil {
+		closers = append(closers, func() { _ = mon.Close() })
+	}
+	// The fleet's shared state is reported by api processes only, so
+	// summing a fleet's series counts it once per api (see README).
+	p.met.Register(metrics.NewState(p.sched, cfg.ModelGroups, log.With("component", "metrics")))
+	p.met.Register(asynqmetrics.NewQueueMetricsCollector(asynq.NewInspectorFromRedisClient(p.rdb)))
+	deps := api.Deps{
+		Config: cfg, Redis: p.rdb, Store: p.store, Hub: hub, Scheduler: p.sched, Estimator: p.estimator, Upstream: p.up, TokenSecret: secret,
+		Web: web.Handler(), Dashboard: web.Dashboard(), Metrics: p.met, Usage: p.use, Guard: p.guard,
+		Logger: log.With("component", "api"), FakeUpstream: p.fake,
+	}
+	if mon != nil {
+		deps.Monitoring = mon
+	}
+	return api.New(deps), closeAPI, nil
+}
 
+// monitoring is asynqmon, read-only under /monitoring, when there is an
+// admin key to open it; nil without one.
+func monitoring(cfg *config.Config, log *slog.Logger) (*asynqmon.HTTPHandler, error) {
+	if len(cfg.AdminKeys) == 0 {
+		log.Info("no admin key configured: /monitoring/ is off (set admin_keys or SLUICE_ADMIN_KEY)")
+		return nil, nil
+	}
+	connOpt, err := asynq.ParseRedisURI(cfg.RedisURL)
+	if err != nil {
+		return nil, fmt.Errorf("redis_url for asynqmon: %w", err)
+	}
+	return asynqmon.New(asynqmon.Options{RootPath: "/monitoring", RedisConnOpt: connOpt, ReadOnly: true,
+		PayloadFormatter: asynqmon.PayloadFormatterFunc(tasks.FormatPayload),
+		ResultFormatter:  asynqmon.ResultFormatterFunc(tasks.FormatResult)}), nil
+}
+
+// serveHTTP serves handler on ln until ctx ends or the server fails, then
+// shuts down: the api's event streams end (apiSrv, if not nil), the server
+// gets api.shutdown_timeout to finish its requests, then the worker (wk, if
+// not nil) shuts down.
+func serveHTTP(ctx context.Context, ln net.Listener, handler http.Handler, cfg *config.Config, r roles, log *slog.Logger,
+	ready func(addr string), apiSrv *api.Server, wk *worker.Worker) error {
 	// No ReadTimeout or WriteTimeout: they would cut event streams. The
 	// api bounds a request's body itself (api.body_timeout).
 	srv := &http.Server{Handler: handler, ReadHeaderTimeout: cfg.API.ReadHeaderTimeout, IdleTimeout: cfg.API.IdleTimeout}
@@ -294,14 +439,30 @@ func healthOnly(rdb redis.UniversalClient, met *metrics.Metrics, cfg *config.Con
 	return mux
 }
 
+// newLogger is a process's logger. Times, the record's own and any time
+// value logged, are written with exactly three fractional digits
+// (2026-11-29T20:24:03.590Z), as the api's created_at, whatever the format:
+// slog's JSON handler alone would drop trailing zeros.
 func newLogger(c config.Log, w io.Writer) *slog.Logger {
 	var level slog.Level
 	_ = level.UnmarshalText([]byte(c.Level))
-	opts := &slog.HandlerOptions{Level: level}
+	opts := &slog.HandlerOptions{Level: level, ReplaceAttr: millisTimes}
 	if strings.EqualFold(c.Format, "json") {
 		return slog.New(slog.NewJSONHandler(w, opts))
 	}
 	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// timeLayout is how sluice writes a time for people and logs: RFC 3339
+// with milliseconds, always three digits.
+const timeLayout = "2006-01-02T15:04:05.000Z07:00"
+
+// millisTimes is a slog ReplaceAttr that writes time values as timeLayout.
+func millisTimes(_ []string, a slog.Attr) slog.Attr {
+	if a.Value.Kind() == slog.KindTime {
+		a.Value = slog.StringValue(a.Value.Time().Format(timeLayout))
+	}
+	return a
 }
 
 // redactRedis hides a password in a Redis URL.

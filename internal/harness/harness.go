@@ -65,6 +65,9 @@ type Options struct {
 	APIExtra string
 	// RedisArgs are extra redis-server arguments (redistest.StartArgs).
 	RedisArgs []string
+	// RealUpstream presents the fake as a real upstream (the api's
+	// Deps.FakeUpstream is false).
+	RealUpstream bool
 }
 
 // Env is a running sluice.
@@ -183,7 +186,7 @@ func Start(tb testing.TB, o Options) *Env {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	e.Server = api.New(api.Deps{Config: cfg, Redis: e.RDB, Store: e.Store, Hub: hub,
+	e.Server = api.New(api.Deps{FakeUpstream: !o.RealUpstream, Config: cfg, Redis: e.RDB, Store: e.Store, Hub: hub,
 		Scheduler: e.Sched, Estimator: estimate.NewCalibrator(e.RDB), Upstream: apiUp, TokenSecret: secret, Web: web.Handler(), Logger: log, Clock: o.Clock, PositionEvery: o.PositionEvery,
 		Dashboard: web.Dashboard(), Metrics: e.Metrics, Usage: e.Usage})
 	e.API = httptest.NewServer(e.Server)

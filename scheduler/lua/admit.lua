@@ -19,7 +19,7 @@
 -- behind a heavy user's backlog is next. The queue is one sorted set of all
 -- the group's jobs by start tag: pick and rank are O(log n).
 --
--- KEYS[1] job hash   KEYS[2] (unused)     KEYS[3] sequence   KEYS[4] order
+-- KEYS[1] job hash   KEYS[2] the group's cache hash   KEYS[3] sequence   KEYS[4] order
 -- KEYS[5] finish tags (zset user -> F)    KEYS[6] V          KEYS[7] costs
 -- KEYS[8] queue totals   KEYS[9] limiter state   KEYS[10] idempotency key
 -- KEYS[11] user quota    KEYS[12] user counts    KEYS[13] tenant job index
@@ -27,7 +27,8 @@
 -- KEYS[16] the group's waiting users (user key -> queued jobs)
 -- KEYS[17] the group's live jobs (id -> status initial and user key)
 -- ARGV[1] now ms (0 = Redis TIME)   ARGV[2] job id   ARGV[3] ttl seconds
--- ARGV[4] (unused)   ARGV[5] stream max length   ARGV[6] user key
+-- ARGV[4] the job's cacheable prefixes ("hash:tokens:ttl_ms;…", "" = none)
+-- ARGV[5] stream max length   ARGV[6] user key
 -- ARGV[7] input estimate   ARGV[8] max_tokens   ARGV[9] weight
 -- ARGV[10] wake channel    ARGV[11..14] rpm, input_tpm, output_tpm, burst ms
 -- ARGV[15] max concurrency
@@ -35,7 +36,8 @@
 -- ARGV[18] max queued (0 = unlimited)   ARGV[19] max wait ms (0 = unlimited)
 -- ARGV[20] request body hash ("" = no idempotency key)   ARGV[21] key ttl seconds
 -- ARGV[22] deadline ms (0 = none)
--- ARGV[23..] job hash field, value pairs
+-- ARGV[23] "1" when the group counts cache reads against its input limit
+-- ARGV[24..] job hash field, value pairs
 -- Job ids are 128 random bits: the record is not checked for existence.
 -- Reply, one of:
 --   {"ok", event id, position, eta seconds, quota remaining, quota reset s}
@@ -48,7 +50,13 @@
 -- (eta seconds is -1 while the group is in outage: nobody can tell)
 local now = clock(ARGV[1])
 local id, cin, cout, weight = ARGV[2], tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local cost = cin + cout
+-- The user's token quota is charged what the limiter will count: input
+-- the upstream reads from its cache is not (unless the group counts reads).
+local cached = 0
+if ARGV[4] ~= '' and ARGV[23] ~= '1' then
+  cached = math.min(cache_cached(KEYS[2], cache_prefixes(ARGV[4]), now), cin - 1)
+end
+local cost = cin - math.max(0, cached) + cout
 
 -- 1. Idempotency.
 if ARGV[20] ~= '' then
@@ -150,7 +158,11 @@ end
 
 -- The record.
 local fields = {}
-for i = 23, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 24, #ARGV do fields[#fields + 1] = ARGV[i] end
+if ARGV[4] ~= '' then
+  fields[#fields + 1] = 'c_pre'
+  fields[#fields + 1] = ARGV[4]
+end
 redis.call('HSET', KEYS[1], 'fq_member', member, 'fq_tag', tostring(tag),
   'cost_in', cin, 'cost_out', cout, 'dispatch', 0, 'q_req', rph > 0 and 1 or 0,
   'q_tok', tph > 0 and cost or 0, unpack(fields))

@@ -24,7 +24,7 @@
 -- KEYS[11] delayed tags   KEYS[12] deadlines   KEYS[13] expiring
 -- KEYS[14] dispatch sequence   KEYS[15] the group's use per minute (dispatches: minute -> n)
 -- KEYS[16] the group's live jobs (id -> status initial and user key)
--- KEYS[17] the group's waiting users
+-- KEYS[17] the group's waiting users   KEYS[18] the group's cache hash
 -- ARGV[1] now ms (0 = Redis TIME)  ARGV[2..5] rpm, input_tpm, output_tpm, burst ms
 -- ARGV[6] max concurrency   ARGV[7] lease ms   ARGV[8] most jobs to pick
 -- ARGV[9] job hash key prefix ("sluice:job:")   ARGV[10] moved channel
@@ -33,12 +33,17 @@
 --   Redis) were away
 -- ARGV[14] user counts key prefix ("sluice:user:")
 -- ARGV[15] how the upstream counts output: produced | reserved
+-- ARGV[16] cache hold ms (0 = no hold)   ARGV[17] "1": cache reads count
+--   against the input limit
 -- Reply: {state, ms, expiring, job id 1, dispatch 1, job id 2, dispatch 2, ...}
 --   expiring: how many jobs wait in the expiring set
 --   state "more"  the pick limit was reached: call again at once
 --         "wait"  the next job fits in ms (limiter or freeze)
 --         "full"  every concurrency slot is taken; the first lease ends in ms
 --         "empty" nothing queued; the next retry is due in ms (-1: none)
+--         "hold"  every job that could go waits for another's call to
+--                 write a prompt-cache prefix they share; the first hold
+--                 ends in ms (or sooner, when that call's answer begins)
 --         "down"  the group is in outage; the next probe may go in ms (the
 --                 one job picked, if any, is the probe)
 --         "probe" the group is in outage, a probe is due and no job waits
@@ -51,6 +56,7 @@ local now = clock(ARGV[1])
 local cfg = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])}
 local max_conc, lease_ms, max_pick, prefix = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
 local produced = ARGV[15] == 'produced'
+local hold_ms, count_reads = tonumber(ARGV[16]) or 0, ARGV[17] == '1'
 -- moved counts jobs that entered or left the order: waiting jobs' positions
 -- changed, and the api processes following them are told (ARGV[10]).
 local moved = 0
@@ -354,6 +360,45 @@ if st.down > 0 then
   end
 end
 
+-- Cache-aware dispatch. A job whose prompt-cache prefix the upstream is
+-- known to hold reserves only its uncached input (reads are free). A job
+-- with a cacheable prefix not known to be cached, while another job's call
+-- that will write that prefix is in flight, is held: it keeps its place
+-- and the round looks past it, until that call's answer begins (the
+-- worker records the prefix as cached and wakes the dispatchers) or the
+-- hold's time is up. A job dispatched with such a prefix and no writer in
+-- flight becomes the writer. A writer whose answer never began leaves the
+-- prefix unheld for a minute, so a slow upstream cannot chain holds.
+local skip, held, hold_until = 0, 0, nil
+local HOLD_SCAN = 200 -- held jobs a round looks past, at most
+
+-- cache_plan reads a job's prefixes: the tokens known cached, whether it
+-- must be held (and until when), and the prefixes it would write.
+local function cache_plan(id, cpre)
+  local ps = cache_prefixes(cpre)
+  if #ps == 0 then return 0, nil, nil end
+  local cached = 0
+  if not count_reads then cached = cache_cached(KEYS[18], ps, now + 2000) end
+  if hold_ms <= 0 then return cached, nil, nil end
+  local until_, writes = nil, {}
+  for _, p in ipairs(ps) do
+    if p.tokens > cached and (tonumber(redis.call('HGET', KEYS[18], 'n:' .. p.h)) or 0) <= now then
+      local w = redis.call('HGET', KEYS[18], 'w:' .. p.h)
+      local wid, wat = string.match(w or '', '^([^,]*),(%d+)$')
+      wat = tonumber(wat)
+      if not wat or wid == id or (wid == '!' and wat <= now) then
+        writes[#writes + 1] = p.h
+      elseif wat <= now then
+        -- The writer's answer never began in time: no holding for a while.
+        redis.call('HSET', KEYS[18], 'w:' .. p.h, '!,' .. intstr(now + 60000))
+      elseif wid ~= '!' then
+        if not until_ or wat < until_ then until_ = wat end
+      end
+    end
+  end
+  return cached, until_, writes
+end
+
 while out[1] == '' do
   if picked >= max_pick then
     out[1], out[2] = 'more', 0
@@ -368,7 +413,13 @@ while out[1] == '' do
     out[1], out[2] = 'full', math.max(1, tonumber(first[2]) - now)
     break
   end
-  local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  local head = redis.call('ZRANGE', KEYS[1], skip, skip, 'WITHSCORES')
+  if #head == 0 and skip > 0 or skip >= HOLD_SCAN then
+    out[1], out[2] = 'hold', math.max(1, hold_until - now)
+    local d = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    if #d > 0 then out[2] = math.max(1, math.min(out[2], tonumber(d[2]) - now)) end
+    break
+  end
   if #head == 0 then
     local d = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
     if probing and #d == 0 then
@@ -386,47 +437,73 @@ while out[1] == '' do
   end
   local member, tag = head[1], tonumber(head[2])
   local id = string.match(member, '|(.*)$')
-  local rec = redis.call('HMGET', prefix .. id, 'status', 'cost_in', 'cost_out', 'fq_member')
+  local rec = redis.call('HMGET', prefix .. id, 'status', 'cost_in', 'cost_out', 'fq_member', 'c_pre')
   -- A cost entry lost since the repair above reads the record's.
   local cin, cout = split2(redis.call('HGET', KEYS[5], member) or (intstr(rec[2]) .. ',' .. intstr(rec[3])))
   cin, cout = cin or 0, cout or 0
   local status = rec[1]
   -- A member whose record is gone (or names another member) is dropped.
   local live = (status == 'queued' or status == 'running') and rec[4] == member
-  if live and redis.call('HEXISTS', KEYS[8], id) == 0 then
-    -- Output counted as produced: hold what the call is expected to
-    -- produce, not max_tokens (kept, fourth, for the output ratio).
-    local maxout = cout
-    if produced then cout = expected_out(st, cout) end
-    local nr, ni, no = need(1, st.cr), need(cin, st.ci), need(cout, st.co)
-    if st.r < nr or st.i < ni or st.o < no then
-      out[1] = 'wait'
-      out[2] = math.max(1, math.ceil(math.max(wait_ms(nr, st.r, st.rr), wait_ms(ni, st.i, st.ri), wait_ms(no, st.o, st.ro))))
-      break
-    end
-    st.r, st.i, st.o = st.r - 1, st.i - cin, st.o - cout
-    redis.call('HSET', KEYS[8], id, '1,' .. intstr(cin) .. ',' .. intstr(cout) .. ',' .. intstr(maxout))
+  local reserved = live and redis.call('HEXISTS', KEYS[8], id) == 1
+  local cached, until_, writes = 0, nil, nil
+  if live and not reserved and rec[5] then
+    cached, until_, writes = cache_plan(id, rec[5])
   end
-  -- Out of the queue: dispatched, or dropped when it was canceled while
-  -- queued (or its record expired).
-  leave_queue(member)
-  if live then
-    if tag > v then v = tag end
-    redis.call('ZADD', KEYS[9], now + lease_ms, id)
-    redis.call('HDEL', prefix .. id, 'lease_grace')
-    local n = redis.call('HINCRBY', prefix .. id, 'dispatch', 1)
-    if n == 1 then
-      -- The first dispatch's time and place in the group's dispatch order.
-      redis.call('HSET', prefix .. id, 'dispatched_at', now, 'dispatch_seq', redis.call('INCR', KEYS[14]))
+  if until_ then
+    -- Held for a cache write: it keeps its place; look past it.
+    skip, held = skip + 1, held + 1
+    if not hold_until or until_ < hold_until then hold_until = until_ end
+  else
+    if live and not reserved then
+      -- Input read from the cache does not count: reserve the rest.
+      cin = math.max(1, cin - cached)
+      -- Output counted as produced: hold what the call is expected to
+      -- produce, not max_tokens (kept, fourth, for the output ratio).
+      local maxout = cout
+      if produced then cout = expected_out(st, cout) end
+      local nr, ni, no = need(1, st.cr), need(cin, st.ci), need(cout, st.co)
+      if st.r < nr or st.i < ni or st.o < no then
+        out[1] = 'wait'
+        out[2] = math.max(1, math.ceil(math.max(wait_ms(nr, st.r, st.rr), wait_ms(ni, st.i, st.ri), wait_ms(no, st.o, st.ro))))
+        break
+      end
+      st.r, st.i, st.o = st.r - 1, st.i - cin, st.o - cout
+      redis.call('HSET', KEYS[8], id, '1,' .. intstr(cin) .. ',' .. intstr(cout) .. ',' .. intstr(maxout))
+      for _, h in ipairs(writes or {}) do
+        redis.call('HSET', KEYS[18], 'w:' .. h, id .. ',' .. intstr(now + hold_ms))
+      end
     end
-    redis.call('ZADD', KEYS[10], now, id .. '|' .. n)
-    out[#out + 1] = id
-    out[#out + 1] = n
-    picked = picked + 1
-    if probing then
-      redis.call('HSET', KEYS[7], 'probe', id)
-      out[1], out[2] = 'down', 5000
+    -- Out of the queue: dispatched, or dropped when it was canceled while
+    -- queued (or its record expired).
+    leave_queue(member)
+    if live then
+      if tag > v then v = tag end
+      redis.call('ZADD', KEYS[9], now + lease_ms, id)
+      redis.call('HDEL', prefix .. id, 'lease_grace')
+      local n = redis.call('HINCRBY', prefix .. id, 'dispatch', 1)
+      if n == 1 then
+        -- The first dispatch's time and place in the group's dispatch order.
+        redis.call('HSET', prefix .. id, 'dispatched_at', now, 'dispatch_seq', redis.call('INCR', KEYS[14]))
+      end
+      redis.call('ZADD', KEYS[10], now, id .. '|' .. n)
+      out[#out + 1] = id
+      out[#out + 1] = n
+      picked = picked + 1
+      if probing then
+        redis.call('HSET', KEYS[7], 'probe', id)
+        out[1], out[2] = 'down', 5000
+      end
     end
+  end -- not held
+end
+redis.call('HSET', KEYS[7], 'held', held)
+-- Forget the cache entries that ran out, once a minute when there are many.
+if redis.call('HLEN', KEYS[18]) > 256 and now - num(redis.call('HGET', KEYS[7], 'cache_gc'), 0) > 60000 then
+  redis.call('HSET', KEYS[7], 'cache_gc', intstr(now))
+  local all = redis.call('HGETALL', KEYS[18])
+  for k = 1, #all, 2 do
+    local at = tonumber(string.match(all[k + 1], '(%d+)$'))
+    if not at or at <= now then redis.call('HDEL', KEYS[18], all[k]) end
   end
 end
 if v > v0 then

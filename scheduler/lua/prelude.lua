@@ -321,3 +321,38 @@ local function settle_quota(job, quota, now, used, rph, tph)
   end
   return true
 end
+
+-- Prompt caching. A job's cacheable prefixes are kept in its record
+-- (c_pre) as "hash:tokens:ttl_ms;…": each breakpoint's prefix hash, its
+-- estimated input tokens and its cache lifetime. A group's cache hash
+-- (KEY cache) holds what the upstream told sluice about them:
+--   <hash>      until when the upstream holds the prefix cached (ms): an
+--               answer reported reading or writing it; each use extends it
+--   n:<hash>    until when the prefix is taken as not cacheable: an
+--               answer that carried it reported no cache use
+--   w:<hash>    "<job id>,<ms>": a call that will write the prefix is in
+--               flight, and jobs sharing the prefix wait for its answer to
+--               begin until then (cache-aware dispatch); "!,<ms>": a write
+--               was awaited in vain, no holding for the prefix until then
+
+local function cache_prefixes(s)
+  local out = {}
+  for h, t, ttl in string.gmatch(s or '', '([^:;]+):([^:;]+):([^:;]+)') do
+    out[#out + 1] = {h = h, tokens = tonumber(t) or 0, ttl = tonumber(ttl) or 300000}
+  end
+  return out
+end
+
+-- cache_cached is how many of a job's input tokens the upstream is known
+-- to hold cached until after at: the tokens of its longest prefix whose
+-- entry lives past at (0 when none).
+local function cache_cached(key, ps, at)
+  local best = 0
+  for _, p in ipairs(ps) do
+    if p.tokens > best then
+      local u = tonumber(redis.call('HGET', key, p.h))
+      if u and u > at then best = p.tokens end
+    end
+  end
+  return best
+end

@@ -56,19 +56,41 @@ function problem(what, err) {
 
 // ---- now: one card per model group ----
 
-function gauge(label, spoken, l) {
+const ago = (iso) => new Date(iso).toLocaleTimeString();
+
+// gauge is one limit: how much of it went out in the last minute (the
+// bar), what sluice's bucket holds free, and where the limit in force
+// comes from (configured, the account's as the Admin API states it, the
+// upstream's headers).
+function gauge(l) {
+  const label = dimName[l.dimension] || l.dimension, spoken = dimSpoken[l.dimension] || l.dimension;
   const inUse = l.in_use, upstream = l.upstream_in_use;
   const cls = inUse >= 0.95 ? "full" : inUse >= 0.75 ? "warn" : "";
   const bar = el("div", { class: "bar", role: "meter", "aria-valuemin": "0", "aria-valuemax": "100",
-    "aria-valuenow": String(Math.round(inUse * 100)), "aria-label": spoken + " in use" },
+    "aria-valuenow": String(Math.round(inUse * 100)), "aria-label": spoken + " in use",
+    "aria-valuetext": pct(inUse) + ": " + num(l.used_last_minute) + " of " + num(l.per_minute) + " in the last minute" },
   el("span", { class: cls, style: "width:" + pct(Math.min(1, inUse)) }));
-  let title = num(l.used_last_minute) + " of " + num(l.per_minute) + " in the last minute (" + pct(inUse) + "); sluice's limiter holds " + pct(l.bucket_free) + " of its bucket free";
   if (upstream != null) {
     bar.append(el("b", { style: "left:calc(" + pct(Math.min(1, upstream)) + " - 1px)" }));
-    title += "; the upstream's last headers say " + pct(upstream) + " used";
+    bar.title = "The black mark: the upstream's last headers say " + pct(upstream) + " used.";
   }
-  bar.title = title;
-  return el("div", { class: "gauge" }, el("span", { text: label }), bar, el("span", { text: pct(inUse) }));
+  const free = el("span", { class: l.bucket_free < 0.1 ? "empty" : "", text: "bucket " + pct(l.bucket_free) + " free" });
+  const detail = el("p", { class: "limit-detail" },
+    el("span", { text: num(l.used_last_minute) + " of " + num(l.per_minute) + " in the last minute" }), free);
+
+  // Where the limit in force comes from: the lowest of these.
+  const sources = [["configured", l.configured], ["account", l.account]];
+  if (l.upstream_limit != null) sources.push(["upstream headers", l.upstream_limit]);
+  const from = sources.filter(([, v]) => v != null && Math.round(v) === Math.round(l.per_minute)).map(([n]) => n);
+  const src = el("p", { class: "limit-sources" },
+    el("span", { class: "in-force", text: "in force " + num(l.per_minute) + (from.length ? " (" + from[0] + ")" : "") }),
+    el("span", { text: "configured " + (l.configured > 0 ? num(l.configured) : "–") }),
+    el("span", l.account == null ? { text: "account not read", title: "The account's limits are read from the Anthropic Admin API when ANTHROPIC_ADMIN_KEY is set." }
+      : { text: "account " + num(l.account) }));
+  if (l.upstream_limit != null) src.append(el("span", { text: "upstream headers " + num(l.upstream_limit) }));
+  return el("div", { class: "limit", "data-dimension": l.dimension },
+    el("div", { class: "limit-head" }, el("span", { class: "limit-name", text: label }), el("span", { class: "limit-pct " + cls, text: pct(inUse) })),
+    bar, detail, src);
 }
 
 // duration says a number of seconds as "42 s", "3 min 5 s" or "2 h 4 min".
@@ -79,45 +101,91 @@ function duration(sec) {
   return Math.floor(sec / 3600) + " h " + Math.floor((sec % 3600) / 60) + " min";
 }
 
-function figure(label, value, id) {
-  return el("div", {}, el("dt", { text: label }), el("dd", { text: value, "data-figure": id }));
+function figure(label, value, id, title) {
+  const dd = el("dd", { text: value, "data-figure": id });
+  if (title) dd.title = title;
+  return el("div", {}, el("dt", { text: label }), dd);
+}
+
+// holding says what the group is doing and, when jobs wait, what holds
+// them, from the same figures the gauges show: an outage, a freeze after
+// a 429, every call slot busy, a limit whose bucket is empty, a cache
+// write being waited for, a slowed pace. binding names it for tests and
+// styles.
+function holding(g) {
+  const waits = g.queued === 1 ? "1 job waits" : num(g.queued) + " jobs wait";
+  const slots = num(g.in_flight) + " of " + num(g.max_concurrency) + " call slots busy";
+  if (g.outage) {
+    const o = g.outage;
+    return { binding: "outage", cls: "bad", text: "Upstream outage for " + duration(o.seconds) + " (since " + ago(o.since) +
+      "): dispatch stopped; jobs keep their place. " + (o.probing ? "A probe is testing the upstream now."
+      : o.next_probe_at ? "Next probe at " + ago(o.next_probe_at) + "." : "") + " " + num(o.failed_probes) + " probes failed so far." };
+  }
+  if (g.frozen_seconds > 0) {
+    return { binding: "frozen", cls: "bad", text: (g.queued > 0 ? waits + ": held" : "Dispatch stopped") +
+      " by an upstream 429 (rate limited) for another " + Math.ceil(g.frozen_seconds) + " s; then sending resumes, paced." };
+  }
+  if (g.queued === 0) {
+    if (g.in_flight > 0) return { binding: "none", cls: "", text: "Nothing waits; " + slots + "." };
+    return { binding: "idle", cls: "", text: "Idle: nothing waits and no call is running." };
+  }
+  if (g.max_concurrency > 0 && g.in_flight >= g.max_concurrency) {
+    const busy = g.max_concurrency === 1 ? "its one call slot is busy" : "all " + num(g.max_concurrency) + " call slots are busy";
+    return { binding: "concurrency", cls: "held", text: waits + ": held by concurrency, " + busy +
+      " (max_concurrency " + g.max_concurrency + "). The next goes when a call finishes." };
+  }
+  const tight = [...g.limits].sort((a, b) => a.bucket_free - b.bucket_free)[0];
+  if (tight && tight.bucket_free < 0.25) {
+    const name = (dimSpoken[tight.dimension] || tight.dimension).toLowerCase();
+    return { binding: tight.dimension, cls: "held", text: waits + ": held by the " + name + " limit (" + num(tight.per_minute) +
+      "), its bucket " + (tight.bucket_free <= 0 ? "empty" : "nearly empty (" + pct(tight.bucket_free) + " free)") +
+      "; it refills at " + num(tight.per_minute) + " a minute. " + slots + "." };
+  }
+  if (g.cache && g.cache.held > 0) {
+    return { binding: "cache", cls: "held", text: waits + ": " + num(g.cache.held) + " held until a cache write finishes, so they read the cache instead of writing it again." };
+  }
+  if (g.pace < 1) {
+    return { binding: "pace", cls: "held", text: waits + ": dispatch slowed to " + pct(g.pace) + " of the limits after upstream 529s (overloaded). " + slots + "." };
+  }
+  return { binding: "dispatching", cls: "", text: waits + ": dispatching as fast as the limits allow; " + slots + "." };
 }
 
 function renderGroups(status) {
   const box = $("groups");
   box.replaceChildren();
   for (const g of status.groups) {
+    const h = holding(g);
     const card = el("article", { class: "group", "aria-labelledby": "g-" + g.group, "data-group": g.group },
       el("h3", { id: "g-" + g.group, text: "Model group " + g.group }),
+      el("p", { class: "state " + h.cls, "data-binding": h.binding, text: h.text }),
       el("dl", { class: "figures" },
         figure("queued", num(g.queued), "queued"),
         figure("users waiting", num(g.active_users), "active_users"),
-        figure("calls running", num(g.in_flight) + " / " + g.max_concurrency, "in_flight"),
+        figure("calls running", num(g.in_flight) + " / " + g.max_concurrency, "in_flight", "calls in flight / max_concurrency"),
         figure("dispatched / min", num(g.dispatched_last_minute), "dispatched"),
         figure("outages", num(g.outages || 0), "outages")));
-    for (const l of g.limits) {
-      card.append(gauge(dimName[l.dimension] || l.dimension, dimSpoken[l.dimension] || l.dimension, l));
+    if (g.max_concurrency > 0 && g.in_flight >= g.max_concurrency) card.querySelector('[data-figure="in_flight"]').classList.add("full");
+    card.append(el("div", { class: "limits" }, ...g.limits.map(gauge)));
+    // The prompt cache, when the status reports it and there is something
+    // to say: no answer in the window and nothing held is nothing.
+    const c = g.cache;
+    if (c && (c.read_ratio != null || c.held > 0 || c.read_tokens > 0 || c.creation_tokens > 0)) {
+      const ws = c.window_seconds > 0 ? (c.window_seconds % 60 === 0 ? c.window_seconds / 60 + " min" : duration(c.window_seconds)) : "";
+      const line = el("p", { class: "cache", "data-cache": "1",
+        title: num(c.read_tokens) + " input tokens read from the prompt cache, " + num(c.creation_tokens) + " written to it" +
+          (ws ? ", in the last " + ws : "") + "." },
+      el("span", { text: "cache reads " + (c.read_ratio == null ? "–" : pct(c.read_ratio)) }));
+      if (ws) line.append(el("span", { class: "hint", text: "of input, last " + ws }));
+      if (c.held > 0) line.append(el("span", { class: "held", text: num(c.held) + " held for a cache write" }));
+      card.append(line);
     }
-    let state = "Dispatching at full speed.";
-    let cls = "state";
-    if (g.outage) {
-      const o = g.outage;
-      state = "Upstream outage for " + duration(o.seconds) + " (since " + new Date(o.since).toLocaleTimeString() +
-        "): dispatch stopped; jobs keep their place. " + (o.probing ? "A probe is testing the upstream now."
-          : o.next_probe_at ? "Next probe at " + new Date(o.next_probe_at).toLocaleTimeString() + "." : "") +
-        " " + num(o.failed_probes) + " probes failed so far.";
-      cls += " frozen outage";
-    } else if (g.frozen_seconds > 0) {
-      state = "Stopped by an upstream 429 for another " + Math.ceil(g.frozen_seconds) + " s.";
-      cls += " frozen";
-    } else if (g.pace < 1) {
-      state = "Slowed to " + pct(g.pace) + " after upstream 529s (overloaded).";
-    }
-    state += g.upstream_headers_seen_at ? " Upstream limits last seen " + new Date(g.upstream_headers_seen_at).toLocaleTimeString() + " (black mark on each bar)."
-      : " No upstream rate-limit headers seen yet.";
-    card.append(el("p", { class: cls, text: state }));
+    card.append(el("p", { class: "hint seen", text: g.upstream_headers_seen_at
+      ? "Upstream limits last seen " + ago(g.upstream_headers_seen_at) + " (black mark on each bar)."
+      : "No upstream rate-limit headers seen yet." }));
+    if (g.pace < 1 && h.binding !== "pace") card.append(el("p", { class: "hint", text: "Pace " + pct(g.pace) + " after upstream 529s (overloaded)." }));
     box.append(card);
   }
+  box.dataset.groups = String(status.groups.length);
   if (!status.monitoring) $("monitoring-link").hidden = true;
   $("updated").textContent = "Live state as of " + new Date(status.time).toLocaleTimeString() + ".";
 }
@@ -152,14 +220,40 @@ function renderRedis(redis) {
 
 // ---- charts ----
 
+// compact writes a count short enough for an axis: 950, 12K, 1.5M.
+const compactFmt = new Intl.NumberFormat(undefined, { notation: "compact", maximumFractionDigits: 1 });
+const countTick = (v) => (v < 10000 ? num(v) : compactFmt.format(v));
+const secsFmt = new Intl.NumberFormat(undefined, { maximumFractionDigits: 3 });
+const secsTick = (v) => secsFmt.format(v) + " s";
+
+// ticks are an axis's round steps from 0 to at least max: 1, 2, 2.5 or 5
+// times a power of ten, about four of them; whole numbers only for counts
+// (integer), never 0 / 0.5 / 1.
+function ticks(max, integer) {
+  if (!(max > 0)) return [0, 1];
+  const raw = max / 4;
+  const p = Math.pow(10, Math.floor(Math.log10(raw)));
+  const mults = integer && p < 10 ? [1, 2, 5, 10] : [1, 2, 2.5, 5, 10];
+  let step = 10 * p;
+  for (const m of mults) {
+    if (m * p >= raw) { step = m * p; break; }
+  }
+  if (integer) step = Math.max(1, Math.round(step));
+  const n = Math.max(1, Math.ceil(max / step - 1e-9));
+  const out = [];
+  for (let i = 0; i <= n; i++) out.push(Number((i * step).toPrecision(12)));
+  return out;
+}
+
 // bars draws stacked bars: series are [{key(bucket) → value, cls, name}].
 function bars(box, buckets, series, title) {
-  const W = 480, H = 160, L = 44, B = 18, T = 6;
+  const W = 480, H = 160, L = 44, B = 18, T = 8;
   const totals = buckets.map((b) => series.reduce((s, x) => s + x.key(b), 0));
-  const max = niceMax(Math.max(0, ...totals));
+  const ts = ticks(Math.max(0, ...totals), true);
+  const max = ts[ts.length - 1];
   const svg = el("svg:svg", { viewBox: `0 0 ${W} ${H}`, role: "img" });
   const bw = (W - L) / buckets.length;
-  axes(svg, buckets, max, W, H, L, B, T, (v) => (Number.isInteger(v) ? num(v) : v.toFixed(1)));
+  axes(svg, buckets, ts, W, H, L, B, T, countTick);
   buckets.forEach((b, i) => {
     let y = H - B;
     for (const s of series) {
@@ -179,13 +273,14 @@ function bars(box, buckets, series, title) {
 }
 
 function line(box, buckets, key, title) {
-  const W = 480, H = 160, L = 44, B = 18, T = 6;
+  const W = 480, H = 160, L = 44, B = 18, T = 8;
   const vals = buckets.map(key);
   const present = vals.filter((v) => v != null);
-  const max = niceMax(Math.max(0, ...present));
+  const ts = ticks(Math.max(0, ...present), false);
+  const max = ts[ts.length - 1];
   const svg = el("svg:svg", { viewBox: `0 0 ${W} ${H}`, role: "img" });
   const bw = (W - L) / buckets.length;
-  axes(svg, buckets, max, W, H, L, B, T, (v) => secs(v));
+  axes(svg, buckets, ts, W, H, L, B, T, secsTick);
   let d = "";
   vals.forEach((v, i) => {
     if (v == null) return;
@@ -201,18 +296,14 @@ function line(box, buckets, key, title) {
   box.dataset.points = String(present.length);
 }
 
-function niceMax(v) {
-  if (v <= 0) return 1;
-  const p = Math.pow(10, Math.floor(Math.log10(v)));
-  for (const m of [1, 2, 2.5, 5, 10]) if (v <= m * p) return m * p;
-  return 10 * p;
-}
-
-function axes(svg, buckets, max, W, H, L, B, T, label) {
-  for (const f of [0, 0.5, 1]) {
-    const y = H - B - (H - B - T) * f;
-    svg.append(el("svg:line", { x1: L, x2: W, y1: y, y2: y, class: "s-grid" }));
-    svg.append(el("svg:text", { x: L - 4, y: y + 3, "text-anchor": "end", text: label(max * f) }));
+// axes draws a grid line and a label at each tick (the top tick is the
+// chart's top) and every fourth hour along the bottom.
+function axes(svg, buckets, ts, W, H, L, B, T, label) {
+  const max = ts[ts.length - 1];
+  for (const v of ts) {
+    const y = H - B - ((H - B - T) * v) / max;
+    svg.append(el("svg:line", { x1: L, x2: W, y1: y, y2: y, class: v === 0 ? "s-axis" : "s-grid" }));
+    svg.append(el("svg:text", { x: L - 4, y: y + 3, "text-anchor": "end", class: "tick", "data-value": String(v), text: label(v) }));
   }
   const bw = (W - L) / buckets.length;
   buckets.forEach((b, i) => {
