@@ -44,7 +44,7 @@ func TestStatsEndpoint(t *testing.T) {
 
 	raw, st := getStats(t, srv.URL, srv.Client(), "")
 	wantKeys := []string{"admitted_cache_creation_input_tokens", "admitted_cache_read_input_tokens", "admitted_input_tokens",
-		"admitted_output_tokens", "admitted_requests", "by_status", "cache_entries",
+		"admitted_output_tokens", "admitted_requests", "by_status", "cache_entries", "cache_write_requests",
 		"count_tokens_requests", "dropped", "in_flight", "log", "max_in_flight", "max_in_flight_by_group", "rate_limited", "requests"}
 	if diff := cmp.Diff(wantKeys, slices.Sorted(maps.Keys(raw))); diff != "" {
 		t.Errorf("stats keys (-want +got):\n%s", diff)
@@ -72,6 +72,7 @@ func TestStatsEndpoint(t *testing.T) {
 
 		AdmittedCacheReadTokens:     map[string]int64{"claude": 0},
 		AdmittedCacheCreationTokens: map[string]int64{"claude": 0},
+		CacheWriteRequests:          map[string]int64{"claude": 0},
 		Log: []fakeanthropic.RequestRecord{
 			{At: clk.Now(), Group: "claude", Model: testModel, Status: 200, InputTokens: 18, OutputTokens: 3, Complete: true},
 			{At: clk.Now(), Group: "claude", Model: testModel, Status: 200, Stream: true, InputTokens: 18, OutputTokens: 4, Complete: true},
@@ -108,6 +109,7 @@ func TestStatsEndpoint(t *testing.T) {
 
 		AdmittedCacheReadTokens:     map[string]int64{"claude": 0},
 		AdmittedCacheCreationTokens: map[string]int64{"claude": 0},
+		CacheWriteRequests:          map[string]int64{"claude": 0},
 		Log:                         []fakeanthropic.RequestRecord{},
 	}
 	if diff := cmp.Diff(zero, st); diff != "" {

@@ -148,7 +148,7 @@ func (w *Worker) retry(a *attempt, ue *upstream.Error, r scheduler.Retry) {
 	}
 }
 
-// backoff is exponential with full jitter: a random delay in
+// backoff is exponential with jitter: a random delay in
 // [base·2^(n-1)/2, base·2^(n-1)], capped at max.
 func backoff(base, max time.Duration, n int) time.Duration {
 	d := base
