@@ -9,6 +9,7 @@ import (
 
 	"github.com/labstack/echo/v5"
 
+	"github.com/sluice-dev/sluice/jobs"
 	"github.com/sluice-dev/sluice/scheduler"
 	"github.com/sluice-dev/sluice/usage"
 )
@@ -112,7 +113,7 @@ type groupStatus struct {
 	Dispatched     float64       `json:"dispatched_last_minute"`
 	FrozenSeconds  float64       `json:"frozen_seconds"`
 	Pace           float64       `json:"pace"`
-	HeadersSeenAt  *time.Time    `json:"upstream_headers_seen_at"`
+	HeadersSeenAt  *stamp        `json:"upstream_headers_seen_at"`
 	Limits         []limitStatus `json:"limits"`
 	// Outage is the group's outage while it is in one (null: healthy);
 	// Outages counts the outages it has had.
@@ -137,11 +138,11 @@ type cacheStatus struct {
 // outageStatus is a model group's outage: dispatch stopped because the
 // upstream kept failing, and probes test it.
 type outageStatus struct {
-	Since        time.Time  `json:"since"`
-	Seconds      float64    `json:"seconds"`
-	FailedProbes int64      `json:"failed_probes"`
-	Probing      bool       `json:"probing"`
-	NextProbeAt  *time.Time `json:"next_probe_at"`
+	Since        stamp   `json:"since"`
+	Seconds      float64 `json:"seconds"`
+	FailedProbes int64   `json:"failed_probes"`
+	Probing      bool    `json:"probing"`
+	NextProbeAt  *stamp  `json:"next_probe_at"`
 }
 
 type limitStatus struct {
@@ -186,11 +187,11 @@ type redisStatus struct {
 func (s *Server) adminStatus(c *echo.Context) error {
 	ctx := c.Request().Context()
 	out := struct {
-		Time       time.Time     `json:"time"`
+		Time       stamp         `json:"time"`
 		Groups     []groupStatus `json:"groups"`
 		Monitoring string        `json:"monitoring,omitempty"`
 		Redis      *redisStatus  `json:"redis,omitempty"`
-	}{Time: s.now().UTC(), Groups: []groupStatus{}}
+	}{Time: stamp(s.now()), Groups: []groupStatus{}}
 	if s.d.Monitoring != nil {
 		out.Monitoring = "/monitoring/"
 	}
@@ -212,15 +213,16 @@ func (s *Server) adminStatus(c *echo.Context) error {
 			MaxConcurrency: g.MaxConcurrency, Dispatched: st.Dispatched, FrozenSeconds: st.Frozen.Seconds(), Pace: st.Pace,
 			Outages: st.Outages}
 		if o := st.Outage; o != nil {
-			gs.Outage = &outageStatus{Since: o.Since.UTC(), Seconds: math.Round(s.now().Sub(o.Since).Seconds()*10) / 10,
+			gs.Outage = &outageStatus{Since: stamp(o.Since), Seconds: math.Round(s.now().Sub(o.Since).Seconds()*10) / 10,
 				FailedProbes: o.Probes, Probing: o.Probing}
 			if !o.Probing && !o.NextProbe.IsZero() {
-				next := o.NextProbe.UTC()
+				next := stamp(o.NextProbe)
 				gs.Outage.NextProbeAt = &next
 			}
 		}
 		if !st.HeadersSeen.IsZero() {
-			gs.HeadersSeenAt = &st.HeadersSeen
+			seen := stamp(st.HeadersSeen)
+			gs.HeadersSeenAt = &seen
 		}
 		cs, err := s.d.Scheduler.CacheStats(ctx, g.Name)
 		if err != nil {
@@ -269,4 +271,12 @@ func (s *Server) dashboard(c *echo.Context) error {
 	}
 	s.d.Dashboard.ServeHTTP(c.Response(), c.Request())
 	return nil
+}
+
+// stamp is a time as the API writes it: UTC with exactly three fractional
+// digits (jobs.TimeLayout), so every timestamp has the same width.
+type stamp time.Time
+
+func (t stamp) MarshalJSON() ([]byte, error) {
+	return []byte(`"` + time.Time(t).UTC().Format(jobs.TimeLayout) + `"`), nil
 }

@@ -34,6 +34,11 @@ type clusterOpts struct {
 	WorkerShutdown time.Duration
 	// TokensPerSecond is the fake's output pace (default 20).
 	TokensPerSecond float64
+	// Sentinel runs Redis as a primary, a replica and three sentinels
+	// (redis.mode sentinel; redis is then the primary); RedisConfig is
+	// appended to the redis section of the configuration.
+	Sentinel    bool
+	RedisConfig string
 }
 
 // cluster is one scenario's processes: a redis-server with AOF, the fake
@@ -43,6 +48,7 @@ type cluster struct {
 	t       *testing.T
 	dir     string // artifacts: logs and the upstream's journal
 	redis   *redistest.Server
+	sent    *redistest.Sentinels // with clusterOpts.Sentinel
 	cfgPath string
 	env     []string
 	spec    fakeSpec
@@ -89,7 +95,14 @@ func startCluster(t *testing.T, name string, o clusterOpts) *cluster {
 		t.Fatal(err)
 	}
 	c := &cluster{t: t, dir: dir, starts: map[string]int{}}
-	c.redis = redistest.Start(t)
+	redisURL, redisMode := "", "single"
+	if o.Sentinel {
+		c.sent = redistest.StartSentinel(t, redistest.SentinelOptions{})
+		c.redis, redisURL, redisMode = c.sent.Primary, c.sent.URL, "sentinel"
+	} else {
+		c.redis = redistest.Start(t)
+		redisURL = c.redis.URL
+	}
 	c.spec = fakeSpec{Listen: "127.0.0.1:0", Journal: filepath.Join(dir, "upstream-journal.txt"),
 		APIKey: upstreamKey, TokensPerSecond: o.TokensPerSecond, Latency: 100 * time.Millisecond}
 	c.startFake()
@@ -119,12 +132,15 @@ worker:
   shutdown_timeout: %s
   lease_ttl: %s
   task_check_interval: 20ms
-`, adminKey, tenantKey, o.WorkerShutdown, *leaseTTL)
+redis:
+  mode: %s
+%s
+`, adminKey, tenantKey, o.WorkerShutdown, *leaseTTL, redisMode, o.RedisConfig)
 	c.cfgPath = filepath.Join(dir, "sluice.yaml")
 	if err := os.WriteFile(c.cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	c.env = []string{"REDIS_URL=" + c.redis.URL, "ANTHROPIC_BASE_URL=" + c.fakeURL,
+	c.env = []string{"REDIS_URL=" + redisURL, "ANTHROPIC_BASE_URL=" + c.fakeURL,
 		"ANTHROPIC_API_KEY=" + upstreamKey, "SLUICE_LOG_LEVEL=info"}
 	api := c.startSluice("api")
 	c.workers = []*proctest.Proc{c.startSluice("worker"), c.startSluice("worker")}

@@ -63,6 +63,8 @@ const (
 	DefaultLeaseTTL          = 15 * time.Second
 	DefaultRedisTimeout      = 2 * time.Second
 	DefaultRedisCheck        = 30 * time.Second
+	DefaultRedisMode         = RedisSingle
+	DefaultRedisWaitTimeout  = time.Second
 	DefaultReadHeaderTimeout = 10 * time.Second
 	DefaultBodyTimeout       = 30 * time.Second
 	DefaultIdleTimeout       = 2 * time.Minute
@@ -77,6 +79,7 @@ const (
 	envListen       = "SLUICE_LISTEN"
 	envWorkerListen = "SLUICE_WORKER_LISTEN"
 	envRedisURL     = "REDIS_URL"
+	envRedisMode    = "REDIS_MODE"
 	envBaseURL      = "ANTHROPIC_BASE_URL"
 	envAPIKey       = "ANTHROPIC_API_KEY"
 	envAdminKey     = "SLUICE_ADMIN_KEY"
@@ -93,8 +96,11 @@ type Config struct {
 	// WorkerListen is the worker's health endpoint address, host:port.
 	// Default ":8081"; env SLUICE_WORKER_LISTEN.
 	WorkerListen string `yaml:"worker_listen"`
-	// RedisURL locates the Redis that holds jobs, queues and limiter state
-	// (redis://, rediss:// or unix://). Default "redis://127.0.0.1:6379/0"; env REDIS_URL.
+	// RedisURL locates the Redis that holds jobs, queues and limiter state,
+	// in go-redis's URL form for redis.mode: single, redis://[user:pass@]host:port/db
+	// (rediss:// for TLS, or unix://); sentinel, the sentinels with
+	// master_name (redis.ParseFailoverURL); cluster, seed nodes
+	// (redis.ParseClusterURL). Default "redis://127.0.0.1:6379/0"; env REDIS_URL.
 	RedisURL string `yaml:"redis_url"`
 	// Redis tunes how sluice uses that Redis.
 	Redis    Redis    `yaml:"redis"`
@@ -131,8 +137,25 @@ type Usage struct {
 	DailyRetention time.Duration `yaml:"daily_retention"`
 }
 
+// Redis connection modes (Redis.Mode).
+const (
+	RedisSingle   = "single"   // one Redis (or a primary at a fixed address)
+	RedisSentinel = "sentinel" // a primary found, and followed, through Sentinel
+	RedisCluster  = "cluster"  // Redis Cluster: refused until the key layout supports it
+)
+
 // Redis tunes how sluice uses its Redis.
 type Redis struct {
+	// Mode is how redis_url is read: single, sentinel or cluster. Default
+	// single; env REDIS_MODE.
+	Mode string `yaml:"mode"`
+	// WaitReplicas, when > 0, follows each admission and each job's end
+	// with WAIT WaitReplicas WaitTimeout on the same connection, so that
+	// an acknowledged job survives a failover to a replica. Fewer replicas
+	// in time is logged and counted, not refused. Default 0 (no WAIT).
+	WaitReplicas int `yaml:"wait_replicas"`
+	// WaitTimeout bounds that WAIT. Default 1s; less than Timeout.
+	WaitTimeout time.Duration `yaml:"wait_timeout"`
 	// Timeout bounds each Redis call: connecting, sending and waiting for
 	// the answer. A Redis that does not answer within it is treated as
 	// away: requests get a 503 with Retry-After at once instead of hanging.
@@ -402,8 +425,10 @@ func Default() *Config {
 			FirstByteTimeout: DefaultFirstByteTimeout,
 		},
 		Redis: Redis{
+			Mode:          DefaultRedisMode,
 			Timeout:       DefaultRedisTimeout,
 			CheckInterval: DefaultRedisCheck,
+			WaitTimeout:   DefaultRedisWaitTimeout,
 		},
 		API: API{
 			BodyLimitBytes:    DefaultBodyLimitBytes,
@@ -490,6 +515,7 @@ func Parse(data []byte, getenv func(string) string) (*Config, error) {
 	}
 
 	envErrs, fromEnv := applyEnv(c, getenv)
+	c.Redis.Mode = strings.ToLower(strings.TrimSpace(c.Redis.Mode))
 	c.Log.Format = strings.ToLower(strings.TrimSpace(c.Log.Format))
 	c.Log.Level = strings.ToLower(strings.TrimSpace(c.Log.Level))
 
@@ -610,6 +636,7 @@ func applyEnv(c *Config, getenv func(string) string) ([]*fieldError, map[string]
 	set(&c.Listen, "listen", envListen)
 	set(&c.WorkerListen, "worker_listen", envWorkerListen)
 	set(&c.RedisURL, "redis_url", envRedisURL)
+	set(&c.Redis.Mode, "redis.mode", envRedisMode)
 	set(&c.Upstream.BaseURL, "upstream.base_url", envBaseURL)
 	set(&c.Upstream.APIKey, "upstream.api_key", envAPIKey)
 	set(&c.Upstream.AdminKey, "upstream.admin_key", envAdminAPIKey)

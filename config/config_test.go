@@ -133,7 +133,7 @@ log: {format: JSON, level: debug}
 			{Name: "sonnet", Models: []string{"claude-sonnet-4-5", "claude-sonnet-*"}, RPM: 50, InputTPM: 30000, OutputTPM: 8000, MaxConcurrency: 4, CountCacheReads: true, Burst: DefaultBurst, OutageFailures: DefaultOutageFailures, OutageWindow: DefaultOutageWindow, ProbeInterval: DefaultProbeInterval, ProbeIntervalMax: DefaultProbeIntervalMax, OutputAccounting: OutputProduced, CacheHold: DefaultCacheHold},
 			{Name: "haiku", Models: []string{"claude-haiku-*"}, RPM: 100, InputTPM: 50000, OutputTPM: 10000, MaxConcurrency: DefaultMaxConcurrency, Burst: DefaultBurst, OutageFailures: DefaultOutageFailures, OutageWindow: DefaultOutageWindow, ProbeInterval: DefaultProbeInterval, ProbeIntervalMax: DefaultProbeIntervalMax, OutputAccounting: OutputProduced, CacheHold: DefaultCacheHold},
 		},
-		Redis: Redis{Timeout: 500 * time.Millisecond, AllowEvicting: true, CheckInterval: DefaultRedisCheck},
+		Redis: Redis{Mode: RedisSingle, Timeout: 500 * time.Millisecond, AllowEvicting: true, CheckInterval: DefaultRedisCheck, WaitTimeout: DefaultRedisWaitTimeout},
 		API: API{BodyLimitBytes: 1 << 20, ShutdownTimeout: 5 * time.Second, ReadHeaderTimeout: DefaultReadHeaderTimeout,
 			BodyTimeout: time.Minute, IdleTimeout: DefaultIdleTimeout, FollowerLease: DefaultFollowerLease},
 		Worker: Worker{ShutdownTimeout: 20 * time.Second, TaskCheckInterval: 10 * time.Millisecond, LeaseTTL: DefaultLeaseTTL},

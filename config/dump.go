@@ -32,9 +32,15 @@ func (c *Config) dump(w io.Writer, p *Process) {
 	line("listen", "%s", listen)
 	line("worker_listen", "%s", workerListen)
 	line("redis_url", "%s", redactURL(c.RedisURL))
+	line("redis.mode", "%s", c.Redis.Mode)
 	line("redis.timeout", "%s", c.Redis.Timeout)
 	line("redis.allow_evicting", "%t", c.Redis.AllowEvicting)
 	line("redis.check_interval", "%s", c.Redis.CheckInterval)
+	if c.Redis.WaitReplicas > 0 {
+		line("redis.wait_replicas", "%d (WAIT up to %s after each admission and job end)", c.Redis.WaitReplicas, c.Redis.WaitTimeout)
+	} else {
+		line("redis.wait_replicas", "0 (no WAIT)")
+	}
 	line("upstream.base_url", "%s", redactURL(c.Upstream.BaseURL))
 	line("upstream.api_key", "%s", setOrNot(c.Upstream.APIKey))
 	line("upstream.admin_key", "%s (the account's rate limits)", setOrNot(c.Upstream.AdminKey))
@@ -112,6 +118,15 @@ func redactURL(s string) string {
 	u, err := url.Parse(s)
 	if err != nil {
 		return "(invalid URL)"
+	}
+	// go-redis's Sentinel URLs give the primary's password as a parameter.
+	if q := u.Query(); q.Has("password") || q.Has("sentinel_password") {
+		for _, k := range []string{"password", "sentinel_password"} {
+			if q.Has(k) {
+				q.Set(k, "xxxxx")
+			}
+		}
+		u.RawQuery = q.Encode()
 	}
 	return u.Redacted()
 }

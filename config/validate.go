@@ -58,13 +58,65 @@ func (c *Config) checkAddresses(v *validator) {
 
 // checkRedis: redis_url and the redis section.
 func (c *Config) checkRedis(v *validator) {
-	if c.RedisURL == "" {
-		v.add("redis_url", "required")
-	} else if _, err := redis.ParseURL(c.RedisURL); err != nil {
-		v.add("redis_url", "not a valid Redis URL (redis://host:port/db, rediss:// or unix://): %s", urlErr(err))
-	}
+	c.checkRedisURL(v)
 	v.positiveDuration("redis.timeout", c.Redis.Timeout)
 	v.positiveDuration("redis.check_interval", c.Redis.CheckInterval)
+	c.checkRedisWait(v)
+}
+
+// checkRedisURL: redis.mode, and redis_url in that mode's form.
+func (c *Config) checkRedisURL(v *validator) {
+	mode := c.Redis.Mode
+	switch mode {
+	case RedisSingle, RedisSentinel, RedisCluster:
+	default:
+		v.add("redis.mode", `must be "single" (one Redis), "sentinel" (a primary found through Sentinel) or "cluster", got %q`, mode)
+		mode = "" // the URL is still checked, as single's
+	}
+	if c.RedisURL == "" {
+		v.add("redis_url", "required")
+		return
+	}
+	switch mode {
+	case RedisSentinel:
+		o, err := redis.ParseFailoverURL(c.RedisURL)
+		switch {
+		case err != nil:
+			v.add("redis_url", "not a valid Redis Sentinel URL (redis.mode is sentinel): want the sentinels, redis://SENTINEL:26379/0?addr=SENTINEL2:26379&addr=SENTINEL3:26379&master_name=NAME (rediss:// for TLS): %s", urlErr(err))
+		case o.MasterName == "":
+			v.add("redis_url", "redis.mode is sentinel but the URL names no master: add ?master_name=NAME (the name in the sentinels' \"sentinel monitor NAME …\" line)")
+		}
+	case RedisCluster:
+		if _, err := redis.ParseClusterURL(c.RedisURL); err != nil {
+			v.add("redis_url", "not a valid Redis Cluster URL (redis.mode is cluster): want seed nodes, redis://NODE:7000?addr=NODE2:7001 (rediss:// for TLS): %s", urlErr(err))
+		} else if u, perr := url.Parse(c.RedisURL); perr == nil && strings.Trim(u.Path, "/") != "" && strings.Trim(u.Path, "/") != "0" {
+			v.add("redis_url", "redis.mode is cluster, and Redis Cluster has database 0 only: drop %q from the URL's end", u.Path)
+		}
+		v.add("redis.mode", "cluster is not supported yet: sluice's Lua scripts touch several keys at once, and in Redis Cluster those keys must share a hash slot, which needs a key layout sluice does not have yet; use single (one Redis) or sentinel (a primary with replicas and failover)")
+	default:
+		if u, perr := url.Parse(c.RedisURL); perr == nil && mode == RedisSingle && (u.Query().Has("master_name") || u.Query().Has("addr")) {
+			v.add("redis_url", "the URL has master_name or addr, as a Sentinel or Cluster URL does, but redis.mode is single: set redis.mode (REDIS_MODE) to sentinel or cluster")
+		} else if _, err := redis.ParseURL(c.RedisURL); err != nil {
+			v.add("redis_url", "not a valid Redis URL (redis://host:port/db, rediss:// or unix://): %s", urlErr(err))
+		}
+	}
+}
+
+// checkRedisWait: redis.wait_replicas and redis.wait_timeout.
+func (c *Config) checkRedisWait(v *validator) {
+	r := c.Redis
+	if r.WaitReplicas < 0 {
+		v.add("redis.wait_replicas", "must be ≥ 0 (0 means no WAIT), got %d", r.WaitReplicas)
+	}
+	if r.WaitReplicas == 0 {
+		return
+	}
+	switch {
+	case r.WaitTimeout <= 0:
+		v.add("redis.wait_timeout", "must be > 0 while redis.wait_replicas is set (a WAIT without a timeout blocks until the replicas answer, for ever if they are gone), got %s", r.WaitTimeout)
+	case r.Timeout > 0 && r.WaitTimeout >= r.Timeout:
+		v.add("redis.wait_timeout", "must be less than redis.timeout (%s): the script and its WAIT are one call bounded by it; got %s", r.Timeout, r.WaitTimeout)
+	}
 }
 
 // checkUpstream: the upstream section.

@@ -20,6 +20,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/hibiken/asynq"
 	"github.com/redis/go-redis/v9"
 )
 
@@ -33,23 +34,94 @@ func (d debugLog) Printf(ctx context.Context, format string, v ...any) {
 	d.log.Log(ctx, slog.LevelDebug, "redis client: "+fmt.Sprintf(format, v...))
 }
 
-// New opens a client for url (redis://, rediss:// or unix://) whose every
-// call is bounded by timeout.
-func New(url string, timeout time.Duration) (*redis.Client, error) {
-	opt, err := redis.ParseURL(url)
-	if err != nil {
-		return nil, err
-	}
+// The connection modes (config redis.mode).
+const (
+	Single   = "single"
+	Sentinel = "sentinel"
+	Cluster  = "cluster"
+)
+
+// New opens a client for url in mode (Single: redis://, rediss:// or
+// unix://, as redis.ParseURL; Sentinel: the sentinels and master_name, as
+// redis.ParseFailoverURL, a client that follows the primary through
+// failovers; Cluster: seed nodes, as redis.ParseClusterURL) whose every
+// call is bounded by timeout. "" is Single.
+func New(mode, url string, timeout time.Duration) (redis.UniversalClient, error) {
 	if timeout <= 0 {
 		return nil, fmt.Errorf("redisconn: timeout must be > 0, not %s", timeout)
 	}
-	opt.DialTimeout = timeout
-	opt.ReadTimeout = timeout
-	opt.WriteTimeout = timeout
-	opt.PoolTimeout = timeout
-	c := redis.NewClient(opt)
+	var c redis.UniversalClient
+	switch mode {
+	case Single, "":
+		opt, err := redis.ParseURL(url)
+		if err != nil {
+			return nil, err
+		}
+		opt.DialTimeout, opt.ReadTimeout, opt.WriteTimeout, opt.PoolTimeout = timeout, timeout, timeout, timeout
+		c = redis.NewClient(opt)
+	case Sentinel:
+		opt, err := failoverOptions(url)
+		if err != nil {
+			return nil, err
+		}
+		opt.DialTimeout, opt.ReadTimeout, opt.WriteTimeout, opt.PoolTimeout = timeout, timeout, timeout, timeout
+		c = redis.NewFailoverClient(opt)
+	case Cluster:
+		opt, err := redis.ParseClusterURL(url)
+		if err != nil {
+			return nil, err
+		}
+		opt.DialTimeout, opt.ReadTimeout, opt.WriteTimeout, opt.PoolTimeout = timeout, timeout, timeout, timeout
+		c = redis.NewClusterClient(opt)
+	default:
+		return nil, fmt.Errorf("redisconn: unknown mode %q (single, sentinel or cluster)", mode)
+	}
 	c.AddHook(deadline(timeout))
 	return c, nil
+}
+
+// failoverOptions parses a Sentinel URL, which must name the master.
+func failoverOptions(url string) (*redis.FailoverOptions, error) {
+	opt, err := redis.ParseFailoverURL(url)
+	if err != nil {
+		return nil, err
+	}
+	if opt.MasterName == "" {
+		return nil, errors.New("redisconn: a Sentinel URL needs ?master_name=NAME")
+	}
+	return opt, nil
+}
+
+// AsynqOpt is the asynq connection option for url in mode, for what builds
+// its own client from one (asynqmon), with the same timeouts as New's
+// clients (without New's deadline hook, which asynq cannot take).
+func AsynqOpt(mode, url string, timeout time.Duration) (asynq.RedisConnOpt, error) {
+	switch mode {
+	case Single, "":
+		opt, err := redis.ParseURL(url)
+		if err != nil {
+			return nil, err
+		}
+		return asynq.RedisClientOpt{Network: opt.Network, Addr: opt.Addr, Username: opt.Username, Password: opt.Password,
+			DB: opt.DB, DialTimeout: timeout, ReadTimeout: timeout, WriteTimeout: timeout, TLSConfig: opt.TLSConfig}, nil
+	case Sentinel:
+		opt, err := failoverOptions(url)
+		if err != nil {
+			return nil, err
+		}
+		return asynq.RedisFailoverClientOpt{MasterName: opt.MasterName, SentinelAddrs: opt.SentinelAddrs,
+			SentinelUsername: opt.SentinelUsername, SentinelPassword: opt.SentinelPassword,
+			Username: opt.Username, Password: opt.Password, DB: opt.DB,
+			DialTimeout: timeout, ReadTimeout: timeout, WriteTimeout: timeout, TLSConfig: opt.TLSConfig}, nil
+	case Cluster:
+		opt, err := redis.ParseClusterURL(url)
+		if err != nil {
+			return nil, err
+		}
+		return asynq.RedisClusterClientOpt{Addrs: opt.Addrs, MaxRedirects: opt.MaxRedirects, Username: opt.Username,
+			Password: opt.Password, DialTimeout: timeout, ReadTimeout: timeout, WriteTimeout: timeout, TLSConfig: opt.TLSConfig}, nil
+	}
+	return nil, fmt.Errorf("redisconn: unknown mode %q (single, sentinel or cluster)", mode)
 }
 
 // deadline bounds each call (and pipeline) as a whole.

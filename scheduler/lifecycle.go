@@ -16,6 +16,7 @@ import (
 	"github.com/sluice-dev/sluice/config"
 	"github.com/sluice-dev/sluice/internal/rkeys"
 	"github.com/sluice-dev/sluice/jobs"
+	"github.com/sluice-dev/sluice/redisconn"
 )
 
 // A job's life after admission is a handful of transitions, each one call
@@ -138,7 +139,13 @@ func (s *Scheduler) apply(ctx context.Context, g *config.ModelGroup, j *jobs.Job
 	for _, f := range fields {
 		args = append(args, f)
 	}
-	res, err := lifecycleScript.Run(ctx, s.rdb, []string{
+	// A job's end (succeeded, failed, expired, canceled) is followed by
+	// WAIT (Options.Wait), as its admission was; the steps between are not.
+	var w *redisconn.Waiter
+	if p.To.Terminal() && p.Event != "" {
+		w = s.wait
+	}
+	res, err := w.Run(ctx, s.rdb, "end", lifecycleScript, []string{
 		jobs.Key(j.ID), jobs.EventsKey(j.ID), jobs.CountsKey(j.Tenant, j.UserID), jobs.WaitingUsersKey(g.Name),
 		k.lim(), k.reservations(), k.leases(), quotaKey(j.Tenant, j.UserID), k.rate(),
 		k.order(), k.costs(), k.totals(), k.deadlines(), k.delayed(), k.delayedTags(), k.expiring(), k.live(),

@@ -25,6 +25,7 @@ import (
 	"github.com/sluice-dev/sluice/config"
 	"github.com/sluice-dev/sluice/internal/rkeys"
 	"github.com/sluice-dev/sluice/jobs"
+	"github.com/sluice-dev/sluice/redisconn"
 )
 
 var (
@@ -73,6 +74,9 @@ type Options struct {
 	MaxOutage time.Duration
 	// Clock, when set, replaces Redis TIME in every script (tests).
 	Clock func() time.Time
+	// Wait, when not nil, follows each admission and each job's end with
+	// WAIT on the same connection (config redis.wait_replicas).
+	Wait *redisconn.Waiter
 }
 
 // Scheduler runs the engine's scripts.
@@ -82,6 +86,7 @@ type Scheduler struct {
 	lease     time.Duration
 	maxOutage time.Duration
 	clock     func() time.Time
+	wait      *redisconn.Waiter
 }
 
 // New returns a Scheduler on rdb; store supplies job-record settings.
@@ -92,7 +97,7 @@ func New(rdb redis.UniversalClient, store *jobs.Store, o Options) *Scheduler {
 	if o.MaxOutage <= 0 {
 		o.MaxOutage = config.DefaultMaxOutage
 	}
-	return &Scheduler{rdb: rdb, store: store, lease: o.LeaseTTL, maxOutage: o.MaxOutage, clock: o.Clock}
+	return &Scheduler{rdb: rdb, store: store, lease: o.LeaseTTL, maxOutage: o.MaxOutage, clock: o.Clock, wait: o.Wait}
 }
 
 // LeaseTTL is the lease time; workers renew at a third of it.
@@ -278,7 +283,7 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 	args = append(args, g.MaxConcurrency, a.Policy.RequestsPerHour, a.Policy.TokensPerHour,
 		a.Policy.MaxQueued, a.MaxWait.Milliseconds(), a.BodyHash, int(IdempotencyTTL/time.Second), deadline, countReads(g))
 	args = append(args, s.store.Fields(j)...)
-	res, err := admitScript.Run(ctx, s.rdb, []string{
+	res, err := s.wait.Run(ctx, s.rdb, "admit", admitScript, []string{
 		jobs.Key(j.ID), k.cache(), k.seq(), k.order(), k.finish(), k.vtime(),
 		k.costs(), k.totals(), k.lim(), idem, quotaKey(j.Tenant, j.UserID),
 		jobs.CountsKey(j.Tenant, j.UserID), jobs.IndexKey(j.Tenant, ""), jobs.IndexKey(j.Tenant, j.UserID),

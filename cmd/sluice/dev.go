@@ -116,6 +116,10 @@ func runDev(ctx context.Context, args []string, getenv func(string) string, stdo
 		switch name {
 		case "REDIS_URL":
 			return redisURL
+		case "REDIS_MODE":
+			if redisNote != "REDIS_URL" {
+				return "single" // dev's own Redis
+			}
 		case "ANTHROPIC_BASE_URL":
 			return upstreamURL
 		case "SLUICE_LISTEN":

@@ -305,6 +305,10 @@ func startInProcess(ctx context.Context, o inProcessOptions, getenv func(string)
 		switch name {
 		case "REDIS_URL":
 			return redisURL
+		case "REDIS_MODE": // with the caller's REDIS_URL only
+			if getenv("REDIS_URL") != "" {
+				return getenv(name)
+			}
 		case "ANTHROPIC_BASE_URL":
 			return fakeURL
 		case "ANTHROPIC_API_KEY":

@@ -53,7 +53,8 @@ func serverUsage(role string) string {
 	) + "\nEnvironment (each beats the file):\n" + helpTable(
 		[2]string{"SLUICE_CONFIG", "the configuration file, as --config"},
 		listenEnv,
-		[2]string{"REDIS_URL", "the Redis that holds jobs, queues and limits (redis://host:port/db)"},
+		[2]string{"REDIS_URL", "the Redis that holds jobs, queues and limits (redis://host:port/db; with REDIS_MODE=sentinel the sentinels: redis://s1:26379/0?addr=s2:26379&master_name=NAME)"},
+		[2]string{"REDIS_MODE", "single (default) or sentinel: how REDIS_URL is read"},
 		[2]string{"ANTHROPIC_BASE_URL", "the upstream's base URL (default https://api.anthropic.com)"},
 		[2]string{"ANTHROPIC_API_KEY", "the upstream key: only ever from the environment"},
 		[2]string{"SLUICE_ADMIN_KEY", "an extra admin key (for /monitoring/)"},
@@ -197,8 +198,8 @@ func dumpConfig(w io.Writer, cfg *config.Config, r roles, ln net.Listener) {
 // what went wrong (unreachable, refusing sluice's password, not Redis, no
 // such database) and what to change, hint ("" = set REDIS_URL or
 // redis_url).
-func connectRedis(ctx context.Context, cfg *config.Config, hint string) (*redis.Client, error) {
-	rdb, err := redisconn.New(cfg.RedisURL, cfg.Redis.Timeout)
+func connectRedis(ctx context.Context, cfg *config.Config, hint string) (redis.UniversalClient, error) {
+	rdb, err := redisconn.New(cfg.Redis.Mode, cfg.RedisURL, cfg.Redis.Timeout)
 	if err != nil {
 		return nil, fmt.Errorf("redis_url: %w", err)
 	}
@@ -224,6 +225,8 @@ func redisProblem(url string, err error, hint string) error {
 	switch {
 	case strings.Contains(msg, "NOAUTH") || strings.Contains(msg, "WRONGPASS") || strings.Contains(msg, "invalid password") || strings.Contains(msg, "invalid username-password"):
 		what = "Redis at %s refused sluice's credentials (%v): give its password in the URL, redis://:PASSWORD@host:port/0 or redis://USER:PASSWORD@host:port/0"
+	case strings.Contains(msg, "sentinel") || strings.Contains(msg, "master"):
+		what = "cannot find the Redis primary through the sentinels at %s (%v): check the sentinels' addresses and master_name (the NAME of their \"sentinel monitor NAME\" line)"
 	case strings.Contains(msg, "DB index is out of range"):
 		what = "Redis at %s has no such database (%v): end the URL with a database number it has, such as /0"
 	case strings.Contains(msg, "invalid reply") || strings.Contains(msg, "can't parse") || strings.Contains(msg, "tls:"):
@@ -241,7 +244,7 @@ func redisProblem(url string, err error, hint string) error {
 // overridden (the guard then warns loudly, and /readyz fails). A policy
 // that cannot be read (miniredis in `sluice dev`, some managed Redis) is
 // only warned about.
-func startGuard(ctx context.Context, rdb *redis.Client, cfg *config.Config, log *slog.Logger) (*redisguard.Guard, error) {
+func startGuard(ctx context.Context, rdb redis.UniversalClient, cfg *config.Config, log *slog.Logger) (*redisguard.Guard, error) {
 	guard := redisguard.New(rdb, cfg.Redis, log.With("component", "redisguard"))
 	if _, err := guard.Check(ctx); err != nil {
 		return nil, err
@@ -254,7 +257,7 @@ func startGuard(ctx context.Context, rdb *redis.Client, cfg *config.Config, log 
 type parts struct {
 	cfg       *config.Config
 	log       *slog.Logger
-	rdb       *redis.Client
+	rdb       redis.UniversalClient
 	guard     *redisguard.Guard
 	store     *jobs.Store
 	sched     *scheduler.Scheduler
@@ -265,14 +268,18 @@ type parts struct {
 	fake      bool // the upstream is sluice's own fake
 }
 
-func newParts(cfg *config.Config, rdb *redis.Client, guard *redisguard.Guard, log *slog.Logger) *parts {
+func newParts(cfg *config.Config, rdb redis.UniversalClient, guard *redisguard.Guard, log *slog.Logger) *parts {
 	p := &parts{cfg: cfg, log: log, rdb: rdb, guard: guard}
 	p.store = jobs.NewStore(rdb, jobs.Options{})
-	p.sched = scheduler.New(rdb, p.store, scheduler.Options{LeaseTTL: cfg.Worker.LeaseTTL, MaxOutage: cfg.Upstream.MaxOutage})
+	wait := redisconn.NewWaiter(cfg.Redis.WaitReplicas, cfg.Redis.WaitTimeout, log.With("component", "redis-wait"))
+	p.sched = scheduler.New(rdb, p.store, scheduler.Options{LeaseTTL: cfg.Worker.LeaseTTL, MaxOutage: cfg.Upstream.MaxOutage, Wait: wait})
 	p.estimator = estimate.NewCalibrator(rdb)
 	p.up = upstream.New(upstream.Options{BaseURL: cfg.Upstream.BaseURL, APIKey: cfg.Upstream.APIKey, FirstByteTimeout: cfg.Upstream.FirstByteTimeout})
 	p.met = metrics.New()
 	p.met.Register(guard)
+	if wait != nil {
+		p.met.Register(wait.Collector())
+	}
 	p.use = usagestats.New(rdb, usagestats.Retention{Hourly: cfg.Usage.HourlyRetention, Daily: cfg.Usage.DailyRetention}, nil)
 	return p
 }
@@ -346,7 +353,7 @@ func monitoring(cfg *config.Config, log *slog.Logger) (*asynqmon.HTTPHandler, er
 		log.Info("no admin key configured: /monitoring/ is off (set admin_keys or SLUICE_ADMIN_KEY)")
 		return nil, nil
 	}
-	connOpt, err := asynq.ParseRedisURI(cfg.RedisURL)
+	connOpt, err := redisconn.AsynqOpt(cfg.Redis.Mode, cfg.RedisURL, cfg.Redis.Timeout)
 	if err != nil {
 		return nil, fmt.Errorf("redis_url for asynqmon: %w", err)
 	}
@@ -465,8 +472,16 @@ func millisTimes(_ []string, a slog.Attr) slog.Attr {
 	return a
 }
 
-// redactRedis hides a password in a Redis URL.
+// redactRedis hides a password in a Redis URL: its user part, and a
+// Sentinel URL's password parameter (the primary's password).
 func redactRedis(u string) string {
+	if i := strings.Index(u, "password="); i > 0 {
+		end := strings.IndexByte(u[i:], '&')
+		if end < 0 {
+			end = len(u) - i
+		}
+		u = u[:i] + "password=***" + u[i+end:]
+	}
 	if i := strings.Index(u, "@"); i > 0 {
 		if j := strings.Index(u, "://"); j > 0 && j < i {
 			return u[:j+3] + "***@" + u[i+1:]

@@ -26,6 +26,7 @@ import (
 	"github.com/sluice-dev/sluice/internal/redistest"
 	"github.com/sluice-dev/sluice/jobs"
 	"github.com/sluice-dev/sluice/metrics"
+	"github.com/sluice-dev/sluice/redisconn"
 	"github.com/sluice-dev/sluice/scheduler"
 	"github.com/sluice-dev/sluice/upstream"
 	"github.com/sluice-dev/sluice/usage"
@@ -171,7 +172,8 @@ func Start(tb testing.TB, o Options) *Env {
 	e.Config = cfg
 	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: e.level}))
 	e.Store = jobs.NewStore(e.RDB, jobs.Options{})
-	e.Sched = scheduler.New(e.RDB, e.Store, scheduler.Options{LeaseTTL: cfg.Worker.LeaseTTL, MaxOutage: cfg.Upstream.MaxOutage, Clock: o.Clock})
+	e.Sched = scheduler.New(e.RDB, e.Store, scheduler.Options{LeaseTTL: cfg.Worker.LeaseTTL, MaxOutage: cfg.Upstream.MaxOutage, Clock: o.Clock,
+		Wait: redisconn.NewWaiter(cfg.Redis.WaitReplicas, cfg.Redis.WaitTimeout, log)})
 	e.Metrics = metrics.New()
 	e.Metrics.Register(metrics.NewState(e.Sched, cfg.ModelGroups, log))
 	e.Usage = usage.New(e.RDB, usage.Retention{Hourly: cfg.Usage.HourlyRetention, Daily: cfg.Usage.DailyRetention}, o.Clock)
