@@ -1,11 +1,13 @@
 package api
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
@@ -154,8 +156,9 @@ func jobOutcomeError(j *jobs.Job) (int, string, string) {
 }
 
 // streamMessage answers in Anthropic's own SSE sequence: ping events while
-// the request waits, then message_start, one text block's deltas, and
-// message_delta/message_stop with the real stop reason and usage.
+// the request waits, then message_start, every content block as the
+// upstream streamed it (relay), and message_delta/message_stop with the
+// real stop reason and usage.
 func (s *Server) streamMessage(c *echo.Context, job *jobs.Job, sub *jobs.Subscription) error {
 	w := c.Response()
 	h := w.Header()
@@ -164,89 +167,295 @@ func (s *Server) streamMessage(c *echo.Context, job *jobs.Job, sub *jobs.Subscri
 	h.Set("X-Accel-Buffering", "no")
 	w.WriteHeader(http.StatusOK)
 	rc := http.NewResponseController(w)
-	send := func(event string, data any) error {
-		b, _ := json.Marshal(data)
-		if _, err := fmt.Fprintf(w, "event: %s\ndata: %s\n\n", event, b); err != nil {
+	r := &relay{job: job, send: func(event string, data []byte) error {
+		if _, err := fmt.Fprintf(w, "event: %s\ndata: %s\n\n", event, data); err != nil {
 			return err
 		}
 		return rc.Flush()
-	}
-	ping := func() error { return send("ping", map[string]string{"type": "ping"}) }
+	}, implicit: -1, framed: map[int]bool{}}
+	ping := func() error { return r.send("ping", []byte(`{"type":"ping"}`)) }
 	if err := ping(); err != nil {
 		return nil
 	}
 	ctx := c.Request().Context()
-	begun := false
-	begin := func() error {
-		if begun {
-			return nil
-		}
-		begun = true
-		msg := map[string]any{
-			"id": "msg_" + strings.TrimPrefix(job.ID, "job_"), "type": "message", "role": "assistant",
-			"model": job.Model, "content": []any{}, "stop_reason": nil, "stop_sequence": nil,
-			"usage": map[string]any{"input_tokens": job.CostIn, "output_tokens": 1},
-		}
-		if err := send("message_start", map[string]any{"type": "message_start", "message": msg}); err != nil {
-			return err
-		}
-		return send("content_block_start", map[string]any{"type": "content_block_start", "index": 0,
-			"content_block": map[string]any{"type": "text", "text": ""}})
-	}
-	fail := func(typ, msg string) error {
-		return send("error", anthropicBody(typ, msg))
-	}
 	err := sub.Follow(ctx, "", pingEvery, ping, func(ev jobs.Event) (bool, error) {
 		switch ev.Name {
-		case "delta":
-			var d struct{ Text string }
-			_ = json.Unmarshal(ev.Data, &d)
-			if err := begin(); err != nil {
-				return true, err
-			}
-			return false, send("content_block_delta", map[string]any{"type": "content_block_delta", "index": 0,
-				"delta": map[string]any{"type": "text_delta", "text": d.Text}})
-		case "retrying":
-			if begun {
-				// Text already sent cannot be taken back: end as the upstream would.
-				return true, fail("overloaded_error", "The upstream failed mid-answer; please send the request again.")
-			}
-		case "succeeded":
-			var v struct {
-				Result json.RawMessage `json:"result"`
-			}
-			_ = json.Unmarshal(ev.Data, &v)
-			var m struct {
-				StopReason   *string         `json:"stop_reason"`
-				StopSequence *string         `json:"stop_sequence"`
-				Usage        json.RawMessage `json:"usage"`
-			}
-			_ = json.Unmarshal(v.Result, &m)
-			if err := begin(); err != nil {
-				return true, err
-			}
-			if err := send("content_block_stop", map[string]any{"type": "content_block_stop", "index": 0}); err != nil {
-				return true, err
-			}
-			if err := send("message_delta", map[string]any{"type": "message_delta",
-				"delta": map[string]any{"stop_reason": m.StopReason, "stop_sequence": m.StopSequence}, "usage": m.Usage}); err != nil {
-				return true, err
-			}
-			return true, send("message_stop", map[string]any{"type": "message_stop"})
 		case "failed", "canceled", "expired":
 			done, err := s.d.Store.Get(context.WithoutCancel(ctx), job.ID)
 			if err != nil {
 				return true, err
 			}
 			_, typ, msg := jobOutcomeError(done)
-			return true, fail(typ, msg)
+			return true, r.fail(typ, msg)
 		}
-		return false, nil
+		return r.event(ev)
 	})
 	if err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, jobs.ErrHubClosed) {
 		s.log.Debug("messages stream ended", "job_id", job.ID, "tenant", job.Tenant, "user_id", job.UserID, "err", err)
 	}
 	return nil
+}
+
+// relay turns a job's events back into the upstream's stream events, in
+// order and in their shape: block_start, block_delta and block_stop are the
+// upstream's content_block_start, content_block_delta and
+// content_block_stop with their type put back; a text delta is a
+// text_delta, and a plain text block (which the log does not frame) is
+// opened before its first delta and closed when the next block begins or
+// the message ends; upstream_event is relayed as it came. message_start is
+// sent before the first of them (so a retry before any content stays
+// invisible), message_delta and message_stop at the job's success.
+type relay struct {
+	job      *jobs.Job
+	send     func(event string, data []byte) error
+	begun    bool         // message_start was sent
+	opened   int          // blocks 0..opened-1 were started
+	implicit int          // the open plain text block (-1: none)
+	framed   map[int]bool // blocks opened by block_start, not yet stopped
+}
+
+// event relays one job event; it reports whether the stream is over.
+func (r *relay) event(ev jobs.Event) (bool, error) {
+	switch ev.Name {
+	case "delta":
+		var d struct {
+			Text  string `json:"text"`
+			Index int    `json:"index"`
+		}
+		_ = json.Unmarshal(ev.Data, &d)
+		if err := r.openText(d.Index); err != nil {
+			return true, err
+		}
+		b, _ := json.Marshal(map[string]any{"type": "content_block_delta", "index": d.Index,
+			"delta": map[string]any{"type": "text_delta", "text": d.Text}})
+		return false, r.send("content_block_delta", b)
+	case "block_start":
+		var d struct {
+			Index int `json:"index"`
+		}
+		_ = json.Unmarshal(ev.Data, &d)
+		if err := r.openUpTo(d.Index); err != nil {
+			return true, err
+		}
+		r.opened, r.framed[d.Index] = d.Index+1, true
+		return false, r.send("content_block_start", typed("content_block_start", ev.Data))
+	case "block_delta":
+		var d struct {
+			Index int `json:"index"`
+		}
+		_ = json.Unmarshal(ev.Data, &d)
+		if err := r.openText(d.Index); err != nil { // a citation before a plain text block's first text
+			return true, err
+		}
+		return false, r.send("content_block_delta", typed("content_block_delta", ev.Data))
+	case "block_stop":
+		var d struct {
+			Index int `json:"index"`
+		}
+		_ = json.Unmarshal(ev.Data, &d)
+		if err := r.begin(); err != nil {
+			return true, err
+		}
+		delete(r.framed, d.Index)
+		return false, r.send("content_block_stop", typed("content_block_stop", ev.Data))
+	case "upstream_event":
+		var d struct {
+			Type string `json:"type"`
+		}
+		if json.Unmarshal(ev.Data, &d) != nil || !safeEventName(d.Type) {
+			return false, nil
+		}
+		if err := r.begin(); err != nil {
+			return true, err
+		}
+		return false, r.send(d.Type, ev.Data)
+	case "retrying":
+		if !r.begun {
+			return false, nil // nothing sent yet: the next attempt starts afresh
+		}
+		// What was sent cannot be taken back: end as the upstream would.
+		var d struct {
+			Reason string `json:"reason"`
+		}
+		_ = json.Unmarshal(ev.Data, &d)
+		if d.Reason == "overloaded" || d.Reason == "rate_limited" {
+			return true, r.fail("overloaded_error", "Overloaded: the upstream failed mid-answer; please send the request again.")
+		}
+		return true, r.fail("api_error", "The upstream failed mid-answer ("+d.Reason+"); please send the request again.")
+	case "succeeded":
+		return true, r.finish(ev.Data)
+	}
+	return false, nil
+}
+
+// begin sends message_start once.
+func (r *relay) begin() error {
+	if r.begun {
+		return nil
+	}
+	r.begun = true
+	msg := map[string]any{
+		"id": "msg_" + strings.TrimPrefix(r.job.ID, "job_"), "type": "message", "role": "assistant",
+		"model": r.job.Model, "content": []any{}, "stop_reason": nil, "stop_sequence": nil,
+		"usage": map[string]any{"input_tokens": r.job.CostIn, "output_tokens": 1},
+	}
+	b, _ := json.Marshal(map[string]any{"type": "message_start", "message": msg})
+	return r.send("message_start", b)
+}
+
+// openUpTo prepares block index to start: message_start sent, the open
+// plain text block closed, and blocks the log skipped (empty text blocks,
+// which have no deltas) started and stopped.
+func (r *relay) openUpTo(index int) error {
+	if err := r.begin(); err != nil {
+		return err
+	}
+	if err := r.closeText(); err != nil {
+		return err
+	}
+	for ; r.opened < index; r.opened++ {
+		if err := r.emptyText(r.opened, ""); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// openText makes sure block index is open: a block not yet started is a
+// plain text block (the only kind the log does not frame).
+func (r *relay) openText(index int) error {
+	if err := r.begin(); err != nil {
+		return err
+	}
+	if index < r.opened {
+		return nil
+	}
+	if err := r.openUpTo(index); err != nil {
+		return err
+	}
+	r.opened, r.implicit = index+1, index
+	b, _ := json.Marshal(map[string]any{"type": "content_block_start", "index": index,
+		"content_block": map[string]any{"type": "text", "text": ""}})
+	return r.send("content_block_start", b)
+}
+
+func (r *relay) closeText() error {
+	if r.implicit < 0 {
+		return nil
+	}
+	i := r.implicit
+	r.implicit = -1
+	return r.send("content_block_stop", []byte(`{"type":"content_block_stop","index":`+strconv.Itoa(i)+`}`))
+}
+
+// emptyText sends a whole text block (start, its text if any, stop).
+func (r *relay) emptyText(index int, text string) error {
+	b, _ := json.Marshal(map[string]any{"type": "content_block_start", "index": index,
+		"content_block": map[string]any{"type": "text", "text": ""}})
+	if err := r.send("content_block_start", b); err != nil {
+		return err
+	}
+	if text != "" {
+		b, _ = json.Marshal(map[string]any{"type": "content_block_delta", "index": index,
+			"delta": map[string]any{"type": "text_delta", "text": text}})
+		if err := r.send("content_block_delta", b); err != nil {
+			return err
+		}
+	}
+	return r.send("content_block_stop", []byte(`{"type":"content_block_stop","index":`+strconv.Itoa(index)+`}`))
+}
+
+// finish ends the stream with the job's result: blocks the log did not
+// carry (empty text blocks; every block of a job run before blocks were
+// logged) from the result, then message_delta and message_stop.
+func (r *relay) finish(data json.RawMessage) error {
+	var v struct {
+		Result json.RawMessage `json:"result"`
+	}
+	_ = json.Unmarshal(data, &v)
+	var m struct {
+		Content      []json.RawMessage          `json:"content"`
+		StopReason   *string                    `json:"stop_reason"`
+		StopSequence *string                    `json:"stop_sequence"`
+		Usage        map[string]json.RawMessage `json:"usage"`
+	}
+	_ = json.Unmarshal(v.Result, &m)
+	if err := r.begin(); err != nil {
+		return err
+	}
+	if err := r.closeText(); err != nil {
+		return err
+	}
+	for ; r.opened < len(m.Content); r.opened++ {
+		raw := m.Content[r.opened]
+		var b struct {
+			Type string `json:"type"`
+			Text string `json:"text"`
+		}
+		_ = json.Unmarshal(raw, &b)
+		if b.Type == "text" {
+			if err := r.emptyText(r.opened, b.Text); err != nil {
+				return err
+			}
+			continue
+		}
+		if err := r.send("content_block_start", []byte(`{"type":"content_block_start","index":`+strconv.Itoa(r.opened)+`,"content_block":`+string(raw)+`}`)); err != nil {
+			return err
+		}
+		if err := r.send("content_block_stop", []byte(`{"type":"content_block_stop","index":`+strconv.Itoa(r.opened)+`}`)); err != nil {
+			return err
+		}
+	}
+	for i := range r.opened {
+		if r.framed[i] { // a block whose stop the log lacks
+			delete(r.framed, i)
+			if err := r.send("content_block_stop", []byte(`{"type":"content_block_stop","index":`+strconv.Itoa(i)+`}`)); err != nil {
+				return err
+			}
+		}
+	}
+	delete(m.Usage, "cache_creation") // message_delta's usage has no breakdown
+	b, _ := json.Marshal(map[string]any{"type": "message_delta",
+		"delta": map[string]any{"stop_reason": m.StopReason, "stop_sequence": m.StopSequence}, "usage": m.Usage})
+	if err := r.send("message_delta", b); err != nil {
+		return err
+	}
+	return r.send("message_stop", []byte(`{"type":"message_stop"}`))
+}
+
+func (r *relay) fail(typ, msg string) error {
+	b, _ := json.Marshal(anthropicBody(typ, msg))
+	return r.send("error", b)
+}
+
+// typed is a job event's data (a JSON object) as the upstream event it
+// came from: {"type": typ, …data}.
+func typed(typ string, data json.RawMessage) []byte {
+	d := bytes.TrimSpace(data)
+	if len(d) < 2 || d[0] != '{' {
+		return []byte(`{"type":"` + typ + `"}`)
+	}
+	out := make([]byte, 0, len(d)+len(typ)+12)
+	out = append(out, `{"type":"`...)
+	out = append(out, typ...)
+	out = append(out, '"')
+	if rest := bytes.TrimSpace(d[1:]); len(rest) > 0 && rest[0] != '}' {
+		out = append(out, ',')
+	}
+	return append(out, d[1:]...)
+}
+
+// safeEventName: an upstream event type that can be an SSE event name.
+func safeEventName(s string) bool {
+	if s == "" || len(s) > 100 {
+		return false
+	}
+	for _, c := range s {
+		if !(c == '_' || c == '-' || c == '.' || c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9') {
+			return false
+		}
+	}
+	return true
 }
 
 // decodeObject decodes a body that must be one JSON object (what).

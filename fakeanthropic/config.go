@@ -149,11 +149,11 @@ const (
 	// "ramp_limit_exceeded" and retry-after (RetryAfter, default 1 s).
 	FaultRampLimit FaultKind = "ramp_limit"
 	// FaultStreamError admits the request, starts a 200 stream, sends half
-	// of the text deltas and then an `event: error` carrying an
+	// of the output tokens' deltas and then an `event: error` carrying an
 	// overloaded_error. A non-streaming request gets a plain 529 instead.
 	FaultStreamError FaultKind = "stream_error"
 	// FaultStreamCut admits the request, starts a 200 stream, sends half of
-	// the text deltas and ends the stream cleanly without content_block_stop,
+	// the output tokens' deltas and ends the stream cleanly without content_block_stop,
 	// message_delta or message_stop, closing the connection. A non-streaming
 	// request gets its headers and half of its body, then the connection is
 	// closed. Either way the output produced counts as billed.

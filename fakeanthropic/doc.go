@@ -56,10 +56,39 @@
 //	[[cache_write=N]]   add N cache_creation_input_tokens (they count toward ITPM)
 //	[[cache_read=N]]    add N cache_read_input_tokens (they do not, by default)
 //	[[latency_ms=N]]    wait N ms more (on top of Config.Latency) before the answer begins
+//	[[tool_use=NAME]]   call the request's tool NAME ([[tool_use]]: its first tool)
+//	[[thinking_tokens=N]]  with thinking enabled, N words of thinking (default 8, at most budget_tokens)
+//	[[redacted_thinking]]  with thinking enabled, a redacted_thinking block after the thinking
+//	[[citations]]       the text block ends with a citations_delta
+//	[[unknown_event]]   an event (content_block_future) and a block (future_block) of unknown types
 //
 // The cache directives describe a cached prefix on top of the counted
 // prompt, on top of what real prompt caching (below) reports: they do not
-// take anything from input_tokens.
+// take anything from input_tokens. Directives are read from the last user
+// message's text, the contents of its tool results included.
+//
+// # Content blocks
+//
+// A reply's blocks, in order: with thinking enabled ({"type":"enabled",
+// "budget_tokens":N} or {"type":"adaptive"}) a thinking block (one
+// thinking_delta per word, then a signature_delta), and a redacted_thinking
+// block with [[redacted_thinking]]; with [[unknown_event]] a future_block
+// (one future_delta); a text block (one text_delta per word, and a
+// citations_delta with [[citations]]), left out when the reply is only a
+// tool call; and a tool call when [[tool_use]] or tool_choice (any, tool)
+// asks for one: a tool_use block (input {} at its start) whose input, made
+// from the tool's input_schema, streams as an empty input_json_delta and
+// then pieces of up to 8 bytes, one output token each, with stop_reason
+// "tool_use". A tool call that does not fit in max_tokens is left out. The
+// non-streaming message holds the same blocks whole.
+//
+// Requests are checked as the API checks them: tools have a name and (client
+// tools) an input_schema; tool_choice names a tool of the request; thinking's
+// budget_tokens is at least 1,024 and below max_tokens, and not with a forced
+// tool_choice; every tool_use of an assistant message is answered by a
+// tool_result in the next (user) message, and every tool_result answers a
+// tool_use of the message before it; a thinking block sent back keeps the
+// signature the fake gave it.
 //
 // # Prompt caching
 //

@@ -185,7 +185,7 @@ func (s *Server) serveMessages(w http.ResponseWriter, r *http.Request, c *call) 
 		Type:    "message",
 		Role:    "assistant",
 		Model:   req.model,
-		Content: []textBlock{},
+		Content: []any{},
 		Usage:   p.usage,
 	}
 	if req.stream {
@@ -225,15 +225,15 @@ func (o *output) firstByte() error {
 }
 
 // next waits until the next token is due, then produces it: it counts in
-// Stats and, in realtime OTPM mode, in the output bucket. It returns the
-// token, or an error if the client went away.
-func (o *output) next() (string, error) {
+// Stats and, in realtime OTPM mode, in the output bucket. It returns an
+// error if the client went away.
+func (o *output) next() error {
 	due := o.start.Add(o.latency)
 	if tps := o.s.cfg.TokensPerSecond; tps > 0 {
 		due = due.Add(time.Duration(float64(o.produced()+1) / tps * float64(time.Second)))
 	}
 	if err := o.s.pause(o.ctx, due); err != nil {
-		return "", err
+		return err
 	}
 	s, g := o.s, o.c.group
 	s.mu.Lock()
@@ -243,9 +243,8 @@ func (o *output) next() (string, error) {
 		g.output.take(1)
 	}
 	s.mu.Unlock()
-	tok := o.plan.tokens[o.produced()]
 	o.c.rec.OutputTokens++
-	return tok, nil
+	return nil
 }
 
 // Wire types of the Messages API, in the API's field order.
@@ -264,37 +263,35 @@ type (
 		Ephemeral5mInputTokens int `json:"ephemeral_5m_input_tokens"`
 		Ephemeral1hInputTokens int `json:"ephemeral_1h_input_tokens"`
 	}
-	textBlock struct {
-		Type string `json:"type"`
-		Text string `json:"text"`
-	}
 	message struct {
-		ID           string      `json:"id"`
-		Type         string      `json:"type"`
-		Role         string      `json:"role"`
-		Model        string      `json:"model"`
-		Content      []textBlock `json:"content"`
-		StopReason   *string     `json:"stop_reason"`
-		StopSequence *string     `json:"stop_sequence"`
-		Usage        usage       `json:"usage"`
+		ID           string  `json:"id"`
+		Type         string  `json:"type"`
+		Role         string  `json:"role"`
+		Model        string  `json:"model"`
+		Content      []any   `json:"content"`
+		StopReason   *string `json:"stop_reason"`
+		StopSequence *string `json:"stop_sequence"`
+		Usage        usage   `json:"usage"`
 	}
 	messageStartEvent struct {
 		Type    string  `json:"type"`
 		Message message `json:"message"`
 	}
 	contentBlockStartEvent struct {
-		Type         string    `json:"type"`
-		Index        int       `json:"index"`
-		ContentBlock textBlock `json:"content_block"`
+		Type         string `json:"type"`
+		Index        int    `json:"index"`
+		ContentBlock any    `json:"content_block"`
 	}
 	contentBlockDeltaEvent struct {
-		Type  string    `json:"type"`
-		Index int       `json:"index"`
-		Delta textDelta `json:"delta"`
+		Type  string `json:"type"`
+		Index int    `json:"index"`
+		Delta any    `json:"delta"`
 	}
-	textDelta struct {
-		Type string `json:"type"`
-		Text string `json:"text"`
+	// futureEvent is an event type no client knows ([[unknown_event]]).
+	futureEvent struct {
+		Type   string `json:"type"`
+		Index  int    `json:"index"`
+		Detail string `json:"detail"`
 	}
 	contentBlockStopEvent struct {
 		Type  string `json:"type"`
@@ -322,12 +319,14 @@ func (s *Server) writeMessage(w http.ResponseWriter, out *output, msg message, f
 	if out.firstByte() != nil {
 		return
 	}
-	for out.produced() < len(out.plan.tokens) {
-		if _, err := out.next(); err != nil {
+	for out.produced() < out.plan.tokens() {
+		if err := out.next(); err != nil {
 			return
 		}
 	}
-	msg.Content = []textBlock{{Type: "text", Text: out.plan.text(out.produced())}}
+	for _, b := range out.plan.blocks {
+		msg.Content = append(msg.Content, b.whole)
+	}
 	msg.StopReason = &out.plan.stopReason
 	msg.StopSequence = out.plan.stopSequence
 	msg.Usage.OutputTokens = out.produced()
@@ -372,25 +371,40 @@ func (s *Server) writeStream(w http.ResponseWriter, out *output, msg message, fa
 	start.Usage.OutputTokens = 1
 	ev.send("message_start", messageStartEvent{Type: "message_start", Message: start})
 	ev.send("ping", typeOnlyEvent{Type: "ping"})
-	ev.send("content_block_start", contentBlockStartEvent{Type: "content_block_start",
-		ContentBlock: textBlock{Type: "text", Text: ""}})
+	if out.plan.unknownEvent {
+		ev.send("content_block_future", futureEvent{Type: "content_block_future", Index: 0,
+			Detail: "an event type this client does not know"})
+	}
 
-	n := len(out.plan.tokens)
-	if fault == FaultStreamError || fault == FaultStreamCut {
+	// A stream fault stops right after half of the output tokens.
+	faulted := fault == FaultStreamError || fault == FaultStreamCut
+	n := out.plan.tokens()
+	if faulted {
 		n = cutPoint(n)
 	}
-	for ev.err == nil && out.produced() < n {
-		tok, err := out.next()
-		if err != nil {
-			return
+blocks:
+	for i, b := range out.plan.blocks {
+		ev.send("content_block_start", contentBlockStartEvent{Type: "content_block_start", Index: i, ContentBlock: b.start})
+		for _, d := range b.deltas {
+			if ev.err != nil {
+				break blocks
+			}
+			if d.token {
+				if err := out.next(); err != nil {
+					return
+				}
+				if faulted && out.produced() == n && fault == FaultStreamCut {
+					c.settle() // the last bytes of a cut stream
+				}
+			}
+			ev.send("content_block_delta", contentBlockDeltaEvent{Type: "content_block_delta", Index: i, Delta: d.delta})
+			if d.token && faulted && out.produced() == n {
+				break blocks
+			}
 		}
-		if out.produced() == n && fault == FaultStreamCut {
-			c.settle() // the last bytes of a cut stream
-		}
-		ev.send("content_block_delta", contentBlockDeltaEvent{Type: "content_block_delta",
-			Delta: textDelta{Type: "text_delta", Text: tok}})
+		ev.send("content_block_stop", contentBlockStopEvent{Type: "content_block_stop", Index: i})
 	}
-	c.rec.Complete = fault != FaultStreamError && fault != FaultStreamCut && ev.err == nil
+	c.rec.Complete = !faulted && ev.err == nil
 	c.settle()
 	switch fault {
 	case FaultStreamError:
@@ -402,7 +416,6 @@ func (s *Server) writeStream(w http.ResponseWriter, out *output, msg message, fa
 	u := msg.Usage
 	u.OutputTokens = out.produced()
 	u.CacheCreation = nil
-	ev.send("content_block_stop", contentBlockStopEvent{Type: "content_block_stop"})
 	ev.send("message_delta", messageDeltaEvent{Type: "message_delta",
 		Delta: messageDelta{StopReason: &out.plan.stopReason, StopSequence: out.plan.stopSequence}, Usage: u})
 	ev.send("message_stop", typeOnlyEvent{Type: "message_stop"})

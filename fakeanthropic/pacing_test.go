@@ -323,23 +323,36 @@ func TestPlanReply(t *testing.T) {
 		return &messagesRequest{maxTokens: maxTokens, stopSequences: stops, turns: turns,
 			directives: parseDirectives(lastUserText(turns))}
 	}
-	a, b := planReply(req("same prompt", 100), 30), planReply(req("same prompt", 100), 30)
-	if diff := cmp.Diff(a.tokens, b.tokens); diff != "" {
+	a, b := textTokens(planReply(req("same prompt", 100), 30)), textTokens(planReply(req("same prompt", 100), 30))
+	if diff := cmp.Diff(a, b); diff != "" {
 		t.Errorf("same prompt, different replies (-first +second):\n%s", diff)
 	}
-	for _, tok := range a.tokens {
+	for _, tok := range a {
 		if strings.Count(tok, " ") != 1 || !strings.HasSuffix(tok, " ") || len(tok) < 2 {
 			t.Errorf("token %q: want one word and a space", tok)
 		}
 	}
-	if c := planReply(req("another prompt", 100), 30); cmp.Equal(a.tokens, c.tokens) {
-		t.Errorf("different prompts gave the same reply %q", c.text(len(c.tokens)))
+	if c := textTokens(planReply(req("another prompt", 100), 30)); cmp.Equal(a, c) {
+		t.Errorf("different prompts gave the same reply %q", strings.Join(c, ""))
 	}
-	if r := planReply(req("x [[reply_tokens=5]] [[reply_tokens=7]]", 100), 30); len(r.tokens) != 7 {
-		t.Errorf("%d tokens: want the last directive, 7", len(r.tokens))
+	if r := textTokens(planReply(req("x [[reply_tokens=5]] [[reply_tokens=7]]", 100), 30)); len(r) != 7 {
+		t.Errorf("%d tokens: want the last directive, 7", len(r))
 	}
 	r := planReply(req("x", 100, "calm"), 500)
-	if r.stopReason != stopStopSequence || *r.stopSequence != "calm" || strings.Contains(r.text(len(r.tokens)), "calm") {
-		t.Errorf("stop %q %v, text %q: want a stop before the first \"calm\"", r.stopReason, r.stopSequence, r.text(len(r.tokens)))
+	if text := strings.Join(textTokens(r), ""); r.stopReason != stopStopSequence || *r.stopSequence != "calm" || strings.Contains(text, "calm") {
+		t.Errorf("stop %q %v, text %q: want a stop before the first \"calm\"", r.stopReason, r.stopSequence, text)
 	}
+}
+
+// textTokens are the texts of a reply's text_delta deltas.
+func textTokens(r reply) []string {
+	var out []string
+	for _, b := range r.blocks {
+		for _, d := range b.deltas {
+			if td, ok := d.delta.(textDelta); ok {
+				out = append(out, td.Text)
+			}
+		}
+	}
+	return out
 }

@@ -23,6 +23,9 @@ type messagesRequest struct {
 	tools         []block // each a "tool" block: its compact JSON
 	system        []block
 	turns         []turn
+	toolDefs      []toolDef // the tools, by name and input_schema
+	toolChoice    toolChoice
+	thinking      *thinkingParam // nil: thinking off
 
 	inputTokens int // CountTokens of the body
 	directives  directives
@@ -35,9 +38,27 @@ type directives struct {
 	cacheRead   int // [[cache_read=N]]: cache_read_input_tokens
 	cacheWrite  int // [[cache_write=N]]: cache_creation_input_tokens
 	latencyMS   int // [[latency_ms=N]]: more wait before the answer begins
+	// thinkingTokens ([[thinking_tokens=N]]): the thinking block's length
+	// when thinking is enabled.
+	thinkingTokens int
+	// toolUse ([[tool_use=NAME]]): call tool NAME; toolUseAny
+	// ([[tool_use]]): call the first tool.
+	toolUse    string
+	toolUseAny bool
+	// citations ([[citations]]): the text block ends with a citations_delta.
+	citations bool
+	// unknownEvent ([[unknown_event]]): an event and a block of types no
+	// client knows.
+	unknownEvent bool
+	// redactedThinking ([[redacted_thinking]]): a redacted_thinking block
+	// after the thinking block.
+	redactedThinking bool
 }
 
-var directiveRE = regexp.MustCompile(`\[\[(reply_tokens|cache_read|cache_write|latency_ms)=(\d{1,9})\]\]`)
+var (
+	directiveRE = regexp.MustCompile(`\[\[(reply_tokens|cache_read|cache_write|latency_ms|thinking_tokens)=(\d{1,9})\]\]`)
+	flagRE      = regexp.MustCompile(`\[\[(tool_use|citations|unknown_event|redacted_thinking)(?:=([A-Za-z0-9_-]{1,64}))?\]\]`)
+)
 
 // parseRequest validates body the way the API does and reports the first
 // problem as a 400 invalid_request_error with the field's path, in the
@@ -90,6 +111,21 @@ func parseRequest(body []byte, countOnly bool) (*messagesRequest, *apiError) {
 		return nil, apiErr
 	}
 	if req.tools, apiErr = parseTools(fields["tools"]); apiErr != nil {
+		return nil, apiErr
+	}
+	if req.toolDefs, apiErr = parseToolDefs(fields["tools"], req.tools); apiErr != nil {
+		return nil, apiErr
+	}
+	if req.toolChoice, apiErr = parseToolChoice(fields["tool_choice"], req.toolDefs); apiErr != nil {
+		return nil, apiErr
+	}
+	if req.thinking, apiErr = parseThinking(fields["thinking"], req.maxTokens, countOnly); apiErr != nil {
+		return nil, apiErr
+	}
+	if req.thinking != nil && (req.toolChoice.typ == "any" || req.toolChoice.typ == "tool") {
+		return nil, invalidRequest("Thinking may not be enabled when tool_choice forces tool use.")
+	}
+	if apiErr = checkConversation(req.turns); apiErr != nil {
 		return nil, apiErr
 	}
 	if n := countBreakpoints(req.tools, req.system, req.turns); n > maxBreakpoints && !countOnly {
@@ -353,8 +389,8 @@ func parseBlock(raw json.RawMessage, at string) (block, *apiError) {
 	return b, nil
 }
 
-// lastUserText is the text of the last user message, its text blocks joined
-// by newlines.
+// lastUserText is the text of the last user message, its text blocks (and
+// the texts of its tool results) joined by newlines.
 func lastUserText(turns []turn) string {
 	for i := len(turns) - 1; i >= 0; i-- {
 		if turns[i].role != "user" {
@@ -362,8 +398,11 @@ func lastUserText(turns []turn) string {
 		}
 		var texts []string
 		for _, b := range turns[i].blocks {
-			if b.typ == "text" {
+			switch b.typ {
+			case "text":
 				texts = append(texts, b.text)
+			case "tool_result":
+				texts = append(texts, toolResultTexts(b.raw)...)
 			}
 		}
 		return strings.Join(texts, "\n")
@@ -372,7 +411,19 @@ func lastUserText(turns []turn) string {
 }
 
 func parseDirectives(text string) directives {
-	d := directives{replyTokens: -1, cacheRead: -1, cacheWrite: -1, latencyMS: -1}
+	d := directives{replyTokens: -1, cacheRead: -1, cacheWrite: -1, latencyMS: -1, thinkingTokens: -1}
+	for _, m := range flagRE.FindAllStringSubmatch(text, -1) {
+		switch m[1] {
+		case "tool_use":
+			d.toolUse, d.toolUseAny = m[2], m[2] == ""
+		case "citations":
+			d.citations = true
+		case "unknown_event":
+			d.unknownEvent = true
+		case "redacted_thinking":
+			d.redactedThinking = true
+		}
+	}
 	for _, m := range directiveRE.FindAllStringSubmatch(text, -1) {
 		n, err := strconv.Atoi(m[2])
 		if err != nil {
@@ -387,6 +438,8 @@ func parseDirectives(text string) directives {
 			d.cacheWrite = n
 		case "latency_ms":
 			d.latencyMS = n
+		case "thinking_tokens":
+			d.thinkingTokens = n
 		}
 	}
 	return d

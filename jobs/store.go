@@ -181,8 +181,28 @@ func (s *Store) Append(ctx context.Context, id string, want Status, dispatch int
 	if err != nil {
 		return "", err
 	}
-	evID, err := appendScript.Run(ctx, s.rdb, []string{jobKey(id), eventsKey(id)},
-		string(want), event, string(b), channel(id), s.maxEvents, dispatch).Text()
+	return s.AppendEvents(ctx, id, want, dispatch, []NewEvent{{Name: event, Data: b}})
+}
+
+// NewEvent is an event to log: its name and its data, a JSON object.
+type NewEvent struct {
+	Name string
+	Data json.RawMessage
+}
+
+// AppendEvents logs events of a job that must be in status want (and, when
+// dispatch > 0, at that dispatch), in order and all at once: either every
+// one is logged and published or none is. It returns the last one's id.
+func (s *Store) AppendEvents(ctx context.Context, id string, want Status, dispatch int, evs []NewEvent) (string, error) {
+	if len(evs) == 0 {
+		return "", nil
+	}
+	args := make([]any, 0, 4+2*len(evs))
+	args = append(args, string(want), channel(id), s.maxEvents, dispatch)
+	for _, ev := range evs {
+		args = append(args, ev.Name, string(ev.Data))
+	}
+	evID, err := appendScript.Run(ctx, s.rdb, []string{jobKey(id), eventsKey(id)}, args...).Text()
 	if err != nil {
 		return "", scriptError(id, err)
 	}

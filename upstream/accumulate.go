@@ -91,7 +91,8 @@ func (a *accumulator) add(typ string, raw []byte) error {
 			s, _ := b["thinking"].(string)
 			b["thinking"] = s + d.Thinking
 		case "signature_delta":
-			b["signature"] = d.Signature
+			s, _ := b["signature"].(string)
+			b["signature"] = s + d.Signature
 		case "citations_delta":
 			var c any
 			if err := json.Unmarshal(d.Citation, &c); err == nil {

@@ -80,13 +80,50 @@ type Usage struct {
 	CacheReadInputTokens     int `json:"cache_read_input_tokens"`
 }
 
+// PartKind says what a Part of a streamed answer is.
+type PartKind int
+
+const (
+	// PartText is a text_delta of a text block: Index and Text.
+	PartText PartKind = iota + 1
+	// PartBlockStart: a content block other than a plain text block began
+	// (any block whose content_block_start says more than
+	// {"type":"text","text":""}): Index, and Raw the content_block as sent.
+	PartBlockStart
+	// PartBlockDelta: a delta other than text_delta (input_json_delta,
+	// thinking_delta, signature_delta, citations_delta, or a type sluice
+	// does not know): Index, and Raw the delta object as sent.
+	PartBlockDelta
+	// PartBlockStop: a block that began with PartBlockStart ended: Index.
+	PartBlockStop
+	// PartEvent: an event of a type sluice does not know: Raw, the whole
+	// event as sent.
+	PartEvent
+)
+
+// Part is one piece of an answer as the upstream streams it, in the order
+// it came. A plain text block has no start and stop parts: its text parts
+// carry its index.
+type Part struct {
+	Kind  PartKind
+	Index int
+	Text  string
+	Raw   json.RawMessage
+}
+
+// knownEvents are the stream events the accumulator understands; others
+// are passed on as PartEvent (ping and error never reach here: the SDK
+// drops the first and turns the second into an error).
+var knownEvents = map[string]bool{"message_start": true, "message_delta": true, "message_stop": true,
+	"content_block_start": true, "content_block_delta": true, "content_block_stop": true}
+
 // Stream sends body (a complete Messages request; stream is forced on),
 // calls onStart with the response headers and message_start's usage (the
 // input, cache writes and cache reads are final then) as soon as the
-// stream begins (the rate-limit headers are freshest then), and onText for every piece of text
-// as the model writes it. A stream that ends without message_stop is an
-// error (Kind Cut), never a short success.
-func (c *Client) Stream(ctx context.Context, body []byte, onStart func(http.Header, Usage), onText func(string)) (*Result, error) {
+// stream begins (the rate-limit headers are freshest then), and onPart for
+// every part of the content as the model writes it. A stream that ends
+// without message_stop is an error (Kind Cut), never a short success.
+func (c *Client) Stream(ctx context.Context, body []byte, onStart func(http.Header, Usage), onPart func(Part)) (*Result, error) {
 	var resp *http.Response
 	stream := c.sdk.Messages.NewStreaming(ctx, anthropic.MessageNewParams{},
 		option.WithRequestBody("application/json", body),
@@ -95,6 +132,7 @@ func (c *Client) Stream(ctx context.Context, body []byte, onStart func(http.Head
 	defer stream.Close()
 	acc := newAccumulator()
 	started := false
+	framed := map[int]bool{} // blocks announced by PartBlockStart
 	for stream.Next() {
 		ev := stream.Current()
 		if err := acc.add(ev.Type, []byte(ev.RawJSON())); err != nil {
@@ -106,8 +144,33 @@ func (c *Client) Stream(ctx context.Context, body []byte, onStart func(http.Head
 				onStart(resp.Header, acc.partialUsage())
 			}
 		}
-		if ev.Type == "content_block_delta" && ev.Delta.Type == "text_delta" && ev.Delta.Text != "" && onText != nil {
-			onText(ev.Delta.Text)
+		if onPart == nil {
+			continue
+		}
+		i := int(ev.Index)
+		switch ev.Type {
+		case "content_block_start":
+			if raw := ev.ContentBlock.RawJSON(); !plainText(raw) {
+				framed[i] = true
+				onPart(Part{Kind: PartBlockStart, Index: i, Raw: json.RawMessage(raw)})
+			}
+		case "content_block_delta":
+			if ev.Delta.Type == "text_delta" {
+				if ev.Delta.Text != "" {
+					onPart(Part{Kind: PartText, Index: i, Text: ev.Delta.Text})
+				}
+				continue
+			}
+			onPart(Part{Kind: PartBlockDelta, Index: i, Raw: json.RawMessage(ev.JSON.Delta.Raw())})
+		case "content_block_stop":
+			if framed[i] {
+				delete(framed, i)
+				onPart(Part{Kind: PartBlockStop, Index: i})
+			}
+		default:
+			if !knownEvents[ev.Type] {
+				onPart(Part{Kind: PartEvent, Raw: json.RawMessage(ev.RawJSON())})
+			}
 		}
 	}
 	if err := stream.Err(); err != nil {
@@ -351,4 +414,14 @@ func (c *Client) CountTokens(ctx context.Context, body []byte) (int, error) {
 		return 0, classify(ctx, err, nil)
 	}
 	return int(res.InputTokens), nil
+}
+
+// plainText reports whether a content_block_start's block is an empty text
+// block and nothing more: {"type":"text","text":""}.
+func plainText(raw string) bool {
+	var m map[string]json.RawMessage
+	if json.Unmarshal([]byte(raw), &m) != nil || len(m) != 2 {
+		return false
+	}
+	return string(m["type"]) == `"text"` && string(m["text"]) == `""`
 }

@@ -69,7 +69,7 @@ func (w *Worker) RunJob(ctx context.Context, t *asynq.Task) error {
 //
 // An answer that arrived is never bought again: once the upstream's
 // message_stop is in, the attempt ends in success whatever Redis does
-// meanwhile (keep). The text streams into the job's event log beside the
+// meanwhile (keep). The answer streams into the job's event log beside the
 // call (deltaLog), so a slow or absent Redis never holds the call up, and
 // the lease's heartbeat runs until the attempt has ended, however long
 // writing its end takes.
@@ -122,8 +122,8 @@ func (w *Worker) run(ctx context.Context, a *attempt) error {
 	}
 	attemptCtx, cancelAttempt := context.WithTimeout(callCtx, w.d.Config.Upstream.AttemptTimeout)
 	defer cancelAttempt()
-	deltas := newDeltaLog(func(ctx context.Context, text string) error {
-		_, err := w.d.Store.Append(ctx, job.ID, jobs.Running, a.Dispatch, "delta", map[string]string{"text": text})
+	deltas := newDeltaLog(func(ctx context.Context, evs []jobs.NewEvent) error {
+		_, err := w.d.Store.AppendEvents(ctx, job.ID, jobs.Running, a.Dispatch, evs)
 		return err
 	}, cancelAttempt, a.log)
 	go deltas.run(w.hard)
@@ -136,7 +136,12 @@ func (w *Worker) run(ctx context.Context, a *attempt) error {
 			w.observe(ctx, a, h, true)
 			w.cacheBegan(ctx, a, u)
 		},
-		func(text string) { call.Text(); deltas.add(text) })
+		func(p upstream.Part) {
+			if p.Kind == upstream.PartText || p.Kind == upstream.PartBlockDelta {
+				call.Text() // the first token
+			}
+			deltas.add(p)
+		})
 	elapsed := time.Since(start)
 	call.End(callStatus(err))
 	if err == nil {

@@ -2,26 +2,83 @@ package worker
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"log/slog"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/sluice-dev/sluice/jobs"
+	"github.com/sluice-dev/sluice/upstream"
 )
 
-// deltaLog writes an attempt's text into the job's event log beside the
-// upstream call, never in its way: text that arrives while a write is in
-// flight waits and goes out with the next write, as one delta. A write that
-// fails because Redis is slow or away is tried again (with the text that
-// arrived meanwhile) until it succeeds, so no text is lost and the order
-// holds. A write the job refuses (it was canceled, or dispatched again)
-// stops the attempt: nobody wants the rest of that answer.
+// Events of an answer in the job's event log (docs/api.md, "Events").
+const (
+	evDelta      = "delta"          // {"text", "index"}: text of a text block
+	evBlockStart = "block_start"    // {"index", "content_block"}: a block other than plain text began
+	evBlockDelta = "block_delta"    // {"index", "delta"}: a delta other than text, as the upstream sent it
+	evBlockStop  = "block_stop"     // {"index"}: a block that had a block_start ended
+	evUpstream   = "upstream_event" // an upstream event of a type sluice does not know, as sent
+)
+
+// maxBatch bounds the events one write logs.
+const maxBatch = 256
+
+// logEvent is an event waiting to be logged: a text delta (text, index),
+// whose later text for the same block joins it while it waits, or an event
+// with its data ready (any other, or a delta already encoded once).
+type logEvent struct {
+	name  string
+	index int
+	text  *strings.Builder // a text delta not yet encoded
+	data  json.RawMessage  // the others
+}
+
+func (e logEvent) encode() jobs.NewEvent {
+	if e.text == nil {
+		return jobs.NewEvent{Name: e.name, Data: e.data}
+	}
+	b, _ := json.Marshal(struct {
+		Text  string `json:"text"`
+		Index int    `json:"index"`
+	}{e.text.String(), e.index})
+	return jobs.NewEvent{Name: evDelta, Data: b}
+}
+
+// partEvent is the log event of one part of the answer.
+func partEvent(p upstream.Part) logEvent {
+	idx := strconv.Itoa(p.Index)
+	switch p.Kind {
+	case upstream.PartText:
+		var b strings.Builder
+		b.WriteString(p.Text)
+		return logEvent{name: evDelta, index: p.Index, text: &b}
+	case upstream.PartBlockStart:
+		return logEvent{name: evBlockStart, data: json.RawMessage(`{"index":` + idx + `,"content_block":` + string(p.Raw) + `}`)}
+	case upstream.PartBlockDelta:
+		return logEvent{name: evBlockDelta, data: json.RawMessage(`{"index":` + idx + `,"delta":` + string(p.Raw) + `}`)}
+	case upstream.PartBlockStop:
+		return logEvent{name: evBlockStop, data: json.RawMessage(`{"index":` + idx + `}`)}
+	}
+	return logEvent{name: evUpstream, data: p.Raw}
+}
+
+// deltaLog writes an attempt's answer into the job's event log beside the
+// upstream call, never in its way: parts that arrive while a write is in
+// flight wait and go out with the next write, all in one step (text for
+// the same block joined into one delta). A write that fails because Redis
+// is slow or away is tried again (with what arrived meanwhile) until it
+// succeeds, so nothing is lost and the order holds. A write the job
+// refuses (it was canceled, or dispatched again) stops the attempt: nobody
+// wants the rest of that answer.
 type deltaLog struct {
-	write   func(ctx context.Context, text string) error
+	write   func(ctx context.Context, evs []jobs.NewEvent) error
 	refuse  func() // stops the call after a refusal
 	log     *slog.Logger
 	mu      sync.Mutex
-	pending strings.Builder
+	pending []logEvent
 	err     error // the refusal, once there was one
 	busy    bool  // a write is in flight (or waiting to be tried again)
 	kick    chan struct{}
@@ -30,16 +87,21 @@ type deltaLog struct {
 	done    chan struct{}
 }
 
-func newDeltaLog(write func(context.Context, string) error, refuse func(), log *slog.Logger) *deltaLog {
+func newDeltaLog(write func(context.Context, []jobs.NewEvent) error, refuse func(), log *slog.Logger) *deltaLog {
 	return &deltaLog{write: write, refuse: refuse, log: log,
 		kick: make(chan struct{}, 1), idle: make(chan struct{}), quit: make(chan struct{}), done: make(chan struct{})}
 }
 
-// add queues text; it never blocks.
-func (d *deltaLog) add(text string) {
+// add queues a part of the answer; it never blocks.
+func (d *deltaLog) add(p upstream.Part) {
 	d.mu.Lock()
 	if d.err == nil {
-		d.pending.WriteString(text)
+		n := len(d.pending)
+		if p.Kind == upstream.PartText && n > 0 && d.pending[n-1].text != nil && d.pending[n-1].index == p.Index {
+			d.pending[n-1].text.WriteString(p.Text)
+		} else {
+			d.pending = append(d.pending, partEvent(p))
+		}
 		d.busy = true
 	}
 	d.mu.Unlock()
@@ -56,7 +118,7 @@ func (d *deltaLog) refusal() error {
 	return d.err
 }
 
-// flush waits until every queued text is written (nil), the job refused a
+// flush waits until every queued part is written (nil), the job refused a
 // write (that refusal), or ctx ends.
 func (d *deltaLog) flush(ctx context.Context) error {
 	d.mu.Lock()
@@ -78,10 +140,10 @@ func (d *deltaLog) flush(ctx context.Context) error {
 	}
 }
 
-// errUnwritten: the writer stopped with text not yet written.
+// errUnwritten: the writer stopped with parts of the answer not yet written.
 var errUnwritten = errors.New("the answer's text could not be logged")
 
-// close stops the writer; text not yet written is dropped (the attempt
+// close stops the writer; parts not yet written are dropped (the attempt
 // ended without an answer to keep).
 func (d *deltaLog) close() {
 	close(d.quit)
@@ -101,18 +163,23 @@ func (d *deltaLog) run(ctx context.Context) {
 		}
 		for {
 			d.mu.Lock()
-			text := d.pending.String()
-			d.pending.Reset()
-			if text == "" || d.err != nil {
+			if len(d.pending) == 0 || d.err != nil {
+				d.pending = nil
 				d.busy = false
 				close(d.idle)
 				d.idle = make(chan struct{})
 				d.mu.Unlock()
 				break
 			}
+			batch := d.pending[:min(len(d.pending), maxBatch)]
+			d.pending = d.pending[len(batch):]
+			evs := make([]jobs.NewEvent, len(batch))
+			for i, e := range batch {
+				evs[i] = e.encode() // under mu: add may still join text to the last one
+			}
 			d.mu.Unlock()
 			wctx, cancel := context.WithTimeout(ctx, persistTry)
-			err := d.write(wctx, text)
+			err := d.write(wctx, evs)
 			cancel()
 			if err == nil {
 				delay, warned = 20*time.Millisecond, false
@@ -125,11 +192,13 @@ func (d *deltaLog) run(ctx context.Context) {
 				d.refuse()
 				continue
 			}
-			// Redis is away: keep the text, in order, and try again.
+			// Redis is away: keep the events, in order, and try again.
 			d.mu.Lock()
-			rest := d.pending.String()
-			d.pending.Reset()
-			d.pending.WriteString(text + rest)
+			kept := make([]logEvent, len(evs))
+			for i, ev := range evs {
+				kept[i] = logEvent{name: ev.Name, data: ev.Data}
+			}
+			d.pending = append(kept, d.pending...)
 			d.mu.Unlock()
 			if !warned {
 				d.log.Warn("could not log the answer's text; keeping it and trying again", "err", err)

@@ -1,0 +1,443 @@
+package api_test
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/anthropics/anthropic-sdk-go/v2"
+	"github.com/anthropics/anthropic-sdk-go/v2/option"
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/sluice-dev/sluice/fakeanthropic"
+	"github.com/sluice-dev/sluice/internal/harness"
+	"github.com/sluice-dev/sluice/jobs"
+)
+
+// Every content block streams: through the job event log (block_start,
+// block_delta, block_stop beside text deltas) and through /v1/messages
+// (the upstream's own events, relayed).
+
+var weatherTool = anthropic.ToolParam{
+	Name: "get_weather",
+	InputSchema: anthropic.ToolInputSchemaParam{Properties: map[string]any{
+		"location": map[string]any{"type": "string"},
+		"country":  map[string]any{"type": "string"},
+		"unit":     map[string]any{"type": "string", "enum": []string{"celsius", "fahrenheit"}},
+	}},
+}
+
+func toolParams(user, text string, maxTokens int64) anthropic.MessageNewParams {
+	p := params(user, text, maxTokens)
+	p.Tools = []anthropic.ToolUnionParam{{OfTool: &weatherTool}}
+	return p
+}
+
+func thinkingParams(user, text string) anthropic.MessageNewParams {
+	p := params(user, text, 4000)
+	p.Thinking = anthropic.ThinkingConfigParamOfEnabled(2000)
+	return p
+}
+
+// directClient talks to the fake upstream itself.
+func directClient(e *harness.Env) anthropic.Client {
+	return anthropic.NewClient(option.WithoutEnvironmentDefaults(), option.WithBaseURL(e.Upstream.URL),
+		option.WithAPIKey(harness.UpstreamKey), option.WithMaxRetries(0))
+}
+
+// block is what a content block says; ids are left out where calls differ.
+type block struct {
+	Type, Text, Thinking, Signature, Name, Data, ID string
+	Input, Citations                                string
+}
+
+func blocks(t *testing.T, m anthropic.Message, withIDs bool) []block {
+	t.Helper()
+	var out []block
+	for _, b := range m.Content {
+		x := block{Type: b.Type, Text: b.Text, Thinking: b.Thinking, Signature: b.Signature, Name: b.Name, Data: b.Data}
+		if withIDs {
+			x.ID = b.ID
+		}
+		if len(b.Input) > 0 {
+			var v any
+			if err := json.Unmarshal(b.Input, &v); err != nil {
+				t.Fatalf("input %q: %v", b.Input, err)
+			}
+			c, _ := json.Marshal(v)
+			x.Input = string(c)
+		}
+		for _, c := range b.Citations {
+			x.Citations += c.Type + ":" + c.CitedText + ";"
+		}
+		out = append(out, x)
+	}
+	return out
+}
+
+// streamed runs a streaming call and returns the accumulated message and
+// the kinds of its events (block and delta types; consecutive text deltas
+// counted once, since sluice may join them).
+func streamed(t *testing.T, client anthropic.Client, p anthropic.MessageNewParams) (anthropic.Message, []string, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	stream := client.Messages.NewStreaming(ctx, p)
+	defer stream.Close()
+	var acc anthropic.Message
+	var kinds []string
+	for stream.Next() {
+		ev := stream.Current()
+		k := ev.Type
+		switch ev.Type {
+		case "content_block_start":
+			k += ":" + ev.ContentBlock.Type
+		case "content_block_delta":
+			k += ":" + ev.Delta.Type
+		}
+		if k != "content_block_delta:text_delta" || len(kinds) == 0 || kinds[len(kinds)-1] != k {
+			kinds = append(kinds, k)
+		}
+		if err := acc.Accumulate(ev); err != nil {
+			t.Fatalf("Accumulate: %v", err)
+		}
+	}
+	return acc, kinds, stream.Err()
+}
+
+// sameTurn checks that p answered through sluice (streaming and not) is the
+// message the fake gives directly (ids aside), event for event.
+func sameTurn(t *testing.T, e *harness.Env, p anthropic.MessageNewParams) anthropic.Message {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	sluice, direct := sdkClient(e), directClient(e)
+	up := p
+	up.Metadata = anthropic.MetadataParam{}
+	want, err := direct.Messages.New(ctx, up)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := sluice.Messages.New(ctx, p)
+	if err != nil {
+		t.Fatalf("Messages.New through sluice: %v", err)
+	}
+	if diff := cmp.Diff(blocks(t, *want, false), blocks(t, *got, false)); diff != "" {
+		t.Errorf("Messages.New through sluice differs from the fake's (-fake +sluice):\n%s", diff)
+	}
+	if got.StopReason != want.StopReason || got.Usage.OutputTokens != want.Usage.OutputTokens || got.Usage.InputTokens != want.Usage.InputTokens {
+		t.Errorf("stop %q, usage %d/%d: want %q, %d/%d", got.StopReason, got.Usage.InputTokens, got.Usage.OutputTokens,
+			want.StopReason, want.Usage.InputTokens, want.Usage.OutputTokens)
+	}
+	wantAcc, wantKinds, err := streamed(t, direct, up)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gotAcc, gotKinds, err := streamed(t, sluice, p)
+	if err != nil {
+		t.Fatalf("stream through sluice: %v", err)
+	}
+	if diff := cmp.Diff(wantKinds, gotKinds); diff != "" {
+		t.Errorf("streamed events through sluice differ from the fake's (-fake +sluice):\n%s", diff)
+	}
+	if diff := cmp.Diff(blocks(t, wantAcc, false), blocks(t, gotAcc, false)); diff != "" {
+		t.Errorf("streamed message through sluice differs from the fake's (-fake +sluice):\n%s", diff)
+	}
+	if diff := cmp.Diff(blocks(t, *got, false), blocks(t, gotAcc, false)); diff != "" {
+		t.Errorf("streamed and whole messages differ (-whole +streamed):\n%s", diff)
+	}
+	if gotAcc.StopReason != want.StopReason || gotAcc.Usage.OutputTokens != want.Usage.OutputTokens || gotAcc.Usage.InputTokens != want.Usage.InputTokens {
+		t.Errorf("streamed stop %q, usage %d/%d: want %q, %d/%d", gotAcc.StopReason, gotAcc.Usage.InputTokens, gotAcc.Usage.OutputTokens,
+			want.StopReason, want.Usage.InputTokens, want.Usage.OutputTokens)
+	}
+	return *got
+}
+
+func TestMessagesToolUseTurn(t *testing.T) {
+	e := harness.Start(t, harness.Options{})
+	got := sameTurn(t, e, toolParams("alice", "Weather in Paris? [[reply_tokens=3]] [[tool_use=get_weather]]", 300))
+	if got.StopReason != anthropic.StopReasonToolUse || len(got.Content) != 2 || got.Content[1].Type != "tool_use" {
+		t.Fatalf("message %+v: want text then tool_use, stop tool_use", got)
+	}
+}
+
+func TestMessagesThinkingTurn(t *testing.T) {
+	e := harness.Start(t, harness.Options{})
+	got := sameTurn(t, e, thinkingParams("alice", "Think [[thinking_tokens=6]] [[redacted_thinking]] [[citations]] [[reply_tokens=4]]"))
+	want := []string{"thinking", "redacted_thinking", "text"}
+	var types []string
+	for _, b := range got.Content {
+		types = append(types, b.Type)
+	}
+	if diff := cmp.Diff(want, types); diff != "" || got.Content[0].Signature == "" || len(got.Content[2].Citations) != 1 {
+		t.Fatalf("blocks %v (-want +got):\n%s\nmessage %+v", types, diff, got)
+	}
+}
+
+// TestMessagesToolResultCompletesTheConversation: the tool call (with the
+// thinking before it, whose signature the fake checks) goes back with its
+// result, through sluice, and the conversation ends with an answer.
+func TestMessagesToolResultCompletesTheConversation(t *testing.T) {
+	e := harness.Start(t, harness.Options{})
+	client := sdkClient(e)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	p := thinkingParams("alice", "Weather? [[tool_use=get_weather]]")
+	p.Tools = []anthropic.ToolUnionParam{{OfTool: &weatherTool}}
+	first, _, err := streamed(t, client, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if first.StopReason != anthropic.StopReasonToolUse || len(first.Content) != 2 || first.Content[1].Type != "tool_use" {
+		t.Fatalf("first turn %+v", first)
+	}
+	p.Messages = append(p.Messages, first.ToParam(),
+		anthropic.NewUserMessage(anthropic.NewToolResultBlock(first.Content[1].ID, "Sunny, 21 °C [[reply_tokens=5]]", false)))
+	second, err := client.Messages.New(ctx, p)
+	if err != nil {
+		t.Fatalf("second turn: %v", err)
+	}
+	last := second.Content[len(second.Content)-1]
+	if second.StopReason != anthropic.StopReasonEndTurn || last.Type != "text" || len(strings.Fields(last.Text)) != 5 {
+		t.Fatalf("second turn %+v: want a 5-word answer, end_turn", second)
+	}
+	// The same refusal as the API's for a result without its call.
+	p.Messages = append(p.Messages[:1], anthropic.NewUserMessage(anthropic.NewToolResultBlock("toolu_nope", "x", false)))
+	_, err = client.Messages.New(ctx, p)
+	var ae *anthropic.Error
+	if !errors.As(err, &ae) || ae.StatusCode != 400 || !strings.Contains(ae.Message, "unexpected `tool_use_id`") {
+		t.Fatalf("tool result without its call: %v", err)
+	}
+}
+
+// rawEvent is one server-sent event as sent.
+type rawEvent struct{ name, data string }
+
+func readRaw(t *testing.T, r io.Reader) []rawEvent {
+	t.Helper()
+	var out []rawEvent
+	var ev rawEvent
+	sc := bufio.NewScanner(r)
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		switch {
+		case line == "":
+			if ev.name != "" {
+				out = append(out, ev)
+			}
+			ev = rawEvent{}
+		case strings.HasPrefix(line, "event: "):
+			ev.name = strings.TrimPrefix(line, "event: ")
+		case strings.HasPrefix(line, "data: "):
+			ev.data = strings.TrimPrefix(line, "data: ")
+		}
+	}
+	return out
+}
+
+func postStream(t *testing.T, url, key string, body any) []rawEvent {
+	t.Helper()
+	b, _ := json.Marshal(body)
+	req, _ := http.NewRequest(http.MethodPost, url+"/v1/messages", strings.NewReader(string(b)))
+	req.Header.Set("content-type", "application/json")
+	req.Header.Set("x-api-key", key)
+	req.Header.Set("anthropic-version", "2023-06-01")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(resp.Body)
+		t.Fatalf("%d %s", resp.StatusCode, b)
+	}
+	return readRaw(t, resp.Body)
+}
+
+// TestMessagesUnknownEventsPassThrough: an event type and a block type
+// sluice does not know reach the client exactly as the upstream sent them.
+func TestMessagesUnknownEventsPassThrough(t *testing.T) {
+	e := harness.Start(t, harness.Options{})
+	body := map[string]any{"model": harness.Model, "max_tokens": 50, "stream": true,
+		"messages": []any{map[string]any{"role": "user", "content": "x [[unknown_event]] [[reply_tokens=2]]"}}}
+	direct := postStream(t, e.Upstream.URL, harness.UpstreamKey, body)
+	body["metadata"] = map[string]any{"user_id": "alice"}
+	through := postStream(t, e.API.URL, harness.TenantKey, body)
+	pick := func(evs []rawEvent) []rawEvent {
+		var out []rawEvent
+		for _, ev := range evs {
+			if ev.name == "content_block_future" || strings.Contains(ev.data, "future_") {
+				out = append(out, ev)
+			}
+		}
+		return out
+	}
+	want := pick(direct)
+	if len(want) != 3 {
+		t.Fatalf("the fake sent %v: want an unknown event, and an unknown block's start and delta", want)
+	}
+	if diff := cmp.Diff(want, pick(through), cmp.AllowUnexported(rawEvent{})); diff != "" {
+		t.Errorf("unknown events through sluice (-fake +sluice):\n%s", diff)
+	}
+	var names []string
+	for _, ev := range through {
+		if ev.name != "ping" {
+			names = append(names, ev.name)
+		}
+	}
+	wantNames := []string{"message_start", "content_block_future", "content_block_start", "content_block_delta", "content_block_stop",
+		"content_block_start", "content_block_delta", "content_block_stop", "message_delta", "message_stop"}
+	if diff := cmp.Diff(wantNames, names); diff != "" {
+		t.Errorf("events through sluice (-want +got):\n%s", diff)
+	}
+}
+
+// TestMessagesRetryAfterBytesEndsWithTheAPIsError: an attempt that fails
+// after content was sent ends the stream with the error event the API
+// sends mid-stream, typed by what failed; before any content a retry is
+// invisible.
+func TestMessagesRetryAfterBytesEndsWithTheAPIsError(t *testing.T) {
+	e := harness.Start(t, harness.Options{Fake: fakeanthropic.Config{TokensPerSecond: 40}})
+	client := sdkClient(e)
+	for _, tt := range []struct {
+		fault fakeanthropic.FaultKind
+		typ   string
+	}{{fakeanthropic.FaultStreamError, "overloaded_error"}, {fakeanthropic.FaultStreamCut, "api_error"}} {
+		e.Fake.QueueFaults(fakeanthropic.FaultRule{Kind: tt.fault})
+		acc, _, err := streamed(t, client, params("alice", "long [[reply_tokens=30]] "+string(tt.fault), 100))
+		var ae *anthropic.Error
+		if !errors.As(err, &ae) || string(ae.Type()) != tt.typ {
+			t.Fatalf("%s: stream ended with %v, want an %s event", tt.fault, err, tt.typ)
+		}
+		if len(acc.Content) != 1 || acc.Content[0].Text == "" {
+			t.Errorf("%s: %+v before the error: want the text sent", tt.fault, acc.Content)
+		}
+	}
+	e.Fake.QueueFaults(fakeanthropic.FaultRule{Kind: fakeanthropic.FaultOverloaded})
+	acc, _, err := streamed(t, client, params("alice", "again [[reply_tokens=3]]", 100))
+	if err != nil || len(strings.Fields(acc.Content[0].Text)) != 3 {
+		t.Fatalf("a retry before any content: %v, %+v", err, acc)
+	}
+}
+
+// jobEventsAsStream turns a job's events into the upstream's stream events
+// (as an SDK client would get them), for Message.Accumulate.
+func jobEventsAsStream(t *testing.T, evs []harness.SSEEvent) []anthropic.MessageStreamEventUnion {
+	t.Helper()
+	var out []anthropic.MessageStreamEventUnion
+	add := func(raw string) {
+		var u anthropic.MessageStreamEventUnion
+		if err := json.Unmarshal([]byte(raw), &u); err != nil {
+			t.Fatalf("%s: %v", raw, err)
+		}
+		out = append(out, u)
+	}
+	add(`{"type":"message_start","message":{"id":"msg_x","type":"message","role":"assistant","model":"m","content":[],"usage":{}}}`)
+	started := -1 // the last block started
+	openText := -1
+	closeText := func() {
+		if openText >= 0 {
+			add(`{"type":"content_block_stop","index":` + strconv.Itoa(openText) + `}`)
+			openText = -1
+		}
+	}
+	for _, ev := range evs {
+		switch ev.Event {
+		case "started":
+			out, started, openText = out[:1], -1, -1 // an abandoned attempt's blocks are discarded
+		case "delta":
+			var d struct {
+				Text  string `json:"text"`
+				Index int    `json:"index"`
+			}
+			_ = json.Unmarshal([]byte(ev.Data), &d)
+			if d.Index > started {
+				closeText()
+				add(`{"type":"content_block_start","index":` + strconv.Itoa(d.Index) + `,"content_block":{"type":"text","text":""}}`)
+				started, openText = d.Index, d.Index
+			}
+			b, _ := json.Marshal(d.Text)
+			add(`{"type":"content_block_delta","index":` + strconv.Itoa(d.Index) + `,"delta":{"type":"text_delta","text":` + string(b) + `}}`)
+		case "block_start":
+			closeText()
+			var d struct{ Index int }
+			_ = json.Unmarshal([]byte(ev.Data), &d)
+			started = d.Index
+			add(`{"type":"content_block_start",` + ev.Data[1:])
+		case "block_delta":
+			add(`{"type":"content_block_delta",` + ev.Data[1:])
+		case "block_stop":
+			add(`{"type":"content_block_stop",` + ev.Data[1:])
+		case "succeeded":
+			closeText()
+			add(`{"type":"message_stop"}`)
+		}
+	}
+	return out
+}
+
+func TestJobEventsCarryEveryBlock(t *testing.T) {
+	e := harness.Start(t, harness.Options{})
+	body := map[string]any{"user_id": "alice", "request": map[string]any{
+		"model": harness.Model, "max_tokens": 4000, "thinking": map[string]any{"type": "enabled", "budget_tokens": 2000},
+		"tools":    []any{map[string]any{"name": "get_weather", "input_schema": weatherTool.InputSchema}},
+		"messages": []any{map[string]any{"role": "user", "content": "Weather? [[thinking_tokens=4]] [[citations]] [[reply_tokens=3]] [[tool_use=get_weather]]"}}}}
+	v := e.Submit(t, body)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	evs := e.Events(t, ctx, v.ID, harness.TenantKey, "")
+	got := e.Get(t, v.ID)
+	if got.Status != jobs.Succeeded {
+		t.Fatalf("job %s", got.Status)
+	}
+	var result anthropic.Message
+	if err := json.Unmarshal(got.Result, &result); err != nil {
+		t.Fatal(err)
+	}
+	var acc anthropic.Message
+	for _, ev := range jobEventsAsStream(t, evs) {
+		if err := acc.Accumulate(ev); err != nil {
+			t.Fatalf("Accumulate: %v", err)
+		}
+	}
+	if diff := cmp.Diff(blocks(t, result, true), blocks(t, acc, true)); diff != "" {
+		t.Fatalf("the job's events accumulate to another message than its result (-result +events):\n%s", diff)
+	}
+	var types []string
+	for _, b := range result.Content {
+		types = append(types, b.Type)
+	}
+	if diff := cmp.Diff([]string{"thinking", "text", "tool_use"}, types); diff != "" {
+		t.Fatalf("result blocks (-want +got):\n%s", diff)
+	}
+
+	// Resume in the middle of the tool call: exactly the events after it.
+	var toolDeltas []int
+	for i, ev := range evs {
+		if ev.Event == "block_delta" && strings.Contains(ev.Data, `"input_json_delta"`) {
+			toolDeltas = append(toolDeltas, i)
+		}
+	}
+	if len(toolDeltas) < 4 {
+		t.Fatalf("%d input_json_delta events: want several", len(toolDeltas))
+	}
+	mid := toolDeltas[len(toolDeltas)/2]
+	rest := e.Events(t, ctx, v.ID, harness.TenantKey, evs[mid].ID)
+	if diff := cmp.Diff(evs[mid+1:], rest); diff != "" {
+		t.Fatalf("resumed after %s (-want +got):\n%s", evs[mid].ID, diff)
+	}
+	// The text keeps its old shape, with the block's index added.
+	for _, ev := range evs {
+		if ev.Event == "delta" && !strings.HasPrefix(ev.Data, `{"text":`) {
+			t.Errorf("delta %s: want {\"text\", \"index\"}", ev.Data)
+		}
+	}
+}
