@@ -5,7 +5,6 @@ package redistest
 
 import (
 	"bufio"
-	"context"
 	"fmt"
 	"net"
 	"os"
@@ -99,20 +98,8 @@ func (s *Server) start(bin string, port int) error {
 		}
 		tail <- strings.Join(last, "\n")
 	}()
-	deadline := time.Now().Add(10 * time.Second)
-	c := redis.NewClient(&redis.Options{Addr: s.Addr, MaxRetries: -1})
-	defer c.Close()
-	for time.Now().Before(deadline) {
-		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
-		err := c.Ping(ctx).Err()
-		cancel()
-		if err == nil {
-			return nil
-		}
-		if cmd.ProcessState != nil {
-			break
-		}
-		time.Sleep(10 * time.Millisecond) // waiting for an external process to listen: there is no signal to wait on
+	if answers(s.Addr, 10*time.Second, cmd) == nil {
+		return nil
 	}
 	_ = cmd.Process.Kill()
 	_ = cmd.Wait()
