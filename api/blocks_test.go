@@ -307,10 +307,11 @@ func TestMessagesUnknownEventsPassThrough(t *testing.T) {
 func TestMessagesRetryAfterBytesEndsWithTheAPIsError(t *testing.T) {
 	e := harness.Start(t, harness.Options{Fake: fakeanthropic.Config{TokensPerSecond: 40}})
 	client := sdkClient(e)
-	for _, tt := range []struct {
+	for i, tt := range []struct {
 		fault fakeanthropic.FaultKind
 		typ   string
 	}{{fakeanthropic.FaultStreamError, "overloaded_error"}, {fakeanthropic.FaultStreamCut, "api_error"}} {
+		settled(t, e, i)
 		e.Fake.QueueFaults(fakeanthropic.FaultRule{Kind: tt.fault})
 		acc, _, err := streamed(t, client, params("alice", "long [[reply_tokens=30]] "+string(tt.fault), 100))
 		var ae *anthropic.Error
@@ -321,11 +322,23 @@ func TestMessagesRetryAfterBytesEndsWithTheAPIsError(t *testing.T) {
 			t.Errorf("%s: %+v before the error: want the text sent", tt.fault, acc.Content)
 		}
 	}
+	settled(t, e, 2)
 	e.Fake.QueueFaults(fakeanthropic.FaultRule{Kind: fakeanthropic.FaultOverloaded})
 	acc, _, err := streamed(t, client, params("alice", "again [[reply_tokens=3]]", 100))
 	if err != nil || len(strings.Fields(acc.Content[0].Text)) != 3 {
 		t.Fatalf("a retry before any content: %v, %+v", err, acc)
 	}
+}
+
+// settled waits until the jobs of the first n faulted turns have made their
+// retries (the faulted call and the retry each), so that the next queued
+// fault goes to the next turn's call and not to an earlier job's retry.
+func settled(t *testing.T, e *harness.Env, n int) {
+	t.Helper()
+	harness.Eventually(t, 30*time.Second, func() bool {
+		st := e.Fake.Stats()
+		return st.Requests == int64(2*n) && st.InFlight == 0
+	}, "the earlier turns' retries to finish")
 }
 
 // jobEventsAsStream turns a job's events into the upstream's stream events
