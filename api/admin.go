@@ -34,7 +34,7 @@ func (s *Server) counted(ctx context.Context, tenant, group string, o scheduler.
 		if s.d.Usage == nil {
 			return
 		}
-		if err := s.d.Usage.Refused(context.WithoutCancel(ctx), tenant, label); err != nil {
+		if err := s.d.Usage.Refused(context.WithoutCancel(ctx), group, tenant, label); err != nil {
 			s.log.Warn("could not count a refusal in the usage statistics", "tenant", tenant, "reason", label, "err", err)
 		}
 	}
@@ -89,7 +89,7 @@ func (s *Server) adminUsage(c *echo.Context) error {
 		}
 		tenants = []string{t}
 	}
-	rep, err := s.d.Usage.Query(c.Request().Context(), tenants, g, n, top)
+	rep, err := s.d.Usage.Query(c.Request().Context(), s.cfg.GroupNames(), tenants, g, n, top)
 	if err != nil {
 		return err
 	}

@@ -2,11 +2,16 @@ package api_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -14,6 +19,7 @@ import (
 
 	"github.com/hibiken/asynq"
 	"github.com/labstack/echo/v5"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/sluice-dev/sluice/internal/harness"
 )
@@ -37,10 +43,60 @@ func BenchmarkAdmission(b *testing.B) { benchAdmission(b) }
 
 func BenchmarkAdmissionFsyncAlways(b *testing.B) { benchAdmission(b, "--appendfsync", "always") }
 
+// BenchmarkAdmissionNoQuotas is BenchmarkAdmission for a tenant without
+// hourly quotas: the quota script is skipped, what is left is the group's
+// admission script alone.
+func BenchmarkAdmissionNoQuotas(b *testing.B) {
+	e := harness.Start(b, harness.Options{NoWorker: true, Quiet: true,
+		TenantExtra: "    max_queued: 0\n    max_wait: 0s\n"})
+	if err := e.RDB.ConfigResetStat(context.Background()).Err(); err != nil {
+		b.Fatal(err)
+	}
+	drive(b, e.API.URL+"/v1/jobs", 10000)
+	ReportScriptTime(b, e.RDB, b.N)
+}
+
 func benchAdmission(b *testing.B, redisArgs ...string) {
 	e := harness.Start(b, harness.Options{NoWorker: true, Quiet: true, RedisArgs: redisArgs,
 		TenantExtra: "    requests_per_hour: 100000000\n    tokens_per_hour: 1000000000000\n    max_queued: 0\n    max_wait: 0s\n"})
+	if err := e.RDB.ConfigResetStat(context.Background()).Err(); err != nil {
+		b.Fatal(err)
+	}
 	drive(b, e.API.URL+"/v1/jobs", 10000)
+	ReportScriptTime(b, e.RDB, b.N)
+}
+
+// ReportScriptTime reports the Redis time the scripts took per admission
+// (INFO commandstats: EVALSHA and EVAL, since the last CONFIG RESETSTAT),
+// split into the quota script and the rest, and the admissions per second
+// one Redis core could run at that cost: the ceiling of one model group,
+// whose scripts all run on one Redis (one shard in a cluster).
+func ReportScriptTime(b *testing.B, rdb redis.UniversalClient, n int) {
+	stats, err := rdb.Info(context.Background(), "commandstats").Result()
+	if err != nil || n == 0 {
+		b.Logf("commandstats: %v", err)
+		return
+	}
+	usec := 0.0
+	for _, line := range strings.Split(stats, "\n") {
+		if !strings.HasPrefix(line, "cmdstat_evalsha:") && !strings.HasPrefix(line, "cmdstat_eval:") {
+			continue
+		}
+		for _, f := range strings.Split(strings.TrimSpace(line[strings.IndexByte(line, ':')+1:]), ",") {
+			if v, ok := strings.CutPrefix(f, "usec="); ok {
+				x, _ := strconv.ParseFloat(v, 64)
+				usec += x
+			}
+		}
+	}
+	if os.Getenv("SLUICE_BENCH_COMMANDSTATS") != "" {
+		fmt.Fprintf(os.Stderr, "commandstats after %d admissions:\n%s\n", n, stats)
+	}
+	per := usec / float64(n)
+	b.ReportMetric(per, "redis-µs/admission")
+	if per > 0 {
+		b.ReportMetric(1e6/per, "one-core-ceiling/s")
+	}
 }
 
 func BenchmarkNaiveEnqueue(b *testing.B) {

@@ -76,7 +76,7 @@ func (s *Server) admit(c *echo.Context, tenant *config.Tenant, req *createReques
 	}
 	now := s.now().UTC().Truncate(time.Millisecond) // as the store keeps it
 	job := &jobs.Job{
-		ID: jobs.NewID(), Tenant: tenant.Name, UserID: req.UserID, Model: req.Model,
+		ID: jobs.NewID(req.Group.Name), Tenant: tenant.Name, UserID: req.UserID, Model: req.Model,
 		Group: req.Group.Name, MaxTokens: req.MaxTokens, Request: req.Request,
 		Metadata: req.Metadata, CreatedAt: now,
 	}

@@ -116,7 +116,7 @@ func (s *Server) listJobs(c *echo.Context) error {
 		cur = &cc
 	}
 	list, next, err := s.d.Store.List(c.Request().Context(), jobs.ListQuery{
-		Tenant: tenant.Name, User: user, Status: status, Limit: limit, After: cur,
+		Groups: s.cfg.GroupNames(), Tenant: tenant.Name, User: user, Status: status, Limit: limit, After: cur,
 	})
 	if err != nil {
 		return err
@@ -165,7 +165,7 @@ func (s *Server) userUsage(c *echo.Context) error {
 	if err != nil {
 		return err
 	}
-	queued, running, err := s.d.Store.Counts(ctx, tenant.Name, user)
+	queued, running, err := s.d.Store.Counts(ctx, s.cfg.GroupNames(), tenant.Name, user)
 	if err != nil {
 		return err
 	}

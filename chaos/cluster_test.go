@@ -18,6 +18,7 @@ import (
 	"github.com/sluice-dev/sluice/fakeanthropic"
 	"github.com/sluice-dev/sluice/internal/proctest"
 	"github.com/sluice-dev/sluice/internal/redistest"
+	"github.com/sluice-dev/sluice/internal/rkeys"
 )
 
 // Keys of the chaos cluster.
@@ -39,6 +40,10 @@ type clusterOpts struct {
 	// appended to the redis section of the configuration.
 	Sentinel    bool
 	RedisConfig string
+	// RedisCluster runs Redis as a cluster of three primaries with one
+	// replica each (redis.mode cluster; redis is then the primary that
+	// serves the model group's slot).
+	RedisCluster bool
 }
 
 // cluster is one scenario's processes: a redis-server with AOF, the fake
@@ -49,6 +54,7 @@ type cluster struct {
 	dir     string // artifacts: logs and the upstream's journal
 	redis   *redistest.Server
 	sent    *redistest.Sentinels // with clusterOpts.Sentinel
+	rc      *redistest.Cluster   // with clusterOpts.RedisCluster
 	cfgPath string
 	env     []string
 	spec    fakeSpec
@@ -96,10 +102,14 @@ func startCluster(t *testing.T, name string, o clusterOpts) *cluster {
 	}
 	c := &cluster{t: t, dir: dir, starts: map[string]int{}}
 	redisURL, redisMode := "", "single"
-	if o.Sentinel {
+	switch {
+	case o.Sentinel:
 		c.sent = redistest.StartSentinel(t, redistest.SentinelOptions{})
 		c.redis, redisURL, redisMode = c.sent.Primary, c.sent.URL, "sentinel"
-	} else {
+	case o.RedisCluster:
+		c.rc = redistest.StartCluster(t, redistest.ClusterOptions{Masters: 3, ReplicasPerMaster: 1, NodeTimeout: time.Second})
+		c.redis, redisURL, redisMode = c.rc.MasterFor(t, rkeys.Limiter("sonnet")), c.rc.URL, "cluster"
+	default:
 		c.redis = redistest.Start(t)
 		redisURL = c.redis.URL
 	}

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/sluice-dev/sluice/internal/proctest"
+	"github.com/sluice-dev/sluice/internal/rkeys"
 )
 
 // TestSentinelFailover runs sluice (one api, two workers) in redis.mode
@@ -101,4 +102,53 @@ func failoverAfterAdmission(t *testing.T, c *cluster, l *load) string {
 	l.burst(pick(10, 40), 4, func(int) int { return 20 })
 	return fmt.Sprintf("%d jobs in a burst (16 clients); the moment the last 202 arrived, %s; then more jobs: %s",
 		n, what, followed(l, f))
+}
+
+// TestClusterFailover runs sluice (one api, two workers) in redis.mode
+// cluster against three primaries with a replica each, and SIGKILLs the
+// primary that holds the model group's slot (its fair queue, limiter and
+// jobs) mid-load: the cluster promotes its replica, and the api and the
+// workers must follow by themselves, with every accepted job ending
+// succeeded, none lost and no answer bought twice. redis.wait_replicas 1
+// makes each 202 and each job's end wait until the slot's replica has it.
+func TestClusterFailover(t *testing.T) {
+	proctest.SluiceBinary(t)
+	r := &result{name: "cluster-failover"}
+	start := time.Now()
+	c := startCluster(t, "cluster-failover", clusterOpts{RedisCluster: true,
+		RedisConfig: "  wait_replicas: 1\n  wait_timeout: 500ms"})
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("process logs, configuration and upstream journal: %s", c.dir)
+		}
+	})
+	l := newLoad(t, c, r.name, pick(3*time.Minute, 10*time.Minute))
+	rate, dur, at := pick(6.0, 10.0), pick(16*time.Second, 45*time.Second), pick(4*time.Second, 10*time.Second)
+	sent := make(chan struct{})
+	loadStart := time.Now()
+	go func() { defer close(sent); l.steady(rate, dur, func(int) int { return 40 }) }()
+	time.Sleep(at) // the fault's moment in the load, not a wait for work
+	inFlight := c.fakeInFlight()
+	faultAt := time.Since(loadStart)
+	var f fault
+	victim := c.redis.Addr
+	f.killed = time.Now()
+	c.redis.Kill(t)
+	c.rc.WaitStateOK(t)
+	f.promoted = time.Now()
+	now := c.rc.MasterFor(t, rkeys.Limiter("sonnet")).Addr
+	<-sent
+	l.wait()
+	r.fault = fmt.Sprintf("%.0f jobs/s for %s (2 s answers); at %s the primary %s of the group's slot SIGKILLed (not restarted); "+
+		"%s took the slot %s later; %d upstream calls in flight at the kill; %s",
+		rate, secs(dur), secs(faultAt), victim, now, secs(f.promoted.Sub(f.killed)), inFlight, followed(l, f))
+	if now == victim {
+		t.Errorf("the slot is still served by the killed primary %s", victim)
+	}
+	l.settle(pick(2*time.Minute, 8*time.Minute))
+	l.count(t, r)
+	c.logNotes(t, r)
+	r.took = time.Since(start)
+	t.Logf("%s: accepted %d, succeeded %d, failed %d, lost %d, answers bought twice %d, 503s %d, other 5xx %d (%s)\n  %s\n  notes: %v",
+		r.name, r.accepted, r.succeeded, r.failed, r.lost, r.dup, r.five03, r.fiveXX, secs(r.took), r.fault, r.notes)
 }

@@ -141,7 +141,7 @@ type Usage struct {
 const (
 	RedisSingle   = "single"   // one Redis (or a primary at a fixed address)
 	RedisSentinel = "sentinel" // a primary found, and followed, through Sentinel
-	RedisCluster  = "cluster"  // Redis Cluster: refused until the key layout supports it
+	RedisCluster  = "cluster"  // Redis Cluster: seed nodes; each model group in one hash slot
 )
 
 // Redis tunes how sluice uses its Redis.
@@ -684,6 +684,16 @@ func applyEnv(c *Config, getenv func(string) string) ([]*fieldError, map[string]
 
 // GroupFor returns the model group that serves model: a group that lists the
 // name exactly wins; otherwise the first group, in order, with a pattern that
+// GroupNames are the model groups' names, in configuration order: what
+// readers that span groups (job listings, usage reports) read.
+func (c *Config) GroupNames() []string {
+	out := make([]string, len(c.ModelGroups))
+	for i, g := range c.ModelGroups {
+		out[i] = g.Name
+	}
+	return out
+}
+
 // matches it.
 func (c *Config) GroupFor(model string) (*ModelGroup, bool) {
 	for i := range c.ModelGroups {

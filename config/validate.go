@@ -92,7 +92,6 @@ func (c *Config) checkRedisURL(v *validator) {
 		} else if u, perr := url.Parse(c.RedisURL); perr == nil && strings.Trim(u.Path, "/") != "" && strings.Trim(u.Path, "/") != "0" {
 			v.add("redis_url", "redis.mode is cluster, and Redis Cluster has database 0 only: drop %q from the URL's end", u.Path)
 		}
-		v.add("redis.mode", "cluster is not supported yet: sluice's Lua scripts touch several keys at once, and in Redis Cluster those keys must share a hash slot, which needs a key layout sluice does not have yet; use single (one Redis) or sentinel (a primary with replicas and failover)")
 	default:
 		if u, perr := url.Parse(c.RedisURL); perr == nil && mode == RedisSingle && (u.Query().Has("master_name") || u.Query().Has("addr")) {
 			v.add("redis_url", "the URL has master_name or addr, as a Sentinel or Cluster URL does, but redis.mode is single: set redis.mode (REDIS_MODE) to sentinel or cluster")

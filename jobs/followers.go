@@ -54,7 +54,7 @@ type Followers struct {
 
 // NewFollowers starts renewing leases of length lease; Close stops.
 func NewFollowers(rdb redis.UniversalClient, lease time.Duration) *Followers {
-	f := &Followers{rdb: rdb, lease: lease, prefix: NewID() + ":", open: map[string]string{},
+	f := &Followers{rdb: rdb, lease: lease, prefix: NewID("") + ":", open: map[string]string{},
 		stop: make(chan struct{}), done: make(chan struct{})}
 	go f.renew()
 	return f

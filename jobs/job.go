@@ -170,11 +170,14 @@ func (j *Job) View() View {
 	return v
 }
 
-// NewID returns an unguessable job id: "job_" and 128 random bits.
-func NewID() string {
-	var b [16]byte
+// NewID returns an unguessable id for a job of model group g: "job_", the
+// group's hash tag (rkeys.Tag: the job's keys live in its group's slot)
+// and 115 random bits, 26 base32 characters in all.
+func NewID(g string) string {
+	var b [15]byte
 	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails (Go 1.24+)
-	return "job_" + strings.ToLower(base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(b[:]))
+	r := strings.ToLower(base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(b[:]))
+	return "job_" + rkeys.Tag(g) + r[:26-rkeys.TagLen]
 }
 
 // ValidID reports whether s has the shape of a job id, so a malformed id is

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -17,9 +18,6 @@ import (
 
 // Key layout: see package rkeys.
 
-// KeyPrefix prefixes every job record's key: KeyPrefix + id.
-const KeyPrefix = rkeys.JobPrefix
-
 func jobKey(id string) string    { return rkeys.Job(id) }
 func eventsKey(id string) string { return rkeys.JobEvents(id) }
 func channel(id string) string   { return rkeys.JobChannel(id) }
@@ -27,19 +25,17 @@ func channel(id string) string   { return rkeys.JobChannel(id) }
 // ChannelPrefix prefixes every job's live-event channel: ChannelPrefix + id.
 const ChannelPrefix = rkeys.JobChannelPrefix
 
-// CountsKey is the Redis hash of a user's queued and running job counts.
-func CountsKey(tenant, user string) string { return rkeys.UserCounts(tenant, user) }
+// CountsKey is the Redis hash of a user's queued and running job counts in
+// model group g.
+func CountsKey(g, tenant, user string) string { return rkeys.UserCounts(g, tenant, user) }
 
-// UserKeyPrefix prefixes every per-user key.
-const UserKeyPrefix = rkeys.UserPrefix
-
-// IndexKey is the Redis sorted set of a tenant's jobs by creation time (user
-// "" = all the tenant's users).
-func IndexKey(tenant, user string) string {
+// IndexKey is the Redis sorted set of a tenant's jobs of model group g by
+// creation time (user "" = all the tenant's users).
+func IndexKey(g, tenant, user string) string {
 	if user == "" {
-		return rkeys.TenantJobs(tenant)
+		return rkeys.TenantJobs(g, tenant)
 	}
-	return rkeys.UserJobs(tenant, user)
+	return rkeys.UserJobs(g, tenant, user)
 }
 
 // Key is the Redis key of a job record.
@@ -450,6 +446,9 @@ type Cursor struct {
 
 // ListQuery selects jobs to list.
 type ListQuery struct {
+	// Groups are the model groups whose jobs are listed (each group keeps
+	// its own index, in its own slot; the pages merge them).
+	Groups       []string
 	Tenant, User string // User "" = every user of the tenant
 	Status       Status // "" = any
 	Limit        int
@@ -463,7 +462,6 @@ const listScan = 1000
 // List returns jobs newest first, and a cursor for the next page (nil on
 // the last page).
 func (s *Store) List(ctx context.Context, q ListQuery) ([]*Job, *Cursor, error) {
-	key := IndexKey(q.Tenant, q.User)
 	max := "+inf"
 	if q.After != nil {
 		max = strconv.FormatInt(q.After.Score, 10)
@@ -476,7 +474,7 @@ func (s *Store) List(ctx context.Context, q ListQuery) ([]*Job, *Cursor, error) 
 		if q.Status != "" {
 			batch = 100
 		}
-		ids, err := s.rdb.ZRevRangeByScoreWithScores(ctx, key, &redis.ZRangeBy{Min: "-inf", Max: max, Count: int64(batch + 50)}).Result()
+		ids, more, err := s.newest(ctx, q, max, int64(batch+50))
 		if err != nil {
 			return nil, nil, fmt.Errorf("jobs: list: %w", err)
 		}
@@ -491,6 +489,9 @@ func (s *Store) List(ctx context.Context, q ListQuery) ([]*Job, *Cursor, error) 
 			page = append(page, z)
 		}
 		if len(page) == 0 {
+			if more {
+				return out, q.After, nil // a millisecond of more ids than a batch: go on from the cursor
+			}
 			return out, nil, nil
 		}
 		pipe := s.rdb.Pipeline()
@@ -527,21 +528,72 @@ func (s *Store) List(ctx context.Context, q ListQuery) ([]*Job, *Cursor, error) 
 			out = append(out, j)
 			outScores = append(outScores, int64(z.Score))
 		}
-		if len(ids) < batch+50 {
+		if !more {
 			return out, nil, nil
 		}
 	}
 }
 
-// Counts are a user's queued and running jobs.
-func (s *Store) Counts(ctx context.Context, tenant, user string) (queued, running int, err error) {
-	v, err := s.rdb.HMGet(ctx, CountsKey(tenant, user), "queued", "running").Result()
-	if err != nil {
+// newest reads the next jobs of the listing, newest first, at or below
+// score max: up to n from each group's index, merged. A group that had more
+// than n sets a horizon (its last id read): only the ids at or above the
+// highest horizon are sure to be complete, so the merged list stops there.
+// more says that some index holds more below.
+func (s *Store) newest(ctx context.Context, q ListQuery, max string, n int64) (ids []redis.Z, more bool, err error) {
+	pipe := s.rdb.Pipeline()
+	cmds := make([]*redis.ZSliceCmd, len(q.Groups))
+	for i, g := range q.Groups {
+		cmds[i] = pipe.ZRevRangeByScoreWithScores(ctx, IndexKey(g, q.Tenant, q.User), &redis.ZRangeBy{Min: "-inf", Max: max, Count: n})
+	}
+	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+		return nil, false, err
+	}
+	var horizon *redis.Z
+	for _, c := range cmds {
+		zs := c.Val()
+		ids = append(ids, zs...)
+		if int64(len(zs)) == n {
+			more = true
+			if last := zs[len(zs)-1]; horizon == nil || newer(last, *horizon) {
+				horizon = &last
+			}
+		}
+	}
+	sort.Slice(ids, func(a, b int) bool { return newer(ids[a], ids[b]) })
+	if horizon != nil {
+		cut := sort.Search(len(ids), func(i int) bool { return newer(*horizon, ids[i]) })
+		ids = ids[:cut]
+	}
+	return ids, more, nil
+}
+
+// newer orders a listing: by score, then by id, both descending (the order
+// of ZREVRANGEBYSCORE).
+func newer(a, b redis.Z) bool {
+	if a.Score != b.Score {
+		return a.Score > b.Score
+	}
+	return a.Member.(string) > b.Member.(string)
+}
+
+// Counts are a user's queued and running jobs, summed over groups.
+func (s *Store) Counts(ctx context.Context, groups []string, tenant, user string) (queued, running int, err error) {
+	pipe := s.rdb.Pipeline()
+	cmds := make([]*redis.SliceCmd, len(groups))
+	for i, g := range groups {
+		cmds[i] = pipe.HMGet(ctx, CountsKey(g, tenant, user), "queued", "running")
+	}
+	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
 		return 0, 0, err
 	}
 	n := func(x any) int {
 		i, _ := strconv.Atoi(fmt.Sprint(x))
 		return max(0, i)
 	}
-	return n(v[0]), n(v[1]), nil
+	for _, c := range cmds {
+		v := c.Val()
+		queued += n(v[0])
+		running += n(v[1])
+	}
+	return queued, running, nil
 }

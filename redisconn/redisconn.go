@@ -72,6 +72,11 @@ func New(mode, url string, timeout time.Duration) (redis.UniversalClient, error)
 			return nil, err
 		}
 		opt.DialTimeout, opt.ReadTimeout, opt.WriteTimeout, opt.PoolTimeout = timeout, timeout, timeout, timeout
+		// go-redis learns a new slot map from MOVED replies, or when its
+		// map is older than this interval; a primary that died answers
+		// nothing, so without a short interval the client would keep
+		// calling it for a minute after its replica took over.
+		opt.ClusterStateReloadInterval = ClusterReload
 		c = redis.NewClusterClient(opt)
 	default:
 		return nil, fmt.Errorf("redisconn: unknown mode %q (single, sentinel or cluster)", mode)
@@ -79,6 +84,11 @@ func New(mode, url string, timeout time.Duration) (redis.UniversalClient, error)
 	c.AddHook(deadline(timeout))
 	return c, nil
 }
+
+// ClusterReload is how old a cluster client's slot map may get before it is
+// read again (one CLUSTER SLOTS per interval per process while it works):
+// the longest a process keeps calling a dead primary after its failover.
+const ClusterReload = time.Second
 
 // failoverOptions parses a Sentinel URL, which must name the master.
 func failoverOptions(url string) (*redis.FailoverOptions, error) {

@@ -2,6 +2,7 @@ package redisconn
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"sync"
 	"time"
@@ -65,16 +66,40 @@ func (w *Waiter) Short(what string) int64 {
 
 // Run runs script on c as script.Run does (EVALSHA, then EVAL when Redis
 // does not have the script), followed by WAIT on the same connection when
-// w asks for replicas; what ("admit", "end") labels a short WAIT.
+// w asks for replicas; what ("admit", "end") labels a short WAIT. On a
+// *redis.ClusterClient both go to the master of keys[0]'s slot; when that
+// master is not known or the slot has just moved, the script runs through
+// the cluster client without a WAIT, counted as short.
 func (w *Waiter) Run(ctx context.Context, c redis.UniversalClient, what string, script *redis.Script, keys []string, args ...any) *redis.Cmd {
 	if w == nil {
 		return script.Run(ctx, c, keys, args...)
 	}
-	cmd, wait := w.pipeline(ctx, c, func(p redis.Pipeliner) *redis.Cmd { return script.EvalSha(ctx, p, keys, args...) })
+	// on is where the script and its WAIT go: c itself (one connection of
+	// a single or Sentinel client), or in a cluster the master of the
+	// script's slot. A key-less WAIT sent through a cluster client could
+	// go to any node and wait for another master's writes; all of a
+	// script's keys share one slot, so keys[0] names its master.
+	var on redis.Cmdable = c
+	cc, cluster := c.(*redis.ClusterClient)
+	if cluster && len(keys) > 0 {
+		node, err := cc.MasterForKey(ctx, keys[0])
+		if err != nil {
+			return w.alone(ctx, cc, what, err, script, keys, args...)
+		}
+		on = node
+	}
+	cmd, wait := w.pipeline(ctx, on, func(p redis.Pipeliner) *redis.Cmd { return script.EvalSha(ctx, p, keys, args...) })
 	if redis.HasErrorPrefix(cmd.Err(), "NOSCRIPT") {
 		// Nothing ran: send the script itself (Redis caches it for the
 		// next EVALSHA).
-		cmd, wait = w.pipeline(ctx, c, func(p redis.Pipeliner) *redis.Cmd { return script.Eval(ctx, p, keys, args...) })
+		cmd, wait = w.pipeline(ctx, on, func(p redis.Pipeliner) *redis.Cmd { return script.Eval(ctx, p, keys, args...) })
+	}
+	if cluster && (redis.HasErrorPrefix(cmd.Err(), "MOVED") || redis.HasErrorPrefix(cmd.Err(), "ASK")) {
+		// The slot moved (a failover or a resharding) since the client
+		// last read its map, and nothing ran. A node client does not
+		// follow redirects nor tell the cluster client to read the map
+		// again; the cluster client does both. This once, without a WAIT.
+		return w.alone(ctx, cc, what, cmd.Err(), script, keys, args...)
 	}
 	if cmd.Err() == nil { // a script that failed wrote nothing to wait for
 		w.observe(what, wait)
@@ -82,10 +107,22 @@ func (w *Waiter) Run(ctx context.Context, c redis.UniversalClient, what string, 
 	return cmd
 }
 
+// alone runs script through the cluster client c, which finds the slot's
+// master by itself, without a WAIT: the node to WAIT on is not known (why).
+// The missing WAIT counts as short, so the metric and the log say these
+// writes are not known to be on a replica.
+func (w *Waiter) alone(ctx context.Context, c *redis.ClusterClient, what string, why error, script *redis.Script, keys []string, args ...any) *redis.Cmd {
+	cmd := script.Run(ctx, c, keys, args...)
+	if cmd.Err() == nil {
+		w.observe(what, redis.NewCmdResult(int64(0), fmt.Errorf("no WAIT: the slot's master was not known: %w", why)))
+	}
+	return cmd
+}
+
 // pipeline sends the script call and WAIT as one pipeline: one connection.
 // The WAIT's reply is read within the client's read timeout, which the
 // configuration keeps above wait_timeout.
-func (w *Waiter) pipeline(ctx context.Context, c redis.UniversalClient, call func(redis.Pipeliner) *redis.Cmd) (*redis.Cmd, *redis.Cmd) {
+func (w *Waiter) pipeline(ctx context.Context, c redis.Cmdable, call func(redis.Pipeliner) *redis.Cmd) (*redis.Cmd, *redis.Cmd) {
 	p := c.Pipeline()
 	cmd := call(p)
 	wait := p.Do(ctx, "wait", w.replicas, w.timeout.Milliseconds())

@@ -45,7 +45,35 @@ var ErrPolicyUnknown = errors.New("the Redis maxmemory-policy cannot be read")
 // the maxmemory_policy line of INFO memory. If Redis answers both without
 // telling, the error wraps ErrPolicyUnknown; any other error (Redis away, ctx
 // done) is returned as it is.
+//
+// In Redis Cluster every primary holds part of sluice's keys: the policy
+// is each primary's, and the first that is not noeviction is the answer.
 func Policy(ctx context.Context, rdb redis.UniversalClient) (string, error) {
+	cc, ok := rdb.(*redis.ClusterClient)
+	if !ok {
+		return policy(ctx, rdb)
+	}
+	var mu sync.Mutex
+	worst := ""
+	err := cc.ForEachMaster(ctx, func(ctx context.Context, node *redis.Client) error {
+		p, err := policy(ctx, node)
+		if err != nil {
+			return fmt.Errorf("%s: %w", node.Options().Addr, err)
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if worst == "" || worst == "noeviction" {
+			worst = p
+		}
+		return nil
+	})
+	if err != nil {
+		return "", err
+	}
+	return worst, nil
+}
+
+func policy(ctx context.Context, rdb redis.UniversalClient) (string, error) {
 	m, cfgErr := rdb.ConfigGet(ctx, "maxmemory-policy").Result()
 	if cfgErr == nil {
 		if p := strings.TrimSpace(m["maxmemory-policy"]); p != "" {
@@ -78,8 +106,38 @@ func isReply(err error) bool {
 }
 
 // Memory returns used_memory and maxmemory (0 = no limit) from INFO memory,
-// in bytes.
+// in bytes. In Redis Cluster it is the primary nearest to its maxmemory
+// (a full shard refuses writes whatever the others hold).
 func Memory(ctx context.Context, rdb redis.UniversalClient) (used, max int64, err error) {
+	cc, ok := rdb.(*redis.ClusterClient)
+	if !ok {
+		return memory(ctx, rdb)
+	}
+	var mu sync.Mutex
+	worst := -1.0
+	err = cc.ForEachMaster(ctx, func(ctx context.Context, node *redis.Client) error {
+		u, m, err := memory(ctx, node)
+		if err != nil {
+			return fmt.Errorf("%s: %w", node.Options().Addr, err)
+		}
+		ratio := 0.0
+		if m > 0 {
+			ratio = float64(u) / float64(m)
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if ratio > worst {
+			worst, used, max = ratio, u, m
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, 0, err
+	}
+	return used, max, nil
+}
+
+func memory(ctx context.Context, rdb redis.UniversalClient) (used, max int64, err error) {
 	info, err := rdb.Info(ctx, "memory").Result()
 	if err != nil {
 		return 0, 0, fmt.Errorf("INFO memory: %w", err)

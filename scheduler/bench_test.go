@@ -28,7 +28,7 @@ func fill(b *testing.B, s *scheduler.Scheduler, g *config.ModelGroup, n, users i
 		go func() {
 			defer wg.Done()
 			for i := w; i < n; i += 8 {
-				j := &jobs.Job{ID: jobs.NewID(), Tenant: "t", UserID: fmt.Sprint("user-", i%users), Model: "m",
+				j := &jobs.Job{ID: jobs.NewID(g.Name), Tenant: "t", UserID: fmt.Sprint("user-", i%users), Model: "m",
 					Group: g.Name, Status: jobs.Queued, MaxTokens: 100, Request: []byte(`{}`), CreatedAt: time.Now()}
 				if res, err := s.Admit(context.Background(), scheduler.Admission{Job: j, Group: g, InputEstimate: 200, Policy: config.UserPolicy{Weight: 1}}); err != nil || res.Outcome != scheduler.Admitted {
 					errs <- err

@@ -54,7 +54,7 @@ func TestDispatcherHandsOverAJobWhoseDispatcherDied(t *testing.T) {
 	s := scheduler.New(rdb, store, scheduler.Options{})
 	g := config.ModelGroup{Name: "g", RPM: 1000, InputTPM: 100000, OutputTPM: 100000, MaxConcurrency: 10, Burst: time.Minute}
 	ctx := context.Background()
-	j := &jobs.Job{ID: jobs.NewID(), Tenant: "t", UserID: "u", Model: "m", Group: "g", MaxTokens: 10, Request: []byte(`{}`), CreatedAt: time.Now()}
+	j := &jobs.Job{ID: jobs.NewID("g"), Tenant: "t", UserID: "u", Model: "m", Group: "g", MaxTokens: 10, Request: []byte(`{}`), CreatedAt: time.Now()}
 	if res, err := s.Admit(ctx, scheduler.Admission{Job: j, Group: &g, InputEstimate: 10, Policy: config.UserPolicy{Weight: 1}}); err != nil || res.Outcome != scheduler.Admitted {
 		t.Fatal(err)
 	}
@@ -82,7 +82,7 @@ func TestDispatcherHandsOverAJobWhoseDispatcherDied(t *testing.T) {
 	}
 	// A new arrival is dispatched by the live dispatcher; the job is handed
 	// over once only.
-	j2 := &jobs.Job{ID: jobs.NewID(), Tenant: "t", UserID: "u", Model: "m", Group: "g", MaxTokens: 10, Request: []byte(`{}`), CreatedAt: time.Now()}
+	j2 := &jobs.Job{ID: jobs.NewID("g"), Tenant: "t", UserID: "u", Model: "m", Group: "g", MaxTokens: 10, Request: []byte(`{}`), CreatedAt: time.Now()}
 	if res, err := s.Admit(ctx, scheduler.Admission{Job: j2, Group: &g, InputEstimate: 10, Policy: config.UserPolicy{Weight: 1}}); err != nil || res.Outcome != scheduler.Admitted {
 		t.Fatal(err)
 	}

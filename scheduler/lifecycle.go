@@ -65,8 +65,8 @@ type plan struct {
 	Used     [3]int        `json:"used"`
 	Dur      int64         `json:"dur,omitempty"`
 	Lim      [4]int64      `json:"lim"`
-	RPH      int           `json:"rph"`
-	TPH      int           `json:"tph"`
+	RPH      int           `json:"-"` // the user's quotas, for giving back the hold
+	TPH      int           `json:"-"`
 	Requeue  *int64        `json:"requeue,omitempty"`
 	Tallies  []tally       `json:"tallies,omitempty"`
 	Wake     string        `json:"wake"`
@@ -146,18 +146,23 @@ func (s *Scheduler) apply(ctx context.Context, g *config.ModelGroup, j *jobs.Job
 		w = s.wait
 	}
 	res, err := w.Run(ctx, s.rdb, "end", lifecycleScript, []string{
-		jobs.Key(j.ID), jobs.EventsKey(j.ID), jobs.CountsKey(j.Tenant, j.UserID), jobs.WaitingUsersKey(g.Name),
-		k.lim(), k.reservations(), k.leases(), quotaKey(j.Tenant, j.UserID), k.rate(),
+		jobs.Key(j.ID), jobs.EventsKey(j.ID), jobs.CountsKey(g.Name, j.Tenant, j.UserID), jobs.WaitingUsersKey(g.Name),
+		k.lim(), k.reservations(), k.leases(), k.rate(),
 		k.order(), k.costs(), k.totals(), k.deadlines(), k.delayed(), k.delayedTags(), k.expiring(), k.live(),
 	}, args...).Slice()
 	if err != nil {
 		return step{}, lifecycleError(j.ID, err)
 	}
-	if len(res) < 6 {
+	if len(res) < 8 {
 		return step{}, fmt.Errorf("scheduler: %s: lifecycle answered %d values", j.ID, len(res))
 	}
-	return step{EventID: fmt.Sprint(res[0]), Attempts: toInt(res[1]), Limiter: toInt(res[2]) == 1,
-		Quota: toInt(res[3]) == 1, From: jobs.Status(fmt.Sprint(res[4])), Health: fmt.Sprint(res[5])}, nil
+	st := step{EventID: fmt.Sprint(res[0]), Attempts: toInt(res[1]), Limiter: toInt(res[2]) == 1,
+		Quota: toInt(res[3]) == 1, From: jobs.Status(fmt.Sprint(res[4])), Health: fmt.Sprint(res[5])}
+	if held := (quotaHold{toInt(res[6]), toInt(res[7])}); st.Quota && held.any() {
+		u := Used{Requests: p.Used[0], Input: p.Used[1], Output: p.Used[2]}
+		s.giveQuota(ctx, j, held, u, config.UserPolicy{RequestsPerHour: p.RPH, TokensPerHour: p.TPH})
+	}
+	return st, nil
 }
 
 func lifecycleError(id string, err error) error {

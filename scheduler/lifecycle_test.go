@@ -60,7 +60,7 @@ func newLifecycleEnv(t *testing.T) *lcEnv {
 // store reads it.
 func (e *lcEnv) admit(t *testing.T) *jobs.Job {
 	t.Helper()
-	j := &jobs.Job{ID: jobs.NewID(), Tenant: "t", UserID: "u", Model: "m", Group: e.g.Name,
+	j := &jobs.Job{ID: jobs.NewID(e.g.Name), Tenant: "t", UserID: "u", Model: "m", Group: e.g.Name,
 		MaxTokens: 50, Request: []byte(`{}`), CreatedAt: e.clk.Now(), DeadlineAt: e.clk.Now().Add(time.Hour)}
 	res, err := e.s.Admit(context.Background(), scheduler.Admission{Job: j, Group: e.g, InputEstimate: 100, Policy: e.policy})
 	if err != nil || res.Outcome != scheduler.Admitted {
@@ -591,7 +591,7 @@ func TestLifecycleStaleTransitionChangesNothing(t *testing.T) {
 		{"succeed of a missing job", func(t *testing.T, e *lcEnv) func() error {
 			j := e.admit(t)
 			c := *j
-			c.ID = jobs.NewID()
+			c.ID = jobs.NewID(e.g.Name)
 			return e.succeed(&c, 1)
 		}, sentinel(jobs.ErrNotFound)},
 	}

@@ -14,6 +14,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math"
 	"net/http"
 	"strconv"
@@ -31,6 +32,10 @@ import (
 var (
 	//go:embed lua/prelude.lua
 	prelude string
+	//go:embed lua/quota.lua
+	quotaSrc string
+	//go:embed lua/cached.lua
+	cachedSrc string
 	//go:embed lua/admit.lua
 	admitSrc string
 	//go:embed lua/dispatch.lua
@@ -51,6 +56,8 @@ var (
 	placesSrc string
 
 	admitScript    = redis.NewScript(prelude + admitSrc)
+	quotaScript    = redis.NewScript(prelude + quotaSrc)
+	cachedScript   = redis.NewScript(prelude + cachedSrc)
 	dispatchScript = redis.NewScript(prelude + dispatchSrc)
 	settleScript   = redis.NewScript(prelude + settleSrc)
 	observeScript  = redis.NewScript(prelude + observeSrc)
@@ -77,6 +84,9 @@ type Options struct {
 	// Wait, when not nil, follows each admission and each job's end with
 	// WAIT on the same connection (config redis.wait_replicas).
 	Wait *redisconn.Waiter
+	// Log gets what the scheduler cannot return (a quota it could not give
+	// back after a step that succeeded); default: discarded.
+	Log *slog.Logger
 }
 
 // Scheduler runs the engine's scripts.
@@ -87,6 +97,7 @@ type Scheduler struct {
 	maxOutage time.Duration
 	clock     func() time.Time
 	wait      *redisconn.Waiter
+	log       *slog.Logger
 }
 
 // New returns a Scheduler on rdb; store supplies job-record settings.
@@ -97,7 +108,10 @@ func New(rdb redis.UniversalClient, store *jobs.Store, o Options) *Scheduler {
 	if o.MaxOutage <= 0 {
 		o.MaxOutage = config.DefaultMaxOutage
 	}
-	return &Scheduler{rdb: rdb, store: store, lease: o.LeaseTTL, maxOutage: o.MaxOutage, clock: o.Clock, wait: o.Wait}
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	return &Scheduler{rdb: rdb, store: store, lease: o.LeaseTTL, maxOutage: o.MaxOutage, clock: o.Clock, wait: o.Wait, log: o.Log}
 }
 
 // LeaseTTL is the lease time; workers renew at a third of it.
@@ -201,8 +215,8 @@ func UserKey(tenant, user string) string { return tenant + "\x00" + user }
 // so the key is unambiguous whatever the user id holds.
 func quotaKey(tenant, user string) string { return rkeys.Quota(tenant, user) }
 
-func idempotencyKey(tenant, user, key string) string {
-	return rkeys.Idempotency(tenant, user, key)
+func idempotencyKey(g, tenant, user, key string) string {
+	return rkeys.Idempotency(g, tenant, user, key)
 }
 
 // IdempotencyTTL is how long an Idempotency-Key is remembered.
@@ -256,16 +270,18 @@ type AdmitResult struct {
 	Down                       time.Duration
 }
 
-// Admit decides a job's admission and, when it is admitted, stores it,
-// reserves its quota and queues it fairly — one atomic script. A refusal
-// changes nothing.
+// Admit decides a job's admission and, when it is admitted, stores it and
+// queues it fairly — one atomic script in the group's slot. The user's
+// quotas live in the user's own slot (every group charges them): they are
+// charged first, in a script of their own, and given back when admission
+// refuses. A refusal changes nothing else.
 func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error) {
 	j, g := a.Job, a.Group
 	j.Status = jobs.Queued
 	k := keys{g.Name}
-	idem := rkeys.NoIdempotency
+	idem := rkeys.NoIdempotency(g.Name)
 	if a.IdempotencyKey != "" {
-		idem = idempotencyKey(j.Tenant, j.UserID, a.IdempotencyKey)
+		idem = idempotencyKey(g.Name, j.Tenant, j.UserID, a.IdempotencyKey)
 	} else {
 		a.BodyHash = ""
 	}
@@ -277,33 +293,37 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 	if weight <= 0 {
 		weight = 1
 	}
+	held, r, err := s.takeQuota(ctx, a)
+	if err != nil || r.Outcome == OverQuota {
+		return r, err
+	}
 	args := []any{s.now(), j.ID, s.store.TTLSeconds(), encodePrefixes(a.CachePrefixes), s.store.MaxEvents(),
 		UserKey(j.Tenant, j.UserID), a.InputEstimate, j.MaxTokens, weight, wakeChannel(g.Name)}
 	args = append(args, limits(g)...)
-	args = append(args, g.MaxConcurrency, a.Policy.RequestsPerHour, a.Policy.TokensPerHour,
+	args = append(args, g.MaxConcurrency, held.requests, held.tokens,
 		a.Policy.MaxQueued, a.MaxWait.Milliseconds(), a.BodyHash, int(IdempotencyTTL/time.Second), deadline, countReads(g))
 	args = append(args, s.store.Fields(j)...)
 	res, err := s.wait.Run(ctx, s.rdb, "admit", admitScript, []string{
 		jobs.Key(j.ID), k.cache(), k.seq(), k.order(), k.finish(), k.vtime(),
-		k.costs(), k.totals(), k.lim(), idem, quotaKey(j.Tenant, j.UserID),
-		jobs.CountsKey(j.Tenant, j.UserID), jobs.IndexKey(j.Tenant, ""), jobs.IndexKey(j.Tenant, j.UserID),
+		k.costs(), k.totals(), k.lim(), idem,
+		jobs.CountsKey(g.Name, j.Tenant, j.UserID), jobs.IndexKey(g.Name, j.Tenant, ""), jobs.IndexKey(g.Name, j.Tenant, j.UserID),
 		k.deadlines(), jobs.WaitingUsersKey(g.Name), k.live(),
 	}, args...).Slice()
 	if err != nil {
+		// Whether the job was admitted is unknown: its quota stays
+		// charged (a user may lose one request's worth, never gain one).
 		return AdmitResult{}, fmt.Errorf("scheduler: admit %s: %w", j.ID, err)
 	}
-	r := AdmitResult{Outcome: Outcome(fmt.Sprint(res[0]))}
+	r.Outcome = Outcome(fmt.Sprint(res[0]))
+	if r.Outcome != Admitted && held.any() {
+		s.giveQuota(ctx, j, held, Used{}, a.Policy)
+	}
 	switch r.Outcome {
 	case Admitted:
 		r.Position, r.ETA = toInt(res[2]), toInt(res[3])
-		r.QuotaRemaining, r.QuotaReset = toInt(res[4]), toInt(res[5])
 		j.CostIn, j.CostOut = a.InputEstimate, j.MaxTokens
 	case Replay:
 		r.ReplayOf = fmt.Sprint(res[1])
-	case OverQuota:
-		r.QuotaWhich = fmt.Sprint(res[1])
-		r.RetryAfter = time.Duration(toInt(res[2])) * time.Millisecond
-		r.Limit, r.Remaining = toInt(res[3]), toInt(res[4])
 	case QueueLimit:
 		r.Remaining, r.Limit = toInt(res[1]), toInt(res[2])
 	case Overloaded:
@@ -313,6 +333,69 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 		r.Down = time.Duration(toInt(res[2])) * time.Millisecond
 	}
 	return r, nil
+}
+
+// quotaHold is what a job holds of its user's quotas.
+type quotaHold struct{ requests, tokens int }
+
+func (h quotaHold) any() bool { return h.requests > 0 || h.tokens > 0 }
+
+// takeQuota charges the user's quotas for a job about to be admitted: one
+// request, and the tokens the limiter will count (input not read from the
+// upstream's cache, plus max_tokens). A user without quotas costs no call.
+// It answers OverQuota in r when a bucket cannot hold the job.
+func (s *Scheduler) takeQuota(ctx context.Context, a Admission) (held quotaHold, r AdmitResult, err error) {
+	j, p := a.Job, a.Policy
+	if p.RequestsPerHour <= 0 && p.TokensPerHour <= 0 {
+		return held, r, nil
+	}
+	cost := a.InputEstimate + j.MaxTokens
+	if p.TokensPerHour > 0 && len(a.CachePrefixes) > 0 && !a.Group.CountCacheReads {
+		cached, err := cachedScript.Run(ctx, s.rdb, []string{keys{a.Group.Name}.cache()}, s.now(), encodePrefixes(a.CachePrefixes)).Int()
+		if err != nil {
+			return held, r, fmt.Errorf("scheduler: admit %s: cached input: %w", j.ID, err)
+		}
+		cost -= max(0, min(cached, a.InputEstimate-1))
+	}
+	res, err := quotaScript.Run(ctx, s.rdb, []string{quotaKey(j.Tenant, j.UserID), rkeys.QuotaGiven(j.Tenant, j.UserID, j.ID)},
+		s.now(), "take", p.RequestsPerHour, p.TokensPerHour, cost).Slice()
+	if err != nil {
+		return held, r, fmt.Errorf("scheduler: admit %s: quota: %w", j.ID, err)
+	}
+	if fmt.Sprint(res[0]) == string(OverQuota) {
+		r.Outcome = OverQuota
+		r.QuotaWhich = fmt.Sprint(res[1])
+		r.RetryAfter = time.Duration(toInt(res[2])) * time.Millisecond
+		r.Limit, r.Remaining = toInt(res[3]), toInt(res[4])
+		return held, r, nil
+	}
+	r.QuotaRemaining, r.QuotaReset = toInt(res[1]), toInt(res[2])
+	if p.RequestsPerHour > 0 {
+		held.requests = 1
+	}
+	if p.TokensPerHour > 0 {
+		held.tokens = cost
+	}
+	return held, r, nil
+}
+
+// giveQuota gives back to job j's user what its hold did not use, once
+// per job (the mark in the user's slot makes a repeated call harmless, so
+// a failed call is tried again). It follows the step that took the hold
+// out of the job's record; when Redis cannot be reached it is logged and
+// the user's buckets stay charged until they refill.
+func (s *Scheduler) giveQuota(ctx context.Context, j *jobs.Job, held quotaHold, u Used, p config.UserPolicy) {
+	ctx = context.WithoutCancel(ctx)
+	var err error
+	for try := 0; try < 3; try++ {
+		err = quotaScript.Run(ctx, s.rdb, []string{quotaKey(j.Tenant, j.UserID), rkeys.QuotaGiven(j.Tenant, j.UserID, j.ID)},
+			s.now(), "give", p.RequestsPerHour, p.TokensPerHour, held.requests, held.tokens, min(u.Requests, 1), u.Input+u.Output).Err()
+		if err == nil {
+			return
+		}
+	}
+	s.log.Warn("could not give back a job's unused quota; the user's buckets refill within the hour",
+		"job_id", j.ID, "tenant", j.Tenant, "err", err)
 }
 
 // Quota is a user's quota state, brought up to now.
@@ -421,8 +504,8 @@ type Result struct {
 func (s *Scheduler) Dispatch(ctx context.Context, g *config.ModelGroup, max int) (Result, error) {
 	k := keys{g.Name}
 	args := append([]any{s.now()}, limits(g)...)
-	args = append(args, g.MaxConcurrency, s.lease.Milliseconds(), max, jobs.KeyPrefix, MovedChannel(g.Name),
-		jobs.ChannelPrefix, s.store.MaxEvents(), awayAfter.Milliseconds(), jobs.UserKeyPrefix, outputAccounting(g),
+	args = append(args, g.MaxConcurrency, s.lease.Milliseconds(), max, rkeys.Prefix, MovedChannel(g.Name),
+		jobs.ChannelPrefix, s.store.MaxEvents(), awayAfter.Milliseconds(), rkeys.UserPrefix(g.Name), outputAccounting(g),
 		g.CacheHold.Milliseconds(), countReads(g))
 	res, err := dispatchScript.Run(ctx, s.rdb, []string{
 		k.order(), k.delayed(), k.vtime(), k.finish(), k.costs(), k.totals(), k.lim(),
@@ -499,9 +582,9 @@ type Settlement struct {
 }
 
 // Settle closes the job's limiter reservation (of its current dispatch) and,
-// when Final, its quota reservation — each exactly once: the buckets get back
-// what the upstream did not use. It also releases the job's lease and wakes
-// the dispatchers. It reports which reservations it found.
+// when Final, its hold on the user's quota — each exactly once: the buckets
+// get back what the upstream did not use. It also releases the job's lease
+// and wakes the dispatchers. It reports which reservations it found.
 func (s *Scheduler) Settle(ctx context.Context, st Settlement) (limiter, quota bool, err error) {
 	k := keys{st.Group.Name}
 	j := st.Job
@@ -511,12 +594,18 @@ func (s *Scheduler) Settle(ctx context.Context, st Settlement) (limiter, quota b
 	}
 	args := []any{s.now(), j.ID, st.Used.Requests, st.Used.Input, st.Used.Output}
 	args = append(args, limits(st.Group)...)
-	args = append(args, st.Duration.Milliseconds(), wakeChannel(st.Group.Name), final,
-		st.Policy.RequestsPerHour, st.Policy.TokensPerHour)
+	args = append(args, st.Duration.Milliseconds(), wakeChannel(st.Group.Name), final)
 	res, err := settleScript.Run(ctx, s.rdb, []string{k.lim(), k.reservations(), k.leases(),
-		jobs.Key(j.ID), quotaKey(j.Tenant, j.UserID), k.rate()}, args...).Int64Slice()
+		jobs.Key(j.ID), k.rate()}, args...).Int64Slice()
 	if err != nil {
 		return false, false, fmt.Errorf("scheduler: settle %s: %w", j.ID, err)
+	}
+	if held := (quotaHold{int(res[2]), int(res[3])}); res[1] == 1 && held.any() {
+		owner := *j
+		if owner.Tenant == "" {
+			owner.Tenant, owner.UserID = s.store.Owner(ctx, j.ID)
+		}
+		s.giveQuota(ctx, &owner, held, st.Used, st.Policy)
 	}
 	return res[0] == 1, res[1] == 1, nil
 }

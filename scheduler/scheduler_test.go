@@ -49,7 +49,7 @@ func newEnvLease(t *testing.T, g config.ModelGroup, lease time.Duration) *env {
 // max_tokens, and returns its id.
 func (e *env) admit(t *testing.T, user string, in, out int, weight float64) string {
 	t.Helper()
-	j := &jobs.Job{ID: jobs.NewID(), Tenant: "t", UserID: user, Model: "m", Group: e.g.Name,
+	j := &jobs.Job{ID: jobs.NewID(e.g.Name), Tenant: "t", UserID: user, Model: "m", Group: e.g.Name,
 		MaxTokens: out, Request: []byte(`{}`), CreatedAt: e.clk.Now()}
 	if res, err := e.s.Admit(context.Background(), scheduler.Admission{Job: j, Group: e.g, InputEstimate: in, Policy: config.UserPolicy{Weight: weight}}); err != nil || res.Outcome != scheduler.Admitted {
 		t.Fatal(err)

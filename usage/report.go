@@ -93,8 +93,9 @@ type Report struct {
 }
 
 // Query reads the last n buckets of granularity g (the current one
-// included) for each tenant, with each tenant's top users by tokens.
-func (r *Recorder) Query(ctx context.Context, tenants []string, g Granularity, n, top int) (*Report, error) {
+// included) for each tenant, with each tenant's top users by tokens, adding
+// up the statistics of the model groups named (and of no group).
+func (r *Recorder) Query(ctx context.Context, groups, tenants []string, g Granularity, n, top int) (*Report, error) {
 	end := g.start(r.now()).Add(g.width())
 	from := end.Add(-time.Duration(n) * g.width())
 	rep := &Report{Granularity: g, From: from, To: end, Totals: newStats(), Tenants: []TenantReport{}}
@@ -103,38 +104,61 @@ func (r *Recorder) Query(ctx context.Context, tenants []string, g Granularity, n
 		starts[i] = from.Add(time.Duration(i) * g.width())
 		rep.Buckets = append(rep.Buckets, Bucket{Start: starts[i], Stats: newStats()})
 	}
+	groups = append([]string{""}, groups...)
+	// Per tenant, bucket and group a hash; per tenant and group the user
+	// sets of all buckets, united where they live (one group's keys share a
+	// slot; the keys of no group are read one by one), then added up here.
 	p := r.rdb.Pipeline()
-	hashes := make([][]*redis.MapStringStringCmd, len(tenants))
-	users := make([]*redis.ZSliceCmd, len(tenants))
-	ureqs := make([]*redis.ZSliceCmd, len(tenants))
+	hashes := make([][][]*redis.MapStringStringCmd, len(tenants))
+	users := make([][]*redis.ZSliceCmd, len(tenants))
+	ureqs := make([][]*redis.ZSliceCmd, len(tenants))
 	for ti, t := range tenants {
-		var uk, rk []string
-		for _, s := range starts {
-			k := key(t, g, s)
-			hashes[ti] = append(hashes[ti], p.HGetAll(ctx, k))
-			uk, rk = append(uk, k+":users"), append(rk, k+":ureq")
+		hashes[ti] = make([][]*redis.MapStringStringCmd, len(starts))
+		for _, gr := range groups {
+			var uk, rk []string
+			for si, s := range starts {
+				k := key(gr, t, g, s)
+				hashes[ti][si] = append(hashes[ti][si], p.HGetAll(ctx, k))
+				uk, rk = append(uk, k+":users"), append(rk, k+":ureq")
+			}
+			if gr == "" {
+				// No group, no common hash tag: read each key.
+				for i := range uk {
+					users[ti] = append(users[ti], p.ZRangeWithScores(ctx, uk[i], 0, -1))
+					ureqs[ti] = append(ureqs[ti], p.ZRangeWithScores(ctx, rk[i], 0, -1))
+				}
+				continue
+			}
+			users[ti] = append(users[ti], p.ZUnionWithScores(ctx, redis.ZStore{Keys: uk}))
+			ureqs[ti] = append(ureqs[ti], p.ZUnionWithScores(ctx, redis.ZStore{Keys: rk}))
 		}
-		users[ti] = p.ZUnionWithScores(ctx, redis.ZStore{Keys: uk})
-		ureqs[ti] = p.ZUnionWithScores(ctx, redis.ZStore{Keys: rk})
 	}
 	if _, err := p.Exec(ctx); err != nil && err != redis.Nil {
 		return nil, fmt.Errorf("usage: query: %w", err)
 	}
+	sum := func(cmds []*redis.ZSliceCmd) map[string]int64 {
+		m := map[string]int64{}
+		for _, c := range cmds {
+			for _, z := range c.Val() {
+				m[fmt.Sprint(z.Member)] += int64(z.Score)
+			}
+		}
+		return m
+	}
 	for ti, t := range tenants {
 		tr := TenantReport{Tenant: t, Totals: newStats(), TopUsers: []UserUse{}}
-		for bi, h := range hashes[ti] {
-			st := parse(h.Val())
+		for bi, hs := range hashes[ti] {
+			st := newStats()
+			for _, h := range hs {
+				st.add(parse(h.Val()))
+			}
 			tr.Buckets = append(tr.Buckets, Bucket{Start: starts[bi], Stats: st})
 			tr.Totals.add(st)
 			rep.Buckets[bi].add(st)
 		}
-		requests := map[string]int64{}
-		for _, z := range ureqs[ti].Val() {
-			requests[fmt.Sprint(z.Member)] = int64(z.Score)
-		}
-		for _, z := range users[ti].Val() {
-			u := fmt.Sprint(z.Member)
-			tr.TopUsers = append(tr.TopUsers, UserUse{UserID: u, Tokens: int64(z.Score), Requests: requests[u]})
+		requests := sum(ureqs[ti])
+		for u, tokens := range sum(users[ti]) {
+			tr.TopUsers = append(tr.TopUsers, UserUse{UserID: u, Tokens: tokens, Requests: requests[u]})
 		}
 		slices.SortFunc(tr.TopUsers, func(a, b UserUse) int {
 			return cmp.Or(cmp.Compare(b.Tokens, a.Tokens), cmp.Compare(b.Requests, a.Requests), strings.Compare(a.UserID, b.UserID))

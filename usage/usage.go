@@ -9,9 +9,12 @@
 // statistics equal the sum of the jobs' usage exactly, with any number of
 // workers. Refusals and upstream pushback are counted where they happen.
 //
-// Keys: sluice:usage:{tenant}:{h|d}:{YYYYMMDDHH|YYYYMMDD} (hash), with
-// ":users" (tokens by user) and ":ureq" (requests by user) sorted sets
-// beside it. Each expires after its retention.
+// Keys: rkeys.Usage, per model group (in the group's slot, so that a job's
+// step bumps them atomically) and tenant, sluice:{tag}:usage:{tenant}:{h|d}:
+// {YYYYMMDDHH|YYYYMMDD} (hash), with ":users" (tokens by user) and ":ureq"
+// (requests by user) sorted sets beside it; refusals whose group is unknown
+// go under group "" (no tag). Each expires after its retention. Reports
+// read every group's keys and add them up.
 package usage
 
 import (
@@ -107,12 +110,12 @@ func (g Granularity) start(t time.Time) time.Time {
 	return t.Truncate(time.Hour)
 }
 
-func key(tenant string, g Granularity, t time.Time) string {
+func key(group, tenant string, g Granularity, t time.Time) string {
 	t = t.UTC()
 	if g == Day {
-		return rkeys.Usage(tenant, "d", t.Format("20060102"))
+		return rkeys.Usage(group, tenant, "d", t.Format("20060102"))
 	}
-	return rkeys.Usage(tenant, "h", t.Format("2006010215"))
+	return rkeys.Usage(group, tenant, "h", t.Format("2006010215"))
 }
 
 func (r *Recorder) ttl(g Granularity) time.Duration {
@@ -138,9 +141,9 @@ func bucketOf(d time.Duration) int {
 // failed job, and how long it took. Its tokens are counted per upstream
 // call (Call), as the upstream bills them.
 type Finished struct {
-	Tenant, UserID string
-	Succeeded      bool
-	Latency        time.Duration
+	Group, Tenant, UserID string
+	Succeeded             bool
+	Latency               time.Duration
 	// Wait is submitted → first start; negative when the job never started.
 	Wait time.Duration
 	At   time.Time // when it finished
@@ -151,7 +154,7 @@ type Finished struct {
 func (r *Recorder) Tallies(f Finished) []jobs.Tally {
 	var out []jobs.Tally
 	for _, g := range []Granularity{Hour, Day} {
-		k, ttl := key(f.Tenant, g, f.At), r.ttl(g)
+		k, ttl := key(f.Group, f.Tenant, g, f.At), r.ttl(g)
 		if !f.Succeeded {
 			out = append(out, jobs.Tally{Key: k, Field: fFailed, By: 1, TTL: ttl})
 			continue
@@ -171,8 +174,8 @@ func (r *Recorder) Tallies(f Finished) []jobs.Tally {
 // came of it (an answer, an error status, a stream cut short), with the
 // tokens the upstream counted for it.
 type Call struct {
-	Tenant, UserID string
-	Usage          jobs.Usage
+	Group, Tenant, UserID string
+	Usage                 jobs.Usage
 	// Estimated is how many of Usage's tokens are sluice's estimate, not
 	// the upstream's report: the call was cut before the upstream said
 	// (the output of a stream cut mid-answer is estimated from its text;
@@ -188,7 +191,7 @@ func (r *Recorder) CallTallies(c Call) []jobs.Tally {
 	u := c.Usage
 	tokens := int64(u.InputTokens + u.OutputTokens + u.CacheReadInputTokens + u.CacheCreationInputTokens)
 	for _, g := range []Granularity{Hour, Day} {
-		k, ttl := key(c.Tenant, g, c.At), r.ttl(g)
+		k, ttl := key(c.Group, c.Tenant, g, c.At), r.ttl(g)
 		add := func(field string, n int64) {
 			if n != 0 {
 				out = append(out, jobs.Tally{Key: k, Field: field, By: n, TTL: ttl})
@@ -207,27 +210,31 @@ func (r *Recorder) CallTallies(c Call) []jobs.Tally {
 	return out
 }
 
-// Refused counts a refusal at admission (RefusedUserQuota, …).
-func (r *Recorder) Refused(ctx context.Context, tenant, reason string) error {
-	return r.count(ctx, tenant, fRefused+reason)
+// Refused counts a refusal at admission (RefusedUserQuota, …) of a job for
+// model group ("" when the request named no known model).
+func (r *Recorder) Refused(ctx context.Context, group, tenant, reason string) error {
+	return r.count(ctx, group, tenant, fRefused+reason)
 }
 
-// Upstream counts an upstream 429 or 529 met by one of tenant's jobs.
-func (r *Recorder) Upstream(ctx context.Context, tenant string, status int) error {
+// Upstream counts an upstream 429 or 529 met by one of tenant's jobs of
+// model group.
+func (r *Recorder) Upstream(ctx context.Context, group, tenant string, status int) error {
 	switch status {
 	case 429:
-		return r.count(ctx, tenant, fUpstream429)
+		return r.count(ctx, group, tenant, fUpstream429)
 	case 529:
-		return r.count(ctx, tenant, fUpstream529)
+		return r.count(ctx, group, tenant, fUpstream529)
 	}
 	return nil
 }
 
-func (r *Recorder) count(ctx context.Context, tenant, field string) error {
+func (r *Recorder) count(ctx context.Context, group, tenant, field string) error {
 	now := r.now()
-	_, err := r.rdb.TxPipelined(ctx, func(p redis.Pipeliner) error {
+	// Not MULTI: the hour's and the day's keys of no group have no common
+	// hash tag (in Redis Cluster they may live on two nodes).
+	_, err := r.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for _, g := range []Granularity{Hour, Day} {
-			k := key(tenant, g, now)
+			k := key(group, tenant, g, now)
 			p.HIncrBy(ctx, k, field, 1)
 			p.Expire(ctx, k, r.ttl(g))
 		}

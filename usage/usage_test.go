@@ -39,9 +39,9 @@ func TestQuantilesFromBuckets(t *testing.T) {
 		lat = append(lat, 10*time.Second)
 	}
 	for i, d := range lat {
-		finish(t, rdb, sched, rec, fmt.Sprintf("job%d", i), "t1", "u", true, jobs.Usage{InputTokens: 1}, d, now)
+		finish(t, rdb, sched, rec, &testGroup, fmt.Sprintf("job%d", i), "t1", "u", true, jobs.Usage{InputTokens: 1}, d, now)
 	}
-	rep, err := rec.Query(ctx, []string{"t1"}, usage.Hour, 1, 5)
+	rep, err := rec.Query(ctx, []string{"g"}, []string{"t1"}, usage.Hour, 1, 5)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -54,7 +54,7 @@ func TestQuantilesFromBuckets(t *testing.T) {
 	if *p.P50 != 1 || *p.P95 != 2 {
 		t.Fatalf("p50 %v p95 %v, want 1 and 2 (from the buckets)", *p.P50, *p.P95)
 	}
-	empty, err := rec.Query(ctx, []string{"nobody"}, usage.Hour, 1, 5)
+	empty, err := rec.Query(ctx, []string{"g"}, []string{"nobody"}, usage.Hour, 1, 5)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -66,24 +66,29 @@ func TestQuantilesFromBuckets(t *testing.T) {
 // finish stores a running job whose first attempt is open and ends it,
 // succeeded (with one upstream call's usage) or failed, with the
 // recorder's tallies, as the worker does.
-func finish(t *testing.T, rdb *redis.Client, sched *scheduler.Scheduler, rec *usage.Recorder, id, tenant, user string, ok bool, u jobs.Usage, latency time.Duration, at time.Time) error {
+func finish(t *testing.T, rdb *redis.Client, sched *scheduler.Scheduler, rec *usage.Recorder, g *config.ModelGroup, id, tenant, user string, ok bool, u jobs.Usage, latency time.Duration, at time.Time) error {
 	t.Helper()
 	ctx := context.Background()
-	j := &jobs.Job{ID: id, Tenant: tenant, UserID: user, Group: "g", Model: "m", Status: jobs.Running, CreatedAt: at.Add(-latency)}
+	j := &jobs.Job{ID: id, Tenant: tenant, UserID: user, Group: g.Name, Model: "m", Status: jobs.Running, CreatedAt: at.Add(-latency)}
 	store := jobs.NewStore(rdb, jobs.Options{})
 	if err := rdb.HSet(ctx, jobs.Key(id), append(store.Fields(j), "status", "running", "dispatch", 1, "attempt_open", 1)...).Err(); err != nil {
 		t.Fatal(err)
 	}
-	a := scheduler.Attempt{Group: &testGroup, Job: j, Dispatch: 1}
-	done := rec.Tallies(usage.Finished{Tenant: tenant, UserID: user, Succeeded: ok, Latency: latency, Wait: latency / 2, At: at})
+	a := scheduler.Attempt{Group: g, Job: j, Dispatch: 1}
+	done := rec.Tallies(usage.Finished{Group: g.Name, Tenant: tenant, UserID: user, Succeeded: ok, Latency: latency, Wait: latency / 2, At: at})
 	if !ok {
 		return sched.Fail(ctx, scheduler.Failure{Attempt: a, Error: jobs.Error{Type: "x", Message: "y"}, At: at, Tallies: done})
 	}
-	call := rec.CallTallies(usage.Call{Tenant: tenant, UserID: user, Usage: u, At: at})
+	call := rec.CallTallies(usage.Call{Group: g.Name, Tenant: tenant, UserID: user, Usage: u, At: at})
 	return sched.Succeed(ctx, scheduler.Success{Attempt: a, Result: []byte(`{}`), Usage: u, At: at, Tallies: append(call, done...)})
 }
 
-var testGroup = config.ModelGroup{Name: "g", RPM: 1000, InputTPM: 1000000, OutputTPM: 1000000, Burst: time.Minute, MaxConcurrency: 10}
+var (
+	testGroup  = config.ModelGroup{Name: "g", RPM: 1000, InputTPM: 1000000, OutputTPM: 1000000, Burst: time.Minute, MaxConcurrency: 10}
+	testGroup2 = config.ModelGroup{Name: "g2", RPM: 1000, InputTPM: 1000000, OutputTPM: 1000000, Burst: time.Minute, MaxConcurrency: 10}
+	// bothGroups: the statistics of a tenant are kept per group and added up.
+	bothGroups = []string{"g", "g2"}
+)
 
 func TestSumsEqualTheJobs(t *testing.T) {
 	r := redistest.Start(t)
@@ -112,7 +117,8 @@ func TestSumsEqualTheJobs(t *testing.T) {
 				ok := i%5 != 0
 				// An hour ago for some: they land in the previous bucket.
 				at := now.Add(-time.Duration(i%2) * time.Hour)
-				if err := finish(t, rdbs[w], scheds[w], recs[w], fmt.Sprintf("w%d-%d", w, i), tenant, user, ok, u, time.Second, at); err != nil {
+				g := []*config.ModelGroup{&testGroup, &testGroup2}[i%3%2]
+				if err := finish(t, rdbs[w], scheds[w], recs[w], g, fmt.Sprintf("w%d-%d", w, i), tenant, user, ok, u, time.Second, at); err != nil {
 					t.Error(err)
 					return
 				}
@@ -146,7 +152,7 @@ func TestSumsEqualTheJobs(t *testing.T) {
 		t.Fatalf("second finish of a job: %v, want a StateError", err)
 	}
 
-	rep, err := recs[0].Query(context.Background(), []string{"alpha", "beta"}, usage.Hour, 24, 3)
+	rep, err := recs[0].Query(context.Background(), bothGroups, []string{"alpha", "beta"}, usage.Hour, 24, 3)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -198,7 +204,7 @@ func TestSumsEqualTheJobs(t *testing.T) {
 	}
 
 	// Daily buckets hold the same.
-	day, err := recs[1].Query(context.Background(), []string{"alpha", "beta"}, usage.Day, 2, 3)
+	day, err := recs[1].Query(context.Background(), bothGroups, []string{"alpha", "beta"}, usage.Day, 2, 3)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -236,16 +242,16 @@ func TestRefusalsAndRetention(t *testing.T) {
 	rec := usage.New(rdb, usage.Retention{Hourly: 48 * time.Hour, Daily: 30 * 24 * time.Hour}, func() time.Time { return now })
 	ctx := context.Background()
 	for _, reason := range []string{usage.RefusedUserQuota, usage.RefusedUserQuota, usage.RefusedQueueLimit, usage.RefusedOverloaded} {
-		if err := rec.Refused(ctx, "alpha", reason); err != nil {
+		if err := rec.Refused(ctx, "", "alpha", reason); err != nil {
 			t.Fatal(err)
 		}
 	}
 	for _, st := range []int{429, 429, 529, 500} {
-		if err := rec.Upstream(ctx, "alpha", st); err != nil {
+		if err := rec.Upstream(ctx, "g", "alpha", st); err != nil {
 			t.Fatal(err)
 		}
 	}
-	rep, err := rec.Query(ctx, []string{"alpha"}, usage.Hour, 2, 5)
+	rep, err := rec.Query(ctx, bothGroups, []string{"alpha"}, usage.Hour, 2, 5)
 	if err != nil {
 		t.Fatal(err)
 	}

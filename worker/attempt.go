@@ -185,7 +185,7 @@ func (w *Worker) keep(ctx context.Context, a *attempt, res *upstream.Result, del
 		Duration: elapsed, At: now, Policy: w.policy(job),
 	}
 	if w.d.Usage != nil {
-		s.Tallies = append(w.d.Usage.CallTallies(usage.Call{Tenant: job.Tenant, UserID: job.UserID, Usage: u, At: now}),
+		s.Tallies = append(w.d.Usage.CallTallies(usage.Call{Group: job.Group, Tenant: job.Tenant, UserID: job.UserID, Usage: u, At: now}),
 			w.tallies(job, true, now)...)
 	}
 	err := w.persist(a, "the answer", func(ctx context.Context) error {
@@ -321,7 +321,7 @@ func (w *Worker) tallies(j *jobs.Job, ok bool, now time.Time) []jobs.Tally {
 	if w.d.Usage == nil {
 		return nil
 	}
-	f := usage.Finished{Tenant: j.Tenant, UserID: j.UserID, Succeeded: ok, Latency: now.Sub(j.CreatedAt), Wait: -1, At: now}
+	f := usage.Finished{Group: j.Group, Tenant: j.Tenant, UserID: j.UserID, Succeeded: ok, Latency: now.Sub(j.CreatedAt), Wait: -1, At: now}
 	if !j.StartedAt.IsZero() {
 		f.Wait = j.StartedAt.Sub(j.CreatedAt)
 	}
@@ -333,7 +333,7 @@ func (w *Worker) callTallies(j *jobs.Job, u jobs.Usage, estimated int, now time.
 	if w.d.Usage == nil {
 		return nil
 	}
-	return w.d.Usage.CallTallies(usage.Call{Tenant: j.Tenant, UserID: j.UserID, Usage: u, Estimated: estimated, At: now})
+	return w.d.Usage.CallTallies(usage.Call{Group: j.Group, Tenant: j.Tenant, UserID: j.UserID, Usage: u, Estimated: estimated, At: now})
 }
 
 // billed is what the upstream bills for a call that failed: what its

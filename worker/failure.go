@@ -41,7 +41,7 @@ func (w *Worker) failedAttempt(ctx context.Context, a *attempt, ue *upstream.Err
 	}
 	a.log = a.log.With("upstream_status", ue.Status, "upstream_type", ue.Type, "request_id", ue.RequestID)
 	if w.d.Usage != nil && (ue.Status == 429 || ue.Status == 529) {
-		if uerr := w.d.Usage.Upstream(context.WithoutCancel(ctx), job.Tenant, ue.Status); uerr != nil {
+		if uerr := w.d.Usage.Upstream(context.WithoutCancel(ctx), job.Group, job.Tenant, ue.Status); uerr != nil {
 			a.log.Warn("could not count the upstream's pushback in the usage statistics", "err", uerr)
 		}
 	}

@@ -5,43 +5,44 @@ package worker_test
 // sluice: dispatch goes on, every job whose own record is left ends, no
 // script error repeats, and the derived structures heal.
 //
-// The keys sluice keeps (from the code: grep '"sluice:'), for model group
-// <g>, tenant <t>, user <u>, job <id>:
+// The keys sluice keeps (package internal/rkeys names them all), for model
+// group <g> (its hash tag <T> = rkeys.Tag(g), sluice:{<T>}: written gp
+// below), tenant <t>, user <u>, job <id>:
 //
 //	fair queue (scheduler/scheduler.go, type keys):
-//	  sluice:fq:<g>:order         zset   member "seq|id" → start tag
-//	  sluice:fq:<g>:costs         hash   member → "input,output" estimate
-//	  sluice:fq:<g>:totals        hash   n, in, out of the queued jobs (etas)
-//	  sluice:fq:<g>:delayed       zset   member → when its retry is due
-//	  sluice:fq:<g>:delayed_tags  hash   member → "tag;input,output"
-//	  sluice:fq:<g>:vtime         string V, the start tag of the last dispatch
-//	  sluice:fq:<g>:finish        zset   user key → finish tag
-//	  sluice:fq:<g>:deadlines     zset   member → deadline ms
-//	  sluice:fq:<g>:expiring      zset   id → when it was found past its deadline
-//	  sluice:fq:<g>:seq           string the queue's arrival counter
-//	  sluice:fq:<g>:dispatching   zset   "id|dispatch" picked, not yet handed to asynq
-//	  sluice:fq:<g>:dispatch_seq  string the dispatch counter
-//	  sluice:fq:<g>:rate          hash   dispatches and settled tokens per minute
-//	  sluice:fq:<g>:users         hash   user key → queued jobs (jobs.WaitingUsersKey)
-//	  sluice:live:<g>             hash   id → status initial and user key of every
-//	                                     job admitted and not ended (the sweep's net)
+//	  sluice:{T}:fq:<g>:order         zset   member "seq|id" → start tag
+//	  sluice:{T}:fq:<g>:costs         hash   member → "input,output" estimate
+//	  sluice:{T}:fq:<g>:totals        hash   n, in, out of the queued jobs (etas)
+//	  sluice:{T}:fq:<g>:delayed       zset   member → when its retry is due
+//	  sluice:{T}:fq:<g>:delayed_tags  hash   member → "tag;input,output"
+//	  sluice:{T}:fq:<g>:vtime         string V, the start tag of the last dispatch
+//	  sluice:{T}:fq:<g>:finish        zset   user key → finish tag
+//	  sluice:{T}:fq:<g>:deadlines     zset   member → deadline ms
+//	  sluice:{T}:fq:<g>:expiring      zset   id → when it was found past its deadline
+//	  sluice:{T}:fq:<g>:seq           string the queue's arrival counter
+//	  sluice:{T}:fq:<g>:dispatching   zset   "id|dispatch" picked, not yet handed to asynq
+//	  sluice:{T}:fq:<g>:dispatch_seq  string the dispatch counter
+//	  sluice:{T}:fq:<g>:rate          hash   dispatches and settled tokens per minute
+//	  sluice:{T}:fq:<g>:users         hash   user key → queued jobs (jobs.WaitingUsersKey)
+//	  sluice:{T}:live:<g>             hash   id → status initial and user key of every
+//	                                         job admitted and not ended (the sweep's net)
 //	limiter:
-//	  sluice:lim:<g>              hash   buckets, freeze, pace, outage state
-//	  sluice:lim:<g>:res          hash   id → "requests,input,output" reserved
-//	  sluice:lim:<g>:leases       zset   id → lease end (concurrency slots)
-//	  sluice:lim:<g>:seen         hash   the upstream's last rate-limit headers
-//	per job (jobs/store.go, jobs/followers.go):
-//	  sluice:job:<id>             hash   the record
-//	  sluice:job:<id>:events      stream its event log (the first event is in the record)
-//	  sluice:job:<id>:follow      its followers across api processes
+//	  sluice:{T}:lim:<g>              hash   buckets, freeze, pace, outage state
+//	  sluice:{T}:lim:<g>:res          hash   id → "requests,input,output" reserved
+//	  sluice:{T}:lim:<g>:leases       zset   id → lease end (concurrency slots)
+//	  sluice:{T}:lim:<g>:seen         hash   the upstream's last rate-limit headers
+//	per job (jobs/store.go, jobs/followers.go; <T> is in the id):
+//	  sluice:{T}:job:<id>             hash   the record
+//	  sluice:{T}:job:<id>:events      stream its event log (the first event is in the record)
+//	  sluice:{T}:job:<id>:follow      its followers across api processes
 //	per user and tenant:
-//	  sluice:quota:<t>:<u>        hash   request and token quota buckets
-//	  sluice:user:<t>:<u>:counts  hash   queued, running
-//	  sluice:user:<t>:<u>:jobs    zset   the user's jobs (listing)
-//	  sluice:tenant:<t>:jobs      zset   the tenant's jobs (listing)
-//	  sluice:idem:<t>:<len>:<u>:<key>    an Idempotency-Key's job
+//	  sluice:{u…}:quota:<t>:<len>:<u> hash   request and token quota buckets
+//	  sluice:{T}:user:<t>:<u>:counts  hash   queued, running
+//	  sluice:{T}:user:<t>:<u>:jobs    zset   the user's jobs (listing)
+//	  sluice:{T}:tenant:<t>:jobs      zset   the tenant's jobs (listing)
+//	  sluice:{T}:idem:<t>:<len>:<u>:<key>    an Idempotency-Key's job
 //	usage (usage/usage.go):
-//	  sluice:usage:<t>:{h|d}:<time>[:users|:ureq]
+//	  sluice:{T}:usage:<t>:{h|d}:<time>[:users|:ureq], sluice:usage:… (no group)
 //	elsewhere:
 //	  sluice:estimate:ratio       hash   model → token estimate calibration
 //	  sluice:token_secret         string the fleet's job-token secret
@@ -64,6 +65,7 @@ import (
 
 	"github.com/sluice-dev/sluice/fakeanthropic"
 	"github.com/sluice-dev/sluice/internal/harness"
+	"github.com/sluice-dev/sluice/internal/rkeys"
 	"github.com/sluice-dev/sluice/jobs"
 	"github.com/sluice-dev/sluice/scheduler"
 	"github.com/sluice-dev/sluice/tasks"
@@ -115,9 +117,12 @@ type keyLossCase struct {
 	check func(t *testing.T, e *klEnv)
 }
 
+// gp starts every key of the group the key-loss tests use.
+var gp = "sluice:{" + rkeys.Tag("sonnet") + "}:"
+
 func TestKeyLoss(t *testing.T) {
 	fq := func(sub string) keyLossCase {
-		return keyLossCase{name: "fq " + sub, patterns: []string{"sluice:fq:sonnet:" + sub}}
+		return keyLossCase{name: "fq " + sub, patterns: []string{gp + "fq:sonnet:" + sub}}
 	}
 	lim := func(name, pattern string) keyLossCase {
 		return keyLossCase{name: name, patterns: []string{pattern}}
@@ -133,24 +138,24 @@ func TestKeyLoss(t *testing.T) {
 		fq("vtime"),
 		fq("finish"),
 		fq("deadlines"),
-		{name: "fq expiring", patterns: []string{"sluice:fq:sonnet:expiring"}, expiring: true},
+		{name: "fq expiring", patterns: []string{gp + "fq:sonnet:expiring"}, expiring: true},
 		fq("seq"),
 		fq("dispatching"),
 		fq("dispatch_seq"),
 		fq("rate"),
 		fq("users"),
-		{name: "fq all", patterns: []string{"sluice:fq:sonnet:*"}},
-		{name: "live jobs", patterns: []string{"sluice:live:sonnet"}},
-		{name: "fq and limiter all", patterns: []string{"sluice:fq:sonnet:*", "sluice:lim:sonnet*"}, slow: true},
-		lim("limiter", "sluice:lim:sonnet"),
-		lim("limiter reservations", "sluice:lim:sonnet:res"),
-		slowly(lim("limiter leases", "sluice:lim:sonnet:leases")),
-		lim("limiter seen", "sluice:lim:sonnet:seen"),
-		{name: "user quotas", patterns: []string{"sluice:quota:*"},
+		{name: "fq all", patterns: []string{gp + "fq:sonnet:*"}},
+		{name: "live jobs", patterns: []string{gp + "live:sonnet"}},
+		{name: "fq and limiter all", patterns: []string{gp + "fq:sonnet:*", gp + "lim:sonnet*"}, slow: true},
+		lim("limiter", gp+"lim:sonnet"),
+		lim("limiter reservations", gp+"lim:sonnet:res"),
+		slowly(lim("limiter leases", gp+"lim:sonnet:leases")),
+		lim("limiter seen", gp+"lim:sonnet:seen"),
+		{name: "user quotas", patterns: []string{"sluice:{u*}:quota:*"},
 			tenantExtra: "    requests_per_hour: 1000\n    tokens_per_hour: 100000000\n"},
-		{name: "user counts", patterns: []string{"sluice:user:*:counts"}, tenantExtra: "    max_queued: 8\n"},
-		{name: "job indexes", patterns: []string{"sluice:user:*:jobs", "sluice:tenant:*:jobs"}},
-		{name: "usage statistics", patterns: []string{"sluice:usage:*"}, check: func(t *testing.T, e *klEnv) {
+		{name: "user counts", patterns: []string{gp + "user:*:counts"}, tenantExtra: "    max_queued: 8\n"},
+		{name: "job indexes", patterns: []string{gp + "user:*:jobs", gp + "tenant:*:jobs"}},
+		{name: "usage statistics", patterns: []string{gp + "usage:*", "sluice:usage:*"}, check: func(t *testing.T, e *klEnv) {
 			if resp, b := e.Do(t, http.MethodGet, "/v1/admin/usage", harness.AdminKey, nil); resp.StatusCode != http.StatusOK {
 				t.Errorf("admin usage after its keys were lost: %d %s", resp.StatusCode, b)
 			}
@@ -158,7 +163,7 @@ func TestKeyLoss(t *testing.T) {
 		{name: "estimate ratios", patterns: []string{"sluice:estimate:*"}},
 		{name: "token secret", patterns: []string{"sluice:token_secret"}, check: checkTokenSecret},
 		{name: "job records", keys: deleteSomeRecords, slow: true},
-		{name: "job event streams", patterns: []string{"sluice:job:*:events"}, repeat: true, check: checkStreamsEnd},
+		{name: "job event streams", patterns: []string{"sluice:{*}:job:*:events"}, repeat: true, check: checkStreamsEnd},
 		{name: "asynq", patterns: []string{"asynq:*"}},
 		{name: "asynq with tasks waiting", patterns: []string{"asynq:*"}, handed: true},
 	}
@@ -177,7 +182,7 @@ func slowly(c keyLossCase) keyLossCase {
 
 func withRetries(c keyLossCase) keyLossCase {
 	c.retries = true
-	c.ready = func(e *klEnv) bool { return zcard(e, "sluice:fq:sonnet:delayed") > 0 }
+	c.ready = func(e *klEnv) bool { return zcard(e, gp+"fq:sonnet:delayed") > 0 }
 	return c
 }
 
@@ -244,7 +249,7 @@ func runKeyLoss(t *testing.T, tc keyLossCase) {
 		harness.Eventually(t, 10*time.Second, func() bool { return tc.ready(e) }, "the scenario's state before the keys go")
 	default:
 		harness.Eventually(t, 10*time.Second, func() bool {
-			return zcard(e, "sluice:fq:sonnet:order") >= 5 && zcard(e, "sluice:lim:sonnet:leases") >= 1 &&
+			return zcard(e, gp+"fq:sonnet:order") >= 5 && zcard(e, gp+"lim:sonnet:leases") >= 1 &&
 				(tc.name == "fq dispatching" || present(e, tc.patterns))
 		}, "a backlog with calls running (and the keys to delete)")
 	}
@@ -382,27 +387,27 @@ func checkClean(t *testing.T, e *klEnv) {
 	check := func() bool {
 		dirty = dirty[:0]
 		for _, k := range []string{"order", "delayed", "deadlines", "expiring", "dispatching"} {
-			if n := zcard(e, "sluice:fq:sonnet:"+k); n != 0 {
+			if n := zcard(e, gp+"fq:sonnet:"+k); n != 0 {
 				dirty = append(dirty, fmt.Sprintf("%s has %d", k, n))
 			}
 		}
-		for _, k := range []string{"sluice:fq:sonnet:costs", "sluice:fq:sonnet:delayed_tags", "sluice:fq:sonnet:users",
-			"sluice:lim:sonnet:res", "sluice:live:sonnet"} {
+		for _, k := range []string{gp + "fq:sonnet:costs", gp + "fq:sonnet:delayed_tags", gp + "fq:sonnet:users",
+			gp + "lim:sonnet:res", gp + "live:sonnet"} {
 			if n, _ := e.RDB.HLen(ctx, k).Result(); n != 0 {
 				dirty = append(dirty, fmt.Sprintf("%s has %d", k, n))
 			}
 		}
-		if n := zcard(e, "sluice:lim:sonnet:leases"); n != 0 {
+		if n := zcard(e, gp+"lim:sonnet:leases"); n != 0 {
 			dirty = append(dirty, fmt.Sprintf("leases has %d", n))
 		}
-		tot, _ := e.RDB.HMGet(ctx, "sluice:fq:sonnet:totals", "n", "in", "out").Result()
+		tot, _ := e.RDB.HMGet(ctx, gp+"fq:sonnet:totals", "n", "in", "out").Result()
 		for i, v := range tot {
 			if v != nil && v != "0" {
 				dirty = append(dirty, fmt.Sprintf("totals %d is %v", i, v))
 			}
 		}
 		for u := range klUsers {
-			c, _ := e.RDB.HMGet(ctx, jobs.CountsKey("acme", fmt.Sprintf("kl-user-%d", u)), "queued", "running").Result()
+			c, _ := e.RDB.HMGet(ctx, jobs.CountsKey("sonnet", "acme", fmt.Sprintf("kl-user-%d", u)), "queued", "running").Result()
 			for i, v := range c {
 				if v == nil || v == "0" {
 					continue

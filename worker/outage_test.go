@@ -427,7 +427,7 @@ func checkBilled(t *testing.T, e *harness.Env, exact bool) {
 	var rep *usage.Report
 	harness.Eventually(t, 10*time.Second, func() bool {
 		var err error
-		rep, err = e.Usage.Query(context.Background(), []string{"acme"}, usage.Hour, 2, 0) // 2: the run may cross an hour
+		rep, err = e.Usage.Query(context.Background(), e.Config.GroupNames(), []string{"acme"}, usage.Hour, 2, 0) // 2: the run may cross an hour
 		return err == nil && rep.Totals.UpstreamCalls >= int64(len(log))
 	}, "the usage statistics to count %d upstream calls", len(log))
 	tot := rep.Totals

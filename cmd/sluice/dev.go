@@ -78,6 +78,7 @@ func runDev(ctx context.Context, args []string, getenv func(string) string, stdo
 		}
 		defer stop()
 		redisURL, redisNote = url, note
+		dev.ownRedis = filepath.Join(*dataDir, "redis")
 	}
 
 	// Upstream.

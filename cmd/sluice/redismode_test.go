@@ -61,12 +61,12 @@ func TestSentinelModeServes(t *testing.T) {
 	}
 }
 
-// Cluster mode, and a Sentinel URL without master_name, stop start-up
-// with the fix.
+// A cluster URL with a database, and a Sentinel URL without master_name,
+// stop start-up with the fix.
 func TestRedisModeRefusals(t *testing.T) {
 	path := writeConfig(t, "redis://127.0.0.1:1/0", "http://127.0.0.1:1")
 	for _, tc := range []struct{ mode, url, want string }{
-		{"cluster", "redis://127.0.0.1:7000?addr=127.0.0.1:7001", "cluster is not supported yet"},
+		{"cluster", "redis://127.0.0.1:7000/2?addr=127.0.0.1:7001", "Redis Cluster has database 0 only"},
 		{"sentinel", "redis://127.0.0.1:26379/0", "add ?master_name=NAME"},
 		{"ring", "redis://127.0.0.1:6379/0", `redis.mode: must be "single"`},
 	} {

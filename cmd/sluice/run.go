@@ -21,6 +21,7 @@ Commands:
 	[2]string{"worker", "a worker only: runs queued jobs against the upstream"},
 	[2]string{"fake-anthropic", "a stand-in for the Anthropic API, with real limits and fault injection"},
 	[2]string{"loadtest", "drive a sluice through a scenario and measure utilization and fairness"},
+	[2]string{"migrate", "move an earlier release's Redis keys to this release's layout (after its queue drained)"},
 	[2]string{"keygen", "print a new random key and its sha256 form for the config file"},
 	[2]string{"healthcheck", "GET a URL, exit 0 on 200 (the container health check)"},
 	[2]string{"help", "this text"},
@@ -49,6 +50,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return runFake(ctx, rest, getenv, stdout, stderr)
 	case "loadtest":
 		return runLoadtest(ctx, rest, getenv, stdout, stderr)
+	case "migrate":
+		return runMigrate(ctx, rest, getenv, stdout, stderr)
 	case "keygen":
 		return runKeygen(rest, stdout, stderr)
 	case "healthcheck":

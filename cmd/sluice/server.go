@@ -54,7 +54,7 @@ func serverUsage(role string) string {
 		[2]string{"SLUICE_CONFIG", "the configuration file, as --config"},
 		listenEnv,
 		[2]string{"REDIS_URL", "the Redis that holds jobs, queues and limits (redis://host:port/db; with REDIS_MODE=sentinel the sentinels: redis://s1:26379/0?addr=s2:26379&master_name=NAME)"},
-		[2]string{"REDIS_MODE", "single (default) or sentinel: how REDIS_URL is read"},
+		[2]string{"REDIS_MODE", "single (default), sentinel or cluster: how REDIS_URL is read (cluster: redis://node1:7000?addr=node2:7000&addr=node3:7000)"},
 		[2]string{"ANTHROPIC_BASE_URL", "the upstream's base URL (default https://api.anthropic.com)"},
 		[2]string{"ANTHROPIC_API_KEY", "the upstream key: only ever from the environment"},
 		[2]string{"SLUICE_ADMIN_KEY", "an extra admin key (for /monitoring/)"},
@@ -101,6 +101,11 @@ type roles struct {
 	// fakeUpstream: the upstream is the fake sluice started itself (dev,
 	// the in-process load test): the chat page says its answers are made up.
 	fakeUpstream bool
+	// ownRedis: the Redis is dev's own scratch Redis (its data folder
+	// given): a key layout of an earlier release is migrated in place at
+	// start instead of refused, and if that cannot be done the message
+	// says to delete the folder.
+	ownRedis string
 }
 
 // serve runs the parts of sluice that r names until ctx ends. ready, if not
@@ -123,6 +128,15 @@ func serve(ctx context.Context, cfg *config.Config, r roles, stdout, stderr io.W
 		return err
 	}
 	defer rdb.Close()
+	if err := checkLayout(ctx, rdb, cfg.Redis.Mode); err != nil {
+		if !errors.Is(err, errLegacyLayout) || r.ownRedis == "" {
+			return err
+		}
+		fmt.Fprintf(stderr, "dev's Redis holds the key layout of an earlier release: migrating it (as sluice migrate does)\n")
+		if err := (&migration{rdb: rdb, out: stderr}).run(ctx); err != nil {
+			return fmt.Errorf("%w; this is dev's own Redis: delete %s to start afresh", err, r.ownRedis)
+		}
+	}
 	// Listen before serving, so a busy port fails at once.
 	ln, err := listen(cfg, r)
 	if err != nil {
@@ -272,7 +286,7 @@ func newParts(cfg *config.Config, rdb redis.UniversalClient, guard *redisguard.G
 	p := &parts{cfg: cfg, log: log, rdb: rdb, guard: guard}
 	p.store = jobs.NewStore(rdb, jobs.Options{})
 	wait := redisconn.NewWaiter(cfg.Redis.WaitReplicas, cfg.Redis.WaitTimeout, log.With("component", "redis-wait"))
-	p.sched = scheduler.New(rdb, p.store, scheduler.Options{LeaseTTL: cfg.Worker.LeaseTTL, MaxOutage: cfg.Upstream.MaxOutage, Wait: wait})
+	p.sched = scheduler.New(rdb, p.store, scheduler.Options{LeaseTTL: cfg.Worker.LeaseTTL, MaxOutage: cfg.Upstream.MaxOutage, Wait: wait, Log: log.With("component", "scheduler")})
 	p.estimator = estimate.NewCalibrator(rdb)
 	p.up = upstream.New(upstream.Options{BaseURL: cfg.Upstream.BaseURL, APIKey: cfg.Upstream.APIKey, FirstByteTimeout: cfg.Upstream.FirstByteTimeout})
 	p.met = metrics.New()

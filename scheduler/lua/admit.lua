@@ -1,12 +1,11 @@
 -- admit.lua: decide and record the admission of a job, atomically:
 --   1. an Idempotency-Key seen before returns the earlier job (or, with
 --      another body, a conflict);
---   2. the user's quotas (requests and tokens per hour, token buckets that
---      refill continuously) must hold the job: 1 request and its estimated
---      input + max_tokens;
---   3. the user may not have more than max_queued jobs waiting;
---   4. the job's estimated wait may not exceed max_wait;
--- then store the record, reserve the quota, put the job in its user's lane
+--   2. the user may not have more than max_queued jobs waiting in the group;
+--   3. the job's estimated wait may not exceed max_wait;
+-- then store the record (with the quota the job holds: the user's quotas
+-- live in the user's slot, and lua/quota.lua charged them just before; a
+-- refusal here is given back), put the job in its user's lane
 -- of the group's fair queue, index it for listing, log its `queued` event
 -- and wake the dispatchers. A refusal changes nothing.
 --
@@ -22,36 +21,37 @@
 -- KEYS[1] job hash   KEYS[2] the group's cache hash   KEYS[3] sequence   KEYS[4] order
 -- KEYS[5] finish tags (zset user -> F)    KEYS[6] V          KEYS[7] costs
 -- KEYS[8] queue totals   KEYS[9] limiter state   KEYS[10] idempotency key
--- KEYS[11] user quota    KEYS[12] user counts    KEYS[13] tenant job index
--- KEYS[14] user job index   KEYS[15] deadlines
--- KEYS[16] the group's waiting users (user key -> queued jobs)
--- KEYS[17] the group's live jobs (id -> status initial and user key)
+-- KEYS[11] user counts    KEYS[12] tenant job index
+-- KEYS[13] user job index   KEYS[14] deadlines
+-- KEYS[15] the group's waiting users (user key -> queued jobs)
+-- KEYS[16] the group's live jobs (id -> status initial and user key)
 -- ARGV[1] now ms (0 = Redis TIME)   ARGV[2] job id   ARGV[3] ttl seconds
 -- ARGV[4] the job's cacheable prefixes ("hash:tokens:ttl_ms;…", "" = none)
 -- ARGV[5] stream max length   ARGV[6] user key
 -- ARGV[7] input estimate   ARGV[8] max_tokens   ARGV[9] weight
 -- ARGV[10] wake channel    ARGV[11..14] rpm, input_tpm, output_tpm, burst ms
 -- ARGV[15] max concurrency
--- ARGV[16] requests per hour (0 = unlimited)  ARGV[17] tokens per hour (0 = unlimited)
+-- ARGV[16] requests the job holds of the user's quota (0 = none)
+-- ARGV[17] tokens the job holds of the user's quota (0 = none)
 -- ARGV[18] max queued (0 = unlimited)   ARGV[19] max wait ms (0 = unlimited)
 -- ARGV[20] request body hash ("" = no idempotency key)   ARGV[21] key ttl seconds
 -- ARGV[22] deadline ms (0 = none)
 -- ARGV[23] "1" when the group counts cache reads against its input limit
 -- ARGV[24..] job hash field, value pairs
--- Job ids are 128 random bits: the record is not checked for existence.
+-- Job ids are 115 random bits: the record is not checked for existence.
 -- Reply, one of:
---   {"ok", event id, position, eta seconds, quota remaining, quota reset s}
+--   {"ok", event id, position, eta seconds}
 --   {"replay", job id}
 --   {"conflict"}
---   {"quota", "requests"|"tokens", retry ms, limit, remaining}
 --   {"queue_limit", queued, limit}
 --   {"overloaded", eta seconds, max wait seconds}
 --   {"unavailable", retry ms, outage ms}: the group's outage outlasted its limit
 -- (eta seconds is -1 while the group is in outage: nobody can tell)
 local now = clock(ARGV[1])
 local id, cin, cout, weight = ARGV[2], tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
--- The user's token quota is charged what the limiter will count: input
--- the upstream reads from its cache is not (unless the group counts reads).
+-- A job costs the user's fair share what the limiter will count: input the
+-- upstream reads from its cache is not (unless the group counts reads).
+-- (lua/cached.lua gives the same figure for the quota's charge.)
 local cached = 0
 if ARGV[4] ~= '' and ARGV[23] ~= '1' then
   cached = math.min(cache_cached(KEYS[2], cache_prefixes(ARGV[4]), now), cin - 1)
@@ -76,34 +76,14 @@ if st.down > 0 and st.down_fail > 0 and now >= st.down_fail then
   return {'unavailable', math.max(1000, at - now), now - st.down}
 end
 
--- 2. Quotas: buckets of the hourly figures, refilled continuously.
-local rph, tph = tonumber(ARGV[16]), tonumber(ARGV[17])
-local q = {}
-if rph > 0 or tph > 0 then q = redis.call('HMGET', KEYS[11], 'r', 't', 'ts') end
-local qts = num(q[3], now)
-local qdt = math.max(0, now - qts)
-local qr, qt = 0, 0
-if rph > 0 then
-  qr = math.min(rph, num(q[1], rph) + rph / 3600000 * qdt)
-  if qr < 1 then
-    return {'quota', 'requests', math.ceil((1 - qr) / (rph / 3600000)), rph, math.floor(qr)}
-  end
-end
-if tph > 0 then
-  qt = math.min(tph, num(q[2], tph) + tph / 3600000 * qdt)
-  if qt < cost then
-    return {'quota', 'tokens', math.ceil((cost - qt) / (tph / 3600000)), tph, math.floor(qt)}
-  end
-end
-
--- 3. Queue cap.
+-- 2. Queue cap.
 local maxq = tonumber(ARGV[18])
 if maxq > 0 then
-  local queued = math.max(0, num(redis.call('HGET', KEYS[12], 'queued'), 0))
+  local queued = math.max(0, num(redis.call('HGET', KEYS[11], 'queued'), 0))
   if queued >= maxq then return {'queue_limit', queued, maxq} end
 end
 
--- 4. The wait this job would have: its rank among jobs with start tags up
+-- 3. The wait this job would have: its rank among jobs with start tags up
 -- to its own. A lost V (key evicted) is taken as the queue head's tag, so
 -- a newcomer does not jump the line; the dispatch round stores it again.
 local v = tonumber(redis.call('GET', KEYS[6]))
@@ -126,19 +106,6 @@ if maxwait > 0 and eta >= 0 and eta * 1000 > maxwait then
   return {'overloaded', eta, math.floor(maxwait / 1000)}
 end
 
--- Accepted. Quota reservation.
-local qremaining, qreset = -1, 0
-if rph > 0 or tph > 0 then
-  if rph > 0 then
-    qr = qr - 1
-    qremaining = math.floor(qr)
-    qreset = math.ceil((rph - qr) / (rph / 3600))
-  end
-  if tph > 0 then qt = qt - cost end
-  redis.call('HSET', KEYS[11], 'r', qr, 't', qt, 'ts', now)
-  redis.call('EXPIRE', KEYS[11], 7200)
-end
-
 -- The fair queue. A sequence that starts again (its key was lost) while
 -- jobs wait would sort newcomers ahead of them among equal tags: it goes
 -- on from the clock (ms × 1000) instead, above any count it had reached.
@@ -153,7 +120,7 @@ redis.call('ZADD', KEYS[5], tag + cost / weight, ARGV[6])
 redis.call('HSET', KEYS[7], member, intstr(cin) .. ',' .. intstr(cout))
 totals_add(KEYS[8], 1, cin, cout)
 if tonumber(ARGV[22]) > 0 then
-  redis.call('ZADD', KEYS[15], ARGV[22], member)
+  redis.call('ZADD', KEYS[14], ARGV[22], member)
 end
 
 -- The record.
@@ -164,19 +131,19 @@ if ARGV[4] ~= '' then
   fields[#fields + 1] = ARGV[4]
 end
 redis.call('HSET', KEYS[1], 'fq_member', member, 'fq_tag', tostring(tag),
-  'cost_in', cin, 'cost_out', cout, 'dispatch', 0, 'q_req', rph > 0 and 1 or 0,
-  'q_tok', tph > 0 and cost or 0, unpack(fields))
+  'cost_in', cin, 'cost_out', cout, 'dispatch', 0, 'q_req', ARGV[16],
+  'q_tok', ARGV[17], unpack(fields))
 local ttl = tonumber(ARGV[3])
 redis.call('EXPIRE', KEYS[1], intstr(ttl))
-counts_add(KEYS[12], 'queued', 1)
-redis.call('HINCRBY', KEYS[16], ARGV[6], 1)
-redis.call('HSET', KEYS[17], id, 'q' .. ARGV[6])
-redis.call('EXPIRE', KEYS[12], intstr(ttl))
+counts_add(KEYS[11], 'queued', 1)
+redis.call('HINCRBY', KEYS[15], ARGV[6], 1)
+redis.call('HSET', KEYS[16], id, 'q' .. ARGV[6])
+redis.call('EXPIRE', KEYS[11], intstr(ttl))
 -- Listing indexes, scored by creation time in ms × 1000 + the group's
 -- sequence (mod 1000), so jobs created in the same millisecond still list
 -- newest first (exact in a double until the year 2255).
 local score = now * 1000 + seq % 1000
-for _, k in ipairs({KEYS[13], KEYS[14]}) do
+for _, k in ipairs({KEYS[12], KEYS[13]}) do
   redis.call('ZADD', k, score, id)
   -- Entries older than the records they name: trimmed now and then.
   if seq % 64 == 0 then redis.call('ZREMRANGEBYSCORE', k, '-inf', (now - ttl * 1000) * 1000) end
@@ -198,4 +165,4 @@ local rt = redis.call('TIME')
 local ev = tostring(tonumber(rt[1]) * 1000 + math.floor(tonumber(rt[2]) / 1000) - 1) .. '-0'
 redis.call('HSET', KEYS[1], 'ev0_id', ev, 'ev0', data)
 redis.call('PUBLISH', ARGV[10], 'arrival')
-return {'ok', ev, position, eta, qremaining, qreset}
+return {'ok', ev, position, eta}

@@ -27,11 +27,11 @@
 -- KEYS[17] the group's waiting users   KEYS[18] the group's cache hash
 -- ARGV[1] now ms (0 = Redis TIME)  ARGV[2..5] rpm, input_tpm, output_tpm, burst ms
 -- ARGV[6] max concurrency   ARGV[7] lease ms   ARGV[8] most jobs to pick
--- ARGV[9] job hash key prefix ("sluice:job:")   ARGV[10] moved channel
+-- ARGV[9] key prefix ("sluice:"): a job's record is jkey(id)   ARGV[10] moved channel
 -- ARGV[11] job event channel prefix   ARGV[12] event log max length
 -- ARGV[13] ms: a longer gap between two rounds means the dispatchers (or
 --   Redis) were away
--- ARGV[14] user counts key prefix ("sluice:user:")
+-- ARGV[14] the group's user key prefix ("sluice:{tag}:user:")
 -- ARGV[15] how the upstream counts output: produced | reserved
 -- ARGV[16] cache hold ms (0 = no hold)   ARGV[17] "1": cache reads count
 --   against the input limit
@@ -55,6 +55,9 @@
 local now = clock(ARGV[1])
 local cfg = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])}
 local max_conc, lease_ms, max_pick, prefix = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
+-- A job's record, named from its id as rkeys.Job names it: the id's tag
+-- (the 3 characters after "job_") is its group's slot.
+local function jkey(id) return prefix .. '{' .. string.sub(id, 5, 7) .. '}:job:' .. id end
 local produced = ARGV[15] == 'produced'
 local hold_ms, count_reads = tonumber(ARGV[16]) or 0, ARGV[17] == '1'
 -- moved counts jobs that entered or left the order: waiting jobs' positions
@@ -87,7 +90,7 @@ end
 --     whenever n disagrees or a sum is negative.
 -- The checks cost a few O(1) calls a round; a rebuild reads the sets once.
 local function rec_waiting(id, member)
-  local j = redis.call('HMGET', prefix .. id, 'status', 'fq_member', 'fq_tag', 'cost_in', 'cost_out')
+  local j = redis.call('HMGET', jkey(id), 'status', 'fq_member', 'fq_tag', 'cost_in', 'cost_out')
   if (j[1] ~= 'queued' and j[1] ~= 'running') or j[2] ~= member then return nil end
   if redis.call('ZSCORE', KEYS[9], id) or redis.call('ZSCORE', KEYS[13], id) then return nil end
   return j
@@ -107,7 +110,7 @@ local function repair()
     local order = set_of(redis.call('ZRANGE', KEYS[1], 0, -1), 1)
     for member in pairs(order) do
       if not costs[member] then
-        local j = redis.call('HMGET', prefix .. string.match(member, '|(.*)$'), 'cost_in', 'cost_out')
+        local j = redis.call('HMGET', jkey(string.match(member, '|(.*)$')), 'cost_in', 'cost_out')
         redis.call('HSET', KEYS[5], member, intstr(j[1]) .. ',' .. intstr(j[2]))
       end
     end
@@ -212,23 +215,23 @@ redis.call('HSET', KEYS[7], 'round', real)
 -- left to settle its reservation: it is dropped (nothing refunded).
 local grace_ms = math.max(math.floor(lease_ms / 3), 2000)
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', now)) do
-  local j = redis.call('HMGET', prefix .. id, 'status', 'fq_member', 'fq_tag', 'cost_in', 'cost_out',
+  local j = redis.call('HMGET', jkey(id), 'status', 'fq_member', 'fq_tag', 'cost_in', 'cost_out',
     'attempt_open', 'attempts', 'lease_grace')
   local live = (j[1] == 'queued' or j[1] == 'running') and j[2]
   if live and not j[8] then
-    redis.call('HSET', prefix .. id, 'lease_grace', '1')
+    redis.call('HSET', jkey(id), 'lease_grace', '1')
     redis.call('ZADD', KEYS[9], intstr(now + grace_ms), id)
   else
     redis.call('ZREM', KEYS[9], id)
-    if j[8] then redis.call('HDEL', prefix .. id, 'lease_grace') end
+    if j[8] then redis.call('HDEL', jkey(id), 'lease_grace') end
   end
   if not live then
     redis.call('HDEL', KEYS[8], id)
   elseif j[8] then
     if j[6] then
-      redis.call('HDEL', prefix .. id, 'attempt_open')
+      redis.call('HDEL', jkey(id), 'attempt_open')
       local data = '{"attempt":' .. (j[7] or '0') .. ',"reason":"worker_lost","retry_in_seconds":0}'
-      local ev = redis.call('XADD', prefix .. id .. ':events', 'MAXLEN', '~', ARGV[12], '*',
+      local ev = redis.call('XADD', jkey(id) .. ':events', 'MAXLEN', '~', ARGV[12], '*',
         'event', 'retrying', 'data', data)
       redis.call('PUBLISH', ARGV[11] .. id, '{"id":"' .. ev .. '","event":"retrying","data":' .. data .. '}')
     end
@@ -258,7 +261,7 @@ for k = 1, #past, 2 do
   if leave_retry(member) then left = true end
   local keep = left or redis.call('ZSCORE', KEYS[13], id)
   if not keep then
-    local j = redis.call('HMGET', prefix .. id, 'status', 'fq_member')
+    local j = redis.call('HMGET', jkey(id), 'status', 'fq_member')
     keep = (j[1] == 'queued' or j[1] == 'running') and j[2] == member and not redis.call('ZSCORE', KEYS[9], id)
   end
   if keep then
@@ -285,7 +288,7 @@ local function sweep()
   local all = redis.call('HGETALL', KEYS[16])
   for k = 1, #all, 2 do
     local id, state = all[k], all[k + 1]
-    local j = redis.call('HMGET', prefix .. id, 'status', 'fq_member', 'fq_tag', 'cost_in', 'cost_out', 'attempt_open')
+    local j = redis.call('HMGET', jkey(id), 'status', 'fq_member', 'fq_tag', 'cost_in', 'cost_out', 'attempt_open')
     if j[1] ~= 'queued' and j[1] ~= 'running' then
       redis.call('HDEL', KEYS[16], id)
       local ukey = string.sub(state, 2)
@@ -437,7 +440,7 @@ while out[1] == '' do
   end
   local member, tag = head[1], tonumber(head[2])
   local id = string.match(member, '|(.*)$')
-  local rec = redis.call('HMGET', prefix .. id, 'status', 'cost_in', 'cost_out', 'fq_member', 'c_pre')
+  local rec = redis.call('HMGET', jkey(id), 'status', 'cost_in', 'cost_out', 'fq_member', 'c_pre')
   -- A cost entry lost since the repair above reads the record's.
   local cin, cout = split2(redis.call('HGET', KEYS[5], member) or (intstr(rec[2]) .. ',' .. intstr(rec[3])))
   cin, cout = cin or 0, cout or 0
@@ -479,11 +482,11 @@ while out[1] == '' do
     if live then
       if tag > v then v = tag end
       redis.call('ZADD', KEYS[9], now + lease_ms, id)
-      redis.call('HDEL', prefix .. id, 'lease_grace')
-      local n = redis.call('HINCRBY', prefix .. id, 'dispatch', 1)
+      redis.call('HDEL', jkey(id), 'lease_grace')
+      local n = redis.call('HINCRBY', jkey(id), 'dispatch', 1)
       if n == 1 then
         -- The first dispatch's time and place in the group's dispatch order.
-        redis.call('HSET', prefix .. id, 'dispatched_at', now, 'dispatch_seq', redis.call('INCR', KEYS[14]))
+        redis.call('HSET', jkey(id), 'dispatched_at', now, 'dispatch_seq', redis.call('INCR', KEYS[14]))
       end
       redis.call('ZADD', KEYS[10], now, id .. '|' .. n)
       out[#out + 1] = id

@@ -1,7 +1,7 @@
 -- lifecycle.lua: every change of a job after its admission, in one atomic
 -- step: its record and status, its owner's counts, its place in the fair
 -- queue (left, or back for a retry), its limiter reservation and lease, its
--- user's quota reservation, the usage statistics, and the event that tells
+-- hold on its user's quota, the usage statistics, and the event that tells
 -- its followers. A crash or a Redis error can never leave half of one.
 --
 -- Checks come before any write, so a refused step changes nothing:
@@ -22,9 +22,10 @@
 -- Settlement: when no upstream call of the job is running after the step
 -- (no attempt stays open), the limiter reservation of its current dispatch
 -- is closed with plan.used (refunding what the upstream did not count), its
--- lease released, and, when the new status is terminal, its user's quota
--- reservation closed the same way. A job canceled while its call runs keeps
--- both until the worker ends that attempt (plan.close), with what it used;
+-- lease released, and, when the new status is terminal, its hold on its
+-- user's quota taken out of the record and answered, for the caller to
+-- give back what was not used in the user's slot (lua/quota.lua). A job
+-- canceled while its call runs keeps both until the worker ends that attempt (plan.close), with what it used;
 -- the step announces the cancel on plan.cancel so the worker stops at once.
 --
 -- Queue: a terminal status with no call running takes the job out of the
@@ -33,16 +34,16 @@
 --
 -- KEYS[1] job hash   KEYS[2] job events   KEYS[3] owner's counts
 -- KEYS[4] the group's waiting users   KEYS[5] limiter state
--- KEYS[6] reservations   KEYS[7] leases   KEYS[8] user quota
--- KEYS[9] the group's use per minute   KEYS[10] order   KEYS[11] costs
--- KEYS[12] totals   KEYS[13] deadlines   KEYS[14] delayed
--- KEYS[15] delayed tags   KEYS[16] expiring
--- KEYS[17] the group's live jobs (see dispatch.lua's sweep)
+-- KEYS[6] reservations   KEYS[7] leases
+-- KEYS[8] the group's use per minute   KEYS[9] order   KEYS[10] costs
+-- KEYS[11] totals   KEYS[12] deadlines   KEYS[13] delayed
+-- KEYS[14] delayed tags   KEYS[15] expiring
+-- KEYS[16] the group's live jobs (see dispatch.lua's sweep)
 -- ARGV[1] now ms (0 = Redis TIME)
 -- ARGV[2] plan, JSON: {from = [status], to, dispatch, open, close, event,
 --   channel, ttl, maxlen, used = [requests, input, output], dur (ms of a
 --   completed call, 0 = none), lim = [rpm, itpm, otpm, burst ms],
---   rph, tph (the user's hourly quotas), requeue (ms), tallies =
+--   requeue (ms), tallies =
 --   [{k, f, z, n, t}], wake, moved, cancel,
 --   health = {after, window, probe_min, probe_max, max_outage, jitter}: the
 --   attempt failed for a reason of the upstream's own (see health_fail),
@@ -50,9 +51,9 @@
 -- ARGV[3] event data (JSON text; "__ATTEMPTS__", quoted, becomes the
 --   attempt count)
 -- ARGV[4..] field, value pairs to set; a field named "?name" only if absent
--- Reply: {event id or "", attempts, limiter settled 0|1, quota settled 0|1,
+-- Reply: {event id or "", attempts, limiter settled 0|1, quota hold taken 0|1,
 --   the status before the step, the group's health after it: "entered" (this
---   step began an outage), "down" or ""}
+--   step began an outage), "down" or "", the hold's requests, its tokens}
 local now = clock(ARGV[1])
 local p = cjson.decode(ARGV[2])
 local h = redis.call('HMGET', KEYS[1], 'status', 'dispatch', 'attempt_open', 'fq_member',
@@ -78,8 +79,8 @@ if p.open and open == p.open then return redis.error_reply('RUNNING') end
 -- or it waits to expire) is dispatched anew first. Its reservation is not
 -- asked for: a lost reservations key must not keep dispatched jobs from
 -- starting (the attempt then settles nothing).
-if p.open and ((h[4] and (redis.call('ZSCORE', KEYS[10], h[4]) or redis.call('ZSCORE', KEYS[14], h[4])))
-    or redis.call('ZSCORE', KEYS[16], p.id)) then
+if p.open and ((h[4] and (redis.call('ZSCORE', KEYS[9], h[4]) or redis.call('ZSCORE', KEYS[13], h[4])))
+    or redis.call('ZSCORE', KEYS[15], p.id)) then
   return redis.error_reply('NOATTEMPT')
 end
 
@@ -110,9 +111,9 @@ if cur ~= to then
     end
   end
   if terminal then
-    redis.call('HDEL', KEYS[17], p.id)
+    redis.call('HDEL', KEYS[16], p.id)
   elseif (to == 'queued' or to == 'running') and h[9] and h[10] then
-    redis.call('HSET', KEYS[17], p.id, live_state(to, h[9], h[10]))
+    redis.call('HSET', KEYS[16], p.id, live_state(to, h[9], h[10]))
   end
 end
 local attempts = tonumber(h[11]) or 0
@@ -151,36 +152,34 @@ if p.health then
   local model = redis.call('HGET', KEYS[1], 'model')
   if model then redis.call('HSET', KEYS[5], 'probe_model', model) end
   if health ~= '' and p.requeue then p.requeue = 0 end
-  if h[4] and p.deadline then redis.call('ZADD', KEYS[13], p.deadline, h[4]) end
+  if h[4] and p.deadline then redis.call('ZADD', KEYS[12], p.deadline, h[4]) end
 end
 
 -- The fair queue.
 local member = h[4]
 local moved = false
 if member and terminal and open == 0 then
-  if fq_leave(KEYS[10], KEYS[11], KEYS[12], KEYS[13], member) then moved = true end
-  if redis.call('ZREM', KEYS[14], member) == 1 then redis.call('HDEL', KEYS[15], member) end
-  redis.call('ZREM', KEYS[16], p.id)
+  if fq_leave(KEYS[9], KEYS[10], KEYS[11], KEYS[12], member) then moved = true end
+  if redis.call('ZREM', KEYS[13], member) == 1 then redis.call('HDEL', KEYS[14], member) end
+  redis.call('ZREM', KEYS[15], p.id)
 end
 if member and p.requeue then
-  redis.call('ZADD', KEYS[14], now + p.requeue, member)
-  redis.call('HSET', KEYS[15], member, (h[5] or '0') .. ';' .. (h[6] or '0') .. ',' .. (h[7] or '0'))
+  redis.call('ZADD', KEYS[13], now + p.requeue, member)
+  redis.call('HSET', KEYS[14], member, (h[5] or '0') .. ';' .. (h[6] or '0') .. ',' .. (h[7] or '0'))
 end
 
 -- Settlement, when no call of the job runs any more.
-local lim_settled, quota_settled = 0, 0
+local lim_settled, held = 0, nil
 -- A concurrency slot freed wakes the dispatchers even when the reservation
 -- was lost with its key.
 local released = false
 if open == 0 then
   released = redis.call('ZREM', KEYS[7], p.id) == 1
   local used = p.used or {0, 0, 0}
-  if settle_limiter(KEYS[5], KEYS[6], KEYS[7], KEYS[9], now, p.lim, p.id, used, tonumber(p.dur) or 0) then
+  if settle_limiter(KEYS[5], KEYS[6], KEYS[7], KEYS[8], now, p.lim, p.id, used, tonumber(p.dur) or 0) then
     lim_settled = 1
   end
-  if terminal and settle_quota(KEYS[1], KEYS[8], now, used, p.rph or 0, p.tph or 0) then
-    quota_settled = 1
-  end
+  if terminal then held = quota_held(KEYS[1]) end
 end
 
 -- Statistics, bumped exactly when the step happens.
@@ -201,4 +200,5 @@ end
 if terminal and open > 0 and p.cancel then redis.call('PUBLISH', p.cancel, p.id) end
 if (moved or health == 'entered') and p.moved then redis.call('PUBLISH', p.moved, 1) end
 if p.wake and (lim_settled == 1 or released or p.requeue or moved) then redis.call('PUBLISH', p.wake, to) end
-return {id, attempts, lim_settled, quota_settled, cur, health}
+if held then return {id, attempts, lim_settled, 1, cur, health, held[1], held[2]} end
+return {id, attempts, lim_settled, 0, cur, health, 0, 0}

@@ -302,24 +302,17 @@ local function settle_limiter(lim, reservations, leases, rate, now, cfg, id, use
   return true
 end
 
--- settle_quota closes a job's quota reservation (the q_req and q_tok fields
--- of its record, taken at admission), once: the user's buckets (quota key)
--- get back what the job did not use (used as in settle_limiter), after
--- refilling at rph and tph per hour. Reply: true when there was one.
-local function settle_quota(job, quota, now, used, rph, tph)
+-- quota_held takes a job's hold on its user's quotas (the q_req and q_tok
+-- fields of its record, set at admission) out of the record, once. The
+-- quotas live in the user's slot: the caller gives back what the job did
+-- not use there (lua/quota.lua). Reply: {requests, tokens}, or nil when the
+-- hold was taken already.
+local function quota_held(job)
   local q = redis.call('HMGET', job, 'q_req', 'q_tok')
   local qreq, qtok = tonumber(q[1]), tonumber(q[2])
-  if not (qreq or qtok) then return false end
+  if not (qreq or qtok) then return nil end
   redis.call('HDEL', job, 'q_req', 'q_tok')
-  local h = redis.call('HMGET', quota, 'r', 't', 'ts')
-  if h[3] then
-    local dt = math.max(0, now - tonumber(h[3]))
-    local r, t = num(h[1], rph), num(h[2], tph)
-    if rph > 0 then r = math.min(rph, r + rph / 3600000 * dt + (qreq or 0) - math.min(used[1], 1)) end
-    if tph > 0 then t = math.min(tph, t + tph / 3600000 * dt + (qtok or 0) - (used[2] + used[3])) end
-    redis.call('HSET', quota, 'r', r, 't', t, 'ts', now)
-  end
-  return true
+  return {qreq or 0, qtok or 0}
 end
 
 -- Prompt caching. A job's cacheable prefixes are kept in its record
