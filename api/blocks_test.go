@@ -287,11 +287,14 @@ func TestMessagesUnknownEventsPassThrough(t *testing.T) {
 	if diff := cmp.Diff(want, pick(through), cmp.AllowUnexported(rawEvent{})); diff != "" {
 		t.Errorf("unknown events through sluice (-fake +sluice):\n%s", diff)
 	}
+	// The fake paces its text: two tokens come as one delta or two, so a
+	// run of deltas counts as one.
 	var names []string
 	for _, ev := range through {
-		if ev.name != "ping" {
-			names = append(names, ev.name)
+		if ev.name == "ping" || ev.name == "content_block_delta" && len(names) > 0 && names[len(names)-1] == ev.name {
+			continue
 		}
+		names = append(names, ev.name)
 	}
 	wantNames := []string{"message_start", "content_block_future", "content_block_start", "content_block_delta", "content_block_stop",
 		"content_block_start", "content_block_delta", "content_block_stop", "message_delta", "message_stop"}

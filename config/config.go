@@ -26,6 +26,8 @@ import (
 	"time"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/sluice-dev/sluice/pricing"
 )
 
 // Defaults. Every field that has a default takes it from one of these.
@@ -135,6 +137,54 @@ type Usage struct {
 	// DailyRetention is how long per-day statistics are kept. Default
 	// 9600h (400 days); at least 24h.
 	DailyRetention time.Duration `yaml:"daily_retention"`
+	// Prices are the prices, in US dollars per million tokens, that usage
+	// is costed with, for the models they match; they win over the
+	// shipped list.
+	Prices []ModelPrice `yaml:"prices,omitempty"`
+	// ShippedPrices costs the models Prices does not match with the price
+	// list sluice ships (the Claude API's published prices). Default true.
+	ShippedPrices bool `yaml:"shipped_prices"`
+}
+
+// ModelPrice is the price of the models its patterns match, in US dollars
+// per million tokens. The cache and batch prices default to the Claude
+// API's usual multiples of Input.
+type ModelPrice struct {
+	// Models are exact model names or path.Match patterns; the longest
+	// pattern that matches a model wins.
+	Models []string `yaml:"models"`
+	Input  float64  `yaml:"input"`
+	Output float64  `yaml:"output"`
+	// CacheWrite5m is a cache write of the default 5-minute lifetime.
+	// Default 1.25 × Input.
+	CacheWrite5m *float64 `yaml:"cache_write_5m"`
+	// CacheWrite1h is a cache write of the 1-hour lifetime. Default 2 × Input.
+	CacheWrite1h *float64 `yaml:"cache_write_1h"`
+	// CacheRead is a cache hit or refresh. Default 0.1 × Input.
+	CacheRead *float64 `yaml:"cache_read"`
+	// BatchDiscount is what the Message Batches API takes off, 0 to 1.
+	// Default 0.5.
+	BatchDiscount *float64 `yaml:"batch_discount"`
+}
+
+// PriceTable is the price list usage is costed with: Usage.Prices over
+// the shipped list (unless Usage.ShippedPrices is off).
+func (c *Config) PriceTable() *pricing.Table {
+	or := func(v *float64, def float64) float64 {
+		if v != nil {
+			return *v
+		}
+		return def
+	}
+	var entries []pricing.Entry
+	for _, m := range c.Usage.Prices {
+		entries = append(entries, pricing.Entry{Models: m.Models, Price: pricing.Price{
+			Input: m.Input, Output: m.Output,
+			CacheWrite5m: or(m.CacheWrite5m, m.Input*1.25), CacheWrite1h: or(m.CacheWrite1h, m.Input*2),
+			CacheRead: or(m.CacheRead, m.Input/10), BatchDiscount: or(m.BatchDiscount, 0.5),
+		}})
+	}
+	return pricing.NewTable(entries, c.Usage.ShippedPrices)
 }
 
 // Redis connection modes (Redis.Mode).
@@ -450,6 +500,7 @@ func Default() *Config {
 		Usage: Usage{
 			HourlyRetention: DefaultHourlyRetention,
 			DailyRetention:  DefaultDailyRetention,
+			ShippedPrices:   true,
 		},
 	}
 }

@@ -138,7 +138,7 @@ log: {format: JSON, level: debug}
 			BodyTimeout: time.Minute, IdleTimeout: DefaultIdleTimeout, FollowerLease: DefaultFollowerLease},
 		Worker: Worker{ShutdownTimeout: 20 * time.Second, TaskCheckInterval: 10 * time.Millisecond, LeaseTTL: DefaultLeaseTTL},
 		Log:    Log{Format: "json", Level: "debug"},
-		Usage:  Usage{HourlyRetention: DefaultHourlyRetention, DailyRetention: DefaultDailyRetention},
+		Usage:  Usage{HourlyRetention: DefaultHourlyRetention, DailyRetention: DefaultDailyRetention, ShippedPrices: true},
 	}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("Parse mismatch (-want +got):\n%s", diff)
@@ -836,5 +836,44 @@ func TestExampleFileLoads(t *testing.T) {
 	want.AdminKeys, want.Tenants, want.ModelGroups = c.AdminKeys, c.Tenants, c.ModelGroups
 	if diff := cmp.Diff(want, c); diff != "" {
 		t.Errorf("the example's values differ from the defaults (-default +example):\n%s", diff)
+	}
+}
+
+// Configured prices win over the shipped list; left-out cache and batch
+// prices follow the input price; nonsense is refused with the field named.
+func TestPrices(t *testing.T) {
+	c := mustParse(t, minimal+`usage:
+  prices:
+    - models: ["claude-sonnet-*"]
+      input: 2
+      output: 8
+      cache_read: 0.1
+`, env())
+	p, ok := c.PriceTable().Lookup("claude-sonnet-4-6")
+	if !ok || p.Input != 2 || p.Output != 8 || p.CacheRead != 0.1 || p.CacheWrite5m != 2.5 || p.CacheWrite1h != 4 || p.BatchDiscount != 0.5 {
+		t.Errorf("configured price: %+v %v", p, ok)
+	}
+	if p, ok := c.PriceTable().Lookup("claude-haiku-4-5"); !ok || p.Input != 1 {
+		t.Errorf("shipped price under a configured list: %+v %v", p, ok)
+	}
+	off := mustParse(t, minimal+"usage:\n  shipped_prices: false\n", env())
+	if _, ok := off.PriceTable().Lookup("claude-haiku-4-5"); ok {
+		t.Error("shipped_prices: false still prices haiku")
+	}
+	_, err := Parse([]byte(minimal+`usage:
+  prices:
+    - models: []
+      input: -1
+      output: 3
+      batch_discount: 2
+`), env())
+	for _, want := range []string{
+		"usage.prices[0].models: at least one model name or pattern is required",
+		"usage.prices[0].input: must be a price of 0 or more dollars per million tokens, got -1",
+		"usage.prices[0].batch_discount: must be between 0 and 1 (0.5 = half price), got 2",
+	} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("error lacks %q: %v", want, err)
+		}
 	}
 }

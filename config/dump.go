@@ -75,6 +75,7 @@ func (c *Config) dump(w io.Writer, p *Process) {
 	line("metrics.require_admin_key", "%t", c.Metrics.RequireAdminKey)
 	line("usage.hourly_retention", "%s", c.Usage.HourlyRetention)
 	line("usage.daily_retention", "%s", c.Usage.DailyRetention)
+	line("usage.prices", "%d entries; shipped price list %s", len(c.Usage.Prices), map[bool]string{true: "on", false: "off"}[c.Usage.ShippedPrices])
 	line("log.format", "%s", c.Log.Format)
 	line("log.level", "%s", c.Log.Level)
 	_ = tw.Flush()

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math"
 	"net"
 	"net/url"
 	"path"
@@ -317,6 +318,22 @@ func (c *Config) checkProcesses(v *validator) {
 	}
 	if c.Usage.DailyRetention < 24*time.Hour {
 		v.add("usage.daily_retention", "must be at least 24h, got %s", c.Usage.DailyRetention)
+	}
+	seen := map[string]string{}
+	for i, m := range c.Usage.Prices {
+		p := fmt.Sprintf("usage.prices[%d]", i)
+		v.models(p, m.Models, seen)
+		for _, f := range []struct {
+			name string
+			v    *float64
+		}{{"input", &m.Input}, {"output", &m.Output}, {"cache_write_5m", m.CacheWrite5m}, {"cache_write_1h", m.CacheWrite1h}, {"cache_read", m.CacheRead}} {
+			if f.v != nil && (*f.v < 0 || math.IsNaN(*f.v) || math.IsInf(*f.v, 0)) {
+				v.add(p+"."+f.name, "must be a price of 0 or more dollars per million tokens, got %v", *f.v)
+			}
+		}
+		if d := m.BatchDiscount; d != nil && !(*d >= 0 && *d <= 1) {
+			v.add(p+".batch_discount", "must be between 0 and 1 (0.5 = half price), got %v", *d)
+		}
 	}
 }
 

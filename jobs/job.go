@@ -55,6 +55,12 @@ type Usage struct {
 	OutputTokens             int `json:"output_tokens"`
 	CacheCreationInputTokens int `json:"cache_creation_input_tokens"`
 	CacheReadInputTokens     int `json:"cache_read_input_tokens"`
+	// CacheCreation splits CacheCreationInputTokens by cache lifetime, as
+	// the upstream reports it (absent when it did not).
+	CacheCreation *struct {
+		Ephemeral5m int `json:"ephemeral_5m_input_tokens"`
+		Ephemeral1h int `json:"ephemeral_1h_input_tokens"`
+	} `json:"cache_creation,omitempty"`
 }
 
 // Error is why a job failed, in words for a person.
@@ -93,11 +99,12 @@ type Job struct {
 	TokenHash    string // sha256 of the job's read token, hex
 
 	// Scheduling state, kept by the scheduler's scripts.
-	FQMember string // the job's member in its group's fair queue
-	FQTag    string // its start tag there (kept across retries)
-	CostIn   int    // input tokens estimated at admission
-	CostOut  int    // output tokens reserved (max_tokens)
-	Dispatch int    // how many times it was handed to a worker
+	FQMember     string // the job's member in its group's fair queue
+	FQTag        string // its start tag there (kept across retries)
+	CostMicroUSD int64  // what its calls cost so far, in µ$ (0: none priced)
+	CostIn       int    // input tokens estimated at admission
+	CostOut      int    // output tokens reserved (max_tokens)
+	Dispatch     int    // how many times it was handed to a worker
 	// FirstEvent is the data of the job's first `queued` event (its place
 	// at admission), kept in the record.
 	FirstEvent string
@@ -133,9 +140,13 @@ type View struct {
 	Result       json.RawMessage `json:"result,omitempty"`
 	Text         *string         `json:"text,omitempty"`
 	Usage        *Usage          `json:"usage,omitempty"`
-	Error        *Error          `json:"error,omitempty"`
-	Metadata     json.RawMessage `json:"metadata,omitempty"`
-	Token        string          `json:"token,omitempty"`
+	// CostUSD is what the job's upstream calls cost, in US dollars, at the
+	// configured prices (absent before its first call, and for a model
+	// the price list lacks).
+	CostUSD  *float64        `json:"cost_usd,omitempty"`
+	Error    *Error          `json:"error,omitempty"`
+	Metadata json.RawMessage `json:"metadata,omitempty"`
+	Token    string          `json:"token,omitempty"`
 }
 
 // View renders the job for a client. Position and eta are filled by the
@@ -145,6 +156,10 @@ func (j *Job) View() View {
 		ID: j.ID, Status: j.Status, UserID: j.UserID, Model: j.Model,
 		MaxTokens: j.MaxTokens, Attempts: j.Attempts, CreatedAt: j.CreatedAt,
 		Result: j.Result, Usage: j.Usage, Error: j.Error, Metadata: j.Metadata,
+	}
+	if j.CostMicroUSD != 0 {
+		c := float64(j.CostMicroUSD) / 1e6
+		v.CostUSD = &c
 	}
 	if !j.DeadlineAt.IsZero() {
 		t := j.DeadlineAt

@@ -392,6 +392,10 @@ func timeFromMillis(s string) time.Time {
 	return time.UnixMilli(ms).UTC()
 }
 
+// CostField is the record's field that adds up what the job's upstream
+// calls cost, in µ$ (usage statistics bump it with each call).
+const CostField = "cost_musd"
+
 func fromHash(id string, m map[string]string) (*Job, error) {
 	j := &Job{
 		ID: id, Tenant: m["tenant"], UserID: m["user_id"], Model: m["model"], Group: m["group"],
@@ -410,6 +414,7 @@ func fromHash(id string, m map[string]string) (*Job, error) {
 	j.Failures, _ = strconv.Atoi(m["failures"])
 	j.InfraFailures, _ = strconv.Atoi(m["infra_failures"])
 	j.DispatchSeq, _ = strconv.ParseInt(m["dispatch_seq"], 10, 64)
+	j.CostMicroUSD, _ = strconv.ParseInt(m[CostField], 10, 64)
 	if v := m["request"]; v != "" {
 		j.Request = json.RawMessage(v)
 	}

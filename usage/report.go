@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/sluice-dev/sluice/pricing"
 )
 
 // Stats are the figures of one bucket, or of several added up.
@@ -32,6 +34,12 @@ type Stats struct {
 	// estimated because a call was cut before the upstream reported its
 	// usage.
 	EstimatedTokens int64 `json:"estimated_tokens"`
+	// CostUSD is what the calls cost at the configured prices, in US
+	// dollars (exact to the µ$ each call is rounded to); UnpricedCalls the
+	// calls of a model the price list lacks, left out of it.
+	CostUSD       float64 `json:"cost_usd"`
+	UnpricedCalls int64   `json:"unpriced_calls"`
+	costMicro     int64
 	// AvgTokensPerRequest is every token (input of all three kinds and
 	// output) over the requests answered; 0 when none.
 	AvgTokensPerRequest float64  `json:"avg_tokens_per_request"`
@@ -69,9 +77,10 @@ type Bucket struct {
 
 // UserUse is one user's part of a period.
 type UserUse struct {
-	UserID   string `json:"user_id"`
-	Tokens   int64  `json:"tokens"`
-	Requests int64  `json:"requests"`
+	UserID   string  `json:"user_id"`
+	Tokens   int64   `json:"tokens"`
+	Requests int64   `json:"requests"`
+	CostUSD  float64 `json:"cost_usd"`
 }
 
 // TenantReport is one tenant's period.
@@ -112,25 +121,28 @@ func (r *Recorder) Query(ctx context.Context, groups, tenants []string, g Granul
 	hashes := make([][][]*redis.MapStringStringCmd, len(tenants))
 	users := make([][]*redis.ZSliceCmd, len(tenants))
 	ureqs := make([][]*redis.ZSliceCmd, len(tenants))
+	ucost := make([][]*redis.ZSliceCmd, len(tenants))
 	for ti, t := range tenants {
 		hashes[ti] = make([][]*redis.MapStringStringCmd, len(starts))
 		for _, gr := range groups {
-			var uk, rk []string
+			var uk, rk, ck []string
 			for si, s := range starts {
 				k := key(gr, t, g, s)
 				hashes[ti][si] = append(hashes[ti][si], p.HGetAll(ctx, k))
-				uk, rk = append(uk, k+":users"), append(rk, k+":ureq")
+				uk, rk, ck = append(uk, k+":users"), append(rk, k+":ureq"), append(ck, k+":ucost")
 			}
 			if gr == "" {
 				// No group, no common hash tag: read each key.
 				for i := range uk {
 					users[ti] = append(users[ti], p.ZRangeWithScores(ctx, uk[i], 0, -1))
 					ureqs[ti] = append(ureqs[ti], p.ZRangeWithScores(ctx, rk[i], 0, -1))
+					ucost[ti] = append(ucost[ti], p.ZRangeWithScores(ctx, ck[i], 0, -1))
 				}
 				continue
 			}
 			users[ti] = append(users[ti], p.ZUnionWithScores(ctx, redis.ZStore{Keys: uk}))
 			ureqs[ti] = append(ureqs[ti], p.ZUnionWithScores(ctx, redis.ZStore{Keys: rk}))
+			ucost[ti] = append(ucost[ti], p.ZUnionWithScores(ctx, redis.ZStore{Keys: ck}))
 		}
 	}
 	if _, err := p.Exec(ctx); err != nil && err != redis.Nil {
@@ -156,9 +168,9 @@ func (r *Recorder) Query(ctx context.Context, groups, tenants []string, g Granul
 			tr.Totals.add(st)
 			rep.Buckets[bi].add(st)
 		}
-		requests := sum(ureqs[ti])
+		requests, costs := sum(ureqs[ti]), sum(ucost[ti])
 		for u, tokens := range sum(users[ti]) {
-			tr.TopUsers = append(tr.TopUsers, UserUse{UserID: u, Tokens: tokens, Requests: requests[u]})
+			tr.TopUsers = append(tr.TopUsers, UserUse{UserID: u, Tokens: tokens, Requests: requests[u], CostUSD: pricing.USD(costs[u])})
 		}
 		slices.SortFunc(tr.TopUsers, func(a, b UserUse) int {
 			return cmp.Or(cmp.Compare(b.Tokens, a.Tokens), cmp.Compare(b.Requests, a.Requests), strings.Compare(a.UserID, b.UserID))
@@ -190,6 +202,7 @@ func (s *Stats) counters() map[string]*int64 {
 		fRequests: &s.Requests, fCalls: &s.UpstreamCalls, fEstimated: &s.EstimatedTokens,
 		fInput: &s.InputTokens, fOutput: &s.OutputTokens,
 		fCacheRead: &s.CacheReadTokens, fCacheWrite: &s.CacheWriteTokens, fFailed: &s.Failed,
+		fCost: &s.costMicro, fUnpriced: &s.UnpricedCalls,
 		fUpstream429: &s.Upstream429, fUpstream529: &s.Upstream529,
 		fRefused + RefusedUserQuota: &s.Refused.UserQuota, fRefused + RefusedQueueLimit: &s.Refused.QueueLimit,
 		fRefused + RefusedOverloaded: &s.Refused.Overloaded,
@@ -236,6 +249,7 @@ func (s *Stats) finish() {
 		all := s.InputTokens + s.CacheReadTokens + s.CacheWriteTokens + s.OutputTokens
 		s.AvgTokensPerRequest = math.Round(float64(all)/float64(s.Requests)*10) / 10
 	}
+	s.CostUSD = pricing.USD(s.costMicro)
 	s.Latency = Percentiles{P50: quantile(0.5, s.lat), P95: quantile(0.95, s.lat)}
 	s.Wait = Percentiles{P50: quantile(0.5, s.wait), P95: quantile(0.95, s.wait)}
 }
@@ -278,7 +292,7 @@ func quantile(q float64, counts []int64) *float64 {
 
 // CSVHeader is the first row of WriteCSV.
 var CSVHeader = []string{"start", "tenant", "requests", "upstream_calls", "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
-	"output_tokens", "estimated_tokens", "avg_tokens_per_request", "failed", "refused_user_quota", "refused_queue_limit", "refused_overloaded",
+	"output_tokens", "estimated_tokens", "cost_usd", "unpriced_calls", "avg_tokens_per_request", "failed", "refused_user_quota", "refused_queue_limit", "refused_overloaded",
 	"upstream_429", "upstream_529", "latency_p50_seconds", "latency_p95_seconds", "wait_p50_seconds", "wait_p95_seconds"}
 
 // WriteCSV writes one row per tenant per bucket, oldest first.
@@ -298,7 +312,7 @@ func WriteCSV(w io.Writer, rep *Report) error {
 		for _, t := range rep.Tenants {
 			b := t.Buckets[bi]
 			row := []string{b.Start.Format(time.RFC3339), t.Tenant, i(b.Requests), i(b.UpstreamCalls), i(b.InputTokens), i(b.CacheReadTokens),
-				i(b.CacheWriteTokens), i(b.OutputTokens), i(b.EstimatedTokens), strconv.FormatFloat(b.AvgTokensPerRequest, 'f', -1, 64), i(b.Failed),
+				i(b.CacheWriteTokens), i(b.OutputTokens), i(b.EstimatedTokens), strconv.FormatFloat(b.CostUSD, 'f', 6, 64), i(b.UnpricedCalls), strconv.FormatFloat(b.AvgTokensPerRequest, 'f', -1, 64), i(b.Failed),
 				i(b.Refused.UserQuota), i(b.Refused.QueueLimit), i(b.Refused.Overloaded), i(b.Upstream429), i(b.Upstream529),
 				f(b.Latency.P50), f(b.Latency.P95), f(b.Wait.P50), f(b.Wait.P95)}
 			if err := cw.Write(row); err != nil {

@@ -26,6 +26,7 @@ import (
 
 	"github.com/sluice-dev/sluice/internal/rkeys"
 	"github.com/sluice-dev/sluice/jobs"
+	"github.com/sluice-dev/sluice/pricing"
 )
 
 // Reasons a job is refused at admission, as counted.
@@ -44,6 +45,8 @@ const (
 	fOutput      = "output_tokens"
 	fCacheRead   = "cache_read_input_tokens"
 	fCacheWrite  = "cache_creation_input_tokens"
+	fCost        = "cost_musd"      // what the calls cost, in µ$
+	fUnpriced    = "unpriced_calls" // calls of a model the price list lacks
 	fFailed      = "failed"
 	fUpstream429 = "upstream_429"
 	fUpstream529 = "upstream_529"
@@ -65,9 +68,16 @@ type Retention struct {
 
 // Recorder records and reads usage statistics.
 type Recorder struct {
-	rdb redis.UniversalClient
-	ret Retention
-	now func() time.Time
+	rdb    redis.UniversalClient
+	ret    Retention
+	now    func() time.Time
+	prices *pricing.Table
+}
+
+// WithPrices makes r cost every upstream call with t (nil: no costs).
+func (r *Recorder) WithPrices(t *pricing.Table) *Recorder {
+	r.prices = t
+	return r
 }
 
 // New returns a Recorder; now nil means time.Now.
@@ -175,7 +185,12 @@ func (r *Recorder) Tallies(f Finished) []jobs.Tally {
 // tokens the upstream counted for it.
 type Call struct {
 	Group, Tenant, UserID string
-	Usage                 jobs.Usage
+	// JobID and Model are the job the call ran for and the model it asked
+	// for: the call's cost is added to the job's record, at the model's price.
+	JobID, Model string
+	// Batch: the call went through the Message Batches API (its discount).
+	Batch bool
+	Usage jobs.Usage
 	// Estimated is how many of Usage's tokens are sluice's estimate, not
 	// the upstream's report: the call was cut before the upstream said
 	// (the output of a stream cut mid-answer is estimated from its text;
@@ -184,12 +199,31 @@ type Call struct {
 	At        time.Time
 }
 
+// Cost is what a call of model with usage u costs in µ$, and whether the
+// price list has model's price.
+func (r *Recorder) Cost(model string, u jobs.Usage, batch bool) (int64, bool) {
+	p, ok := r.prices.Lookup(model)
+	if !ok {
+		return 0, false
+	}
+	pu := pricing.Usage{InputTokens: u.InputTokens, OutputTokens: u.OutputTokens,
+		CacheWriteTokens: u.CacheCreationInputTokens, CacheReadTokens: u.CacheReadInputTokens, Batch: batch}
+	if u.CacheCreation != nil {
+		pu.CacheWrite1h = u.CacheCreation.Ephemeral1h
+	}
+	return p.MicroUSD(pu), true
+}
+
 // CallTallies are the counters an upstream call bumps, for the transition
 // that ends its attempt to apply atomically.
 func (r *Recorder) CallTallies(c Call) []jobs.Tally {
 	var out []jobs.Tally
 	u := c.Usage
 	tokens := int64(u.InputTokens + u.OutputTokens + u.CacheReadInputTokens + u.CacheCreationInputTokens)
+	cost, priced := r.Cost(c.Model, u, c.Batch)
+	if priced && cost != 0 && c.JobID != "" {
+		out = append(out, jobs.Tally{Key: rkeys.Job(c.JobID), Field: jobs.CostField, By: cost})
+	}
 	for _, g := range []Granularity{Hour, Day} {
 		k, ttl := key(c.Group, c.Tenant, g, c.At), r.ttl(g)
 		add := func(field string, n int64) {
@@ -205,6 +239,13 @@ func (r *Recorder) CallTallies(c Call) []jobs.Tally {
 		add(fEstimated, int64(min(c.Estimated, int(tokens))))
 		if tokens > 0 {
 			out = append(out, jobs.Tally{Key: k + ":users", Field: c.UserID, Sorted: true, By: tokens, TTL: ttl})
+		}
+		switch {
+		case !priced && tokens > 0:
+			add(fUnpriced, 1)
+		case cost != 0:
+			add(fCost, cost)
+			out = append(out, jobs.Tally{Key: k + ":ucost", Field: c.UserID, Sorted: true, By: cost, TTL: ttl})
 		}
 	}
 	return out

@@ -16,6 +16,7 @@ import (
 	"github.com/sluice-dev/sluice/config"
 	"github.com/sluice-dev/sluice/internal/redistest"
 	"github.com/sluice-dev/sluice/jobs"
+	"github.com/sluice-dev/sluice/pricing"
 	"github.com/sluice-dev/sluice/scheduler"
 	"github.com/sluice-dev/sluice/usage"
 )
@@ -68,8 +69,14 @@ func TestQuantilesFromBuckets(t *testing.T) {
 // recorder's tallies, as the worker does.
 func finish(t *testing.T, rdb *redis.Client, sched *scheduler.Scheduler, rec *usage.Recorder, g *config.ModelGroup, id, tenant, user string, ok bool, u jobs.Usage, latency time.Duration, at time.Time) error {
 	t.Helper()
+	return finishModel(t, rdb, sched, rec, g, "m", id, tenant, user, ok, u, latency, at)
+}
+
+// finishModel is finish for a job of model.
+func finishModel(t *testing.T, rdb *redis.Client, sched *scheduler.Scheduler, rec *usage.Recorder, g *config.ModelGroup, model, id, tenant, user string, ok bool, u jobs.Usage, latency time.Duration, at time.Time) error {
+	t.Helper()
 	ctx := context.Background()
-	j := &jobs.Job{ID: id, Tenant: tenant, UserID: user, Group: g.Name, Model: "m", Status: jobs.Running, CreatedAt: at.Add(-latency)}
+	j := &jobs.Job{ID: id, Tenant: tenant, UserID: user, Group: g.Name, Model: model, Status: jobs.Running, CreatedAt: at.Add(-latency)}
 	store := jobs.NewStore(rdb, jobs.Options{})
 	if err := rdb.HSet(ctx, jobs.Key(id), append(store.Fields(j), "status", "running", "dispatch", 1, "attempt_open", 1)...).Err(); err != nil {
 		t.Fatal(err)
@@ -79,7 +86,7 @@ func finish(t *testing.T, rdb *redis.Client, sched *scheduler.Scheduler, rec *us
 	if !ok {
 		return sched.Fail(ctx, scheduler.Failure{Attempt: a, Error: jobs.Error{Type: "x", Message: "y"}, At: at, Tallies: done})
 	}
-	call := rec.CallTallies(usage.Call{Group: g.Name, Tenant: tenant, UserID: user, Usage: u, At: at})
+	call := rec.CallTallies(usage.Call{Group: g.Name, Tenant: tenant, UserID: user, JobID: id, Model: model, Usage: u, At: at})
 	return sched.Succeed(ctx, scheduler.Success{Attempt: a, Result: []byte(`{}`), Usage: u, At: at, Tallies: append(call, done...)})
 }
 
@@ -266,5 +273,80 @@ func TestRefusalsAndRetention(t *testing.T) {
 	ttl = rdb.TTL(ctx, "sluice:usage:alpha:d:20261129").Val()
 	if ttl <= 30*24*time.Hour || ttl > 31*24*time.Hour {
 		t.Errorf("daily bucket TTL %v, want the 30 d retention plus a day", ttl)
+	}
+}
+
+// Every call is costed at its model's price: the job's record, the
+// tenant's buckets and its users add up the same µ$; a model the price
+// list lacks is counted, not costed.
+func TestCostInDollars(t *testing.T) {
+	r := redistest.Start(t)
+	rdb := r.Client(t)
+	now := time.Date(2026, 11, 29, 14, 30, 0, 0, time.UTC)
+	prices := pricing.NewTable([]pricing.Entry{{Models: []string{"claude-sonnet-*"}, Price: pricing.Price{
+		Input: 3, Output: 15, CacheWrite5m: 3.75, CacheWrite1h: 6, CacheRead: 0.3}}}, false)
+	rec := usage.New(rdb, usage.Retention{}, func() time.Time { return now }).WithPrices(prices)
+	store := jobs.NewStore(rdb, jobs.Options{})
+	sched := scheduler.New(rdb, store, scheduler.Options{})
+	ctx := context.Background()
+	id1, id2, id3 := jobs.NewID("g"), jobs.NewID("g"), jobs.NewID("g")
+	// 1,000 in, 500 out: 3,000 + 7,500 µ$.
+	if err := finishModel(t, rdb, sched, rec, &testGroup, "claude-sonnet-4-6", id1, "t1", "ann", true,
+		jobs.Usage{InputTokens: 1000, OutputTokens: 500}, time.Second, now); err != nil {
+		t.Fatal(err)
+	}
+	// 6,000 written (2,000 of them for an hour), 100 in, 10 out:
+	// 4,000 × 3.75 + 2,000 × 6 + 300 + 150 µ$.
+	u := jobs.Usage{InputTokens: 100, OutputTokens: 10, CacheCreationInputTokens: 6000}
+	u.CacheCreation = &struct {
+		Ephemeral5m int `json:"ephemeral_5m_input_tokens"`
+		Ephemeral1h int `json:"ephemeral_1h_input_tokens"`
+	}{4000, 2000}
+	if err := finishModel(t, rdb, sched, rec, &testGroup, "claude-sonnet-4-6", id2, "t1", "bob", true, u, time.Second, now); err != nil {
+		t.Fatal(err)
+	}
+	if err := finishModel(t, rdb, sched, rec, &testGroup, "gpt-9", id3, "t1", "bob", true,
+		jobs.Usage{InputTokens: 10, OutputTokens: 10}, time.Second, now); err != nil {
+		t.Fatal(err)
+	}
+	for id, want := range map[string]float64{id1: 0.0105, id2: 0.02745} {
+		j, err := store.Get(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if v := j.View(); v.CostUSD == nil || *v.CostUSD != want {
+			t.Errorf("job %s cost %v, want $%v", id, v.CostUSD, want)
+		}
+	}
+	if j, _ := store.Get(ctx, id3); j.View().CostUSD != nil {
+		t.Errorf("an unpriced model's job has a cost: %v", *j.View().CostUSD)
+	}
+	rep, err := rec.Query(ctx, []string{"g"}, []string{"t1"}, usage.Hour, 1, 5)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := rep.Totals.CostUSD; got != 0.03795 || rep.Totals.UnpricedCalls != 1 {
+		t.Errorf("totals: $%v with %d unpriced calls, want $0.03795 and 1", got, rep.Totals.UnpricedCalls)
+	}
+	costs := map[string]float64{}
+	for _, u := range rep.Tenants[0].TopUsers {
+		costs[u.UserID] = u.CostUSD
+	}
+	if costs["ann"] != 0.0105 || costs["bob"] != 0.02745 {
+		t.Errorf("users' costs: %v", costs)
+	}
+	var b bytes.Buffer
+	if err := usage.WriteCSV(&b, rep); err != nil {
+		t.Fatal(err)
+	}
+	rows, _ := csv.NewReader(&b).ReadAll()
+	col := -1
+	for i, h := range rows[0] {
+		if h == "cost_usd" {
+			col = i
+		}
+	}
+	if col < 0 || rows[1][col] != "0.037950" {
+		t.Errorf("CSV cost column %d: %v", col, rows)
 	}
 }

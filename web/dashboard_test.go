@@ -79,13 +79,16 @@ func TestDashboard(t *testing.T) {
 	must(t, chromedp.Do(ctx, chromedp.Reload()))
 	must(t, chromedp.Do(ctx, chromedp.WaitReady(`body[data-loaded="1"]`)))
 	row := eval[[]string](t, ctx, `[...document.querySelectorAll("#totals tbody tr")].find(r => r.cells[0].textContent === "acme") ? [...[...document.querySelectorAll("#totals tbody tr")].find(r => r.cells[0].textContent === "acme").cells].map(c => c.textContent) : []`)
-	if len(row) < 11 {
+	if len(row) < 12 {
 		t.Fatalf("no totals row for tenant acme: %v", row)
 	}
-	if row[1] != "3" || row[5] != "1" || strings.ReplaceAll(row[3], ",", "") != strconv.Itoa(answered.OutputTokens) {
+	if row[1] != "3" || row[6] != "1" || strings.ReplaceAll(row[3], ",", "") != strconv.Itoa(answered.OutputTokens) {
 		t.Errorf("acme's row %v: want 3 requests, %d output tokens, 1 refused", row, answered.OutputTokens)
 	}
-	if row[9] == "–" {
+	if !strings.HasPrefix(row[4], "$") || row[4] == "$0" {
+		t.Errorf("acme's row %v: no cost shown for three priced answers", row)
+	}
+	if row[10] == "–" {
 		t.Errorf("no p95 latency shown: %v", row)
 	}
 	if got := eval[string](t, ctx, `document.getElementById("chart-requests").dataset.total`); got != "3" {

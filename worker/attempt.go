@@ -185,7 +185,8 @@ func (w *Worker) keep(ctx context.Context, a *attempt, res *upstream.Result, del
 		Duration: elapsed, At: now, Policy: w.policy(job),
 	}
 	if w.d.Usage != nil {
-		s.Tallies = append(w.d.Usage.CallTallies(usage.Call{Group: job.Group, Tenant: job.Tenant, UserID: job.UserID, Usage: u, At: now}),
+		s.Tallies = append(w.d.Usage.CallTallies(usage.Call{Group: job.Group, Tenant: job.Tenant, UserID: job.UserID,
+			JobID: job.ID, Model: job.Model, Usage: u, At: now}),
 			w.tallies(job, true, now)...)
 	}
 	err := w.persist(a, "the answer", func(ctx context.Context) error {
@@ -333,7 +334,8 @@ func (w *Worker) callTallies(j *jobs.Job, u jobs.Usage, estimated int, now time.
 	if w.d.Usage == nil {
 		return nil
 	}
-	return w.d.Usage.CallTallies(usage.Call{Group: j.Group, Tenant: j.Tenant, UserID: j.UserID, Usage: u, Estimated: estimated, At: now})
+	return w.d.Usage.CallTallies(usage.Call{Group: j.Group, Tenant: j.Tenant, UserID: j.UserID,
+		JobID: j.ID, Model: j.Model, Usage: u, Estimated: estimated, At: now})
 }
 
 // billed is what the upstream bills for a call that failed: what its

@@ -294,7 +294,7 @@ func newParts(cfg *config.Config, rdb redis.UniversalClient, guard *redisguard.G
 	if wait != nil {
 		p.met.Register(wait.Collector())
 	}
-	p.use = usagestats.New(rdb, usagestats.Retention{Hourly: cfg.Usage.HourlyRetention, Daily: cfg.Usage.DailyRetention}, nil)
+	p.use = usagestats.New(rdb, usagestats.Retention{Hourly: cfg.Usage.HourlyRetention, Daily: cfg.Usage.DailyRetention}, nil).WithPrices(cfg.PriceTable())
 	return p
 }
 

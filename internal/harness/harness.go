@@ -176,7 +176,7 @@ func Start(tb testing.TB, o Options) *Env {
 		Wait: redisconn.NewWaiter(cfg.Redis.WaitReplicas, cfg.Redis.WaitTimeout, log)})
 	e.Metrics = metrics.New()
 	e.Metrics.Register(metrics.NewState(e.Sched, cfg.ModelGroups, log))
-	e.Usage = usage.New(e.RDB, usage.Retention{Hourly: cfg.Usage.HourlyRetention, Daily: cfg.Usage.DailyRetention}, o.Clock)
+	e.Usage = usage.New(e.RDB, usage.Retention{Hourly: cfg.Usage.HourlyRetention, Daily: cfg.Usage.DailyRetention}, o.Clock).WithPrices(cfg.PriceTable())
 
 	if !o.NoWorker {
 		e.Worker = StartWorker(tb, e)
@@ -359,7 +359,7 @@ func StartAPI(tb testing.TB, e *Env) *httptest.Server {
 	}
 	srv := api.New(api.Deps{Config: e.Config, Redis: rdb, Store: store, Hub: hub, Scheduler: sched,
 		Estimator: estimate.NewCalibrator(rdb), TokenSecret: secret, Web: web.Handler(), Logger: log,
-		Dashboard: web.Dashboard(), Usage: usage.New(rdb, usage.Retention{Hourly: e.Config.Usage.HourlyRetention, Daily: e.Config.Usage.DailyRetention}, nil)})
+		Dashboard: web.Dashboard(), Usage: usage.New(rdb, usage.Retention{Hourly: e.Config.Usage.HourlyRetention, Daily: e.Config.Usage.DailyRetention}, nil).WithPrices(e.Config.PriceTable())})
 	ts := httptest.NewServer(srv)
 	tb.Cleanup(func() { srv.CloseStreams(); ts.Close(); _ = hub.Close() })
 	return ts

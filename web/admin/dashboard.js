@@ -314,6 +314,12 @@ function axes(svg, buckets, ts, W, H, L, B, T, label) {
 
 // ---- the last 24 hours ----
 
+// usd formats dollars: cents from a dollar up, else four decimals.
+function usd(v) {
+  if (!v) return "$0";
+  return "$" + (v >= 1 ? v.toFixed(2) : v.toFixed(4));
+}
+
 function renderUsage(rep) {
   const body = $("totals").tBodies[0];
   body.replaceChildren();
@@ -324,6 +330,7 @@ function renderUsage(rep) {
       el("td", { text: num(t.requests) }),
       el("td", { text: num(t.input_tokens + t.cache_read_input_tokens + t.cache_creation_input_tokens) }),
       el("td", { text: num(t.output_tokens) }),
+      el("td", { text: usd(t.cost_usd), title: t.unpriced_calls ? `${t.unpriced_calls} calls of models without a price are not counted` : "at the configured prices" }),
       el("td", { text: num(t.avg_tokens_per_request) }),
       el("td", { text: num(refused), title: `user quota ${t.refused.user_quota}, queue limit ${t.refused.queue_limit}, overloaded ${t.refused.overloaded}` }),
       el("td", { text: num(t.upstream_429) }),
@@ -357,10 +364,11 @@ function renderUsage(rep) {
       const tb = el("tbody");
       t.top_users.forEach((u, i) => tb.append(el("tr", {},
         el("td", { text: String(i + 1) }), el("th", { scope: "row", text: u.user_id }),
-        el("td", { text: num(u.tokens) }), el("td", { text: num(u.requests) }))));
+        el("td", { text: num(u.tokens) }), el("td", { text: num(u.requests) }), el("td", { text: usd(u.cost_usd) }))));
       box.append(el("table", {},
         el("thead", {}, el("tr", {}, el("th", { scope: "col", text: "#" }), el("th", { scope: "col", text: "User" }),
-          el("th", { scope: "col", text: "Tokens" }), el("th", { scope: "col", text: "Requests" }))), tb));
+          el("th", { scope: "col", text: "Tokens" }), el("th", { scope: "col", text: "Requests" }),
+          el("th", { scope: "col", text: "Cost" }))), tb));
     }
     top.append(box);
   }
