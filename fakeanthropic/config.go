@@ -78,6 +78,13 @@ type Config struct {
 	Seed int64
 	// Logger receives a debug line per /v1/messages request. Default: discard.
 	Logger *slog.Logger
+	// BatchDelay is how long a Message Batch processes before it ends
+	// (its results are then readable). Default 0: at once.
+	BatchDelay time.Duration
+	// BatchQueueLimit caps the requests waiting in batches not ended, as
+	// the API's processing-queue limit does: a batch that would pass it is
+	// refused with 429. Default 0: no cap.
+	BatchQueueLimit int
 }
 
 // Group is a set of models that share one set of rate-limit buckets.
@@ -258,6 +265,12 @@ func (cfg Config) withDefaults() (Config, error) {
 	}
 	if cfg.TokensPerSecond < 0 {
 		errs = append(errs, fmt.Errorf("tokens per second %v: must not be negative", cfg.TokensPerSecond))
+	}
+	if cfg.BatchDelay < 0 {
+		errs = append(errs, fmt.Errorf("batch delay %v: must not be negative", cfg.BatchDelay))
+	}
+	if cfg.BatchQueueLimit < 0 {
+		errs = append(errs, fmt.Errorf("batch queue limit %d: must not be negative", cfg.BatchQueueLimit))
 	}
 	if cfg.Latency < 0 {
 		errs = append(errs, fmt.Errorf("latency %v: must not be negative", cfg.Latency))

@@ -44,7 +44,7 @@ func TestStatsEndpoint(t *testing.T) {
 
 	raw, st := getStats(t, srv.URL, srv.Client(), "")
 	wantKeys := []string{"admitted_cache_creation_input_tokens", "admitted_cache_read_input_tokens", "admitted_input_tokens",
-		"admitted_output_tokens", "admitted_requests", "by_status", "cache_entries", "cache_write_requests",
+		"admitted_output_tokens", "admitted_requests", "batch_requests", "batches", "by_status", "cache_entries", "cache_write_requests",
 		"count_tokens_requests", "dropped", "in_flight", "log", "max_in_flight", "max_in_flight_by_group", "rate_limited", "requests"}
 	if diff := cmp.Diff(wantKeys, slices.Sorted(maps.Keys(raw))); diff != "" {
 		t.Errorf("stats keys (-want +got):\n%s", diff)

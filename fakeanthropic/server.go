@@ -41,6 +41,7 @@ type Server struct {
 	// cache maps a prompt prefix (breakpoint.key) to when it expires.
 	cache        map[[sha256.Size]byte]time.Time
 	cacheSweepAt int // sweep expired entries when the cache grows this big
+	batches      batchState
 }
 
 // New returns a Server for cfg, with defaults filled in (see Config). It
@@ -93,6 +94,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]int{"cleared": s.ClearCache()})
 	case r.Method == http.MethodPost && r.URL.Path == "/_fake/limits":
 		s.handleSetLimits(w, r)
+	case s.handleBatches(w, r):
 	default:
 		writeError(w, &apiError{status: http.StatusNotFound, typ: typeNotFound,
 			message: fmt.Sprintf("Not found: %s %s", r.Method, r.URL.Path)})

@@ -57,6 +57,10 @@ type Stats struct {
 	AdmittedRequests map[string]int64 `json:"admitted_requests"`
 	// CountTokensRequests is the number of /v1/messages/count_tokens calls.
 	CountTokensRequests int64 `json:"count_tokens_requests"`
+	// Batches and BatchRequests count the Message Batches created and the
+	// requests in them (not in Requests: they are not /v1/messages calls).
+	Batches       int64 `json:"batches"`
+	BatchRequests int64 `json:"batch_requests"`
 	// CacheEntries is the number of live prompt-cache entries now (not a
 	// counter: ResetStats leaves the cache alone; ClearCache empties it).
 	CacheEntries int64 `json:"cache_entries"`

@@ -60,6 +60,7 @@ type fakeOptions struct {
 	otpmMode        string
 	tokensPerSecond float64
 	latency         time.Duration
+	batchDelay      time.Duration
 	replyTokens     int
 	seed            int64
 	apiKeys         []string
@@ -85,6 +86,7 @@ func parseFakeFlags(args []string, getenv func(string) string, stderr io.Writer)
 	fs.IntVar(&o.group.CacheMinTokens, "cache-min-tokens", 0, "shortest prompt prefix a cache_control breakpoint caches; 0 = by model: 2048 for *haiku*, else 1024")
 	fs.Float64Var(&o.tokensPerSecond, "tokens-per-second", 50, "output pace in tokens per second; 0 = as fast as possible")
 	fs.DurationVar(&o.latency, "latency", 200*time.Millisecond, "wait before the first byte of an answer")
+	fs.DurationVar(&o.batchDelay, "batch-delay", 30*time.Second, "how long a Message Batch processes before its results are ready")
 	fs.IntVar(&o.replyTokens, "reply-tokens", fakeanthropic.DefaultReplyTokens,
 		"reply length in output tokens when the prompt has no [[reply_tokens=N]]; always capped by max_tokens")
 	fs.Int64Var(&o.seed, "seed", 0, "seed of the random faults; 0 = a random seed")
@@ -166,6 +168,7 @@ func (o *fakeOptions) config(logger *slog.Logger) fakeanthropic.Config {
 		OTPMMode:        o.otpmMode,
 		TokensPerSecond: o.tokensPerSecond,
 		Latency:         o.latency,
+		BatchDelay:      o.batchDelay,
 		ReplyTokens:     o.replyTokens,
 		APIKeys:         o.apiKeys,
 		AdminKeys:       o.adminKeys,
