@@ -18,7 +18,7 @@ import (
 var outcomeLabel = map[scheduler.Outcome]string{
 	scheduler.Admitted: "admitted", scheduler.Replay: "replay", scheduler.Conflict: "conflict",
 	scheduler.OverQuota: usage.RefusedUserQuota, scheduler.QueueLimit: usage.RefusedQueueLimit,
-	scheduler.Overloaded: usage.RefusedOverloaded,
+	scheduler.Overloaded: usage.RefusedOverloaded, scheduler.OverBudget: usage.RefusedBudget,
 }
 
 // counted records an admission's outcome: in the metrics, and a refusal
@@ -30,7 +30,7 @@ func (s *Server) counted(ctx context.Context, tenant, group string, o scheduler.
 	}
 	s.d.Metrics.Admission(group, label)
 	switch o {
-	case scheduler.OverQuota, scheduler.QueueLimit, scheduler.Overloaded:
+	case scheduler.OverQuota, scheduler.QueueLimit, scheduler.Overloaded, scheduler.OverBudget:
 		if s.d.Usage == nil {
 			return
 		}

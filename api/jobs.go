@@ -74,6 +74,10 @@ func (s *Server) admit(c *echo.Context, tenant *config.Tenant, req *createReques
 	if err != nil {
 		return nil, none, err
 	}
+	budget, err := s.budget(tenant, policy, req.Model)
+	if err != nil {
+		return nil, none, err
+	}
 	now := s.now().UTC().Truncate(time.Millisecond) // as the store keeps it
 	job := &jobs.Job{
 		ID: jobs.NewID(req.Group.Name), Tenant: tenant.Name, UserID: req.UserID, Model: req.Model,
@@ -91,7 +95,7 @@ func (s *Server) admit(c *echo.Context, tenant *config.Tenant, req *createReques
 	}
 	res, err := s.d.Scheduler.Admit(ctx, scheduler.Admission{
 		Job: job, Group: req.Group, InputEstimate: input, CachePrefixes: prefixes, Policy: policy, MaxWait: tenant.MaxWait,
-		IdempotencyKey: idemKey, BodyHash: bodyHash(body),
+		IdempotencyKey: idemKey, BodyHash: bodyHash(body), Budget: budget,
 	})
 	if err != nil {
 		return nil, none, err
@@ -118,6 +122,10 @@ func (s *Server) admit(c *echo.Context, tenant *config.Tenant, req *createReques
 	case scheduler.OverQuota:
 		log.Info("job refused: user quota", "quota", res.QuotaWhich)
 		return nil, res, s.quotaRefusal(c, tenant.Name, req.UserID, policy, res, input+req.MaxTokens)
+	case scheduler.OverBudget:
+		log.Info("job refused: dollar budget", "scope", res.Budget.Scope, "period", res.Budget.Period)
+		s.quotaHeaders(c, tenant.Name, req.UserID, policy)
+		return nil, res, budgetRefusal(res)
 	case scheduler.QueueLimit:
 		log.Info("job refused: queue limit", "queued", res.Remaining)
 		s.quotaHeaders(c, tenant.Name, req.UserID, policy)
@@ -143,6 +151,48 @@ func (s *Server) admit(c *echo.Context, tenant *config.Tenant, req *createReques
 			Extra: map[string]any{"retry_after_seconds": retry}}
 	}
 	return nil, res, fmt.Errorf("admission: unknown outcome %q", res.Outcome)
+}
+
+// budget is the dollar budgets a job of model answers to, with the
+// model's price; a model with no price cannot be charged against a
+// budget, and is refused with the fix.
+func (s *Server) budget(tenant *config.Tenant, p config.UserPolicy, model string) (scheduler.Budget, error) {
+	var b scheduler.Budget
+	if tenant.TenantBudgetUSDPerDay <= 0 && tenant.TenantBudgetUSDPerMonth <= 0 && p.BudgetUSDPerDay <= 0 && p.BudgetUSDPerMonth <= 0 {
+		return b, nil
+	}
+	micro := func(usd float64) int64 { return int64(math.Round(usd * 1e6)) }
+	b = scheduler.Budget{UserDay: micro(p.BudgetUSDPerDay), UserMonth: micro(p.BudgetUSDPerMonth),
+		TenantDay: micro(tenant.TenantBudgetUSDPerDay), TenantMonth: micro(tenant.TenantBudgetUSDPerMonth)}
+	ok := false
+	if s.d.Usage != nil {
+		b.Price, ok = s.d.Usage.Price(model)
+	}
+	if !ok {
+		return b, invalid("model", "The model %s has no price in this service's price list, and your spending is capped in dollars, so it cannot be used. Ask the operator to add it to usage.prices.", model)
+	}
+	return b, nil
+}
+
+// budgetRefusal is the 429 budget of a spent dollar budget: which one,
+// what was used, and when it renews.
+func budgetRefusal(res scheduler.AdmitResult) error {
+	b := res.Budget
+	retry := max(1, int(math.Ceil(res.RetryAfter.Seconds())))
+	whose := "Your"
+	if b.Scope == "tenant" {
+		whose = "This app's"
+	}
+	period := "daily"
+	if b.Period == "month" {
+		period = "monthly"
+	}
+	usd := func(micro int64) string { return fmt.Sprintf("$%.2f", float64(micro)/1e6) }
+	msg := fmt.Sprintf("%s %s budget of %s is spent (%s used or held by requests in flight; this request may cost up to %s). It renews at %s.",
+		whose, period, usd(b.Limit), usd(b.Used), usd(b.Ask), b.Renews.UTC().Format("2006-01-02 15:04 UTC"))
+	return &Error{Status: http.StatusTooManyRequests, Type: "budget", RetryAfter: retry, Message: msg,
+		Extra: map[string]any{"budget": b.Scope + "_" + b.Period, "limit_usd": float64(b.Limit) / 1e6, "used_usd": float64(b.Used) / 1e6,
+			"request_max_usd": float64(b.Ask) / 1e6, "renews_at": b.Renews.UTC().Format(time.RFC3339), "retry_after_seconds": retry}}
 }
 
 // quotaRefusal is the 429 rate_limit of an exhausted user quota, with the

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"math"
 	"net/http"
 	"strconv"
 	"strings"
@@ -178,8 +179,26 @@ func (s *Server) userUsage(c *echo.Context) error {
 		}
 		return map[string]any{"limit": x.Limit, "remaining": x.Remaining, "reset_at": x.ResetAt.Format(time.RFC3339)}
 	}
-	return c.JSON(http.StatusOK, map[string]any{
+	out := map[string]any{
 		"user_id": user, "requests": q(req), "tokens": q(tok), "queued": queued, "running": running,
 		"max_queued": p.MaxQueued,
-	})
+	}
+	limits := [4]float64{p.BudgetUSDPerDay, p.BudgetUSDPerMonth, tenant.TenantBudgetUSDPerDay, tenant.TenantBudgetUSDPerMonth}
+	if limits != [4]float64{} {
+		use, err := s.d.Scheduler.Budgets(ctx, tenant.Name, user)
+		if err != nil {
+			return err
+		}
+		budgets := map[string]any{}
+		for i, name := range []string{"user_day", "user_month", "tenant_day", "tenant_month"} {
+			if limits[i] <= 0 {
+				continue
+			}
+			used := float64(use[i].Used) / 1e6
+			budgets[name] = map[string]any{"limit_usd": limits[i], "used_usd": used,
+				"remaining_usd": math.Max(0, math.Round((limits[i]-used)*1e6)/1e6), "renews_at": use[i].Renews.Format(time.RFC3339)}
+		}
+		out["budgets"] = budgets
+	}
+	return c.JSON(http.StatusOK, out)
 }

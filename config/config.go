@@ -290,6 +290,11 @@ type Tenant struct {
 	// MaxWait refuses a new job (503 overloaded) when its estimated wait at
 	// admission is longer; 0 means no limit. Default 15m.
 	MaxWait time.Duration `yaml:"max_wait"`
+	// TenantBudgetUSDPerDay and TenantBudgetUSDPerMonth cap what all the
+	// tenant's users together may spend, in US dollars per UTC day and per
+	// UTC month, at usage.prices; 0 (the default) means no cap.
+	TenantBudgetUSDPerDay   float64 `yaml:"tenant_budget_usd_per_day,omitempty"`
+	TenantBudgetUSDPerMonth float64 `yaml:"tenant_budget_usd_per_month,omitempty"`
 
 	// UserPolicy holds the per-user defaults; Users overrides them for
 	// named users.
@@ -315,6 +320,12 @@ type UserPolicy struct {
 	// MaxQueued is how many of the user's jobs may wait at once (429
 	// queue_limit beyond). 0 means unlimited. Default 50.
 	MaxQueued int `yaml:"max_queued,omitempty"`
+	// BudgetUSDPerDay and BudgetUSDPerMonth cap what the user may spend,
+	// in US dollars per UTC day and per UTC month, at usage.prices: each
+	// job reserves its worst case at admission and settles to its real
+	// cost. 0 means no cap. Default 0.
+	BudgetUSDPerDay   float64 `yaml:"budget_usd_per_day,omitempty"`
+	BudgetUSDPerMonth float64 `yaml:"budget_usd_per_month,omitempty"`
 }
 
 // Policy is the effective policy of one of the tenant's users: the tenant's
@@ -333,6 +344,12 @@ func (t *Tenant) Policy(user string) UserPolicy {
 		}
 		if o.MaxQueued != 0 {
 			p.MaxQueued = o.MaxQueued
+		}
+		if o.BudgetUSDPerDay != 0 {
+			p.BudgetUSDPerDay = o.BudgetUSDPerDay
+		}
+		if o.BudgetUSDPerMonth != 0 {
+			p.BudgetUSDPerMonth = o.BudgetUSDPerMonth
 		}
 	}
 	return p

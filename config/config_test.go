@@ -505,7 +505,7 @@ model_groups:
 `,
 			want: []string{
 				"model_groups[0].max_concurency: unknown field; the fields here are name, models, rpm, input_tpm, output_tpm, max_concurrency, count_cache_reads, burst, count_tokens, outage_failures, outage_window, probe_interval, probe_interval_max, output_accounting, cache_hold (line 6)",
-				"tenants[0].key: unknown field; the fields here are name, keys, default_max_tokens, max_tokens_cap, max_tokens_policy, max_body_bytes, max_messages, max_input_tokens, max_wait, weight, requests_per_hour, tokens_per_hour, max_queued, users (line 4)",
+				"tenants[0].key: unknown field; the fields here are name, keys, default_max_tokens, max_tokens_cap, max_tokens_policy, max_body_bytes, max_messages, max_input_tokens, max_wait, tenant_budget_usd_per_day, tenant_budget_usd_per_month, weight, requests_per_hour, tokens_per_hour, max_queued, budget_usd_per_day, budget_usd_per_month, users (line 4)",
 				"tenants[0].keys: at least one key is required",
 			},
 		},
@@ -875,5 +875,19 @@ func TestPrices(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("error lacks %q: %v", want, err)
 		}
+	}
+}
+
+// Budgets are dollars ≥ 0, per tenant and per user; a user's override
+// wins over the tenant's default.
+func TestBudgets(t *testing.T) {
+	c := mustParse(t, strings.Replace(minimal, "    keys:", "    tenant_budget_usd_per_day: 20\n    budget_usd_per_day: 1.5\n    users:\n      vip: {budget_usd_per_day: 5}\n    keys:", 1), env())
+	tn := &c.Tenants[0]
+	if tn.TenantBudgetUSDPerDay != 20 || tn.Policy("ann").BudgetUSDPerDay != 1.5 || tn.Policy("vip").BudgetUSDPerDay != 5 {
+		t.Errorf("budgets: tenant %v, ann %v, vip %v", tn.TenantBudgetUSDPerDay, tn.Policy("ann").BudgetUSDPerDay, tn.Policy("vip").BudgetUSDPerDay)
+	}
+	_, err := Parse([]byte(strings.Replace(minimal, "    keys:", "    tenant_budget_usd_per_month: -1\n    keys:", 1)), env())
+	if err == nil || !strings.Contains(err.Error(), "tenants[0].tenant_budget_usd_per_month: must be an amount of US dollars ≥ 0") {
+		t.Errorf("negative budget: %v", err)
 	}
 }

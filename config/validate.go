@@ -184,8 +184,17 @@ func (c *Config) checkTenants(v *validator, keys func(string, Key)) {
 		if t.MaxWait < 0 {
 			v.add(p+".max_wait", "must be ≥ 0 (0 means no limit)")
 		}
+		v.dollars(p+".tenant_budget_usd_per_day", t.TenantBudgetUSDPerDay)
+		v.dollars(p+".tenant_budget_usd_per_month", t.TenantBudgetUSDPerMonth)
 		v.userPolicy(p, t.UserPolicy, false)
 		v.users(p, t.Users)
+	}
+}
+
+// dollars checks a budget: a finite amount ≥ 0 (0 means none).
+func (v *validator) dollars(p string, usd float64) {
+	if usd < 0 || math.IsNaN(usd) || math.IsInf(usd, 0) {
+		v.add(p, "must be an amount of US dollars ≥ 0 (0 means no budget), got %v", usd)
 	}
 }
 
@@ -198,6 +207,8 @@ func (v *validator) userPolicy(p string, o UserPolicy, override bool) {
 	v.nonNegative(p+".requests_per_hour", int64(o.RequestsPerHour))
 	v.nonNegative(p+".tokens_per_hour", int64(o.TokensPerHour))
 	v.nonNegative(p+".max_queued", int64(o.MaxQueued))
+	v.dollars(p+".budget_usd_per_day", o.BudgetUSDPerDay)
+	v.dollars(p+".budget_usd_per_month", o.BudgetUSDPerMonth)
 }
 
 // users checks a tenant's users: (p is the tenant's path): every key a user

@@ -158,7 +158,7 @@ func (s *Scheduler) apply(ctx context.Context, g *config.ModelGroup, j *jobs.Job
 	}
 	st := step{EventID: fmt.Sprint(res[0]), Attempts: toInt(res[1]), Limiter: toInt(res[2]) == 1,
 		Quota: toInt(res[3]) == 1, From: jobs.Status(fmt.Sprint(res[4])), Health: fmt.Sprint(res[5])}
-	if held := (quotaHold{toInt(res[6]), toInt(res[7])}); st.Quota && held.any() {
+	if held := holdOf(res, 6); st.Quota && held.any() {
 		u := Used{Requests: p.Used[0], Input: p.Used[1], Output: p.Used[2]}
 		s.giveQuota(ctx, j, held, u, config.UserPolicy{RequestsPerHour: p.RPH, TokensPerHour: p.TPH})
 	}

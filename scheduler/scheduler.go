@@ -26,6 +26,7 @@ import (
 	"github.com/sluice-dev/sluice/config"
 	"github.com/sluice-dev/sluice/internal/rkeys"
 	"github.com/sluice-dev/sluice/jobs"
+	"github.com/sluice-dev/sluice/pricing"
 	"github.com/sluice-dev/sluice/redisconn"
 )
 
@@ -34,6 +35,8 @@ var (
 	prelude string
 	//go:embed lua/quota.lua
 	quotaSrc string
+	//go:embed lua/budget.lua
+	budgetSrc string
 	//go:embed lua/cached.lua
 	cachedSrc string
 	//go:embed lua/admit.lua
@@ -57,6 +60,7 @@ var (
 
 	admitScript    = redis.NewScript(prelude + admitSrc)
 	quotaScript    = redis.NewScript(prelude + quotaSrc)
+	budgetScript   = redis.NewScript(prelude + budgetSrc)
 	cachedScript   = redis.NewScript(prelude + cachedSrc)
 	dispatchScript = redis.NewScript(prelude + dispatchSrc)
 	settleScript   = redis.NewScript(prelude + settleSrc)
@@ -236,6 +240,33 @@ type Admission struct {
 	MaxWait       time.Duration     // 0 = no limit
 	// IdempotencyKey (optional) with the hash of the request body.
 	IdempotencyKey, BodyHash string
+	// Budget is the dollar budgets the job is charged against (none: no
+	// budget applies).
+	Budget Budget
+}
+
+// Budget is what a job is charged against in dollars: its user's and its
+// tenant's budgets per UTC day and month, in µ$ (0 = none), and its
+// model's price, which turns the job's worst case (its input estimate,
+// the part the upstream holds cached at the cache-read price, and
+// max_tokens of output) into the µ$ it reserves.
+type Budget struct {
+	UserDay, UserMonth, TenantDay, TenantMonth int64
+	Price                                      pricing.Price
+}
+
+func (b Budget) any() bool {
+	return b.UserDay > 0 || b.UserMonth > 0 || b.TenantDay > 0 || b.TenantMonth > 0
+}
+
+// BudgetRefusal says which budget refused a job, for the 429's sentence.
+type BudgetRefusal struct {
+	Scope  string    // "user" or "tenant"
+	Period string    // "day" or "month"
+	Limit  int64     // µ$
+	Used   int64     // µ$ spent and held when the job asked
+	Ask    int64     // µ$ the job would have held
+	Renews time.Time // when the period ends (UTC)
 }
 
 // Outcome is what admission decided.
@@ -246,6 +277,7 @@ const (
 	Replay     Outcome = "replay"      // the Idempotency-Key named an earlier job: ReplayOf
 	Conflict   Outcome = "conflict"    // the Idempotency-Key was used with another body
 	OverQuota  Outcome = "quota"       // QuotaWhich is "requests" or "tokens"; RetryAfter when it fits
+	OverBudget Outcome = "budget"      // Budget says which; RetryAfter is its renewal
 	QueueLimit Outcome = "queue_limit" // Queued of Limit jobs already waiting
 	Overloaded Outcome = "overloaded"  // ETA beyond MaxWait
 	// Unavailable: the group's outage outlasted upstream.max_outage;
@@ -268,6 +300,7 @@ type AdmitResult struct {
 	QuotaRemaining, QuotaReset int
 	MaxWait                    int // seconds, for Overloaded
 	Down                       time.Duration
+	Budget                     BudgetRefusal // for OverBudget
 }
 
 // Admit decides a job's admission and, when it is admitted, stores it and
@@ -293,9 +326,19 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 	if weight <= 0 {
 		weight = 1
 	}
-	held, r, err := s.takeQuota(ctx, a)
+	cached, err := s.cachedInput(ctx, a)
+	if err != nil {
+		return AdmitResult{}, err
+	}
+	held, r, err := s.takeQuota(ctx, a, cached)
 	if err != nil || r.Outcome == OverQuota {
 		return r, err
+	}
+	if a.Budget.any() {
+		if r, err = s.takeBudgets(ctx, a, cached, &held, r); err != nil || r.Outcome == OverBudget {
+			s.giveQuota(ctx, j, held, Used{}, a.Policy)
+			return r, err
+		}
 	}
 	args := []any{s.now(), j.ID, s.store.TTLSeconds(), encodePrefixes(a.CachePrefixes), s.store.MaxEvents(),
 		UserKey(j.Tenant, j.UserID), a.InputEstimate, j.MaxTokens, weight, wakeChannel(g.Name)}
@@ -303,6 +346,9 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 	args = append(args, g.MaxConcurrency, held.requests, held.tokens,
 		a.Policy.MaxQueued, a.MaxWait.Milliseconds(), a.BodyHash, int(IdempotencyTTL/time.Second), deadline, countReads(g))
 	args = append(args, s.store.Fields(j)...)
+	if held.usd > 0 {
+		args = append(args, "q_usd", held.usd, "b_d", held.day, "b_m", held.month)
+	}
 	res, err := s.wait.Run(ctx, s.rdb, "admit", admitScript, []string{
 		jobs.Key(j.ID), k.cache(), k.seq(), k.order(), k.finish(), k.vtime(),
 		k.costs(), k.totals(), k.lim(), idem,
@@ -335,28 +381,177 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 	return r, nil
 }
 
-// quotaHold is what a job holds of its user's quotas.
-type quotaHold struct{ requests, tokens int }
+// quotaHold is what a job holds of its user's quotas and of its dollar
+// budgets (usd µ$ in the periods day and month), and, at its end, what its
+// calls cost (µ$).
+type quotaHold struct {
+	requests, tokens int
+	usd, cost        int64
+	day, month       string
+}
 
-func (h quotaHold) any() bool { return h.requests > 0 || h.tokens > 0 }
+func (h quotaHold) any() bool { return h.requests > 0 || h.tokens > 0 || h.usd > 0 }
+
+// holdOf reads a hold from a script's reply, from its i-th value on:
+// requests, tokens, µ$, cost µ$, day stamp, month stamp.
+func holdOf(res []any, i int) quotaHold {
+	h := quotaHold{requests: toInt(res[i]), tokens: toInt(res[i+1])}
+	if len(res) >= i+6 {
+		h.usd, h.cost = int64(toInt(res[i+2])), int64(toInt(res[i+3]))
+		if d := toInt(res[i+4]); d > 0 {
+			h.day, h.month = strconv.Itoa(d), strconv.Itoa(toInt(res[i+5]))
+		}
+	}
+	return h
+}
+
+// cachedInput is how much of a job's input the upstream holds cached now
+// (0 without cacheable prefixes, or when the group counts cache reads),
+// for the quota's and the budget's charges.
+func (s *Scheduler) cachedInput(ctx context.Context, a Admission) (int, error) {
+	if len(a.CachePrefixes) == 0 || a.Group.CountCacheReads || (a.Policy.TokensPerHour <= 0 && !a.Budget.any()) {
+		return 0, nil
+	}
+	cached, err := cachedScript.Run(ctx, s.rdb, []string{keys{a.Group.Name}.cache()}, s.now(), encodePrefixes(a.CachePrefixes)).Int()
+	if err != nil {
+		return 0, fmt.Errorf("scheduler: admit %s: cached input: %w", a.Job.ID, err)
+	}
+	return max(0, min(cached, a.InputEstimate-1)), nil
+}
+
+// budgetPeriods are the stamps of the UTC day and month of t, and when
+// each ends.
+func budgetPeriods(t time.Time) (day, month string, dayEnd, monthEnd time.Time) {
+	t = t.UTC()
+	d := time.Date(t.Year(), t.Month(), t.Day(), 0, 0, 0, 0, time.UTC)
+	m := time.Date(t.Year(), t.Month(), 1, 0, 0, 0, 0, time.UTC)
+	return d.Format("20060102"), m.Format("200601"), d.AddDate(0, 0, 1), m.AddDate(0, 1, 0)
+}
+
+// takeBudgets reserves the job's worst-case cost in its user's budgets,
+// then its tenant's (each a script in its own slot); a refusal gives back
+// what was taken. It fills held's µ$ and periods.
+func (s *Scheduler) takeBudgets(ctx context.Context, a Admission, cached int, held *quotaHold, r AdmitResult) (AdmitResult, error) {
+	j, b := a.Job, a.Budget
+	cost := b.Price.MicroUSD(pricing.Usage{InputTokens: a.InputEstimate - cached, CacheReadTokens: cached, OutputTokens: j.MaxTokens})
+	now, err := s.nowTime(ctx)
+	if err != nil {
+		return r, err
+	}
+	day, month, dayEnd, monthEnd := budgetPeriods(now)
+	scopes := []struct {
+		scope            string
+		dayKey, monthKey string
+		mark             string
+		dl, ml           int64
+	}{
+		{"user", rkeys.UserBudget(j.Tenant, j.UserID, "d", day), rkeys.UserBudget(j.Tenant, j.UserID, "m", month),
+			rkeys.UserBudgetGiven(j.Tenant, j.UserID, j.ID), b.UserDay, b.UserMonth},
+		{"tenant", rkeys.TenantBudget(j.Tenant, "d", day), rkeys.TenantBudget(j.Tenant, "m", month),
+			rkeys.TenantBudgetGiven(j.Tenant, j.ID), b.TenantDay, b.TenantMonth},
+	}
+	for i, sc := range scopes {
+		if sc.dl <= 0 && sc.ml <= 0 {
+			continue
+		}
+		res, err := budgetScript.Run(ctx, s.rdb, []string{sc.dayKey, sc.monthKey, sc.mark}, "take", sc.dl, sc.ml, cost).Slice()
+		if err == nil && fmt.Sprint(res[0]) == string(OverBudget) {
+			r.Outcome = OverBudget
+			r.Budget = BudgetRefusal{Scope: sc.scope, Period: fmt.Sprint(res[1]), Limit: int64(toInt(res[2])), Used: int64(toInt(res[3])), Ask: cost, Renews: dayEnd}
+			if r.Budget.Period == "month" {
+				r.Budget.Renews = monthEnd
+			}
+			r.RetryAfter = r.Budget.Renews.Sub(now)
+		}
+		if err != nil || r.Outcome == OverBudget {
+			// Give back the scopes taken before this one.
+			for _, prev := range scopes[:i] {
+				if prev.dl > 0 || prev.ml > 0 {
+					s.giveBudget(ctx, j, prev.dayKey, prev.monthKey, prev.mark, cost, 0)
+				}
+			}
+			if err != nil {
+				return r, fmt.Errorf("scheduler: admit %s: budget: %w", j.ID, err)
+			}
+			return r, nil
+		}
+	}
+	held.usd, held.day, held.month = cost, day, month
+	return r, nil
+}
+
+// BudgetUse is one budget's state: µ$ spent and held in its period, and
+// when the period ends.
+type BudgetUse struct {
+	Used   int64
+	Renews time.Time
+}
+
+// Budgets reads a user's and its tenant's budget counters of the current
+// UTC day and month: user day, user month, tenant day, tenant month.
+func (s *Scheduler) Budgets(ctx context.Context, tenant, user string) ([4]BudgetUse, error) {
+	var out [4]BudgetUse
+	now, err := s.nowTime(ctx)
+	if err != nil {
+		return out, err
+	}
+	day, month, dayEnd, monthEnd := budgetPeriods(now)
+	ks := []string{rkeys.UserBudget(tenant, user, "d", day), rkeys.UserBudget(tenant, user, "m", month),
+		rkeys.TenantBudget(tenant, "d", day), rkeys.TenantBudget(tenant, "m", month)}
+	p := s.rdb.Pipeline()
+	cmds := make([]*redis.StringCmd, len(ks))
+	for i, k := range ks {
+		cmds[i] = p.Get(ctx, k)
+	}
+	if _, err := p.Exec(ctx); err != nil && err != redis.Nil {
+		return out, err
+	}
+	for i, c := range cmds {
+		n, _ := strconv.ParseInt(c.Val(), 10, 64)
+		out[i] = BudgetUse{Used: n, Renews: dayEnd}
+		if i%2 == 1 {
+			out[i].Renews = monthEnd
+		}
+	}
+	return out, nil
+}
+
+// giveBudget settles a hold of held µ$ in one scope to cost, once (the
+// mark); tried three times, then logged: the budget stays charged.
+func (s *Scheduler) giveBudget(ctx context.Context, j *jobs.Job, dayKey, monthKey, mark string, held, cost int64) {
+	ctx = context.WithoutCancel(ctx)
+	var err error
+	for try := 0; try < 3; try++ {
+		if err = budgetScript.Run(ctx, s.rdb, []string{dayKey, monthKey, mark}, "give", 0, 0, held, cost).Err(); err == nil {
+			return
+		}
+	}
+	s.log.Warn("could not settle a job's dollar budget hold; the budget stays charged with its worst case",
+		"job_id", j.ID, "tenant", j.Tenant, "err", err)
+}
+
+// giveBudgets settles a job's budget holds in its user's and tenant's
+// scopes to what its calls cost.
+func (s *Scheduler) giveBudgets(ctx context.Context, j *jobs.Job, held quotaHold) {
+	if held.usd <= 0 || held.day == "" {
+		return
+	}
+	s.giveBudget(ctx, j, rkeys.UserBudget(j.Tenant, j.UserID, "d", held.day), rkeys.UserBudget(j.Tenant, j.UserID, "m", held.month),
+		rkeys.UserBudgetGiven(j.Tenant, j.UserID, j.ID), held.usd, held.cost)
+	s.giveBudget(ctx, j, rkeys.TenantBudget(j.Tenant, "d", held.day), rkeys.TenantBudget(j.Tenant, "m", held.month),
+		rkeys.TenantBudgetGiven(j.Tenant, j.ID), held.usd, held.cost)
+}
 
 // takeQuota charges the user's quotas for a job about to be admitted: one
 // request, and the tokens the limiter will count (input not read from the
 // upstream's cache, plus max_tokens). A user without quotas costs no call.
 // It answers OverQuota in r when a bucket cannot hold the job.
-func (s *Scheduler) takeQuota(ctx context.Context, a Admission) (held quotaHold, r AdmitResult, err error) {
+func (s *Scheduler) takeQuota(ctx context.Context, a Admission, cached int) (held quotaHold, r AdmitResult, err error) {
 	j, p := a.Job, a.Policy
 	if p.RequestsPerHour <= 0 && p.TokensPerHour <= 0 {
 		return held, r, nil
 	}
-	cost := a.InputEstimate + j.MaxTokens
-	if p.TokensPerHour > 0 && len(a.CachePrefixes) > 0 && !a.Group.CountCacheReads {
-		cached, err := cachedScript.Run(ctx, s.rdb, []string{keys{a.Group.Name}.cache()}, s.now(), encodePrefixes(a.CachePrefixes)).Int()
-		if err != nil {
-			return held, r, fmt.Errorf("scheduler: admit %s: cached input: %w", j.ID, err)
-		}
-		cost -= max(0, min(cached, a.InputEstimate-1))
-	}
+	cost := a.InputEstimate + j.MaxTokens - cached
 	res, err := quotaScript.Run(ctx, s.rdb, []string{quotaKey(j.Tenant, j.UserID), rkeys.QuotaGiven(j.Tenant, j.UserID, j.ID)},
 		s.now(), "take", p.RequestsPerHour, p.TokensPerHour, cost).Slice()
 	if err != nil {
@@ -386,6 +581,10 @@ func (s *Scheduler) takeQuota(ctx context.Context, a Admission) (held quotaHold,
 // the user's buckets stay charged until they refill.
 func (s *Scheduler) giveQuota(ctx context.Context, j *jobs.Job, held quotaHold, u Used, p config.UserPolicy) {
 	ctx = context.WithoutCancel(ctx)
+	s.giveBudgets(ctx, j, held)
+	if held.requests <= 0 && held.tokens <= 0 {
+		return
+	}
 	var err error
 	for try := 0; try < 3; try++ {
 		err = quotaScript.Run(ctx, s.rdb, []string{quotaKey(j.Tenant, j.UserID), rkeys.QuotaGiven(j.Tenant, j.UserID, j.ID)},
@@ -600,7 +799,11 @@ func (s *Scheduler) Settle(ctx context.Context, st Settlement) (limiter, quota b
 	if err != nil {
 		return false, false, fmt.Errorf("scheduler: settle %s: %w", j.ID, err)
 	}
-	if held := (quotaHold{int(res[2]), int(res[3])}); res[1] == 1 && held.any() {
+	anys := make([]any, len(res))
+	for i, v := range res {
+		anys[i] = v
+	}
+	if held := holdOf(anys, 2); res[1] == 1 && held.any() {
 		owner := *j
 		if owner.Tenant == "" {
 			owner.Tenant, owner.UserID = s.store.Owner(ctx, j.ID)

@@ -61,6 +61,7 @@ type Refusals struct {
 	UserQuota  int64 `json:"user_quota"`
 	QueueLimit int64 `json:"queue_limit"`
 	Overloaded int64 `json:"overloaded"`
+	Budget     int64 `json:"budget"`
 }
 
 // Percentiles are estimated from histogram buckets (linear within one).
@@ -205,7 +206,7 @@ func (s *Stats) counters() map[string]*int64 {
 		fCost: &s.costMicro, fUnpriced: &s.UnpricedCalls,
 		fUpstream429: &s.Upstream429, fUpstream529: &s.Upstream529,
 		fRefused + RefusedUserQuota: &s.Refused.UserQuota, fRefused + RefusedQueueLimit: &s.Refused.QueueLimit,
-		fRefused + RefusedOverloaded: &s.Refused.Overloaded,
+		fRefused + RefusedOverloaded: &s.Refused.Overloaded, fRefused + RefusedBudget: &s.Refused.Budget,
 	}
 }
 
@@ -292,7 +293,7 @@ func quantile(q float64, counts []int64) *float64 {
 
 // CSVHeader is the first row of WriteCSV.
 var CSVHeader = []string{"start", "tenant", "requests", "upstream_calls", "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
-	"output_tokens", "estimated_tokens", "cost_usd", "unpriced_calls", "avg_tokens_per_request", "failed", "refused_user_quota", "refused_queue_limit", "refused_overloaded",
+	"output_tokens", "estimated_tokens", "cost_usd", "unpriced_calls", "avg_tokens_per_request", "failed", "refused_user_quota", "refused_queue_limit", "refused_overloaded", "refused_budget",
 	"upstream_429", "upstream_529", "latency_p50_seconds", "latency_p95_seconds", "wait_p50_seconds", "wait_p95_seconds"}
 
 // WriteCSV writes one row per tenant per bucket, oldest first.
@@ -313,7 +314,7 @@ func WriteCSV(w io.Writer, rep *Report) error {
 			b := t.Buckets[bi]
 			row := []string{b.Start.Format(time.RFC3339), t.Tenant, i(b.Requests), i(b.UpstreamCalls), i(b.InputTokens), i(b.CacheReadTokens),
 				i(b.CacheWriteTokens), i(b.OutputTokens), i(b.EstimatedTokens), strconv.FormatFloat(b.CostUSD, 'f', 6, 64), i(b.UnpricedCalls), strconv.FormatFloat(b.AvgTokensPerRequest, 'f', -1, 64), i(b.Failed),
-				i(b.Refused.UserQuota), i(b.Refused.QueueLimit), i(b.Refused.Overloaded), i(b.Upstream429), i(b.Upstream529),
+				i(b.Refused.UserQuota), i(b.Refused.QueueLimit), i(b.Refused.Overloaded), i(b.Refused.Budget), i(b.Upstream429), i(b.Upstream529),
 				f(b.Latency.P50), f(b.Latency.P95), f(b.Wait.P50), f(b.Wait.P95)}
 			if err := cw.Write(row); err != nil {
 				return err

@@ -34,6 +34,7 @@ const (
 	RefusedUserQuota  = "user_quota"
 	RefusedQueueLimit = "queue_limit"
 	RefusedOverloaded = "overloaded"
+	RefusedBudget     = "budget"
 )
 
 // Hash fields.
@@ -198,6 +199,9 @@ type Call struct {
 	Estimated int
 	At        time.Time
 }
+
+// Price is model's price, and whether the price list has it.
+func (r *Recorder) Price(model string) (pricing.Price, bool) { return r.prices.Lookup(model) }
 
 // Cost is what a call of model with usage u costs in µ$, and whether the
 // price list has model's price.

@@ -117,6 +117,36 @@ func QuotaGiven(tenant, user, id string) string {
 	return slot(UserTag(tenant, user)) + "qgiven:" + id
 }
 
+// UserBudget is a user's dollar budget counter of one period ("d",
+// 20060102, or "m", 200601): µ$ reserved and spent (string), in the user's
+// slot.
+func UserBudget(tenant, user, period, stamp string) string {
+	return slot(UserTag(tenant, user)) + "budget:" + tenant + ":" + strconv.Itoa(len(user)) + ":" + user + ":" + period + ":" + stamp
+}
+
+// UserBudgetGiven marks that job id's hold on its user's budgets was
+// settled (string, expires).
+func UserBudgetGiven(tenant, user, id string) string {
+	return slot(UserTag(tenant, user)) + "bgiven:" + id
+}
+
+// TenantBudget is a tenant's dollar budget counter of one period, in the
+// tenant's own slot (TenantTag).
+func TenantBudget(tenant, period, stamp string) string {
+	return slot(TenantTag(tenant)) + "budget:" + tenant + ":" + period + ":" + stamp
+}
+
+// TenantBudgetGiven marks that job id's hold on its tenant's budgets was
+// settled.
+func TenantBudgetGiven(tenant, id string) string { return slot(TenantTag(tenant)) + "bgiven:" + id }
+
+// TenantTag is the hash tag of a tenant's own keys: "t", and base32 of
+// the SHA-256 of the tenant's name.
+func TenantTag(tenant string) string {
+	sum := sha256.Sum256([]byte(tenant))
+	return "t" + strings.ToLower(b32.EncodeToString(sum[:]))[:16]
+}
+
 // UserTag is the hash tag of a user's own keys: "u", and base32 of the
 // SHA-256 of tenant and user id (user ids may hold braces).
 func UserTag(tenant, user string) string {

@@ -53,7 +53,8 @@
 -- ARGV[4..] field, value pairs to set; a field named "?name" only if absent
 -- Reply: {event id or "", attempts, limiter settled 0|1, quota hold taken 0|1,
 --   the status before the step, the group's health after it: "entered" (this
---   step began an outage), "down" or "", the hold's requests, its tokens}
+--   step began an outage), "down" or "", the hold's requests, its tokens,
+--   its µ$, the job's cost µ$, the hold's day and month stamps}
 local now = clock(ARGV[1])
 local p = cjson.decode(ARGV[2])
 local h = redis.call('HMGET', KEYS[1], 'status', 'dispatch', 'attempt_open', 'fq_member',
@@ -179,10 +180,10 @@ if open == 0 then
   if settle_limiter(KEYS[5], KEYS[6], KEYS[7], KEYS[8], now, p.lim, p.id, used, tonumber(p.dur) or 0) then
     lim_settled = 1
   end
-  if terminal then held = quota_held(KEYS[1]) end
 end
 
--- Statistics, bumped exactly when the step happens.
+-- Statistics, bumped exactly when the step happens (the job's cost among
+-- them, which the settlement below reads).
 for _, t in ipairs(p.tallies or {}) do
   if t.z then
     redis.call('ZINCRBY', t.k, intstr(t.n), t.f)
@@ -191,6 +192,7 @@ for _, t in ipairs(p.tallies or {}) do
   end
   if (tonumber(t.t) or 0) > 0 then redis.call('EXPIRE', t.k, intstr(t.t)) end
 end
+if open == 0 and terminal then held = quota_held(KEYS[1]) end
 
 local id = ''
 if p.event and p.event ~= '' then
@@ -200,5 +202,5 @@ end
 if terminal and open > 0 and p.cancel then redis.call('PUBLISH', p.cancel, p.id) end
 if (moved or health == 'entered') and p.moved then redis.call('PUBLISH', p.moved, 1) end
 if p.wake and (lim_settled == 1 or released or p.requeue or moved) then redis.call('PUBLISH', p.wake, to) end
-if held then return {id, attempts, lim_settled, 1, cur, health, held[1], held[2]} end
-return {id, attempts, lim_settled, 0, cur, health, 0, 0}
+if held then return {id, attempts, lim_settled, 1, cur, health, held[1], held[2], held[3], held[4], held[5], held[6]} end
+return {id, attempts, lim_settled, 0, cur, health, 0, 0, 0, 0, 0, 0}
