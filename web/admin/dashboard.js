@@ -324,7 +324,7 @@ function renderUsage(rep) {
   const body = $("totals").tBodies[0];
   body.replaceChildren();
   const row = (name, t) => {
-    const refused = t.refused.user_quota + t.refused.queue_limit + t.refused.overloaded;
+    const refused = t.refused.user_quota + t.refused.queue_limit + t.refused.overloaded + (t.refused.budget || 0);
     body.append(el("tr", {},
       el("th", { scope: "row", text: name }),
       el("td", { text: num(t.requests) }),
@@ -332,7 +332,7 @@ function renderUsage(rep) {
       el("td", { text: num(t.output_tokens) }),
       el("td", { text: usd(t.cost_usd), title: t.unpriced_calls ? `${t.unpriced_calls} calls of models without a price are not counted` : "at the configured prices" }),
       el("td", { text: num(t.avg_tokens_per_request) }),
-      el("td", { text: num(refused), title: `user quota ${t.refused.user_quota}, queue limit ${t.refused.queue_limit}, overloaded ${t.refused.overloaded}` }),
+      el("td", { text: num(refused), title: `user quota ${t.refused.user_quota}, queue limit ${t.refused.queue_limit}, overloaded ${t.refused.overloaded}, budget ${t.refused.budget || 0}` }),
       el("td", { text: num(t.upstream_429) }),
       el("td", { text: num(t.failed) }),
       el("td", { text: secs(t.latency_seconds.p50) }),
@@ -351,6 +351,7 @@ function renderUsage(rep) {
     { key: (b) => b.refused.user_quota, cls: "s-quota", name: "refused: user quota" },
     { key: (b) => b.refused.queue_limit, cls: "s-queue", name: "refused: queue limit" },
     { key: (b) => b.refused.overloaded, cls: "s-over", name: "refused: overloaded" },
+    { key: (b) => b.refused.budget || 0, cls: "s-budget", name: "refused: budget" },
     { key: (b) => b.upstream_429, cls: "s-429", name: "upstream 429" }], "Refusals and upstream 429s per hour");
   line($("chart-latency"), bs, (b) => b.latency_seconds.p95, "Latency p95 per hour");
 
