@@ -4,14 +4,10 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"slices"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -22,6 +18,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/sluice-dev/sluice/internal/harness"
+	"github.com/sluice-dev/sluice/internal/redistest"
 )
 
 // The admission benchmarks drive POST /v1/jobs with 64 concurrent clients
@@ -53,7 +50,7 @@ func BenchmarkAdmissionNoQuotas(b *testing.B) {
 		b.Fatal(err)
 	}
 	drive(b, e.API.URL+"/v1/jobs", 10000)
-	ReportScriptTime(b, e.RDB, b.N)
+	reportScriptTime(b, e.RDB, b.N)
 }
 
 func benchAdmission(b *testing.B, redisArgs ...string) {
@@ -63,34 +60,17 @@ func benchAdmission(b *testing.B, redisArgs ...string) {
 		b.Fatal(err)
 	}
 	drive(b, e.API.URL+"/v1/jobs", 10000)
-	ReportScriptTime(b, e.RDB, b.N)
+	reportScriptTime(b, e.RDB, b.N)
 }
 
-// ReportScriptTime reports the Redis time the scripts took per admission
-// (INFO commandstats: EVALSHA and EVAL, since the last CONFIG RESETSTAT),
-// split into the quota script and the rest, and the admissions per second
-// one Redis core could run at that cost: the ceiling of one model group,
-// whose scripts all run on one Redis (one shard in a cluster).
-func ReportScriptTime(b *testing.B, rdb redis.UniversalClient, n int) {
-	stats, err := rdb.Info(context.Background(), "commandstats").Result()
-	if err != nil || n == 0 {
-		b.Logf("commandstats: %v", err)
+// reportScriptTime reports the Redis time the scripts took per admission
+// (redistest.ScriptTime) and the admissions per second one Redis core
+// could run at that cost: the ceiling of one model group, whose scripts
+// all run on one Redis (one shard in a cluster).
+func reportScriptTime(b *testing.B, rdb redis.Cmdable, n int) {
+	usec, _ := redistest.ScriptTime(b, rdb)
+	if n == 0 {
 		return
-	}
-	usec := 0.0
-	for _, line := range strings.Split(stats, "\n") {
-		if !strings.HasPrefix(line, "cmdstat_evalsha:") && !strings.HasPrefix(line, "cmdstat_eval:") {
-			continue
-		}
-		for _, f := range strings.Split(strings.TrimSpace(line[strings.IndexByte(line, ':')+1:]), ",") {
-			if v, ok := strings.CutPrefix(f, "usec="); ok {
-				x, _ := strconv.ParseFloat(v, 64)
-				usec += x
-			}
-		}
-	}
-	if os.Getenv("SLUICE_BENCH_COMMANDSTATS") != "" {
-		fmt.Fprintf(os.Stderr, "commandstats after %d admissions:\n%s\n", n, stats)
 	}
 	per := usec / float64(n)
 	b.ReportMetric(per, "redis-µs/admission")

@@ -157,13 +157,12 @@ func (s *Server) admit(c *echo.Context, tenant *config.Tenant, req *createReques
 // model's price; a model with no price cannot be charged against a
 // budget, and is refused with the fix.
 func (s *Server) budget(tenant *config.Tenant, p config.UserPolicy, model string) (scheduler.Budget, error) {
-	var b scheduler.Budget
-	if tenant.TenantBudgetUSDPerDay <= 0 && tenant.TenantBudgetUSDPerMonth <= 0 && p.BudgetUSDPerDay <= 0 && p.BudgetUSDPerMonth <= 0 {
-		return b, nil
-	}
 	micro := func(usd float64) int64 { return int64(math.Round(usd * 1e6)) }
-	b = scheduler.Budget{UserDay: micro(p.BudgetUSDPerDay), UserMonth: micro(p.BudgetUSDPerMonth),
+	b := scheduler.Budget{UserDay: micro(p.BudgetUSDPerDay), UserMonth: micro(p.BudgetUSDPerMonth),
 		TenantDay: micro(tenant.TenantBudgetUSDPerDay), TenantMonth: micro(tenant.TenantBudgetUSDPerMonth)}
+	if b == (scheduler.Budget{}) {
+		return b, nil // no budget applies
+	}
 	ok := false
 	if s.d.Usage != nil {
 		b.Price, ok = s.d.Usage.Price(model)

@@ -226,7 +226,7 @@ func (r *Recorder) CallTallies(c Call) []jobs.Tally {
 	tokens := int64(u.InputTokens + u.OutputTokens + u.CacheReadInputTokens + u.CacheCreationInputTokens)
 	cost, priced := r.Cost(c.Model, u, c.Batch)
 	if priced && cost != 0 && c.JobID != "" {
-		out = append(out, jobs.Tally{Key: rkeys.Job(c.JobID), Field: jobs.CostField, By: cost})
+		out = append(out, jobs.Tally{Key: jobs.Key(c.JobID), Field: jobs.CostField, By: cost})
 	}
 	for _, g := range []Granularity{Hour, Day} {
 		k, ttl := key(c.Group, c.Tenant, g, c.At), r.ttl(g)

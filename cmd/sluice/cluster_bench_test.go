@@ -8,17 +8,12 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 
-	"github.com/redis/go-redis/v9"
-
 	"github.com/sluice-dev/sluice/internal/harness"
 	"github.com/sluice-dev/sluice/internal/redistest"
-	"github.com/sluice-dev/sluice/internal/rkeys"
 )
 
 // BenchmarkClusterAdmission drives POST /v1/jobs through two `sluice api`
@@ -44,10 +39,7 @@ func benchClusterAdmission(b *testing.B, mode string) {
 	g2 := "haiku"
 	if mode == "cluster" {
 		rc := redistest.StartCluster(b, redistest.ClusterOptions{Masters: 3})
-		url, nodes = rc.URL, rc.Masters
-		for i := 0; rc.MasterFor(b, rkeys.Limiter(g2)) == rc.MasterFor(b, rkeys.Limiter("sonnet")); i++ {
-			g2 = fmt.Sprintf("haiku%d", i)
-		}
+		url, nodes, g2 = rc.URL, rc.Masters, groupBeside(b, rc, "sonnet")
 	} else {
 		r := redistest.Start(b)
 		url, nodes = r.URL, []*redistest.Server{r}
@@ -126,35 +118,10 @@ redis:
 	b.StopTimer()
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "req/s")
 	for i, n := range nodes {
-		usec, calls := scriptStats(b, n.Client(b))
+		usec, calls := redistest.ScriptTime(b, n.Client(b))
 		if calls > 0 {
 			b.ReportMetric(usec/float64(calls), fmt.Sprintf("node%d-µs/script", i))
 			b.ReportMetric(float64(calls)/float64(b.N), fmt.Sprintf("node%d-share", i))
 		}
 	}
-}
-
-// scriptStats is the time and number of EVALSHA and EVAL calls a Redis
-// ran since its last CONFIG RESETSTAT.
-func scriptStats(b *testing.B, rdb *redis.Client) (usec float64, calls int64) {
-	stats, err := rdb.Info(context.Background(), "commandstats").Result()
-	if err != nil {
-		b.Fatal(err)
-	}
-	for _, line := range strings.Split(stats, "\n") {
-		if !strings.HasPrefix(line, "cmdstat_evalsha:") && !strings.HasPrefix(line, "cmdstat_eval:") {
-			continue
-		}
-		for _, f := range strings.Split(strings.TrimSpace(line[strings.IndexByte(line, ':')+1:]), ",") {
-			if v, ok := strings.CutPrefix(f, "usec="); ok {
-				x, _ := strconv.ParseFloat(v, 64)
-				usec += x
-			}
-			if v, ok := strings.CutPrefix(f, "calls="); ok {
-				x, _ := strconv.ParseInt(v, 10, 64)
-				calls += x
-			}
-		}
-	}
-	return usec, calls
 }

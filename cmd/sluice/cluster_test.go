@@ -20,20 +20,25 @@ import (
 	"github.com/sluice-dev/sluice/jobs"
 )
 
+// groupBeside is a model group name ("haiku0", "haiku1", …) whose engine
+// lives on another primary of rc than group g's.
+func groupBeside(tb testing.TB, rc *redistest.Cluster, g string) string {
+	tb.Helper()
+	for i := 0; ; i++ {
+		name := fmt.Sprintf("haiku%d", i)
+		if rc.MasterFor(tb, rkeys.Limiter(name)) != rc.MasterFor(tb, rkeys.Limiter(g)) {
+			return name
+		}
+	}
+}
+
 // In cluster mode sluice runs on three primaries: two model groups whose
 // engines live on different shards, a user's hourly quota in a third slot
 // charged by both, listings and usage statistics merged across slots, and
 // asynqmon on the cluster.
 func TestClusterModeServes(t *testing.T) {
 	rc := redistest.StartCluster(t, redistest.ClusterOptions{Masters: 3})
-	// Two groups whose engines live on different primaries.
-	groups := []string{"sonnet"}
-	for i := 0; len(groups) < 2; i++ {
-		g := fmt.Sprintf("haiku%d", i)
-		if rc.MasterFor(t, rkeys.Limiter(g)) != rc.MasterFor(t, rkeys.Limiter("sonnet")) {
-			groups = append(groups, g)
-		}
-	}
+	groups := []string{"sonnet", groupBeside(t, rc, "sonnet")}
 	fake, err := fakeanthropic.New(fakeanthropic.Config{
 		Groups: []fakeanthropic.Group{
 			{Name: "sonnet", Models: []string{"claude-sonnet-*"}, RPM: 1000, InputTPM: 1000000, OutputTPM: 1000000},

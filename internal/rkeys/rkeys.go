@@ -6,15 +6,18 @@
 // Slots. Every script sluice runs touches the keys of one model group only:
 // the group's engine (fair queue, limiter, leases, cache state), the
 // records and event logs of the group's jobs, and the per-user state that
-// admission and a job's steps change with them (counts, quota buckets,
-// Idempotency-Keys, the listing indexes, the usage statistics). All those
+// admission and a job's steps change with them (counts, Idempotency-Keys,
+// the listing indexes, the usage statistics). All those
 // keys carry the group's hash tag, "{" + Tag(group) + "}", so that in Redis
 // Cluster they share one hash slot and every script stays one atomic step.
 // A job id starts with its group's tag ("job_" + tag + random), so a job's
 // keys are found from its id alone (Job). Readers that span groups (a
 // user's list of jobs, a tenant's usage) read each group's keys and merge.
 // Keys outside any group (the token secret, the estimate calibration) are
-// read and written one at a time.
+// read and written one at a time. A user's hourly quotas and dollar
+// budgets serve every group: they live in the user's own slot (UserTag),
+// a tenant's budgets in the tenant's (TenantTag), each changed by a script
+// of its own.
 //
 // Names are built from tenant names (no ':'), model group names
 // ([a-z0-9_-]), job ids (letters and digits) and user ids (any text:
@@ -41,9 +44,12 @@ var b32 = base32.StdEncoding.WithPadding(base32.NoPadding)
 // Tag is model group g's hash tag: the first TagLen characters of the
 // base32 SHA-256 of its name, lower case (the alphabet of job ids). Two
 // groups may share a tag; they then share a slot, which costs nothing.
-func Tag(g string) string {
-	sum := sha256.Sum256([]byte(g))
-	return strings.ToLower(b32.EncodeToString(sum[:]))[:TagLen]
+func Tag(g string) string { return hash32(g, TagLen) }
+
+// hash32 is the first n characters of the lower-case base32 SHA-256 of s.
+func hash32(s string, n int) string {
+	sum := sha256.Sum256([]byte(s))
+	return strings.ToLower(b32.EncodeToString(sum[:]))[:n]
 }
 
 // JobTag is the tag a job id carries: the TagLen characters after "job_"
@@ -142,17 +148,11 @@ func TenantBudgetGiven(tenant, id string) string { return slot(TenantTag(tenant)
 
 // TenantTag is the hash tag of a tenant's own keys: "t", and base32 of
 // the SHA-256 of the tenant's name.
-func TenantTag(tenant string) string {
-	sum := sha256.Sum256([]byte(tenant))
-	return "t" + strings.ToLower(b32.EncodeToString(sum[:]))[:16]
-}
+func TenantTag(tenant string) string { return "t" + hash32(tenant, 16) }
 
 // UserTag is the hash tag of a user's own keys: "u", and base32 of the
 // SHA-256 of tenant and user id (user ids may hold braces).
-func UserTag(tenant, user string) string {
-	sum := sha256.Sum256([]byte(tenant + "\x00" + user))
-	return "u" + strings.ToLower(b32.EncodeToString(sum[:]))[:16]
-}
+func UserTag(tenant, user string) string { return "u" + hash32(tenant+"\x00"+user, 16) }
 
 // Idempotency is an Idempotency-Key's job in group g (string "id|body hash").
 func Idempotency(g, tenant, user, key string) string {
