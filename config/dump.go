@@ -37,7 +37,7 @@ func (c *Config) dump(w io.Writer, p *Process) {
 	line("redis.allow_evicting", "%t", c.Redis.AllowEvicting)
 	line("redis.check_interval", "%s", c.Redis.CheckInterval)
 	if c.Redis.WaitReplicas > 0 {
-		line("redis.wait_replicas", "%d (WAIT up to %s after each admission and job end)", c.Redis.WaitReplicas, c.Redis.WaitTimeout)
+		line("redis.wait_replicas", "%d (WAIT up to %s after each admission, attempt start and job end)", c.Redis.WaitReplicas, c.Redis.WaitTimeout)
 	} else {
 		line("redis.wait_replicas", "0 (no WAIT)")
 	}

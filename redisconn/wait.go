@@ -66,7 +66,7 @@ func (w *Waiter) Short(what string) int64 {
 
 // Run runs script on c as script.Run does (EVALSHA, then EVAL when Redis
 // does not have the script), followed by WAIT on the same connection when
-// w asks for replicas; what ("admit", "end") labels a short WAIT. On a
+// w asks for replicas; what ("admit", "start", "end") labels a short WAIT. On a
 // *redis.ClusterClient both go to the master of keys[0]'s slot; when that
 // master is not known or the slot has just moved, the script runs through
 // the cluster client without a WAIT, counted as short.

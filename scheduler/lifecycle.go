@@ -140,12 +140,20 @@ func (s *Scheduler) apply(ctx context.Context, g *config.ModelGroup, j *jobs.Job
 		args = append(args, f)
 	}
 	// A job's end (succeeded, failed, expired, canceled) is followed by
-	// WAIT (Options.Wait), as its admission was; the steps between are not.
+	// WAIT (Options.Wait), as its admission was, and so is an attempt's
+	// start: the worker calls the upstream only once a replica knows the
+	// job was dispatched to it, so a failover cannot hand a promoted
+	// replica a job still queued whose answer is being bought. The steps
+	// between are not.
 	var w *redisconn.Waiter
-	if p.To.Terminal() && p.Event != "" {
+	what := "end"
+	switch {
+	case p.To.Terminal() && p.Event != "":
 		w = s.wait
+	case p.Event == "started":
+		w, what = s.wait, "start"
 	}
-	res, err := w.Run(ctx, s.rdb, "end", lifecycleScript, []string{
+	res, err := w.Run(ctx, s.rdb, what, lifecycleScript, []string{
 		jobs.Key(j.ID), jobs.EventsKey(j.ID), jobs.CountsKey(g.Name, j.Tenant, j.UserID), jobs.WaitingUsersKey(g.Name),
 		k.lim(), k.reservations(), k.leases(), k.rate(),
 		k.order(), k.costs(), k.totals(), k.deadlines(), k.delayed(), k.delayedTags(), k.expiring(), k.live(),

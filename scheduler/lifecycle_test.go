@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"sort"
 	"strings"
 	"testing"
@@ -17,6 +19,7 @@ import (
 	"github.com/sluice-dev/sluice/internal/harness"
 	"github.com/sluice-dev/sluice/internal/redistest"
 	"github.com/sluice-dev/sluice/jobs"
+	"github.com/sluice-dev/sluice/redisconn"
 	"github.com/sluice-dev/sluice/scheduler"
 )
 
@@ -602,4 +605,35 @@ func TestLifecycleStaleTransitionChangesNothing(t *testing.T) {
 			refusedChangesNothing(t, e, step, tc.want)
 		})
 	}
+}
+
+// TestWaitReplicasCoversStart: with redis.wait_replicas, admission, an
+// attempt's start and the job's end each WAIT for a replica (here there is
+// none, so each WAIT comes back short and is counted), and the steps in
+// between do not. The start matters as much as the 202: a dispatch the
+// promoted replica never heard of hands the running job to a second worker,
+// and its answer is bought twice.
+func TestWaitReplicasCoversStart(t *testing.T) {
+	e := newLifecycleEnv(t)
+	w := redisconn.NewWaiter(1, 20*time.Millisecond, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	e.s = scheduler.New(e.rdb, e.store, scheduler.Options{Clock: e.clk.Now, LeaseTTL: lcLease, Wait: w})
+	want := func(step string, admit, start, end int64) {
+		t.Helper()
+		got := [3]int64{w.Short("admit"), w.Short("start"), w.Short("end")}
+		if got != [3]int64{admit, start, end} {
+			t.Errorf("after %s: short WAITs admit/start/end = %v, want %v", step, got, [3]int64{admit, start, end})
+		}
+	}
+	j := e.admit(t)
+	want("admission", 1, 0, 0)
+	d := e.dispatch(t, j)
+	want("dispatch", 1, 0, 0)
+	if _, err := e.s.Start(context.Background(), e.attempt(j, d), e.clk.Now()); err != nil {
+		t.Fatalf("start: %v", err)
+	}
+	want("start", 1, 1, 0)
+	if err := e.succeed(j, d)(); err != nil {
+		t.Fatalf("succeed: %v", err)
+	}
+	want("success", 1, 1, 1)
 }
