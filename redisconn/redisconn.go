@@ -16,6 +16,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"runtime"
 	"strings"
 	"syscall"
 	"time"
@@ -58,6 +59,7 @@ func New(mode, url string, timeout time.Duration) (redis.UniversalClient, error)
 			return nil, err
 		}
 		opt.DialTimeout, opt.ReadTimeout, opt.WriteTimeout, opt.PoolTimeout = timeout, timeout, timeout, timeout
+		opt.PoolSize = poolSize(opt.PoolSize)
 		c = redis.NewClient(opt)
 	case Sentinel:
 		opt, err := failoverOptions(url)
@@ -65,6 +67,7 @@ func New(mode, url string, timeout time.Duration) (redis.UniversalClient, error)
 			return nil, err
 		}
 		opt.DialTimeout, opt.ReadTimeout, opt.WriteTimeout, opt.PoolTimeout = timeout, timeout, timeout, timeout
+		opt.PoolSize = poolSize(opt.PoolSize)
 		c = redis.NewFailoverClient(opt)
 	case Cluster:
 		opt, err := redis.ParseClusterURL(url)
@@ -77,6 +80,7 @@ func New(mode, url string, timeout time.Duration) (redis.UniversalClient, error)
 		// nothing, so without a short interval the client would keep
 		// calling it for a minute after its replica took over.
 		opt.ClusterStateReloadInterval = ClusterReload
+		opt.PoolSize = poolSize(opt.PoolSize) // per node
 		c = redis.NewClusterClient(opt)
 	default:
 		return nil, fmt.Errorf("redisconn: unknown mode %q (single, sentinel or cluster)", mode)
@@ -84,6 +88,23 @@ func New(mode, url string, timeout time.Duration) (redis.UniversalClient, error)
 	c.AddHook(deadline(timeout))
 	return c, nil
 }
+
+// poolSize is the connection pool's size: n when the URL set pool_size,
+// else at least MinPoolSize. go-redis's own default (10 per CPU) is 20 on
+// a 2-core host, fewer than the api's concurrent admissions under a burst,
+// which would then wait for a connection rather than for Redis.
+func poolSize(n int) int {
+	if n > 0 {
+		return n
+	}
+	return max(MinPoolSize, 10*runtime.GOMAXPROCS(0))
+}
+
+// MinPoolSize is the smallest default connection pool (per Redis node).
+const MinPoolSize = 64
+
+// DefaultPoolSize is the pool size New gives a client whose URL sets none.
+func DefaultPoolSize() int { return poolSize(0) }
 
 // ClusterReload is how old a cluster client's slot map may get before it is
 // read again (one CLUSTER SLOTS per interval per process while it works):

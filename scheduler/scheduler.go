@@ -96,6 +96,7 @@ type Options struct {
 // Scheduler runs the engine's scripts.
 type Scheduler struct {
 	rdb       redis.UniversalClient
+	cluster   bool // rdb is a cluster client: a script's keys share one slot
 	store     *jobs.Store
 	lease     time.Duration
 	maxOutage time.Duration
@@ -115,7 +116,8 @@ func New(rdb redis.UniversalClient, store *jobs.Store, o Options) *Scheduler {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	return &Scheduler{rdb: rdb, store: store, lease: o.LeaseTTL, maxOutage: o.MaxOutage, clock: o.Clock, wait: o.Wait, log: o.Log}
+	_, cluster := rdb.(*redis.ClusterClient)
+	return &Scheduler{rdb: rdb, cluster: cluster, store: store, lease: o.LeaseTTL, maxOutage: o.MaxOutage, clock: o.Clock, wait: o.Wait, log: o.Log}
 }
 
 // LeaseTTL is the lease time; workers renew at a third of it.
@@ -305,9 +307,12 @@ type AdmitResult struct {
 
 // Admit decides a job's admission and, when it is admitted, stores it and
 // queues it fairly — one atomic script in the group's slot. The user's
-// quotas live in the user's own slot (every group charges them): they are
-// charged first, in a script of their own, and given back when admission
-// refuses. A refusal changes nothing else.
+// quotas live in the user's own slot (every group charges them). On one
+// Redis (single or Sentinel) the admission script checks and charges them
+// itself, in the same step. In a cluster, or when the job also holds
+// dollar budgets (charged in the user's and the tenant's slots in between),
+// they are charged first, in a script of their own, and given back when
+// admission refuses. A refusal changes nothing else.
 func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error) {
 	j, g := a.Job, a.Group
 	j.Status = jobs.Queued
@@ -326,35 +331,45 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 	if weight <= 0 {
 		weight = 1
 	}
-	cached, err := s.cachedInput(ctx, a)
-	if err != nil {
-		return AdmitResult{}, err
-	}
-	held, r, err := s.takeQuota(ctx, a, cached)
-	if err != nil || r.Outcome == OverQuota {
-		return r, err
-	}
-	if a.Budget.any() {
-		if r, err = s.takeBudgets(ctx, a, cached, &held, r); err != nil || r.Outcome == OverBudget {
-			s.giveQuota(ctx, j, held, Used{}, a.Policy)
-			return r, err
+	var (
+		held      quotaHold
+		r         AdmitResult
+		quotas    = ""     // the user's quotas, when the admission script charges them
+		userQuota []string // their key
+	)
+	if p := a.Policy; (p.RequestsPerHour > 0 || p.TokensPerHour > 0) && !a.Budget.any() && !s.cluster {
+		quotas = strconv.Itoa(max(0, p.RequestsPerHour)) + "," + strconv.Itoa(max(0, p.TokensPerHour))
+		userQuota = []string{quotaKey(j.Tenant, j.UserID)}
+	} else {
+		cached, err := s.cachedInput(ctx, a)
+		if err != nil {
+			return AdmitResult{}, err
+		}
+		if held, r, err = s.takeQuota(ctx, a, cached); err != nil || r.Outcome == OverQuota {
+			return s.replayFirst(ctx, idem, a.BodyHash, r, err)
+		}
+		if a.Budget.any() {
+			if r, err = s.takeBudgets(ctx, a, cached, &held, r); err != nil || r.Outcome == OverBudget {
+				s.giveQuota(ctx, j, held, Used{}, a.Policy)
+				return s.replayFirst(ctx, idem, a.BodyHash, r, err)
+			}
 		}
 	}
 	args := []any{s.now(), j.ID, s.store.TTLSeconds(), encodePrefixes(a.CachePrefixes), s.store.MaxEvents(),
 		UserKey(j.Tenant, j.UserID), a.InputEstimate, j.MaxTokens, weight, wakeChannel(g.Name)}
 	args = append(args, limits(g)...)
 	args = append(args, g.MaxConcurrency, held.requests, held.tokens,
-		a.Policy.MaxQueued, a.MaxWait.Milliseconds(), a.BodyHash, int(IdempotencyTTL/time.Second), deadline, countReads(g))
+		a.Policy.MaxQueued, a.MaxWait.Milliseconds(), a.BodyHash, int(IdempotencyTTL/time.Second), deadline, countReads(g), quotas)
 	args = append(args, s.store.Fields(j)...)
 	if held.usd > 0 {
 		args = append(args, "q_usd", held.usd, "b_d", held.day, "b_m", held.month)
 	}
-	res, err := s.wait.Run(ctx, s.rdb, "admit", admitScript, []string{
+	res, err := s.wait.Run(ctx, s.rdb, "admit", admitScript, append([]string{
 		jobs.Key(j.ID), k.cache(), k.seq(), k.order(), k.finish(), k.vtime(),
 		k.costs(), k.totals(), k.lim(), idem,
 		jobs.CountsKey(g.Name, j.Tenant, j.UserID), jobs.IndexKey(g.Name, j.Tenant, ""), jobs.IndexKey(g.Name, j.Tenant, j.UserID),
 		k.deadlines(), jobs.WaitingUsersKey(g.Name), k.live(),
-	}, args...).Slice()
+	}, userQuota...), args...).Slice()
 	if err != nil {
 		// Whether the job was admitted is unknown: its quota stays
 		// charged (a user may lose one request's worth, never gain one).
@@ -367,7 +382,14 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 	switch r.Outcome {
 	case Admitted:
 		r.Position, r.ETA = toInt(res[2]), toInt(res[3])
+		if quotas != "" && len(res) >= 6 {
+			r.QuotaRemaining, r.QuotaReset = toInt(res[4]), toInt(res[5])
+		}
 		j.CostIn, j.CostOut = a.InputEstimate, j.MaxTokens
+	case OverQuota:
+		r.QuotaWhich = fmt.Sprint(res[1])
+		r.RetryAfter = time.Duration(toInt(res[2])) * time.Millisecond
+		r.Limit, r.Remaining = toInt(res[3]), toInt(res[4])
 	case Replay:
 		r.ReplayOf = fmt.Sprint(res[1])
 	case QueueLimit:
@@ -379,6 +401,26 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 		r.Down = time.Duration(toInt(res[2])) * time.Millisecond
 	}
 	return r, nil
+}
+
+// replayFirst turns a quota or budget refusal r (charged before the
+// admission script) into what that script would have answered first: the
+// earlier job of a retried Idempotency-Key, or a conflict when the key came
+// with another body. A retry is never charged, nor refused for a quota the
+// first request used up. bodyHash is "" when the request has no key.
+func (s *Scheduler) replayFirst(ctx context.Context, idem, bodyHash string, r AdmitResult, err error) (AdmitResult, error) {
+	if err != nil || bodyHash == "" {
+		return r, err
+	}
+	prev, gerr := s.rdb.Get(ctx, idem).Result()
+	if gerr != nil { // redis.Nil: the key is new; otherwise the refusal stands
+		return r, nil
+	}
+	id, hash, _ := strings.Cut(prev, "|")
+	if hash != bodyHash {
+		return AdmitResult{Outcome: Conflict}, nil
+	}
+	return AdmitResult{Outcome: Replay, ReplayOf: id}, nil
 }
 
 // quotaHold is what a job holds of its user's quotas and of its dollar

@@ -140,7 +140,9 @@ func Start(tb testing.TB, o Options) *Env {
 		e.level = slog.LevelInfo
 	}
 	e.Redis = redistest.StartArgs(tb, o.RedisArgs...)
-	e.RDB = e.Redis.Client(tb)
+	// The pool the processes get (redisconn.New), not go-redis's default.
+	e.RDB = redis.NewClient(&redis.Options{Addr: e.Redis.Addr, PoolSize: redisconn.DefaultPoolSize()})
+	tb.Cleanup(func() { _ = e.RDB.Close() })
 
 	fc := o.Fake
 	if fc.Groups == nil {

@@ -30,6 +30,8 @@ import (
 	"encoding/base32"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 )
 
 // Prefix starts every key and channel sluice owns.
@@ -44,7 +46,27 @@ var b32 = base32.StdEncoding.WithPadding(base32.NoPadding)
 // Tag is model group g's hash tag: the first TagLen characters of the
 // base32 SHA-256 of its name, lower case (the alphabet of job ids). Two
 // groups may share a tag; they then share a slot, which costs nothing.
-func Tag(g string) string { return hash32(g, TagLen) }
+func Tag(g string) string {
+	if t, ok := tags.Load(g); ok {
+		return t.(string)
+	}
+	t := hash32(g, TagLen)
+	if ntags.Add(1) <= maxTags {
+		tags.Store(g, t)
+	}
+	return t
+}
+
+// tags remembers the tags of model groups (every key of a group carries
+// its tag, so a job's admission would hash the group's name a dozen
+// times); a group is named in the configuration, so there are few, and
+// past maxTags names the rest are hashed each time.
+var (
+	tags  sync.Map
+	ntags atomic.Int64
+)
+
+const maxTags = 4096
 
 // hash32 is the first n characters of the lower-case base32 SHA-256 of s.
 func hash32(s string, n int) string {

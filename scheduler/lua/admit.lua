@@ -4,8 +4,10 @@
 --   2. the user may not have more than max_queued jobs waiting in the group;
 --   3. the job's estimated wait may not exceed max_wait;
 -- then store the record (with the quota the job holds: the user's quotas
--- live in the user's slot, and lua/quota.lua charged them just before; a
--- refusal here is given back), put the job in its user's lane
+-- live in the user's own slot; in a cluster lua/quota.lua charged them just
+-- before, and a refusal here is given back; on one Redis they are checked
+-- here, after idempotency, and charged only when the job is admitted),
+-- put the job in its user's lane
 -- of the group's fair queue, index it for listing, log its `queued` event
 -- and wake the dispatchers. A refusal changes nothing.
 --
@@ -25,6 +27,7 @@
 -- KEYS[13] user job index   KEYS[14] deadlines
 -- KEYS[15] the group's waiting users (user key -> queued jobs)
 -- KEYS[16] the group's live jobs (id -> status initial and user key)
+-- KEYS[17] the user's quota hash (only when ARGV[24] is not "")
 -- ARGV[1] now ms (0 = Redis TIME)   ARGV[2] job id   ARGV[3] ttl seconds
 -- ARGV[4] the job's cacheable prefixes ("hash:tokens:ttl_ms;…", "" = none)
 -- ARGV[5] stream max length   ARGV[6] user key
@@ -33,14 +36,19 @@
 -- ARGV[15] max concurrency
 -- ARGV[16] requests the job holds of the user's quota (0 = none)
 -- ARGV[17] tokens the job holds of the user's quota (0 = none)
+--   (both charged already by lua/quota.lua; ignored with ARGV[24])
 -- ARGV[18] max queued (0 = unlimited)   ARGV[19] max wait ms (0 = unlimited)
 -- ARGV[20] request body hash ("" = no idempotency key)   ARGV[21] key ttl seconds
 -- ARGV[22] deadline ms (0 = none)
 -- ARGV[23] "1" when the group counts cache reads against its input limit
--- ARGV[24..] job hash field, value pairs
+-- ARGV[24] "requests per hour,tokens per hour": the user's quotas, to
+--   check and charge here in KEYS[17] ("" = charged already, or none)
+-- ARGV[25..] job hash field, value pairs
 -- Job ids are 115 random bits: the record is not checked for existence.
 -- Reply, one of:
---   {"ok", event id, position, eta seconds}
+--   {"ok", event id, position, eta seconds, quota requests remaining
+--    (-1: unlimited), seconds until the request quota is full}
+--   {"quota", "requests"|"tokens", retry ms, limit, remaining}
 --   {"replay", job id}
 --   {"conflict"}
 --   {"queue_limit", queued, limit}
@@ -66,6 +74,16 @@ if ARGV[20] ~= '' then
     if phash == ARGV[20] then return {'replay', pid} end
     return {'conflict'}
   end
+end
+
+-- The user's quotas, when this step charges them (ARGV[24]).
+local rph, tph, qr, qt = 0, 0, 0, 0
+if ARGV[24] ~= '' then
+  local a, b = string.match(ARGV[24], '^(%d+),(%d+)$')
+  rph, tph = tonumber(a), tonumber(b)
+  qr, qt = quota_level(KEYS[17], now, rph, tph)
+  local refusal = quota_refusal(qr, qt, rph, tph, cost)
+  if refusal then return refusal end
 end
 
 -- The group's upstream has been unreachable for longer than the outage
@@ -95,7 +113,8 @@ local f = num(redis.call('ZSCORE', KEYS[5], ARGV[6]), 0)
 local tag = math.max(v, f)
 local position = redis.call('ZCOUNT', KEYS[4], '-inf', tag) + 1
 -- Totals that drifted after a lost key count as empty (the dispatch round
--- rebuilds them): n is at least 1 here, never 0 or less.
+-- rebuilds them): n is at least 1 here, never 0 or less. They are written
+-- back as counted here: one HSET rather than totals_add's three HINCRBY.
 local t = redis.call('HMGET', KEYS[8], 'n', 'in', 'out')
 local n0 = math.max(0, num(t[1], 0))
 local n, tin, tout = n0 + 1, cin, cout
@@ -118,21 +137,39 @@ local member = string.format('%016d', seq) .. '|' .. id
 redis.call('ZADD', KEYS[4], tag, member)
 redis.call('ZADD', KEYS[5], tag + cost / weight, ARGV[6])
 redis.call('HSET', KEYS[7], member, intstr(cin) .. ',' .. intstr(cout))
-totals_add(KEYS[8], 1, cin, cout)
+redis.call('HSET', KEYS[8], 'n', intstr(n), 'in', intstr(tin), 'out', intstr(tout))
 if tonumber(ARGV[22]) > 0 then
   redis.call('ZADD', KEYS[14], ARGV[22], member)
 end
 
--- The record.
+-- The record, with the job's first event: it lives in the record (a
+-- stream per job costs more than the rest of admission), and the log's
+-- readers put it first. Its id is a millisecond before Redis's clock, so
+-- every later event (XADD '*') sorts after it. Nobody can follow the job
+-- before it exists: it is not published.
+local data = '{"position":' .. position .. ',"eta_seconds":' .. eta .. '}'
+if eta < 0 then
+  data = '{"position":' .. position .. ',"eta_seconds":null,"reason":"upstream_unavailable"}'
+end
+local rnow = now -- Redis's clock, unless the caller gave the time
+if tonumber(ARGV[1]) > 0 then
+  local rt = redis.call('TIME')
+  rnow = tonumber(rt[1]) * 1000 + math.floor(tonumber(rt[2]) / 1000)
+end
+local ev = intstr(rnow - 1) .. '-0'
+local qreq, qtok = ARGV[16], ARGV[17]
+if ARGV[24] ~= '' then
+  qreq, qtok = (rph > 0) and 1 or 0, (tph > 0) and intstr(cost) or 0
+end
 local fields = {}
-for i = 24, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 25, #ARGV do fields[#fields + 1] = ARGV[i] end
 if ARGV[4] ~= '' then
   fields[#fields + 1] = 'c_pre'
   fields[#fields + 1] = ARGV[4]
 end
 redis.call('HSET', KEYS[1], 'fq_member', member, 'fq_tag', tostring(tag),
-  'cost_in', cin, 'cost_out', cout, 'dispatch', 0, 'q_req', ARGV[16],
-  'q_tok', ARGV[17], unpack(fields))
+  'cost_in', cin, 'cost_out', cout, 'dispatch', 0, 'q_req', qreq,
+  'q_tok', qtok, 'ev0_id', ev, 'ev0', data, unpack(fields))
 local ttl = tonumber(ARGV[3])
 redis.call('EXPIRE', KEYS[1], intstr(ttl))
 counts_add(KEYS[11], 'queued', 1)
@@ -153,16 +190,9 @@ if ARGV[20] ~= '' then
   redis.call('SET', KEYS[10], id .. '|' .. ARGV[20], 'EX', ARGV[21])
 end
 
-local data = '{"position":' .. position .. ',"eta_seconds":' .. eta .. '}'
-if eta < 0 then
-  data = '{"position":' .. position .. ',"eta_seconds":null,"reason":"upstream_unavailable"}'
+local remaining, reset = -1, 0
+if ARGV[24] ~= '' then
+  remaining, reset = quota_take(KEYS[17], now, qr, qt, rph, tph, cost)
 end
--- The first event lives in the record (a stream per job costs more than the
--- rest of admission); the log's readers put it first. Its id is a
--- millisecond before Redis's clock, so every later event (XADD '*') sorts
--- after it. Nobody can follow the job before it exists: it is not published.
-local rt = redis.call('TIME')
-local ev = tostring(tonumber(rt[1]) * 1000 + math.floor(tonumber(rt[2]) / 1000) - 1) .. '-0'
-redis.call('HSET', KEYS[1], 'ev0_id', ev, 'ev0', data)
 redis.call('PUBLISH', ARGV[10], 'arrival')
-return {'ok', ev, position, eta}
+return {'ok', ev, position, eta, remaining, reset}

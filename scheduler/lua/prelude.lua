@@ -351,3 +351,45 @@ local function cache_cached(key, ps, at)
   end
   return best
 end
+
+-- A user's hourly quotas are token buckets of the hourly figures, refilled
+-- continuously, in one hash (r, t, ts) in the user's own slot (quota.lua;
+-- outside a cluster admit.lua charges them in the admission's own step).
+-- quota_level brings them up to now: the levels (0 for an unlimited
+-- figure) and whether the hash exists.
+local function quota_level(key, now, rph, tph)
+  local q = redis.call('HMGET', key, 'r', 't', 'ts')
+  local dt = math.max(0, now - num(q[3], now))
+  local r, t = 0, 0
+  if rph > 0 then r = math.min(rph, num(q[1], rph) + rph / 3600000 * dt) end
+  if tph > 0 then t = math.min(tph, num(q[2], tph) + tph / 3600000 * dt) end
+  return r, t, q[3] ~= false
+end
+
+-- quota_refusal is the reply refusing a job of cost tokens at levels r and
+-- t, or nil when both buckets can hold it.
+local function quota_refusal(r, t, rph, tph, cost)
+  if rph > 0 and r < 1 then
+    return {'quota', 'requests', math.ceil((1 - r) / (rph / 3600000)), rph, math.floor(r)}
+  end
+  if tph > 0 and t < cost then
+    return {'quota', 'tokens', math.ceil((cost - t) / (tph / 3600000)), tph, math.floor(t)}
+  end
+  return nil
+end
+
+-- quota_take charges a job (one request, cost tokens) that quota_refusal
+-- let through; it returns the requests remaining (-1: unlimited) and the
+-- seconds until the request bucket is full.
+local function quota_take(key, now, r, t, rph, tph, cost)
+  local remaining, reset = -1, 0
+  if rph > 0 then
+    r = r - 1
+    remaining = math.floor(r)
+    reset = math.ceil((rph - r) / (rph / 3600))
+  end
+  if tph > 0 then t = t - cost end
+  redis.call('HSET', key, 'r', r, 't', t, 'ts', now)
+  redis.call('EXPIRE', key, 7200)
+  return remaining, reset
+end

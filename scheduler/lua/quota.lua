@@ -1,8 +1,8 @@
--- quota.lua: a user's hourly quotas (token buckets of the hourly figures,
--- refilled continuously), kept in the user's own slot: every model group's
--- admission charges the same buckets, so they cannot live in any one
--- group's slot, and a charge is a step of its own, before the job's
--- admission, given back when admission refuses.
+-- quota.lua: a user's hourly quotas (prelude.lua's quota_level), kept in
+-- the user's own slot: every model group's admission charges the same
+-- buckets, so they cannot live in any one group's slot. In a cluster a
+-- charge is a step of its own, before the job's admission, given back when
+-- admission refuses; on one Redis admit.lua charges them in its own step.
 --
 -- KEYS[1] the user's quota (hash: r, t, ts)
 -- KEYS[2] the job's settlement mark (a give counts once per job)
@@ -17,15 +17,11 @@
 --   (KEYS[2] remembers). Reply 1, or 0 when it was given already.
 local now = clock(ARGV[1])
 local rph, tph = tonumber(ARGV[3]), tonumber(ARGV[4])
-local q = redis.call('HMGET', KEYS[1], 'r', 't', 'ts')
-local dt = math.max(0, now - num(q[3], now))
-local r, t = 0, 0
-if rph > 0 then r = math.min(rph, num(q[1], rph) + rph / 3600000 * dt) end
-if tph > 0 then t = math.min(tph, num(q[2], tph) + tph / 3600000 * dt) end
+local r, t, exists = quota_level(KEYS[1], now, rph, tph)
 
 if ARGV[2] == 'give' then
   if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', 7200) then return 0 end
-  if not q[3] then return 1 end -- the buckets are full (or were lost): nothing to give back
+  if not exists then return 1 end -- the buckets are full (or were lost): nothing to give back
   if rph > 0 then r = math.min(rph, r + tonumber(ARGV[5]) - math.min(tonumber(ARGV[7]), 1)) end
   if tph > 0 then t = math.min(tph, t + tonumber(ARGV[6]) - tonumber(ARGV[8])) end
   redis.call('HSET', KEYS[1], 'r', r, 't', t, 'ts', now)
@@ -34,19 +30,7 @@ if ARGV[2] == 'give' then
 end
 
 local cost = tonumber(ARGV[5])
-if rph > 0 and r < 1 then
-  return {'quota', 'requests', math.ceil((1 - r) / (rph / 3600000)), rph, math.floor(r)}
-end
-if tph > 0 and t < cost then
-  return {'quota', 'tokens', math.ceil((cost - t) / (tph / 3600000)), tph, math.floor(t)}
-end
-local remaining, reset = -1, 0
-if rph > 0 then
-  r = r - 1
-  remaining = math.floor(r)
-  reset = math.ceil((rph - r) / (rph / 3600))
-end
-if tph > 0 then t = t - cost end
-redis.call('HSET', KEYS[1], 'r', r, 't', t, 'ts', now)
-redis.call('EXPIRE', KEYS[1], 7200)
+local refusal = quota_refusal(r, t, rph, tph, cost)
+if refusal then return refusal end
+local remaining, reset = quota_take(KEYS[1], now, r, t, rph, tph, cost)
 return {'ok', remaining, reset}
