@@ -55,6 +55,13 @@ type cluster struct {
 // the same limits, and starts one api process.
 func startCluster(t testing.TB, g fakeanthropic.Group, maxConc int, fc fakeanthropic.Config, extra string) *cluster {
 	t.Helper()
+	return startClusterTenant(t, g, maxConc, fc, "", extra)
+}
+
+// startClusterTenant is startCluster with tenantExtra added to the tenant's
+// block (lines indented by four spaces).
+func startClusterTenant(t testing.TB, g fakeanthropic.Group, maxConc int, fc fakeanthropic.Config, tenantExtra, extra string) *cluster {
+	t.Helper()
 	r := redistest.Start(t)
 	fc.Groups = []fakeanthropic.Group{g}
 	fc.APIKeys = []string{harness.UpstreamKey}
@@ -68,7 +75,7 @@ func startCluster(t testing.TB, g fakeanthropic.Group, maxConc int, fc fakeanthr
 tenants:
   - name: acme
     keys: [%q]
-model_groups:
+%smodel_groups:
   - name: %s
     models: ["claude-sonnet-*"]
     rpm: %d
@@ -80,7 +87,7 @@ upstream:
   backoff_max: 200ms
 worker:
   shutdown_timeout: 5s
-%s`, harness.AdminKey, harness.TenantKey, g.Name, g.RPM, g.InputTPM, g.OutputTPM, maxConc, extra)
+%s`, harness.AdminKey, harness.TenantKey, tenantExtra, g.Name, g.RPM, g.InputTPM, g.OutputTPM, maxConc, extra)
 	path := filepath.Join(t.TempDir(), "sluice.yaml")
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
