@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"strings"
+	"sync/atomic"
 
 	"github.com/labstack/echo/v5"
 
@@ -95,12 +96,23 @@ func (s *Server) fallback(c *echo.Context, tenant *config.Tenant, policy config.
 		}
 		switch res.Outcome {
 		case scheduler.Admitted:
-			s.d.Metrics.Fallback(req.Group.Name, t.Group.Name, reason)
+			if h := fallbackAdmitted.Load(); h != nil {
+				(*h)()
+			}
 			// A retry of this request goes to its own group first: there
 			// the key now names this job too.
-			if err := s.d.Scheduler.PointIdempotency(ctx, req.Group.Name, tenant.Name, req.UserID, idemKey, a.Job.ID, hash); err != nil {
+			other, err := s.d.Scheduler.PointIdempotency(ctx, req.Group.Name, tenant.Name, req.UserID, idemKey, a.Job.ID, hash)
+			if err != nil {
 				log.Warn("could not record the Idempotency-Key in the requested model's group; a retry may be admitted there", "job_id", a.Job.ID, "err", err)
 			}
+			if other != "" {
+				// A retry was admitted in the requested group meanwhile:
+				// that job is the request's, and this one is withdrawn.
+				res = s.withdraw(ctx, a.Job, t.Group, other, res)
+				cancel()
+				return a.Job, res, true, nil
+			}
+			s.d.Metrics.Fallback(req.Group.Name, t.Group.Name, reason)
 			cancel()
 			return a.Job, res, true, nil
 		case scheduler.Replay, scheduler.Conflict:
@@ -115,6 +127,31 @@ func (s *Server) fallback(c *echo.Context, tenant *config.Tenant, policy config.
 	}
 	return nil, refused, false, nil
 }
+
+// withdraw cancels job, just admitted into group g as a fallback, because
+// its Idempotency-Key already names job other (a retry admitted in the
+// requested group meanwhile), and answers as a replay of other. A job
+// that cannot be canceled (it already started) is kept and answered.
+func (s *Server) withdraw(ctx context.Context, job *jobs.Job, g *config.ModelGroup, other string, res scheduler.AdmitResult) scheduler.AdmitResult {
+	ctx = context.WithoutCancel(ctx)
+	stored, err := s.d.Store.Get(ctx, job.ID)
+	if err == nil {
+		_, err = s.cancel(ctx, stored, g, jobs.Queued)
+	}
+	if err != nil {
+		s.log.Warn("a retry made a second job for one Idempotency-Key, and the fallback job could not be withdrawn",
+			"job_id", job.ID, "other_job_id", other, "tenant", job.Tenant, "user_id", job.UserID, "err", err)
+		return res
+	}
+	s.log.Info("fallback job withdrawn: its Idempotency-Key names a job admitted by a retry", "job_id", job.ID, "other_job_id", other,
+		"tenant", job.Tenant, "user_id", job.UserID)
+	return scheduler.AdmitResult{Outcome: scheduler.Replay, ReplayOf: other}
+}
+
+// fallbackAdmitted, when set, runs after a fallback's admission and
+// before its Idempotency-Key is recorded in the requested group (tests
+// make a retry race the request there).
+var fallbackAdmitted atomic.Pointer[func()]
 
 // withModel is a request body with its model replaced.
 func withModel(request json.RawMessage, model string) (json.RawMessage, error) {

@@ -14,6 +14,7 @@ import (
 	"github.com/anthropics/anthropic-sdk-go/v2"
 	"github.com/anthropics/anthropic-sdk-go/v2/option"
 
+	"github.com/sluice-dev/sluice/api"
 	"github.com/sluice-dev/sluice/fakeanthropic"
 	"github.com/sluice-dev/sluice/internal/harness"
 	"github.com/sluice-dev/sluice/internal/rkeys"
@@ -401,5 +402,50 @@ func TestMessagesFallbackHeader(t *testing.T) {
 	var apiErr *anthropic.Error
 	if !errors.As(err, &apiErr) || apiErr.StatusCode != 400 || !strings.Contains(apiErr.Error(), "sluice-fallback[0] is") || !strings.Contains(apiErr.Error(), "neither a model group nor a model served here") {
 		t.Fatalf("bad header: %v", err)
+	}
+}
+
+// A retry that races a falling-back request (sent after the requested
+// group refused it, admitted there because it had room by then) makes the
+// two one job: the fallback job is withdrawn and the request answers the
+// retry's.
+func TestFallbackIdempotencyRace(t *testing.T) {
+	e, first := busyEnv(t, "      - {from: sonnet, to: [haiku], when: [on_wait]}\n", "    requests_per_hour: 10\n")
+	body := harness.JobBody("alice", "Hello")
+	var retry jobs.View
+	api.SetFallbackAdmitted(func() {
+		api.SetFallbackAdmitted(nil)
+		if resp, b := e.Do(t, http.MethodDelete, "/v1/jobs/"+first.ID, harness.TenantKey, nil); resp.StatusCode != http.StatusOK {
+			t.Errorf("cancel: %d %s", resp.StatusCode, b)
+		}
+		retry = admitted(t, e, body, "k1")
+	})
+	t.Cleanup(func() { api.SetFallbackAdmitted(nil) })
+	resp, b := submitWith(t, e, body, "k1")
+	v := view(t, resp, b)
+	if retry.Model != harness.Model || v.ID != retry.ID || resp.Header.Get("Idempotent-Replayed") != "true" {
+		t.Fatalf("the request answered %+v; the retry made %+v", v, retry)
+	}
+	if n, _ := e.Sched.QueueLength(context.Background(), "haiku"); n != 0 {
+		t.Errorf("haiku still holds %d jobs", n)
+	}
+	_, lb := e.Do(t, http.MethodGet, "/v1/jobs?user_id=alice", harness.TenantKey, nil)
+	var page struct{ Jobs []jobs.View }
+	if err := json.Unmarshal(lb, &page); err != nil {
+		t.Fatal(err)
+	}
+	statuses := map[string]jobs.Status{}
+	for _, j := range page.Jobs {
+		statuses[j.Model] = j.Status
+	}
+	if statuses[haikuModel] != jobs.Canceled || statuses[harness.Model] != jobs.Queued || len(page.Jobs) != 2 {
+		t.Errorf("alice's jobs: %s", lb)
+	}
+	// The withdrawn job's request came back: one request is charged.
+	if req, _ := quotaLeft(t, e); req != 9 {
+		t.Errorf("alice has %d requests left, want 9", req)
+	}
+	if again := admitted(t, e, body, "k1"); again.ID != retry.ID {
+		t.Errorf("a later retry: %+v, want job %s", again, retry.ID)
 	}
 }
