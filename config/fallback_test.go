@@ -52,6 +52,11 @@ func TestFallbackRules(t *testing.T) {
 			t.Errorf("FallbackTarget(%q) = %v, %q, %v; want %v", name, g, m, err, want)
 		}
 	}
+	var dump strings.Builder
+	c.Dump(&dump)
+	if !strings.Contains(dump.String(), "  tenants[0].fallbacks[0]  ") || !strings.Contains(dump.String(), "  sonnet → haiku, then claude-opus-4-1 when on_wait, on_outage\n") {
+		t.Errorf("the dump does not show the rule:\n%s", dump.String())
+	}
 	if _, _, err := c.FallbackTarget("opus"); err != ErrPatternsOnly {
 		t.Errorf("a group of patterns: %v", err)
 	}
