@@ -58,56 +58,51 @@ func (s *Server) admit(c *echo.Context, tenant *config.Tenant, req *createReques
 	if len(idemKey) > 255 {
 		return nil, none, invalid("Idempotency-Key", "The Idempotency-Key header is %d characters long; use at most 255.", len(idemKey))
 	}
+	hash := bodyHash(body)
+	policy := tenant.Policy(req.UserID)
 	input := s.exactInput(c.Request().Context(), req)
 	// Admission's Redis calls share one deadline, so that a Redis that
 	// stopped answering costs the client one timeout, not one per call.
 	ctx, cancel := context.WithTimeout(c.Request().Context(), s.cfg.Redis.Timeout)
 	defer cancel()
-	if input == 0 {
-		input = s.d.Estimator.Input(ctx, req.Model, req.RawInput)
-	}
-	policy := tenant.Policy(req.UserID)
-	if err := fitsLimits(req, input, tenant, policy); err != nil {
-		return nil, none, err
-	}
-	prefixes, err := s.cachePrefixes(ctx, req, input)
+	a, err := s.admission(ctx, tenant, policy, req, input, idemKey, hash)
 	if err != nil {
 		return nil, none, err
 	}
-	budget, err := s.budget(tenant, policy, req.Model)
-	if err != nil {
-		return nil, none, err
-	}
-	now := s.now().UTC().Truncate(time.Millisecond) // as the store keeps it
-	job := &jobs.Job{
-		ID: jobs.NewID(req.Group.Name), Tenant: tenant.Name, UserID: req.UserID, Model: req.Model,
-		Group: req.Group.Name, MaxTokens: req.MaxTokens, Request: req.Request,
-		Metadata: req.Metadata, CreatedAt: now,
-	}
-	job.TokenHash = jobs.HashToken(jobs.Token(s.d.TokenSecret, job.ID))
-	if req.DeadlineSeconds > 0 {
-		job.DeadlineAt = now.Add(time.Duration(req.DeadlineSeconds * float64(time.Second)))
-	}
+	job := a.Job
 	// A client that gave up (its request timed out while Redis was away)
 	// is not sent a job it will never hear of.
 	if err := ctx.Err(); err != nil {
 		return nil, none, err
 	}
-	res, err := s.d.Scheduler.Admit(ctx, scheduler.Admission{
-		Job: job, Group: req.Group, InputEstimate: input, CachePrefixes: prefixes, Policy: policy, MaxWait: tenant.MaxWait,
-		IdempotencyKey: idemKey, BodyHash: bodyHash(body), Budget: budget,
-	})
+	res, err := s.d.Scheduler.Admit(ctx, a)
 	if err != nil {
 		return nil, none, err
 	}
+	group := req.Group.Name
+	if res.Outcome == scheduler.Overloaded || res.Outcome == scheduler.Unavailable {
+		fjob, fres, ok, err := s.fallback(c, tenant, policy, req, res, idemKey, hash)
+		if err != nil {
+			return nil, none, err
+		}
+		if ok {
+			if label, ok := outcomeLabel[res.Outcome]; ok {
+				s.d.Metrics.Admission(group, label) // the refusal in the request's own group
+			}
+			job, res, group = fjob, fres, fjob.Group
+		}
+	}
 	log := s.log.With("tenant", tenant.Name, "user_id", req.UserID)
-	s.counted(ctx, tenant.Name, req.Group.Name, res.Outcome)
+	s.counted(ctx, tenant.Name, group, res.Outcome)
 	switch res.Outcome {
 	case scheduler.Admitted:
 		if policy.RequestsPerHour > 0 {
 			setRateLimitHeaders(c, policy.RequestsPerHour, res.QuotaRemaining, res.QuotaReset)
 		}
-		log.Info("job queued", "job_id", job.ID, "model", job.Model, "position", res.Position, "eta_seconds", res.ETA, "input_estimate", input)
+		if job.RequestedModel != "" {
+			log = log.With("requested_model", job.RequestedModel, "fallback_from", job.FallbackFrom, "fallback_reason", job.FallbackReason)
+		}
+		log.Info("job queued", "job_id", job.ID, "model", job.Model, "position", res.Position, "eta_seconds", res.ETA, "input_estimate", job.CostIn)
 		return job, res, nil
 	case scheduler.Replay:
 		prev, err := s.d.Store.Get(ctx, res.ReplayOf)
@@ -121,7 +116,7 @@ func (s *Server) admit(c *echo.Context, tenant *config.Tenant, req *createReques
 			Message: "This Idempotency-Key was already used with a different request body. Use a new key for a new request."}
 	case scheduler.OverQuota:
 		log.Info("job refused: user quota", "quota", res.QuotaWhich)
-		return nil, res, s.quotaRefusal(c, tenant.Name, req.UserID, policy, res, input+req.MaxTokens)
+		return nil, res, s.quotaRefusal(c, tenant.Name, req.UserID, policy, res, a.InputEstimate+req.MaxTokens)
 	case scheduler.OverBudget:
 		log.Info("job refused: dollar budget", "scope", res.Budget.Scope, "period", res.Budget.Period)
 		s.quotaHeaders(c, tenant.Name, req.UserID, policy)
@@ -151,6 +146,42 @@ func (s *Server) admit(c *echo.Context, tenant *config.Tenant, req *createReques
 			Extra: map[string]any{"retry_after_seconds": retry}}
 	}
 	return nil, res, fmt.Errorf("admission: unknown outcome %q", res.Outcome)
+}
+
+// admission builds the admission of a validated request in its group:
+// the job (a new id in the group), its input reservation (input, or the
+// local estimate when 0), cache prefixes and budgets. A request that
+// could never run there, or that a dollar budget cannot price, is refused.
+func (s *Server) admission(ctx context.Context, tenant *config.Tenant, policy config.UserPolicy, req *createRequest, input int, idemKey, hash string) (scheduler.Admission, error) {
+	var none scheduler.Admission
+	if input == 0 {
+		input = s.d.Estimator.Input(ctx, req.Model, req.RawInput)
+	}
+	if err := fitsLimits(req, input, tenant, policy); err != nil {
+		return none, err
+	}
+	prefixes, err := s.cachePrefixes(ctx, req, input)
+	if err != nil {
+		return none, err
+	}
+	budget, err := s.budget(tenant, policy, req.Model)
+	if err != nil {
+		return none, err
+	}
+	now := s.now().UTC().Truncate(time.Millisecond) // as the store keeps it
+	job := &jobs.Job{
+		ID: jobs.NewID(req.Group.Name), Tenant: tenant.Name, UserID: req.UserID, Model: req.Model,
+		Group: req.Group.Name, MaxTokens: req.MaxTokens, Request: req.Request,
+		Metadata: req.Metadata, CreatedAt: now,
+	}
+	job.TokenHash = jobs.HashToken(jobs.Token(s.d.TokenSecret, job.ID))
+	if req.DeadlineSeconds > 0 {
+		job.DeadlineAt = now.Add(time.Duration(req.DeadlineSeconds * float64(time.Second)))
+	}
+	return scheduler.Admission{
+		Job: job, Group: req.Group, InputEstimate: input, CachePrefixes: prefixes, Policy: policy, MaxWait: tenant.MaxWait,
+		IdempotencyKey: idemKey, BodyHash: hash, Budget: budget,
+	}, nil
 }
 
 // budget is the dollar budgets a job of model answers to, with the

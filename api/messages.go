@@ -87,6 +87,9 @@ func (s *Server) createMessage(c *echo.Context) error {
 	if err != nil {
 		return err
 	}
+	if err := headerFallback(c, s.cfg, req); err != nil {
+		return err
+	}
 	job, _, err := s.admit(c, tenant, req, body)
 	if err != nil {
 		return err

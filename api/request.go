@@ -3,6 +3,7 @@ package api
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"net/url"
@@ -25,6 +26,18 @@ type createRequest struct {
 	Request         json.RawMessage // the Messages body to send: max_tokens filled in, stream and metadata removed
 	Metadata        json.RawMessage // the client's own metadata, kept with the job
 	RawInput        int             // estimate.Raw of the request, from the parsed parts
+	// NoFallback: the request turned model fallback off (fallback: false).
+	// FallbackOrder, when not nil, is the request's own order of
+	// fallbacks, used instead of the tenant's rule's.
+	NoFallback    bool
+	FallbackOrder []fallbackTarget
+}
+
+// fallbackTarget is a model group a request may fall back to, and the
+// model its job then runs on.
+type fallbackTarget struct {
+	Group *config.ModelGroup
+	Model string
 }
 
 const (
@@ -37,7 +50,7 @@ const (
 	maxDeadline = 7 * 24 * 3600
 )
 
-var jobFields = map[string]bool{"user_id": true, "request": true, "deadline_seconds": true, "metadata": true}
+var jobFields = map[string]bool{"user_id": true, "request": true, "deadline_seconds": true, "metadata": true, "fallback": true}
 
 // parseCreate validates a POST /v1/jobs body (and, wrapped as
 // {"request": …}, a POST /v1/messages body). Every refusal names the field
@@ -73,6 +86,9 @@ func parseCreate(body []byte, cfg *config.Config, tenant *config.Tenant) (*creat
 	if out.Metadata, err = jobMetadata(top); err != nil {
 		return nil, err
 	}
+	if out.NoFallback, out.FallbackOrder, err = jobFallback(top["fallback"], cfg, out.Group); err != nil {
+		return nil, err
+	}
 	if out.Request, err = json.Marshal(req); err != nil {
 		return nil, invalid("request", "The request could not be re-encoded: %v.", err)
 	}
@@ -94,7 +110,7 @@ func decodeJob(body []byte) (top, req map[string]json.RawMessage, err error) {
 	}
 	for k := range top {
 		if !jobFields[k] {
-			return nil, nil, invalid(k, "Unknown field %q. A job takes user_id, request, deadline_seconds and metadata.", truncate(k, 64))
+			return nil, nil, invalid(k, "Unknown field %q. A job takes user_id, request, deadline_seconds, metadata and fallback.", truncate(k, 64))
 		}
 	}
 	rawReq, ok := top["request"]
@@ -246,6 +262,65 @@ func jobMetadata(top map[string]json.RawMessage) (json.RawMessage, error) {
 		return nil, invalid("metadata", "metadata is %d bytes; at most 16 KiB is kept with a job.", len(raw))
 	}
 	return raw, nil
+}
+
+// jobFallback reads the top-level fallback: absent, null or true, the
+// tenant's rule applies (off false, order nil); false (or an empty list)
+// turns fallback off; a list of model group or model names is the
+// request's own order.
+func jobFallback(raw json.RawMessage, cfg *config.Config, g *config.ModelGroup) (off bool, order []fallbackTarget, err error) {
+	if raw == nil || isNull(raw) {
+		return false, nil, nil
+	}
+	var b bool
+	if json.Unmarshal(raw, &b) == nil {
+		return !b, nil, nil
+	}
+	var names []string
+	if err := json.Unmarshal(raw, &names); err != nil {
+		return false, nil, invalid("fallback", "fallback must be true (the default: your tenant's fallback rule applies), false (no fallback), or a list of model groups or models to try in order, such as [%q].", exampleFallback(cfg, g))
+	}
+	order, err = fallbackOrder("fallback", names, cfg, g)
+	return len(order) == 0, order, err
+}
+
+// fallbackOrder resolves a request's own fallback order (field names it
+// in a refusal): each name a model group or a model served here, none in
+// the group that serves the request, none twice.
+func fallbackOrder(field string, names []string, cfg *config.Config, g *config.ModelGroup) ([]fallbackTarget, error) {
+	if len(names) > len(cfg.ModelGroups) {
+		return nil, invalid(field, "%s lists %d fallbacks, but there are only %d model groups; name each group (or one of its models) once.", field, len(names), len(cfg.ModelGroups))
+	}
+	order := make([]fallbackTarget, 0, len(names))
+	for i, name := range names {
+		fg, model, err := cfg.FallbackTarget(name)
+		switch {
+		case fg != nil && fg == g:
+			return nil, invalid(field, "%s[%d] is %q, which is served by the model group %q that the request's own model is in; a fallback must be another group.", field, i, truncate(name, 100), g.Name)
+		case errors.Is(err, config.ErrPatternsOnly):
+			return nil, invalid(field, "%s[%d] is the model group %q, which serves models by pattern only (%s); name the model to use instead.", field, i, truncate(name, 100), strings.Join(fg.Models, ", "))
+		case err != nil:
+			return nil, invalid(field, "%s[%d] is %q, which is neither a model group nor a model served here. Model groups: %s. Models served: %s.", field, i, truncate(name, 100), strings.Join(cfg.GroupNames(), ", "), modelList(cfg))
+		}
+		for _, prev := range order {
+			if prev.Group == fg {
+				return nil, invalid(field, "%s names the model group %q twice; each group is tried once.", field, fg.Name)
+			}
+		}
+		order = append(order, fallbackTarget{Group: fg, Model: model})
+	}
+	return order, nil
+}
+
+// exampleFallback names a model group other than g, for a refusal's
+// example.
+func exampleFallback(cfg *config.Config, g *config.ModelGroup) string {
+	for _, o := range cfg.ModelGroups {
+		if g == nil || o.Name != g.Name {
+			return o.Name
+		}
+	}
+	return "haiku"
 }
 
 // checkMessages validates request.messages and returns each one's content.

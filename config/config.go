@@ -22,6 +22,7 @@ import (
 	"io"
 	"os"
 	"path"
+	"slices"
 	"strings"
 	"time"
 
@@ -296,12 +297,59 @@ type Tenant struct {
 	TenantBudgetUSDPerDay   float64 `yaml:"tenant_budget_usd_per_day,omitempty"`
 	TenantBudgetUSDPerMonth float64 `yaml:"tenant_budget_usd_per_month,omitempty"`
 
+	// Fallbacks are the tenant's model fallbacks: which other model groups
+	// take a request when the group that serves its model is too busy
+	// (on_wait) or in outage (on_outage). None by default: such a request
+	// is refused (503) as without them.
+	Fallbacks []Fallback `yaml:"fallbacks,omitempty"`
+
 	// UserPolicy holds the per-user defaults; Users overrides them for
 	// named users.
 	UserPolicy `yaml:",inline"`
 	// Users overrides the per-user policy for named users (user_id → policy;
 	// fields left out keep the tenant's values).
 	Users map[string]UserPolicy `yaml:"users,omitempty"`
+}
+
+// Fallback is one fallback rule of a tenant: requests for a model of
+// group From that its group cannot take, for a reason listed in When, are
+// admitted into the first of To that can take them. A fallback is one hop:
+// a job never falls back from the group it fell back to.
+type Fallback struct {
+	// From is the model group whose requests may fall back. Required; one
+	// rule per group.
+	From string `yaml:"from"`
+	// To are the fallbacks, tried in order: each a model group's name (the
+	// job then runs on the group's first exact model name) or a model name
+	// that a group serves (the job runs on that model, in that group). At
+	// least one; not From's group.
+	To []string `yaml:"to"`
+	// When lists the reasons to fall back: on_wait (the estimated wait in
+	// From is longer than the tenant's max_wait), on_outage (From's outage
+	// has outlasted upstream.max_outage), or only never (the rule is kept
+	// but off). Required.
+	When []string `yaml:"when"`
+}
+
+// The reasons to fall back (Fallback.When).
+const (
+	FallbackOnWait   = "on_wait"
+	FallbackOnOutage = "on_outage"
+	FallbackNever    = "never"
+)
+
+// On reports whether the rule falls back for reason (FallbackOnWait or
+// FallbackOnOutage).
+func (f Fallback) On(reason string) bool { return slices.Contains(f.When, reason) }
+
+// FallbackFor is the tenant's fallback rule for model group g.
+func (t *Tenant) FallbackFor(g string) (Fallback, bool) {
+	for _, f := range t.Fallbacks {
+		if f.From == g {
+			return f, true
+		}
+	}
+	return Fallback{}, false
 }
 
 // UserPolicy is what each user of a tenant may use.
@@ -423,6 +471,18 @@ const (
 	OutputProduced = "produced"
 	OutputReserved = "reserved"
 )
+
+// DefaultModel is the model a job that falls back to g by the group's
+// name runs on: the first of its models that is an exact name, not a
+// pattern ("" when it lists only patterns).
+func (g *ModelGroup) DefaultModel() string {
+	for _, m := range g.Models {
+		if !isPattern(m) && strings.TrimSpace(m) != "" {
+			return m
+		}
+	}
+	return ""
+}
 
 // Produced reports whether g's upstream counts output as it is produced.
 func (g *ModelGroup) Produced() bool { return g.OutputAccounting != OutputReserved }
@@ -781,6 +841,35 @@ func (c *Config) GroupFor(model string) (*ModelGroup, bool) {
 		}
 	}
 	return nil, false
+}
+
+// Why FallbackTarget cannot resolve a name.
+var (
+	// ErrUnknownFallback: the name is neither a model group's nor a model
+	// that a group serves.
+	ErrUnknownFallback = errors.New("neither a model group nor a model served here")
+	// ErrPatternsOnly: the name is a group whose models are all patterns,
+	// so it says no model to run.
+	ErrPatternsOnly = errors.New("a model group that lists only patterns, so it names no model to run")
+)
+
+// FallbackTarget resolves a fallback given as name: a model group's name
+// (the group wins over a model of the same name), which runs the group's
+// DefaultModel, or a model name, which runs in the group that serves it.
+func (c *Config) FallbackTarget(name string) (*ModelGroup, string, error) {
+	for i := range c.ModelGroups {
+		if g := &c.ModelGroups[i]; g.Name == name {
+			m := g.DefaultModel()
+			if m == "" {
+				return g, "", ErrPatternsOnly
+			}
+			return g, m, nil
+		}
+	}
+	if g, ok := c.GroupFor(name); ok {
+		return g, name, nil
+	}
+	return nil, "", ErrUnknownFallback
 }
 
 // TenantForKey returns the tenant that owns the presented API key. Every key

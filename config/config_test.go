@@ -505,7 +505,7 @@ model_groups:
 `,
 			want: []string{
 				"model_groups[0].max_concurency: unknown field; the fields here are name, models, rpm, input_tpm, output_tpm, max_concurrency, count_cache_reads, burst, count_tokens, outage_failures, outage_window, probe_interval, probe_interval_max, output_accounting, cache_hold (line 6)",
-				"tenants[0].key: unknown field; the fields here are name, keys, default_max_tokens, max_tokens_cap, max_tokens_policy, max_body_bytes, max_messages, max_input_tokens, max_wait, tenant_budget_usd_per_day, tenant_budget_usd_per_month, weight, requests_per_hour, tokens_per_hour, max_queued, budget_usd_per_day, budget_usd_per_month, users (line 4)",
+				"tenants[0].key: unknown field; the fields here are name, keys, default_max_tokens, max_tokens_cap, max_tokens_policy, max_body_bytes, max_messages, max_input_tokens, max_wait, tenant_budget_usd_per_day, tenant_budget_usd_per_month, fallbacks, weight, requests_per_hour, tokens_per_hour, max_queued, budget_usd_per_day, budget_usd_per_month, users (line 4)",
 				"tenants[0].keys: at least one key is required",
 			},
 		},

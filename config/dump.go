@@ -58,6 +58,9 @@ func (c *Config) dump(w io.Writer, p *Process) {
 	for i, t := range c.Tenants {
 		line(fmt.Sprintf("tenants[%d]", i), "%s: keys %s; default_max_tokens %d",
 			t.Name, shortKeys(t.Keys), t.DefaultMaxTokens)
+		for j, f := range t.Fallbacks {
+			line(fmt.Sprintf("tenants[%d].fallbacks[%d]", i, j), "%s → %s when %s", f.From, strings.Join(f.To, ", then "), strings.Join(f.When, ", "))
+		}
 	}
 	for i, g := range c.ModelGroups {
 		line(fmt.Sprintf("model_groups[%d]", i), "%s: %s; rpm %d, input_tpm %d, output_tpm %d, max_concurrency %d, count_cache_reads %t, cache_hold %s; output counted %s; outage after %d failures within %s, probes every %s to %s",

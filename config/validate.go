@@ -188,7 +188,135 @@ func (c *Config) checkTenants(v *validator, keys func(string, Key)) {
 		v.dollars(p+".tenant_budget_usd_per_month", t.TenantBudgetUSDPerMonth)
 		v.userPolicy(p, t.UserPolicy, false)
 		v.users(p, t.Users)
+		c.checkFallbacks(v, p, t.Fallbacks)
 	}
+}
+
+// checkFallbacks checks a tenant's fallback rules (p is the tenant's
+// path): known groups and models, no rule that falls back to its own
+// group, one rule per group, known reasons, and no cycle among the rules.
+func (c *Config) checkFallbacks(v *validator, p string, rules []Fallback) {
+	groups := strings.Join(c.GroupNames(), ", ")
+	first := map[string]string{}
+	edges := map[string][]string{} // group → the groups its rule falls back to
+	for i, f := range rules {
+		fp := fmt.Sprintf("%s.fallbacks[%d]", p, i)
+		fromOK := false
+		switch _, known := c.group(f.From); {
+		case f.From == "":
+			v.add(fp+".from", "required: the model group whose requests may fall back (one of %s)", groups)
+		case !known:
+			if g, ok := c.GroupFor(f.From); ok {
+				v.add(fp+".from", "%q is a model, not a model group: write the group that serves it, %q", f.From, g.Name)
+			} else {
+				v.add(fp+".from", "unknown model group %q; the groups are %s", f.From, groups)
+			}
+		default:
+			if prev, dup := first[f.From]; dup {
+				v.add(fp+".from", "%q already has a fallback rule at %s; put every fallback of a group in one rule's to list, in the order to try them", f.From, prev)
+			} else {
+				first[f.From] = fp
+				fromOK = true
+			}
+		}
+		if len(f.To) == 0 {
+			v.add(fp+".to", "at least one fallback is required: a model group's name, or a model that a group serves")
+		}
+		seen := map[string]string{}
+		for j, name := range f.To {
+			tp := fmt.Sprintf("%s.to[%d]", fp, j)
+			g, _, err := c.FallbackTarget(name)
+			switch {
+			case g != nil && g.Name == f.From && name == f.From:
+				v.add(tp, "a group cannot fall back to itself: %q is the group this rule falls back from", name)
+				continue
+			case g != nil && g.Name == f.From:
+				v.add(tp, "%q is served by model group %q, the group this rule falls back from; a group cannot fall back to itself", name, f.From)
+				continue
+			case errors.Is(err, ErrPatternsOnly):
+				v.add(tp, "model group %q lists only patterns (%s), so it names no model to run: write the model to use instead, such as %q", name, strings.Join(g.Models, ", "), strings.ReplaceAll(g.Models[0], "*", "4-5"))
+				continue
+			case err != nil:
+				v.add(tp, "%q is %v; the groups are %s", name, err, groups)
+				continue
+			}
+			if prev, dup := seen[g.Name]; dup {
+				v.add(tp, "model group %q is already a fallback at %s; a group is tried once", g.Name, prev)
+				continue
+			}
+			seen[g.Name] = tp
+			if fromOK {
+				edges[f.From] = append(edges[f.From], g.Name)
+			}
+		}
+		v.fallbackWhen(fp+".when", f.When)
+	}
+	for i, f := range rules {
+		if cycle := fallbackCycle(edges, f.From); cycle != nil && first[f.From] == fmt.Sprintf("%s.fallbacks[%d]", p, i) && cycle[0] == slices.Min(cycle[:len(cycle)-1]) {
+			v.add(fmt.Sprintf("%s.fallbacks[%d]", p, i), "the fallbacks form a cycle, %s: a group that takes another's requests must not send its own back, or two busy groups would trade requests; remove one direction", strings.Join(cycle, " → "))
+		}
+	}
+}
+
+// fallbackWhen checks a rule's when.
+func (v *validator) fallbackWhen(p string, when []string) {
+	if len(when) == 0 {
+		v.add(p, "required: list when to fall back, on_wait (the wait is longer than max_wait) and/or on_outage (the group is in outage), or [never]")
+		return
+	}
+	seen := map[string]bool{}
+	for j, w := range when {
+		switch w {
+		case FallbackOnWait, FallbackOnOutage:
+		case FallbackNever:
+			if len(when) > 1 {
+				v.add(fmt.Sprintf("%s[%d]", p, j), "never turns the rule off, so it cannot be listed with other reasons")
+			}
+		default:
+			v.add(fmt.Sprintf("%s[%d]", p, j), "unknown reason %q: use on_wait, on_outage or never", w)
+			continue
+		}
+		if seen[w] {
+			v.add(fmt.Sprintf("%s[%d]", p, j), "%q is listed twice", w)
+		}
+		seen[w] = true
+	}
+}
+
+// fallbackCycle is a cycle through start in the fallback graph, as the
+// groups along it with start at both ends; nil when there is none.
+func fallbackCycle(edges map[string][]string, start string) []string {
+	var path []string
+	onPath := map[string]bool{}
+	var walk func(g string) []string
+	walk = func(g string) []string {
+		path = append(path, g)
+		onPath[g] = true
+		for _, n := range edges[g] {
+			if n == start {
+				return append(slices.Clone(path), start)
+			}
+			if !onPath[n] {
+				if c := walk(n); c != nil {
+					return c
+				}
+			}
+		}
+		path = path[:len(path)-1]
+		onPath[g] = false
+		return nil
+	}
+	return walk(start)
+}
+
+// group is the model group named name.
+func (c *Config) group(name string) (*ModelGroup, bool) {
+	for i := range c.ModelGroups {
+		if c.ModelGroups[i].Name == name {
+			return &c.ModelGroups[i], true
+		}
+	}
+	return nil, false
 }
 
 // dollars checks a budget: a finite amount ≥ 0 (0 means none).

@@ -71,14 +71,23 @@ type Error struct {
 
 // Job is one chat request on behalf of one user of one tenant.
 type Job struct {
-	ID        string
-	Tenant    string
-	UserID    string
-	Model     string
-	Group     string
-	Status    Status
-	MaxTokens int
-	Attempts  int
+	ID     string
+	Tenant string
+	UserID string
+	// Model is the model that runs the job; Group the model group that
+	// serves it.
+	Model string
+	Group string
+	// RequestedModel is the model the request named when the job fell
+	// back to another model group ("" when it did not); FallbackFrom is
+	// the group that could not take it and FallbackReason why:
+	// config.FallbackOnWait or config.FallbackOnOutage.
+	RequestedModel string
+	FallbackFrom   string
+	FallbackReason string
+	Status         Status
+	MaxTokens      int
+	Attempts       int
 	// Request is the Messages body as the upstream will get it, minus
 	// stream and with the user's own metadata.user_id removed.
 	Request    json.RawMessage
@@ -117,13 +126,18 @@ type Job struct {
 
 // View is a job as the API shows it.
 type View struct {
-	ID         string `json:"id"`
-	Status     Status `json:"status"`
-	UserID     string `json:"user_id"`
-	Model      string `json:"model"`
-	MaxTokens  int    `json:"max_tokens"`
-	Position   *int   `json:"position,omitempty"`
-	ETASeconds *int   `json:"eta_seconds,omitempty"`
+	ID     string `json:"id"`
+	Status Status `json:"status"`
+	UserID string `json:"user_id"`
+	Model  string `json:"model"`
+	// RequestedModel is the model the request asked for, shown only when
+	// the job fell back to another model (Model); FallbackReason is then
+	// why: "on_wait" or "on_outage".
+	RequestedModel string `json:"requested_model,omitempty"`
+	FallbackReason string `json:"fallback_reason,omitempty"`
+	MaxTokens      int    `json:"max_tokens"`
+	Position       *int   `json:"position,omitempty"`
+	ETASeconds     *int   `json:"eta_seconds,omitempty"`
 	// WaitReason says why a queued job's eta is unknown:
 	// "upstream_unavailable" while its model group is in outage.
 	WaitReason string     `json:"wait_reason,omitempty"`
@@ -154,6 +168,7 @@ type View struct {
 func (j *Job) View() View {
 	v := View{
 		ID: j.ID, Status: j.Status, UserID: j.UserID, Model: j.Model,
+		RequestedModel: j.RequestedModel, FallbackReason: j.FallbackReason,
 		MaxTokens: j.MaxTokens, Attempts: j.Attempts, CreatedAt: j.CreatedAt,
 		Result: j.Result, Usage: j.Usage, Error: j.Error, Metadata: j.Metadata,
 	}

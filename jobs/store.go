@@ -118,6 +118,9 @@ func (s *Store) Fields(j *Job) []any {
 	if len(j.Metadata) > 0 {
 		fields = append(fields, "metadata", string(j.Metadata))
 	}
+	if j.RequestedModel != "" {
+		fields = append(fields, "requested_model", j.RequestedModel, "fallback_from", j.FallbackFrom, "fallback_reason", j.FallbackReason)
+	}
 	return fields
 }
 
@@ -237,7 +240,7 @@ func (s *Store) Events(ctx context.Context, id, after string, count int64) ([]Ev
 	pipe := s.rdb.Pipeline()
 	// The record first: a terminal status read here has its event in the
 	// log read after it (one atomic step writes both).
-	first := pipe.HMGet(ctx, jobKey(id), "ev0_id", "ev0", "status")
+	first := pipe.HMGet(ctx, jobKey(id), "ev0_id", "ev0", "status", "requested_model", "fallback_from", "fallback_reason")
 	rng := pipe.XRangeN(ctx, eventsKey(id), start, "+", count)
 	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
 		return nil, fmt.Errorf("jobs: events of %s: %w", id, err)
@@ -246,8 +249,8 @@ func (s *Store) Events(ctx context.Context, id, after string, count int64) ([]Ev
 	out := make([]Event, 0, len(msgs)+1)
 	v := first.Val()
 	ev0ID := ""
-	if len(v) == 3 && v[0] != nil && v[1] != nil {
-		ev0 := Event{ID: fmt.Sprint(v[0]), Name: string(Queued), Data: json.RawMessage(fmt.Sprint(v[1]))}
+	if len(v) == 6 && v[0] != nil && v[1] != nil {
+		ev0 := Event{ID: fmt.Sprint(v[0]), Name: string(Queued), Data: fallbackData(json.RawMessage(fmt.Sprint(v[1])), v[3], v[4], v[5])}
 		ev0ID = ev0.ID
 		if after == "" || compareEventIDs(ev0.ID, after) > 0 {
 			out = append(out, ev0)
@@ -261,7 +264,7 @@ func (s *Store) Events(ctx context.Context, id, after string, count int64) ([]Ev
 		ended = ended || ev.Terminal()
 		out = append(out, ev)
 	}
-	if len(v) == 3 && !ended && int64(len(msgs)) < count {
+	if len(v) == 6 && !ended && int64(len(msgs)) < count {
 		if st, _ := v[2].(string); Status(st).Terminal() {
 			ev, err := s.lostEnd(ctx, id, after, ev0ID)
 			if err != nil {
@@ -273,6 +276,27 @@ func (s *Store) Events(ctx context.Context, id, after string, count int64) ([]Ev
 		}
 	}
 	return out, nil
+}
+
+// fallbackData is the data of a job's queued event with, when the job
+// fell back to another model group, requested_model, fallback_from and
+// fallback_reason added (kept in the record by admission, beside the
+// event's place and wait).
+func fallbackData(data json.RawMessage, requested, from, reason any) json.RawMessage {
+	r, _ := requested.(string)
+	if r == "" {
+		return data
+	}
+	var m map[string]any
+	if json.Unmarshal(data, &m) != nil || m == nil {
+		return data
+	}
+	m["requested_model"], m["fallback_from"], m["fallback_reason"] = r, from, reason
+	out, err := json.Marshal(m)
+	if err != nil {
+		return data
+	}
+	return out
 }
 
 // lostEnd is the terminal event of an ended job whose log lost it (its
@@ -399,6 +423,7 @@ const CostField = "cost_musd"
 func fromHash(id string, m map[string]string) (*Job, error) {
 	j := &Job{
 		ID: id, Tenant: m["tenant"], UserID: m["user_id"], Model: m["model"], Group: m["group"],
+		RequestedModel: m["requested_model"], FallbackFrom: m["fallback_from"], FallbackReason: m["fallback_reason"],
 		Status: Status(m["status"]), Text: m["text"], TokenHash: m["token_hash"],
 		CreatedAt: timeFromMillis(m["created_at"]), StartedAt: timeFromMillis(m["started_at"]),
 		FinishedAt: timeFromMillis(m["finished_at"]), DeadlineAt: timeFromMillis(m["deadline_at"]),

@@ -37,6 +37,7 @@ type Metrics struct {
 	inFlight   *prometheus.GaugeVec
 	finished   *prometheus.CounterVec
 	dispatched *prometheus.CounterVec
+	fallbacks  *prometheus.CounterVec
 }
 
 // durations are the buckets of the time histograms, in seconds.
@@ -75,8 +76,11 @@ func New() *Metrics {
 			Help: "Jobs that ended, by model group and status: succeeded, failed, expired, canceled."}, []string{"group", "status"}),
 		dispatched: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "dispatched_total",
 			Help: "Jobs this process's dispatcher handed to the workers."}, []string{"group"}),
+		fallbacks: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "fallbacks_total",
+			Help: "Jobs admitted into a fallback model group, by the group the request's model belongs to (from), the group that took it (to) and why: on_wait (from's wait was longer than max_wait) or on_outage (from was in outage)."},
+			[]string{"from", "to", "reason"}),
 	}
-	reg.MustRegister(m.admissions, m.wait, m.latency, m.ttft, m.tokens, m.responses, m.estimate, m.inFlight, m.finished, m.dispatched)
+	reg.MustRegister(m.admissions, m.wait, m.latency, m.ttft, m.tokens, m.responses, m.estimate, m.inFlight, m.finished, m.dispatched, m.fallbacks)
 	return m
 }
 
@@ -99,6 +103,15 @@ func (m *Metrics) Admission(group, outcome string) {
 		return
 	}
 	m.admissions.WithLabelValues(group, outcome).Inc()
+}
+
+// Fallback counts a job admitted into group to because from could not
+// take it, for reason.
+func (m *Metrics) Fallback(from, to, reason string) {
+	if m == nil {
+		return
+	}
+	m.fallbacks.WithLabelValues(from, to, reason).Inc()
 }
 
 // Waited observes a job's wait before its first call.

@@ -51,6 +51,9 @@ type Options struct {
 	Quiet       bool   // log at info, not debug (benchmarks)
 	GroupExtra  string // YAML lines added to the model group (indented 4 spaces)
 	TenantExtra string // YAML lines added to tenant "acme" (indented 4 spaces)
+	// Groups are more model groups after the harness's "sonnet", as YAML
+	// list items (each starting "  - name: …").
+	Groups string
 	// Clock, when set, is the clock of the api and of every scheduler
 	// script (instead of Redis TIME).
 	Clock func() time.Time
@@ -167,7 +170,7 @@ func Start(tb testing.TB, o Options) *Env {
 		}
 		return ""
 	}
-	cfg, err := config.Parse([]byte(groupConfig(e.Redis.URL, e.Upstream.URL, o.UpstreamExtra, o.TenantExtra, o.GroupExtra, o.MaxConcurrency, o.APIExtra)+o.ExtraConfig), getenv)
+	cfg, err := config.Parse([]byte(groupConfig(e.Redis.URL, e.Upstream.URL, o.UpstreamExtra, o.TenantExtra, o.GroupExtra+o.Groups, o.MaxConcurrency, o.APIExtra)+o.ExtraConfig), getenv)
 	if err != nil {
 		tb.Fatalf("harness config: %v", err)
 	}
