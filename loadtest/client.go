@@ -57,6 +57,7 @@ type sluiceClient struct {
 // submitBody is a POST /v1/jobs body.
 type submitBody struct {
 	UserID  string         `json:"user_id"`
+	Class   string         `json:"class,omitempty"` // the service class; "" = sluice's default
 	Request messageRequest `json:"request"`
 }
 

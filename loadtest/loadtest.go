@@ -20,6 +20,11 @@
 //     Users light users (default 20) arrive one after another, each with
 //     one job: the next arrives when the previous light job has started (or
 //     every LightInterval). The run stops once every light job is done.
+//   - classes: heavy-vs-light with service classes: BackgroundUsers users
+//     (4) share a backlog of HeavyJobs jobs (default 500) of class
+//     "background" (an overnight grading run), then Users interactive
+//     users (20) arrive one after another as in heavy-vs-light; the report
+//     adds the background jobs' share of the dispatches while both waited.
 //   - saturate: Users users (default 20) each keep a backlog of queued jobs
 //     for Warmup + Duration (default 60 s + 2 min); the figures cover the
 //     Duration after the warm-up.
@@ -53,7 +58,10 @@ import (
 const (
 	Classroom    = "classroom"
 	HeavyVsLight = "heavy-vs-light"
-	Saturate     = "saturate"
+	// Classes is heavy-vs-light with the backlog in the background service
+	// class and the newcomers interactive.
+	Classes  = "classes"
+	Saturate = "saturate"
 	// LongAnswers is saturate with long, slowly written answers and a
 	// large max_tokens, so that the output limit binds (the command sets
 	// its limits: see LongAnswersPreset).
@@ -67,7 +75,7 @@ const (
 
 // Scenarios lists the scenario names.
 func Scenarios() []string {
-	return []string{Classroom, HeavyVsLight, Saturate, LongAnswers, CachedClassroom, MixedCache}
+	return []string{Classroom, HeavyVsLight, Classes, Saturate, LongAnswers, CachedClassroom, MixedCache}
 }
 
 // cacheScenario reports whether a scenario sends system prompts.
@@ -85,6 +93,7 @@ const (
 	DefaultRequestsPerUser = 5
 	DefaultSpread          = 10 * time.Second
 	DefaultHeavyJobs       = 500
+	DefaultBackgroundUsers = 4
 	DefaultLightUsers      = 20
 	DefaultSaturateUsers   = 20
 	DefaultPrefixBytes     = 24000 // 6,000 tokens as the fake counts them
@@ -146,8 +155,11 @@ type Options struct {
 	// RequestsPerUser and Spread shape classroom. Default 5 and 10 s.
 	RequestsPerUser int
 	Spread          time.Duration
-	// HeavyJobs is the heavy user's backlog. Default 500.
+	// HeavyJobs is the heavy user's backlog (classes: the background
+	// users' together). Default 500.
 	HeavyJobs int
+	// BackgroundUsers share the background backlog of classes. Default 4.
+	BackgroundUsers int
 	// LightInterval spaces light users; 0 (the default) sends the next
 	// one once the previous light job has started.
 	LightInterval time.Duration
@@ -207,7 +219,7 @@ func (o Options) withDefaults() (Options, error) {
 	switch o.Scenario {
 	case Classroom:
 		def(&o.Users, DefaultClassroomUsers)
-	case HeavyVsLight:
+	case HeavyVsLight, Classes:
 		def(&o.Users, DefaultLightUsers)
 	default:
 		def(&o.Users, DefaultSaturateUsers)
@@ -215,6 +227,7 @@ func (o Options) withDefaults() (Options, error) {
 	def(&o.RequestsPerUser, DefaultRequestsPerUser)
 	defDur(&o.Spread, DefaultSpread)
 	def(&o.HeavyJobs, DefaultHeavyJobs)
+	def(&o.BackgroundUsers, DefaultBackgroundUsers)
 	defDur(&o.Duration, DefaultDuration)
 	switch {
 	case o.Warmup == 0:
@@ -227,7 +240,7 @@ func (o Options) withDefaults() (Options, error) {
 		o.Seed = 1
 	}
 	for name, v := range map[string]int{
-		"users": o.Users, "requests-per-user": o.RequestsPerUser, "heavy-jobs": o.HeavyJobs,
+		"users": o.Users, "requests-per-user": o.RequestsPerUser, "heavy-jobs": o.HeavyJobs, "background-users": o.BackgroundUsers,
 		"reply-tokens": o.ReplyTokens, "max-tokens": o.MaxTokens, "prompt-bytes": o.PromptBytes, "prefix-bytes": o.PrefixBytes,
 		"rpm": o.Limits.RPM, "input-tpm": o.Limits.InputTPM, "output-tpm": o.Limits.OutputTPM,
 		"max-concurrency": o.Limits.MaxConcurrency,
@@ -346,7 +359,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	switch o.Scenario {
 	case Classroom:
 		sc, err = r.classroom(ctx)
-	case HeavyVsLight:
+	case HeavyVsLight, Classes:
 		sc, err = r.heavyVsLight(ctx)
 	case Saturate, LongAnswers, CachedClassroom, MixedCache:
 		sc, err = r.saturate(ctx)
@@ -471,10 +484,15 @@ func (r *runner) system(class string) []systemBlock {
 	return nil
 }
 
-// submit posts one job for user. It returns the submission if sluice
-// accepted it.
+// submit posts one job for user, of the user class class (the report's
+// label). It returns the submission if sluice accepted it.
 func (r *runner) submit(ctx context.Context, user, class string) *submission {
-	body := submitBody{UserID: user, Request: messageRequest{
+	return r.submitIn(ctx, user, class, "")
+}
+
+// submitIn is submit with the job's service class ("" = sluice's default).
+func (r *runner) submitIn(ctx context.Context, user, class, service string) *submission {
+	body := submitBody{UserID: user, Class: service, Request: messageRequest{
 		Model: r.o.Model, MaxTokens: r.o.MaxTokens, System: r.system(class),
 		Messages: []message{{Role: "user", Content: r.promptText()}},
 	}}
@@ -650,26 +668,38 @@ func (r *runner) classroom(ctx context.Context) (scenarioResult, error) {
 }
 
 // heavyVsLight: one user queues HeavyJobs jobs, then light users arrive one
-// at a time with one job each.
+// at a time with one job each. In classes the backlog is BackgroundUsers
+// users' background jobs and the newcomers are interactive.
 func (r *runner) heavyVsLight(ctx context.Context) (scenarioResult, error) {
 	o := r.o
-	r.progress("heavy-vs-light: the heavy user submits %d jobs", o.HeavyJobs)
+	heavy, light := r.newcomerClasses()
+	name := o.Scenario
+	r.progress("%s: %d %s jobs", name, o.HeavyJobs, heavy)
 	t0 := o.Now()
-	for range o.HeavyJobs {
+	for i := range o.HeavyJobs {
 		if ctx.Err() != nil {
 			return scenarioResult{}, ctx.Err()
 		}
-		r.submit(ctx, "heavy", "heavy")
+		if o.Scenario == Classes {
+			r.submitIn(ctx, fmt.Sprintf("grader-%d", i%o.BackgroundUsers+1), heavy, heavy)
+		} else {
+			r.submit(ctx, "heavy", heavy)
+		}
 		if err := r.failed(); err != nil {
 			return scenarioResult{}, err
 		}
 	}
-	r.progress("heavy-vs-light: %d heavy jobs submitted in %.1fs; now %d light users, one at a time", o.HeavyJobs, o.Now().Sub(t0).Seconds(), o.Users)
+	r.progress("%s: %d %s jobs submitted in %.1fs; now %d %s users, one at a time", name, o.HeavyJobs, heavy, o.Now().Sub(t0).Seconds(), o.Users, light)
 
 	deadline := o.Now().Add(o.Timeout)
-	isLight := func(s *submission) bool { return s.class == "light" }
+	isLight := func(s *submission) bool { return s.class == light }
 	for i := range o.Users {
-		s := r.submit(ctx, fmt.Sprintf("light-%02d", i+1), "light")
+		var s *submission
+		if o.Scenario == Classes {
+			s = r.submitIn(ctx, fmt.Sprintf("%s-%02d", light, i+1), light, light)
+		} else {
+			s = r.submit(ctx, fmt.Sprintf("light-%02d", i+1), light)
+		}
 		if ctx.Err() != nil {
 			return scenarioResult{}, ctx.Err()
 		}
@@ -693,17 +723,27 @@ func (r *runner) heavyVsLight(ctx context.Context) (scenarioResult, error) {
 			wait(ctx, lightPollEvery)
 		}
 	}
-	r.progress("heavy-vs-light: waiting for the light jobs to finish")
+	r.progress("%s: waiting for the %s jobs to finish", name, light)
 	timedOut := r.waitDone(ctx, deadline, isLight)
 	// Where the heavy jobs stand, for the dispatch order; the run does
 	// not wait for the rest of them.
 	r.sweep(ctx, nil)
-	return scenarioResult{
-		load: map[string]any{"heavy_jobs": o.HeavyJobs, "light_users": o.Users,
-			"light_interval_seconds": o.LightInterval.Seconds()},
-		timedOut:     timedOut,
-		unfinishedOK: "heavy",
-	}, nil
+	load := map[string]any{"heavy_jobs": o.HeavyJobs, "light_users": o.Users,
+		"light_interval_seconds": o.LightInterval.Seconds()}
+	if o.Scenario == Classes {
+		load = map[string]any{"background_jobs": o.HeavyJobs, "background_users": o.BackgroundUsers,
+			"interactive_users": o.Users, "interactive_interval_seconds": o.LightInterval.Seconds()}
+	}
+	return scenarioResult{load: load, timedOut: timedOut, unfinishedOK: heavy}, nil
+}
+
+// newcomerClasses are the user classes of heavy-vs-light's backlog and
+// newcomers; in classes, also their service classes.
+func (r *runner) newcomerClasses() (backlog, newcomer string) {
+	if r.o.Scenario == Classes {
+		return "background", "interactive"
+	}
+	return "heavy", "light"
 }
 
 // saturate: every user keeps a backlog for Warmup + Duration.

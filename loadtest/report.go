@@ -59,12 +59,17 @@ type Report struct {
 	// and retries after 429s has short waits and long finishes).
 	FinishSeconds    map[string]Summary `json:"finish_seconds"`
 	PositionAccuracy PositionAccuracy   `json:"position_accuracy"`
-	// NewcomerMaxDispatchesBefore is, over heavy-vs-light's light users,
-	// the most other jobs that started between a light job's submission
-	// and its start (target ≤ 2); null in the other scenarios.
+	// NewcomerMaxDispatchesBefore is, over heavy-vs-light's light users
+	// (classes: its interactive users), the most other jobs that started
+	// between a newcomer's submission and its start (target ≤ 2); null in
+	// the other scenarios.
 	NewcomerMaxDispatchesBefore *int       `json:"newcomer_max_dispatches_before"`
 	Newcomers                   []Newcomer `json:"newcomers,omitempty"`
-	Notes                       []string   `json:"notes"`
+	// BackgroundShare is, in classes, the background jobs' share of the
+	// jobs dispatched from the first interactive submission to the last
+	// interactive start (both classes waiting); null otherwise.
+	BackgroundShare *float64 `json:"background_share"`
+	Notes           []string `json:"notes"`
 }
 
 // Utilization is the achieved rate of each dimension as a fraction of its
@@ -133,13 +138,15 @@ type FairnessReport struct {
 	ServedTokens map[string]float64 `json:"served_tokens"`
 }
 
-// Newcomer is one light user of heavy-vs-light.
+// Newcomer is one light user of heavy-vs-light (an interactive user of
+// classes).
 type Newcomer struct {
 	User string `json:"user"`
 	// DispatchesBefore is how many other jobs started between its
 	// submission and its start.
 	DispatchesBefore int `json:"dispatches_before"`
-	// HeavyQueued is the heavy user's queued jobs when it arrived.
+	// HeavyQueued is the backlog's queued jobs when it arrived (the heavy
+	// user's; in classes, the background jobs).
 	HeavyQueued int     `json:"heavy_queued"`
 	Started     bool    `json:"started"`
 	WaitSeconds float64 `json:"wait_seconds"`
@@ -306,8 +313,11 @@ func (r *runner) report(start, end time.Time, sc scenarioResult) *Report {
 		c.ChargedInputPerRequest = &v
 	}
 	r.fairness(rep, jobs, sc, offset, horizon)
-	if o.Scenario == HeavyVsLight {
+	if o.Scenario == HeavyVsLight || o.Scenario == Classes {
 		r.newcomers(rep, jobs)
+	}
+	if o.Scenario == Classes {
+		r.backgroundShare(rep, jobs)
 	}
 	return rep
 }
@@ -423,8 +433,8 @@ func (r *runner) utilization(rep *Report, jobs []Job, sc scenarioResult, offset 
 func (r *runner) fairness(rep *Report, jobs []Job, sc scenarioResult, offset time.Duration, horizon time.Time) {
 	var f Fairness
 	switch r.o.Scenario {
-	case HeavyVsLight:
-		rep.note("jain_index is null for heavy-vs-light: each light user has one job, so no window has several users backlogged long enough to compare their service; see newcomer_max_dispatches_before")
+	case HeavyVsLight, Classes:
+		rep.note("jain_index is null for %s: each newcomer has one job, so no window has several users backlogged long enough to compare their service; see newcomer_max_dispatches_before", r.o.Scenario)
 		return
 	case Saturate:
 		w := Window{sc.measure.Start.Add(offset), sc.measure.End.Add(offset)}
@@ -467,15 +477,16 @@ func (r *runner) fairness(rep *Report, jobs []Job, sc scenarioResult, offset tim
 	rep.Fairness = fr
 }
 
-// newcomers fills the heavy-vs-light figures.
+// newcomers fills the heavy-vs-light and classes figures.
 func (r *runner) newcomers(rep *Report, jobs []Job) {
+	heavy, light := r.newcomerClasses()
 	worst := -1
 	for i, j := range jobs {
-		if j.Class != "light" {
+		if j.Class != light {
 			continue
 		}
 		n, started := DispatchesBefore(jobs, i)
-		nc := Newcomer{User: j.User, DispatchesBefore: n, HeavyQueued: Backlog(jobs, i, "heavy"), Started: started}
+		nc := Newcomer{User: j.User, DispatchesBefore: n, HeavyQueued: Backlog(jobs, i, heavy), Started: started}
 		if started {
 			nc.WaitSeconds = round(j.StartedAt.Sub(j.CreatedAt).Seconds(), 3)
 		}
@@ -494,11 +505,48 @@ func (r *runner) newcomers(rep *Report, jobs []Job) {
 			notStarted++
 		}
 	}
-	rep.note("newcomers: %d of %d light users arrived behind a queued heavy backlog; a dispatch counts if it started at or after the light job's created_at and before its start (same-millisecond starts count against the newcomer)",
-		behind, len(rep.Newcomers))
+	rep.note("newcomers: %d of %d %s users arrived behind a queued %s backlog; a dispatch counts if it started at or after the %s job's created_at and before its start (same-millisecond starts count against the newcomer)",
+		behind, len(rep.Newcomers), light, heavy, light)
 	if notStarted > 0 {
-		rep.note("%d light jobs never started: their dispatches_before are lower bounds", notStarted)
+		rep.note("%d %s jobs never started: their dispatches_before are lower bounds", notStarted, light)
 	}
+}
+
+// backgroundShare fills classes' background share: of the jobs dispatched
+// while interactive newcomers came (from the first one's submission to
+// the last one's start), the part that was background.
+func (r *runner) backgroundShare(rep *Report, jobs []Job) {
+	var from, to time.Time
+	for _, j := range jobs {
+		if j.Class != "interactive" || !j.Started() {
+			continue
+		}
+		if from.IsZero() || j.CreatedAt.Before(from) {
+			from = j.CreatedAt
+		}
+		if j.dispatchTime().After(to) {
+			to = j.dispatchTime()
+		}
+	}
+	if from.IsZero() {
+		return
+	}
+	all, bg := 0, 0
+	for _, j := range jobs {
+		if !j.Started() || j.dispatchTime().Before(from) || j.dispatchTime().After(to) {
+			continue
+		}
+		all++
+		if j.Class == "background" {
+			bg++
+		}
+	}
+	if all == 0 {
+		return
+	}
+	share := round(float64(bg)/float64(all), 3)
+	rep.BackgroundShare = &share
+	rep.note("background_share: %d of the %d jobs dispatched from the first interactive submission to the last interactive start were background", bg, all)
 }
 
 func (rep *Report) note(format string, args ...any) {
@@ -585,7 +633,11 @@ func (rep *Report) WriteTable(w io.Writer) error {
 		b.WriteString("  Jain's index: not measured (see notes)\n")
 	}
 	if rep.NewcomerMaxDispatchesBefore != nil {
-		fmt.Fprintf(&b, "  newcomer: at most %d dispatches before a light job started (target ≤ 2)\n", *rep.NewcomerMaxDispatchesBefore)
+		who := "light"
+		if rep.Scenario == Classes {
+			who = "interactive"
+		}
+		fmt.Fprintf(&b, "  newcomer: at most %d dispatches before a newcomer's (%s) job started (target ≤ 2)\n", *rep.NewcomerMaxDispatchesBefore, who)
 		var ds []string
 		for _, nc := range rep.Newcomers {
 			s := strconv.Itoa(nc.DispatchesBefore)
@@ -594,7 +646,10 @@ func (rep *Report) WriteTable(w io.Writer) error {
 			}
 			ds = append(ds, s)
 		}
-		fmt.Fprintf(&b, "  per light user, in arrival order: %s\n", strings.Join(ds, " "))
+		fmt.Fprintf(&b, "  per %s user, in arrival order: %s\n", who, strings.Join(ds, " "))
+	}
+	if rep.BackgroundShare != nil {
+		fmt.Fprintf(&b, "  background share: %.1f%% of the dispatches while interactive users came\n", *rep.BackgroundShare*100)
 	}
 
 	b.WriteString("\nwaits (s): wait = started_at − created_at, finish = finished_at − created_at\n")

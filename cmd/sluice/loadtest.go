@@ -40,6 +40,10 @@ Scenarios:
                   users (20) arrive one at a time with one job each (the next
                   when the previous has started, or every --light-interval);
                   stops once the light jobs are done
+  classes         heavy-vs-light with service classes: --background-users
+                  users (4) share a backlog of --heavy-jobs background jobs
+                  (500), then --users interactive users (20) arrive one at a
+                  time; reports the background share of the dispatches
   saturate        --users users (20) keep a backlog queued for --warmup (60s)
                   + --duration (2m); figures cover the --duration
   long-answers    saturate with the output limit binding: answers of 1,000
@@ -56,8 +60,8 @@ Scenarios:
                   --max-concurrency 16
 
 Flags:
-  --scenario NAME         classroom, heavy-vs-light, saturate, long-answers,
-                          cached-classroom or mixed-cache (required)
+  --scenario NAME         classroom, heavy-vs-light, classes, saturate,
+                          long-answers, cached-classroom or mixed-cache (required)
   --url URL               a running sluice's base URL; none = start one in-process
   --key KEY               its tenant key (env SLUICE_KEY); in-process makes one
   --fake-url URL          the fake upstream behind --url, for 429s and upstream
@@ -67,9 +71,11 @@ Flags:
   --users N               students, light users or users (defaults 30, 20, 20)
   --requests-per-user N   classroom: requests per student (default 5)
   --spread D              classroom: arrivals spread over D (default 10s)
-  --heavy-jobs N          heavy-vs-light: the heavy user's jobs (default 500)
-  --light-interval D      heavy-vs-light: a light user every D; 0 = each once the
-                          previous light job started (default 0)
+  --heavy-jobs N          heavy-vs-light: the heavy user's jobs; classes: the
+                          background jobs (default 500)
+  --background-users N    classes: users sharing the background jobs (default 4)
+  --light-interval D      heavy-vs-light, classes: a newcomer every D; 0 = each
+                          once the previous one started (default 0)
   --duration D            saturate: the measured time (default 2m)
   --warmup D              time work must have been waiting before utilization
                           is measured, because the upstream's buckets start
@@ -121,6 +127,7 @@ func runLoadtest(ctx context.Context, args []string, getenv func(string) string,
 	fs.IntVar(&o.RequestsPerUser, "requests-per-user", loadtest.DefaultRequestsPerUser, "")
 	fs.DurationVar(&o.Spread, "spread", loadtest.DefaultSpread, "")
 	fs.IntVar(&o.HeavyJobs, "heavy-jobs", loadtest.DefaultHeavyJobs, "")
+	fs.IntVar(&o.BackgroundUsers, "background-users", loadtest.DefaultBackgroundUsers, "")
 	fs.DurationVar(&o.LightInterval, "light-interval", 0, "")
 	fs.DurationVar(&o.Duration, "duration", loadtest.DefaultDuration, "")
 	fs.DurationVar(&o.Warmup, "warmup", loadtest.DefaultWarmup, "")
@@ -149,7 +156,7 @@ func runLoadtest(ctx context.Context, args []string, getenv func(string) string,
 	}
 	if o.Scenario == "" {
 		fs.Usage()
-		return errors.New("loadtest: --scenario is required (classroom, heavy-vs-light, saturate, long-answers, cached-classroom or mixed-cache)")
+		return errors.New("loadtest: --scenario is required (classroom, heavy-vs-light, classes, saturate, long-answers, cached-classroom or mixed-cache)")
 	}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
