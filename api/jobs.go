@@ -67,6 +67,9 @@ func (s *Server) admit(c *echo.Context, tenant *config.Tenant, req *createReques
 		input = s.d.Estimator.Input(ctx, req.Model, req.RawInput)
 	}
 	policy := tenant.Policy(req.UserID)
+	if err := classAllowed(policy, req.Class, classField(c)); err != nil {
+		return nil, none, err
+	}
 	if err := fitsLimits(req, input, tenant, policy); err != nil {
 		return nil, none, err
 	}
@@ -82,7 +85,7 @@ func (s *Server) admit(c *echo.Context, tenant *config.Tenant, req *createReques
 	job := &jobs.Job{
 		ID: jobs.NewID(req.Group.Name), Tenant: tenant.Name, UserID: req.UserID, Model: req.Model,
 		Group: req.Group.Name, MaxTokens: req.MaxTokens, Request: req.Request,
-		Metadata: req.Metadata, CreatedAt: now,
+		Metadata: req.Metadata, CreatedAt: now, Class: req.Class,
 	}
 	job.TokenHash = jobs.HashToken(jobs.Token(s.d.TokenSecret, job.ID))
 	if req.DeadlineSeconds > 0 {

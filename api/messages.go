@@ -49,6 +49,8 @@ func anthropicType(e *Error) (int, string) {
 		return 529, "overloaded_error"
 	case "conflict":
 		return http.StatusConflict, "invalid_request_error"
+	case "permission_error":
+		return http.StatusForbidden, "permission_error"
 	}
 	if e.Status >= 500 {
 		return e.Status, "api_error"
@@ -85,6 +87,9 @@ func (s *Server) createMessage(c *echo.Context) error {
 	wrapped, _ := json.Marshal(map[string]any{"request": top})
 	req, err := parseCreate(wrapped, s.cfg, tenant)
 	if err != nil {
+		return err
+	}
+	if req.Class, err = headerClass(c); err != nil {
 		return err
 	}
 	job, _, err := s.admit(c, tenant, req, body)

@@ -25,6 +25,7 @@ type createRequest struct {
 	Request         json.RawMessage // the Messages body to send: max_tokens filled in, stream and metadata removed
 	Metadata        json.RawMessage // the client's own metadata, kept with the job
 	RawInput        int             // estimate.Raw of the request, from the parsed parts
+	Class           string          // the service class (config.ClassInteractive, ClassBackground)
 }
 
 const (
@@ -37,7 +38,7 @@ const (
 	maxDeadline = 7 * 24 * 3600
 )
 
-var jobFields = map[string]bool{"user_id": true, "request": true, "deadline_seconds": true, "metadata": true}
+var jobFields = map[string]bool{"user_id": true, "request": true, "deadline_seconds": true, "metadata": true, "class": true}
 
 // parseCreate validates a POST /v1/jobs body (and, wrapped as
 // {"request": …}, a POST /v1/messages body). Every refusal names the field
@@ -73,6 +74,9 @@ func parseCreate(body []byte, cfg *config.Config, tenant *config.Tenant) (*creat
 	if out.Metadata, err = jobMetadata(top); err != nil {
 		return nil, err
 	}
+	if out.Class, err = jobClass(top); err != nil {
+		return nil, err
+	}
 	if out.Request, err = json.Marshal(req); err != nil {
 		return nil, invalid("request", "The request could not be re-encoded: %v.", err)
 	}
@@ -94,7 +98,7 @@ func decodeJob(body []byte) (top, req map[string]json.RawMessage, err error) {
 	}
 	for k := range top {
 		if !jobFields[k] {
-			return nil, nil, invalid(k, "Unknown field %q. A job takes user_id, request, deadline_seconds and metadata.", truncate(k, 64))
+			return nil, nil, invalid(k, "Unknown field %q. A job takes user_id, request, class, deadline_seconds and metadata.", truncate(k, 64))
 		}
 	}
 	rawReq, ok := top["request"]

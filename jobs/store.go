@@ -118,6 +118,9 @@ func (s *Store) Fields(j *Job) []any {
 	if len(j.Metadata) > 0 {
 		fields = append(fields, "metadata", string(j.Metadata))
 	}
+	if j.Class != "" {
+		fields = append(fields, "class", j.Class)
+	}
 	return fields
 }
 
@@ -399,7 +402,7 @@ const CostField = "cost_musd"
 func fromHash(id string, m map[string]string) (*Job, error) {
 	j := &Job{
 		ID: id, Tenant: m["tenant"], UserID: m["user_id"], Model: m["model"], Group: m["group"],
-		Status: Status(m["status"]), Text: m["text"], TokenHash: m["token_hash"],
+		Status: Status(m["status"]), Text: m["text"], TokenHash: m["token_hash"], Class: m["class"],
 		CreatedAt: timeFromMillis(m["created_at"]), StartedAt: timeFromMillis(m["started_at"]),
 		FinishedAt: timeFromMillis(m["finished_at"]), DeadlineAt: timeFromMillis(m["deadline_at"]),
 		NotBefore: timeFromMillis(m["not_before"]),

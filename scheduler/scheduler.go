@@ -143,6 +143,7 @@ func (k keys) order() string          { return k.p("order") }
 func (k keys) delayed() string        { return k.p("delayed") }
 func (k keys) delayedTags() string    { return k.p("delayed_tags") }
 func (k keys) vtime() string          { return k.p("vtime") }
+func (k keys) vtimeB() string         { return k.p("vtime_b") }
 func (k keys) finish() string         { return k.p("finish") }
 func (k keys) costs() string          { return k.p("costs") }
 func (k keys) totals() string         { return k.p("totals") }
@@ -359,7 +360,7 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 		UserKey(j.Tenant, j.UserID), a.InputEstimate, j.MaxTokens, weight, wakeChannel(g.Name)}
 	args = append(args, limits(g)...)
 	args = append(args, g.MaxConcurrency, held.requests, held.tokens,
-		a.Policy.MaxQueued, a.MaxWait.Milliseconds(), a.BodyHash, int(IdempotencyTTL/time.Second), deadline, countReads(g), quotas)
+		a.Policy.MaxQueued, a.MaxWait.Milliseconds(), a.BodyHash, int(IdempotencyTTL/time.Second), deadline, countReads(g), quotas, j.Class)
 	args = append(args, s.store.Fields(j)...)
 	if held.usd > 0 {
 		args = append(args, "q_usd", held.usd, "b_d", held.day, "b_m", held.month)
@@ -368,7 +369,7 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 		jobs.Key(j.ID), k.cache(), k.seq(), k.order(), k.finish(), k.vtime(),
 		k.costs(), k.totals(), k.lim(), idem,
 		jobs.CountsKey(g.Name, j.Tenant, j.UserID), jobs.IndexKey(g.Name, j.Tenant, ""), jobs.IndexKey(g.Name, j.Tenant, j.UserID),
-		k.deadlines(), jobs.WaitingUsersKey(g.Name), k.live(),
+		k.deadlines(), jobs.WaitingUsersKey(g.Name), k.live(), k.vtimeB(),
 	}, userQuota...), args...).Slice()
 	if err != nil {
 		// Whether the job was admitted is unknown: its quota stays
@@ -740,11 +741,11 @@ func (s *Scheduler) Dispatch(ctx context.Context, g *config.ModelGroup, max int)
 	args := append([]any{s.now()}, limits(g)...)
 	args = append(args, g.MaxConcurrency, s.lease.Milliseconds(), max, rkeys.Prefix, MovedChannel(g.Name),
 		jobs.ChannelPrefix, s.store.MaxEvents(), awayAfter.Milliseconds(), rkeys.UserPrefix(g.Name), outputAccounting(g),
-		g.CacheHold.Milliseconds(), countReads(g))
+		g.CacheHold.Milliseconds(), countReads(g), g.BackgroundMinShare)
 	res, err := dispatchScript.Run(ctx, s.rdb, []string{
 		k.order(), k.delayed(), k.vtime(), k.finish(), k.costs(), k.totals(), k.lim(),
 		k.reservations(), k.leases(), k.dispatching(), k.delayedTags(), k.deadlines(), k.expiring(), k.dispatchSeq(),
-		k.rate(), k.live(), jobs.WaitingUsersKey(g.Name), k.cache(),
+		k.rate(), k.live(), jobs.WaitingUsersKey(g.Name), k.cache(), k.vtimeB(),
 	}, args...).Slice()
 	if err != nil {
 		return Result{}, fmt.Errorf("scheduler: dispatch %s: %w", g.Name, err)
