@@ -12,6 +12,7 @@ import (
 	"github.com/anthropics/anthropic-sdk-go/v2"
 	"github.com/anthropics/anthropic-sdk-go/v2/option"
 
+	"github.com/sluice-dev/sluice/fakeanthropic"
 	"github.com/sluice-dev/sluice/internal/harness"
 	"github.com/sluice-dev/sluice/jobs"
 )
@@ -107,4 +108,51 @@ func TestMessagesClassHeader(t *testing.T) {
 	check("bad class", err, 400, "invalid_request_error", "sluice-class")
 	_, err = client.Messages.New(ctx, params("live", "hi", 50), option.WithHeader("sluice-class", "background"))
 	check("forbidden class", err, 403, "permission_error", "allowed here: interactive.")
+}
+
+// End to end, through a worker and the fake upstream, one call at a time:
+// a user's background backlog is running when the same user sends
+// interactive jobs; they run next, before the rest of the backlog (fair
+// queuing alone would put them behind the user's own earlier jobs).
+func TestInteractiveJobsOvertakeABackgroundBacklog(t *testing.T) {
+	e := harness.Start(t, harness.Options{MaxConcurrency: 1, Fake: fakeanthropic.Config{Latency: 150 * time.Millisecond}})
+	var back, inter []string
+	for range 8 {
+		back = append(back, e.Submit(t, classBody("bulk", "background")).ID)
+	}
+	harness.Eventually(t, 20*time.Second, func() bool { return e.Get(t, back[0]).DispatchSeq > 0 }, "the first background job to be dispatched")
+	for range 4 {
+		inter = append(inter, e.Submit(t, classBody("bulk", "interactive")).ID)
+	}
+	var lastInteractive time.Time
+	maxSeq := int64(0)
+	for _, id := range inter {
+		v := e.WaitTerminal(t, id, 30*time.Second)
+		if v.Status != jobs.Succeeded || v.FinishedAt == nil {
+			t.Fatalf("interactive job %+v", v)
+		}
+		maxSeq = max(maxSeq, v.DispatchSeq)
+		if v.FinishedAt.After(lastInteractive) {
+			lastInteractive = *v.FinishedAt
+		}
+	}
+	before := 0 // background jobs dispatched before the last interactive one
+	for _, id := range back {
+		v := e.WaitTerminal(t, id, 30*time.Second)
+		if v.Status != jobs.Succeeded {
+			t.Fatalf("background job %+v", v)
+		}
+		if v.DispatchSeq < maxSeq {
+			before++
+			continue
+		}
+		if !v.FinishedAt.After(lastInteractive) {
+			t.Errorf("background job %d (dispatched %d) finished at %v, before the last interactive job at %v", v.DispatchSeq, v.DispatchSeq, v.FinishedAt, lastInteractive)
+		}
+	}
+	// The one running when they arrived, and at most one more that was
+	// dispatched as it ended in the moment before they were admitted.
+	if before > 2 {
+		t.Fatalf("%d background jobs went before the last interactive one (dispatch %d)", before, maxSeq)
+	}
 }
