@@ -35,6 +35,26 @@ func TestJobClassField(t *testing.T) {
 	if v := e.Submit(t, classBody("alice", "interactive")); v.Class != "interactive" {
 		t.Fatalf("interactive job shows class %q", v.Class)
 	}
+	page := scrape(t, e)
+	for series, want := range map[string]float64{
+		`sluice_queue_class_jobs{class="interactive",group="sonnet"}`: 2,
+		`sluice_queue_class_jobs{class="background",group="sonnet"}`:  1,
+		`sluice_queue_jobs{group="sonnet"}`:                           3,
+	} {
+		if got := metric(page, series); got != want {
+			t.Errorf("%s = %v, want %v", series, got, want)
+		}
+	}
+	resp, b := e.Do(t, http.MethodGet, "/v1/admin/status", harness.AdminKey, nil)
+	var st struct {
+		Groups []struct {
+			Queued           int64 `json:"queued"`
+			QueuedBackground int64 `json:"queued_background"`
+		} `json:"groups"`
+	}
+	if err := json.Unmarshal(b, &st); err != nil || resp.StatusCode != 200 || len(st.Groups) != 1 || st.Groups[0].Queued != 3 || st.Groups[0].QueuedBackground != 1 {
+		t.Errorf("status: %d %s", resp.StatusCode, b)
+	}
 	for _, bad := range []any{"urgent", "Background", 5, true, map[string]any{}} {
 		b := harness.JobBody("alice", "hi")
 		b["class"] = bad

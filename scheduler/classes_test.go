@@ -343,3 +343,23 @@ func TestLostBackgroundEntryReturnsToItsSegment(t *testing.T) {
 		})
 	}
 }
+
+// The gauges count the queue and the last minute's dispatches by class.
+func TestGaugesByClass(t *testing.T) {
+	e := newClassEnv(t, config.ModelGroup{RPM: 1000000, InputTPM: 100000000, OutputTPM: 100000000, BackgroundMinShare: 0.5})
+	for range 4 {
+		e.admitClass(t, "a", config.ClassInteractive, 10, 1)
+		e.admitClass(t, "x", config.ClassBackground, 10, 1)
+	}
+	// Half the dispatches are owed to background: a, x, a, x.
+	if r := e.dispatch(t, 4); len(r.Jobs) != 4 {
+		t.Fatalf("dispatch: %+v", r)
+	}
+	g, err := e.s.Gauges(context.Background(), e.g)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g.Queued != 4 || g.QueuedBackground != 2 || g.Dispatched != 4 || g.DispatchedBackground != 2 {
+		t.Fatalf("gauges: queued %d (background %d), dispatched %v (background %v)", g.Queued, g.QueuedBackground, g.Dispatched, g.DispatchedBackground)
+	}
+}

@@ -1100,12 +1100,16 @@ func toInt(v any) int {
 
 // Gauges are a model group's live figures, for metrics and the dashboard.
 type Gauges struct {
-	Queued      int64 // jobs waiting in the fair queue
-	ActiveUsers int64 // users with at least one job waiting
-	InFlight    int64 // concurrency slots taken (calls running or about to)
+	Queued int64 // jobs waiting in the fair queue
+	// QueuedBackground is how many of them are background jobs.
+	QueuedBackground int64
+	ActiveUsers      int64 // users with at least one job waiting
+	InFlight         int64 // concurrency slots taken (calls running or about to)
 	// Dispatched is how many jobs were dispatched over the last 60 s (the
 	// current minute and the part of the previous one still in the window).
 	Dispatched float64
+	// DispatchedBackground is how many of them were background jobs.
+	DispatchedBackground float64
 	// Dimensions: requests, input tokens, output tokens per minute.
 	Dimensions []Dimension
 	Frozen     time.Duration // how long dispatch stays frozen (upstream 429); 0 = not
@@ -1150,24 +1154,26 @@ type Dimension struct {
 
 // gaugesReply is lua/gauges.lua's reply.
 type gaugesReply struct {
-	Now        float64            `json:"now"`
-	Levels     [3]float64         `json:"levels"`
-	Caps       [3]float64         `json:"caps"`
-	Limits     [3]float64         `json:"limits"`
-	Frozen     float64            `json:"frozen"`
-	Factor     float64            `json:"factor"`
-	Leases     int64              `json:"leases"`
-	Queued     int64              `json:"queued"`
-	Users      int64              `json:"users"`
-	Dispatched [2]float64         `json:"dispatched"`
-	Input      [2]float64         `json:"input"`
-	Output     [2]float64         `json:"output"`
-	Down       float64            `json:"down"`
-	ProbeAt    float64            `json:"probe_at"`
-	Probes     int64              `json:"probes"`
-	Outages    int64              `json:"outages"`
-	Probing    bool               `json:"probing"`
-	Seen       map[string]float64 `json:"seen"`
+	Now         float64            `json:"now"`
+	Levels      [3]float64         `json:"levels"`
+	Caps        [3]float64         `json:"caps"`
+	Limits      [3]float64         `json:"limits"`
+	Frozen      float64            `json:"frozen"`
+	Factor      float64            `json:"factor"`
+	Leases      int64              `json:"leases"`
+	Queued      int64              `json:"queued"`
+	Users       int64              `json:"users"`
+	Dispatched  [2]float64         `json:"dispatched"`
+	DispatchedB [2]float64         `json:"dispatched_b"`
+	QueuedB     int64              `json:"queued_b"`
+	Input       [2]float64         `json:"input"`
+	Output      [2]float64         `json:"output"`
+	Down        float64            `json:"down"`
+	ProbeAt     float64            `json:"probe_at"`
+	Probes      int64              `json:"probes"`
+	Outages     int64              `json:"outages"`
+	Probing     bool               `json:"probing"`
+	Seen        map[string]float64 `json:"seen"`
 }
 
 // Gauges reads g's live figures in one atomic, read-only step.
@@ -1195,6 +1201,7 @@ func (s *Scheduler) Gauges(ctx context.Context, g *config.ModelGroup) (Gauges, e
 	out := Gauges{
 		InFlight: r.Leases, Queued: r.Queued, ActiveUsers: r.Users,
 		Dispatched: window(r.Dispatched), Pace: r.Factor, Outages: r.Outages,
+		QueuedBackground: r.QueuedB, DispatchedBackground: window(r.DispatchedB),
 	}
 	used := []float64{out.Dispatched, window(r.Input), window(r.Output)}
 	if r.Frozen > r.Now {
