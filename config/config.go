@@ -446,10 +446,10 @@ type ModelGroup struct {
 	// its answer begins (the prefix is then cached and they read it) or
 	// this long after it was sent. 0 turns the hold off. Default 10s.
 	CacheHold time.Duration `yaml:"cache_hold"`
-	// BackgroundMinShare is the least share of the group's dispatches
-	// (counted in requests over the current and the previous minute) that
-	// background jobs get while interactive jobs also wait; interactive
-	// jobs otherwise go first. 0 gives interactive jobs strict priority.
+	// BackgroundMinShare is the least share of the group's dispatches made
+	// while background jobs waited (counted in requests over the current
+	// and the previous minute) that background jobs get while interactive
+	// jobs also wait; interactive jobs otherwise go first. 0 gives interactive jobs strict priority.
 	// Default 0.10.
 	BackgroundMinShare float64 `yaml:"background_min_share"`
 }

@@ -363,3 +363,33 @@ func TestGaugesByClass(t *testing.T) {
 		t.Fatalf("gauges: queued %d (background %d), dispatched %v (background %v)", g.Queued, g.QueuedBackground, g.Dispatched, g.DispatchedBackground)
 	}
 }
+
+// The share counts the dispatches made while background jobs waited: a
+// background job that arrives after a busy interactive minute is owed no
+// burst, only its share from then on.
+func TestBackgroundShareCountsOnlyWhileItWaits(t *testing.T) {
+	e := newClassEnv(t, config.ModelGroup{RPM: 1000000, InputTPM: 100000000, OutputTPM: 100000000, BackgroundMinShare: 0.1})
+	for range 100 {
+		e.admitClass(t, "a", config.ClassInteractive, 10, 1)
+	}
+	for range 50 {
+		e.dispatch(t, 1)
+	}
+	bg := map[string]bool{}
+	for range 5 {
+		id, _ := e.admitClass(t, "x", config.ClassBackground, 10, 1)
+		bg[id] = true
+	}
+	var classes []string
+	for range 20 {
+		c := "i"
+		if bg[e.dispatch(t, 1).Jobs[0].JobID] {
+			c = "b"
+		}
+		classes = append(classes, c)
+	}
+	want := "i i i i i i i i i b i i i i i i i i i b"
+	if diff := cmp.Diff(want, strings.Join(classes, " ")); diff != "" {
+		t.Fatalf("classes in dispatch order (-want +got):\n%s", diff)
+	}
+}

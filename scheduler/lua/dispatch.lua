@@ -383,17 +383,21 @@ end
 local skip, held, hold_until = 0, 0, nil
 
 -- Service classes. Interactive jobs sort first, so the head of the order
--- is interactive whenever one waits. Background keeps a minimum share of
--- the group's dispatches (ARGV[18], counted in requests over this minute
--- and the previous one): while interactive jobs also wait and background
--- is owed a whole dispatch of its share, the next pick is the first
--- background job instead (its own scan past held jobs: skip_b). bg_done:
--- no background job can go in this round.
+-- is interactive whenever one waits. Background keeps a minimum share
+-- (ARGV[18]) of the dispatches made while background jobs waited, counted
+-- in requests over this minute and the previous one (rate fields
+-- w<minute>: dispatches while background waited, b<minute>: background
+-- dispatches): while interactive jobs also wait and background is owed a
+-- whole dispatch of its share, the next pick is the first background job
+-- instead (its own scan past held jobs: skip_b). Counting only the
+-- dispatches made while background waited means a background job that
+-- arrives after a busy interactive minute is owed nothing yet, rather than
+-- a burst. bg_done: no background job can go in this round.
 local min_share = tonumber(ARGV[18]) or 0
 local minute = math.floor(now / 60000)
-local rt = redis.call('HMGET', KEYS[15], minute, minute - 1, 'b' .. minute, 'b' .. (minute - 1))
+local rt = redis.call('HMGET', KEYS[15], 'w' .. minute, 'w' .. (minute - 1), 'b' .. minute, 'b' .. (minute - 1))
 local n_all, n_bg = num(rt[1], 0) + num(rt[2], 0), num(rt[3], 0) + num(rt[4], 0)
-local skip_b, bg_done, picked_b = 0, min_share <= 0, 0
+local skip_b, bg_done, picked_b, picked_w = 0, min_share <= 0, 0, 0
 local HOLD_SCAN = 200 -- held jobs a round looks past, at most
 
 -- cache_plan reads a job's prefixes: the tokens known cached, whether it
@@ -516,7 +520,9 @@ while out[1] == '' do
       elseif tag > v then
         v = tag
       end
-      n_all = n_all + 1
+      if min_share > 0 and (tag >= BG or class_head(KEYS[1], true)) then
+        n_all, picked_w = n_all + 1, picked_w + 1
+      end
       redis.call('ZADD', KEYS[9], now + lease_ms, id)
       redis.call('HDEL', jkey(id), 'lease_grace')
       local n = redis.call('HINCRBY', jkey(id), 'dispatch', 1)
@@ -571,5 +577,9 @@ end
 if picked_b > 0 then
   redis.call('HINCRBY', KEYS[15], 'b' .. minute, intstr(picked_b))
   redis.call('HDEL', KEYS[15], 'b' .. (minute - 5))
+end
+if picked_w > 0 then
+  redis.call('HINCRBY', KEYS[15], 'w' .. minute, intstr(picked_w))
+  redis.call('HDEL', KEYS[15], 'w' .. (minute - 5))
 end
 return out
