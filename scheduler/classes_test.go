@@ -393,3 +393,42 @@ func TestBackgroundShareCountsOnlyWhileItWaits(t *testing.T) {
 		t.Fatalf("classes in dispatch order (-want +got):\n%s", diff)
 	}
 }
+
+// A background job held for a prompt-cache write keeps its place; the
+// minimum share then goes to the next background job that can go, and the
+// held one waits without holding up anyone.
+func TestBackgroundShareLooksPastHeldJobs(t *testing.T) {
+	g := cacheGroup()
+	g.BackgroundMinShare = 0.5
+	e := newClassEnv(t, g)
+	admit := func(user, class string, ps ...scheduler.CachePrefix) string {
+		j := &jobs.Job{ID: jobs.NewID(e.g.Name), Tenant: "t", UserID: user, Model: "m", Group: e.g.Name,
+			MaxTokens: 100, Request: []byte(`{}`), CreatedAt: e.clk.Now(), Class: class}
+		res, err := e.s.Admit(context.Background(), scheduler.Admission{Job: j, Group: e.g, InputEstimate: 7000, CachePrefixes: ps, Policy: config.UserPolicy{Weight: 1}})
+		if err != nil || res.Outcome != scheduler.Admitted {
+			t.Fatalf("admit: %v %+v", err, res)
+		}
+		return j.ID
+	}
+	name := map[string]string{}
+	for i := range 4 {
+		name[admit(fmt.Sprint("i", i), config.ClassInteractive)] = fmt.Sprint("i", i+1)
+	}
+	name[admit("x", config.ClassBackground, syllabus)] = "b1" // the prefix's writer
+	name[admit("y", config.ClassBackground, syllabus)] = "b2" // held for it
+	name[admit("z", config.ClassBackground)] = "b3"
+	var order []string
+	for range 6 {
+		r := e.dispatch(t, 1)
+		if len(r.Jobs) != 1 {
+			t.Fatalf("dispatch after %v: %+v", order, r)
+		}
+		order = append(order, name[r.Jobs[0].JobID])
+	}
+	if diff := cmp.Diff("i1 b1 i2 b3 i3 i4", strings.Join(order, " ")); diff != "" {
+		t.Fatalf("dispatch order (-want +got):\n%s", diff)
+	}
+	if r := e.dispatch(t, 1); r.State != scheduler.Hold || len(r.Jobs) != 0 {
+		t.Fatalf("with only the held job left: %+v", r)
+	}
+}

@@ -450,7 +450,7 @@ while out[1] == '' do
     if not from_bg then bg_done = true end
   end
   if not from_bg then head = redis.call('ZRANGE', KEYS[1], skip, skip, 'WITHSCORES') end
-  if #head == 0 and skip > 0 or skip >= HOLD_SCAN then
+  if not from_bg and (#head == 0 and skip > 0 or skip >= HOLD_SCAN) then
     out[1], out[2] = 'hold', math.max(1, hold_until - now)
     local d = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
     if #d > 0 then out[2] = math.max(1, math.min(out[2], tonumber(d[2]) - now)) end
