@@ -432,3 +432,29 @@ func TestBackgroundShareLooksPastHeldJobs(t *testing.T) {
 		t.Fatalf("with only the held job left: %+v", r)
 	}
 }
+
+// An interactive V in background space (a dispatcher of a release before
+// classes dispatched a background job) is taken as lost: interactive jobs
+// stay in their own space and go first.
+func TestInteractiveVInBackgroundSpaceIsDiscarded(t *testing.T) {
+	e := newClassEnv(t, config.ModelGroup{RPM: 1000000, InputTPM: 100000000, OutputTPM: 100000000})
+	ctx := context.Background()
+	b, _ := e.admitClass(t, "x", config.ClassBackground, 10, 1)
+	if err := e.rdb.Set(ctx, rkeys.FQ(e.g.Name, "vtime"), "1000000000000050", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	i, res := e.admitClass(t, "a", config.ClassInteractive, 10, 1)
+	if res.Position != 1 || e.score(t, i) >= bgBase {
+		t.Fatalf("interactive job admitted at %d, tag %v", res.Position, e.score(t, i))
+	}
+	var order []string
+	for range 2 {
+		order = append(order, e.dispatch(t, 1).Jobs[0].JobID)
+	}
+	if diff := cmp.Diff([]string{i, b}, order); diff != "" {
+		t.Fatalf("order (-want +got):\n%s", diff)
+	}
+	if v, err := e.rdb.Get(ctx, rkeys.FQ(e.g.Name, "vtime")).Float64(); err != nil || v >= bgBase {
+		t.Fatalf("interactive V after the round: %v %v", v, err)
+	}
+}

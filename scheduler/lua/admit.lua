@@ -112,6 +112,9 @@ end
 local bg = ARGV[25] == 'background'
 local base = bg and BG or 0
 local v = tonumber(redis.call('GET', bg and KEYS[17] or KEYS[6]))
+-- An interactive V in background space was set by a dispatcher of a
+-- release before classes: taken as lost.
+if v and not bg and v >= BG then v = nil end
 if not v then v = class_head(KEYS[4], bg) or base end
 local fmember = finish_member(ARGV[6], bg)
 local f = num(redis.call('ZSCORE', KEYS[5], fmember), base)

@@ -322,6 +322,9 @@ local picked = 0
 -- Each class has its own (see prelude.lua): a lost one is taken as the
 -- tag of its class's first waiting job.
 local v0 = tonumber(redis.call('GET', KEYS[3]))
+-- (One in background space was set by a dispatcher of a release before
+-- classes that dispatched a background job: taken as lost.)
+if v0 and v0 >= BG then v0 = nil end
 local v = v0
 if not v then
   v, v0 = class_head(KEYS[1], false) or 0, -1
