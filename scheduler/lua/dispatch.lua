@@ -317,10 +317,9 @@ sweep()
 local st = lim_load(KEYS[7], now, cfg)
 local out = {'', 0, 0}
 local picked = 0
--- V, the start tag of the last job dispatched. A lost V is taken as the
--- queue head's tag (and stored again).
--- Each class has its own (see prelude.lua): a lost one is taken as the
--- tag of its class's first waiting job.
+-- V, the start tag of the last job dispatched, one per class (see
+-- prelude.lua): v interactive, vb background. A lost one is taken as the
+-- tag of its class's first waiting job (and stored again).
 local v0 = tonumber(redis.call('GET', KEYS[3]))
 -- (One in background space was set by a dispatcher of a release before
 -- classes that dispatched a background job: taken as lost.)

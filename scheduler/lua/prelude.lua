@@ -55,8 +55,8 @@ end
 -- job's start tag is its fair-queuing tag, a background job's is BG plus
 -- its own class's tag, so every background job sorts after every
 -- interactive one and the head of the order is interactive whenever one
--- waits. Each class has its own V (interactive: the vtime key, background:
--- vtime_b, both in BG's space for background) and its own finish tags (the
+-- waits. Each class has its own V (interactive: the vtime key; background:
+-- the vtime_b key, in BG's space) and its own finish tags (member: the
 -- user key for interactive, the user key and "\0b" for background). A
 -- background tag is above 2^49, where a double keeps quarter-token steps,
 -- and %.14g (tostring) would lose digits: tags are written with tagstr.
