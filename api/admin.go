@@ -105,16 +105,19 @@ func (s *Server) adminUsage(c *echo.Context) error {
 
 // groupStatus is one model group's live state in GET /v1/admin/status.
 type groupStatus struct {
-	Group          string        `json:"group"`
-	Queued         int64         `json:"queued"`
-	ActiveUsers    int64         `json:"active_users"`
-	InFlight       int64         `json:"in_flight"`
-	MaxConcurrency int           `json:"max_concurrency"`
-	Dispatched     float64       `json:"dispatched_last_minute"`
-	FrozenSeconds  float64       `json:"frozen_seconds"`
-	Pace           float64       `json:"pace"`
-	HeadersSeenAt  *stamp        `json:"upstream_headers_seen_at"`
-	Limits         []limitStatus `json:"limits"`
+	Group          string  `json:"group"`
+	Queued         int64   `json:"queued"`
+	ActiveUsers    int64   `json:"active_users"`
+	InFlight       int64   `json:"in_flight"`
+	MaxConcurrency int     `json:"max_concurrency"`
+	Dispatched     float64 `json:"dispatched_last_minute"`
+	// The background jobs among Queued and Dispatched (service classes).
+	QueuedBackground     int64         `json:"queued_background"`
+	DispatchedBackground float64       `json:"dispatched_background_last_minute"`
+	FrozenSeconds        float64       `json:"frozen_seconds"`
+	Pace                 float64       `json:"pace"`
+	HeadersSeenAt        *stamp        `json:"upstream_headers_seen_at"`
+	Limits               []limitStatus `json:"limits"`
 	// Outage is the group's outage while it is in one (null: healthy);
 	// Outages counts the outages it has had.
 	Outage  *outageStatus `json:"outage"`
@@ -210,6 +213,7 @@ func (s *Server) adminStatus(c *echo.Context) error {
 			return err
 		}
 		gs := groupStatus{Group: g.Name, Queued: st.Queued, ActiveUsers: st.ActiveUsers, InFlight: st.InFlight,
+			QueuedBackground: st.QueuedBackground, DispatchedBackground: st.DispatchedBackground,
 			MaxConcurrency: g.MaxConcurrency, Dispatched: st.Dispatched, FrozenSeconds: st.Frozen.Seconds(), Pace: st.Pace,
 			Outages: st.Outages}
 		if o := st.Outage; o != nil {

@@ -65,6 +65,9 @@ func (s *Server) admit(c *echo.Context, tenant *config.Tenant, req *createReques
 	// stopped answering costs the client one timeout, not one per call.
 	ctx, cancel := context.WithTimeout(c.Request().Context(), s.cfg.Redis.Timeout)
 	defer cancel()
+	if err := classAllowed(policy, req.Class, classField(c)); err != nil {
+		return nil, none, err
+	}
 	a, err := s.admission(ctx, tenant, policy, req, input, idemKey, hash)
 	if err != nil {
 		return nil, none, err
@@ -172,7 +175,7 @@ func (s *Server) admission(ctx context.Context, tenant *config.Tenant, policy co
 	job := &jobs.Job{
 		ID: jobs.NewID(req.Group.Name), Tenant: tenant.Name, UserID: req.UserID, Model: req.Model,
 		Group: req.Group.Name, MaxTokens: req.MaxTokens, Request: req.Request,
-		Metadata: req.Metadata, CreatedAt: now,
+		Metadata: req.Metadata, CreatedAt: now, Class: req.Class,
 	}
 	job.TokenHash = jobs.HashToken(jobs.Token(s.d.TokenSecret, job.ID))
 	if req.DeadlineSeconds > 0 {

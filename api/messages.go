@@ -49,6 +49,8 @@ func anthropicType(e *Error) (int, string) {
 		return 529, "overloaded_error"
 	case "conflict":
 		return http.StatusConflict, "invalid_request_error"
+	case "permission_error":
+		return http.StatusForbidden, "permission_error"
 	}
 	if e.Status >= 500 {
 		return e.Status, "api_error"
@@ -88,6 +90,9 @@ func (s *Server) createMessage(c *echo.Context) error {
 		return err
 	}
 	if err := headerFallback(c, s.cfg, req); err != nil {
+		return err
+	}
+	if req.Class, err = headerClass(c); err != nil {
 		return err
 	}
 	job, _, err := s.admit(c, tenant, req, body)

@@ -26,6 +26,7 @@ type createRequest struct {
 	Request         json.RawMessage // the Messages body to send: max_tokens filled in, stream and metadata removed
 	Metadata        json.RawMessage // the client's own metadata, kept with the job
 	RawInput        int             // estimate.Raw of the request, from the parsed parts
+	Class           string          // the service class (config.ClassInteractive, ClassBackground)
 	// NoFallback: the request turned model fallback off (fallback: false).
 	// FallbackOrder, when not nil, is the request's own order of
 	// fallbacks, used instead of the tenant's rule's.
@@ -50,7 +51,7 @@ const (
 	maxDeadline = 7 * 24 * 3600
 )
 
-var jobFields = map[string]bool{"user_id": true, "request": true, "deadline_seconds": true, "metadata": true, "fallback": true}
+var jobFields = map[string]bool{"user_id": true, "request": true, "deadline_seconds": true, "metadata": true, "class": true, "fallback": true}
 
 // parseCreate validates a POST /v1/jobs body (and, wrapped as
 // {"request": …}, a POST /v1/messages body). Every refusal names the field
@@ -86,6 +87,9 @@ func parseCreate(body []byte, cfg *config.Config, tenant *config.Tenant) (*creat
 	if out.Metadata, err = jobMetadata(top); err != nil {
 		return nil, err
 	}
+	if out.Class, err = jobClass(top); err != nil {
+		return nil, err
+	}
 	if out.NoFallback, out.FallbackOrder, err = jobFallback(top["fallback"], cfg, out.Group); err != nil {
 		return nil, err
 	}
@@ -110,7 +114,7 @@ func decodeJob(body []byte) (top, req map[string]json.RawMessage, err error) {
 	}
 	for k := range top {
 		if !jobFields[k] {
-			return nil, nil, invalid(k, "Unknown field %q. A job takes user_id, request, deadline_seconds, metadata and fallback.", truncate(k, 64))
+			return nil, nil, invalid(k, "Unknown field %q. A job takes user_id, request, class, deadline_seconds, metadata and fallback.", truncate(k, 64))
 		}
 	}
 	rawReq, ok := top["request"]

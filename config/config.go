@@ -57,6 +57,7 @@ const (
 	DefaultMaxTokensPolicy   = "clamp"
 	DefaultOutputAccounting  = OutputProduced
 	DefaultCacheHold         = 10 * time.Second
+	DefaultBackgroundShare   = 0.10
 	DefaultBodyLimitBytes    = 8 << 20 // 8 MiB
 	DefaultAPIShutdown       = 10 * time.Second
 	DefaultWorkerShutdown    = 25 * time.Second
@@ -374,6 +375,31 @@ type UserPolicy struct {
 	// cost. 0 means no cap. Default 0.
 	BudgetUSDPerDay   float64 `yaml:"budget_usd_per_day,omitempty"`
 	BudgetUSDPerMonth float64 `yaml:"budget_usd_per_month,omitempty"`
+	// Classes are the service classes the user's jobs may ask for
+	// (ClassInteractive, ClassBackground); empty means both. A user's
+	// own list replaces the tenant's.
+	Classes []string `yaml:"classes,omitempty"`
+}
+
+// The service classes of a job. Interactive jobs are dispatched before
+// background jobs whenever both wait; background keeps a minimum share of
+// the dispatches (ModelGroup.BackgroundMinShare).
+const (
+	ClassInteractive = "interactive"
+	ClassBackground  = "background"
+)
+
+// AllowsClass reports whether p lets a job of class c run.
+func (p UserPolicy) AllowsClass(c string) bool {
+	return len(p.Classes) == 0 || slices.Contains(p.Classes, c)
+}
+
+// AllowedClasses are the classes p allows, in the order of the list.
+func (p UserPolicy) AllowedClasses() []string {
+	if len(p.Classes) == 0 {
+		return []string{ClassInteractive, ClassBackground}
+	}
+	return p.Classes
 }
 
 // Policy is the effective policy of one of the tenant's users: the tenant's
@@ -398,6 +424,9 @@ func (t *Tenant) Policy(user string) UserPolicy {
 		}
 		if o.BudgetUSDPerMonth != 0 {
 			p.BudgetUSDPerMonth = o.BudgetUSDPerMonth
+		}
+		if len(o.Classes) > 0 {
+			p.Classes = o.Classes
 		}
 	}
 	return p
@@ -464,6 +493,12 @@ type ModelGroup struct {
 	// its answer begins (the prefix is then cached and they read it) or
 	// this long after it was sent. 0 turns the hold off. Default 10s.
 	CacheHold time.Duration `yaml:"cache_hold"`
+	// BackgroundMinShare is the least share of the group's dispatches made
+	// while background jobs waited (counted in requests over the current
+	// and the previous minute) that background jobs get while interactive
+	// jobs also wait; interactive jobs otherwise go first. 0 gives interactive jobs strict priority.
+	// Default 0.10.
+	BackgroundMinShare float64 `yaml:"background_min_share"`
 }
 
 // The upstream's rules for counting output tokens (ModelGroup.OutputAccounting).
@@ -697,6 +732,7 @@ func applyElementDefaults(c *Config, root *yaml.Node) {
 			ProbeIntervalMax yaml.Node `yaml:"probe_interval_max"`
 			OutputAccounting yaml.Node `yaml:"output_accounting"`
 			CacheHold        yaml.Node `yaml:"cache_hold"`
+			BackgroundShare  yaml.Node `yaml:"background_min_share"`
 		} `yaml:"model_groups"`
 	}
 	// Errors were already collected by the strict decode.
@@ -743,6 +779,9 @@ func applyElementDefaults(c *Config, root *yaml.Node) {
 		}
 		if i >= len(given.ModelGroups) || omitted(given.ModelGroups[i].CacheHold) {
 			c.ModelGroups[i].CacheHold = DefaultCacheHold
+		}
+		if i >= len(given.ModelGroups) || omitted(given.ModelGroups[i].BackgroundShare) {
+			c.ModelGroups[i].BackgroundMinShare = DefaultBackgroundShare
 		}
 		if i >= len(given.ModelGroups) || omitted(given.ModelGroups[i].OutputAccounting) {
 			c.ModelGroups[i].OutputAccounting = DefaultOutputAccounting

@@ -130,8 +130,8 @@ log: {format: JSON, level: debug}
 			{Name: "beta_2", Keys: []Key{mustKey(t, "beta-key-0123456789")}, DefaultMaxTokens: DefaultMaxTokens, MaxTokensPolicy: "clamp", MaxMessages: 1000, MaxWait: 15 * time.Minute, UserPolicy: UserPolicy{Weight: 1, MaxQueued: 50}},
 		},
 		ModelGroups: []ModelGroup{
-			{Name: "sonnet", Models: []string{"claude-sonnet-4-5", "claude-sonnet-*"}, RPM: 50, InputTPM: 30000, OutputTPM: 8000, MaxConcurrency: 4, CountCacheReads: true, Burst: DefaultBurst, OutageFailures: DefaultOutageFailures, OutageWindow: DefaultOutageWindow, ProbeInterval: DefaultProbeInterval, ProbeIntervalMax: DefaultProbeIntervalMax, OutputAccounting: OutputProduced, CacheHold: DefaultCacheHold},
-			{Name: "haiku", Models: []string{"claude-haiku-*"}, RPM: 100, InputTPM: 50000, OutputTPM: 10000, MaxConcurrency: DefaultMaxConcurrency, Burst: DefaultBurst, OutageFailures: DefaultOutageFailures, OutageWindow: DefaultOutageWindow, ProbeInterval: DefaultProbeInterval, ProbeIntervalMax: DefaultProbeIntervalMax, OutputAccounting: OutputProduced, CacheHold: DefaultCacheHold},
+			{Name: "sonnet", Models: []string{"claude-sonnet-4-5", "claude-sonnet-*"}, RPM: 50, InputTPM: 30000, OutputTPM: 8000, MaxConcurrency: 4, CountCacheReads: true, Burst: DefaultBurst, OutageFailures: DefaultOutageFailures, OutageWindow: DefaultOutageWindow, ProbeInterval: DefaultProbeInterval, ProbeIntervalMax: DefaultProbeIntervalMax, OutputAccounting: OutputProduced, CacheHold: DefaultCacheHold, BackgroundMinShare: DefaultBackgroundShare},
+			{Name: "haiku", Models: []string{"claude-haiku-*"}, RPM: 100, InputTPM: 50000, OutputTPM: 10000, MaxConcurrency: DefaultMaxConcurrency, Burst: DefaultBurst, OutageFailures: DefaultOutageFailures, OutageWindow: DefaultOutageWindow, ProbeInterval: DefaultProbeInterval, ProbeIntervalMax: DefaultProbeIntervalMax, OutputAccounting: OutputProduced, CacheHold: DefaultCacheHold, BackgroundMinShare: DefaultBackgroundShare},
 		},
 		Redis: Redis{Mode: RedisSingle, Timeout: 500 * time.Millisecond, AllowEvicting: true, CheckInterval: DefaultRedisCheck, WaitTimeout: DefaultRedisWaitTimeout},
 		API: API{BodyLimitBytes: 1 << 20, ShutdownTimeout: 5 * time.Second, ReadHeaderTimeout: DefaultReadHeaderTimeout,
@@ -149,7 +149,7 @@ func TestDefaultsFilled(t *testing.T) {
 	got := mustParse(t, minimal, env())
 	want := Default()
 	want.Tenants = []Tenant{{Name: "acme", Keys: []Key{mustKey(t, "acme-key-0123456789")}, DefaultMaxTokens: 1024, MaxTokensPolicy: "clamp", MaxMessages: 1000, MaxWait: 15 * time.Minute, UserPolicy: UserPolicy{Weight: 1, MaxQueued: 50}}}
-	want.ModelGroups = []ModelGroup{{Name: "sonnet", Models: []string{"claude-sonnet-*"}, RPM: 50, InputTPM: 30000, OutputTPM: 8000, MaxConcurrency: 8, Burst: DefaultBurst, OutageFailures: DefaultOutageFailures, OutageWindow: DefaultOutageWindow, ProbeInterval: DefaultProbeInterval, ProbeIntervalMax: DefaultProbeIntervalMax, OutputAccounting: OutputProduced, CacheHold: DefaultCacheHold}}
+	want.ModelGroups = []ModelGroup{{Name: "sonnet", Models: []string{"claude-sonnet-*"}, RPM: 50, InputTPM: 30000, OutputTPM: 8000, MaxConcurrency: 8, Burst: DefaultBurst, OutageFailures: DefaultOutageFailures, OutageWindow: DefaultOutageWindow, ProbeInterval: DefaultProbeInterval, ProbeIntervalMax: DefaultProbeIntervalMax, OutputAccounting: OutputProduced, CacheHold: DefaultCacheHold, BackgroundMinShare: DefaultBackgroundShare}}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("defaults (-want +got):\n%s", diff)
 	}
@@ -504,8 +504,8 @@ model_groups:
   - {name: g, models: [m], rpm: 1, input_tpm: 1, output_tpm: 1, max_concurency: 3}
 `,
 			want: []string{
-				"model_groups[0].max_concurency: unknown field; the fields here are name, models, rpm, input_tpm, output_tpm, max_concurrency, count_cache_reads, burst, count_tokens, outage_failures, outage_window, probe_interval, probe_interval_max, output_accounting, cache_hold (line 6)",
-				"tenants[0].key: unknown field; the fields here are name, keys, default_max_tokens, max_tokens_cap, max_tokens_policy, max_body_bytes, max_messages, max_input_tokens, max_wait, tenant_budget_usd_per_day, tenant_budget_usd_per_month, fallbacks, weight, requests_per_hour, tokens_per_hour, max_queued, budget_usd_per_day, budget_usd_per_month, users (line 4)",
+				"model_groups[0].max_concurency: unknown field; the fields here are name, models, rpm, input_tpm, output_tpm, max_concurrency, count_cache_reads, burst, count_tokens, outage_failures, outage_window, probe_interval, probe_interval_max, output_accounting, cache_hold, background_min_share (line 6)",
+				"tenants[0].key: unknown field; the fields here are name, keys, default_max_tokens, max_tokens_cap, max_tokens_policy, max_body_bytes, max_messages, max_input_tokens, max_wait, tenant_budget_usd_per_day, tenant_budget_usd_per_month, fallbacks, weight, requests_per_hour, tokens_per_hour, max_queued, budget_usd_per_day, budget_usd_per_month, classes, users (line 4)",
 				"tenants[0].keys: at least one key is required",
 			},
 		},
@@ -642,7 +642,7 @@ func TestValidateDefault(t *testing.T) {
 	}
 	c := Default()
 	c.Tenants = []Tenant{{Name: "a", Keys: []Key{mustKey(t, "a-key-0123456789abc")}, DefaultMaxTokens: 1, MaxTokensPolicy: "clamp", MaxMessages: 1000, MaxWait: 15 * time.Minute, UserPolicy: UserPolicy{Weight: 1, MaxQueued: 50}}}
-	c.ModelGroups = []ModelGroup{{Name: "g", Models: []string{"m"}, RPM: 1, InputTPM: 1, OutputTPM: 1, MaxConcurrency: 1, Burst: DefaultBurst, OutageFailures: DefaultOutageFailures, OutageWindow: DefaultOutageWindow, ProbeInterval: DefaultProbeInterval, ProbeIntervalMax: DefaultProbeIntervalMax, OutputAccounting: OutputProduced, CacheHold: DefaultCacheHold}}
+	c.ModelGroups = []ModelGroup{{Name: "g", Models: []string{"m"}, RPM: 1, InputTPM: 1, OutputTPM: 1, MaxConcurrency: 1, Burst: DefaultBurst, OutageFailures: DefaultOutageFailures, OutageWindow: DefaultOutageWindow, ProbeInterval: DefaultProbeInterval, ProbeIntervalMax: DefaultProbeIntervalMax, OutputAccounting: OutputProduced, CacheHold: DefaultCacheHold, BackgroundMinShare: DefaultBackgroundShare}}
 	if err := c.Validate(); err != nil {
 		t.Errorf("Validate: %v", err)
 	}
@@ -889,5 +889,32 @@ func TestBudgets(t *testing.T) {
 	_, err := Parse([]byte(strings.Replace(minimal, "    keys:", "    tenant_budget_usd_per_month: -1\n    keys:", 1)), env())
 	if err == nil || !strings.Contains(err.Error(), "tenants[0].tenant_budget_usd_per_month: must be an amount of US dollars ≥ 0") {
 		t.Errorf("negative budget: %v", err)
+	}
+}
+
+func TestClasses(t *testing.T) {
+	c := mustParse(t, strings.Replace(minimal, "    keys:", "    classes: [interactive]\n    users:\n      batch: {classes: [background]}\n    keys:", 1), env())
+	tn := &c.Tenants[0]
+	if p := tn.Policy("ann"); !p.AllowsClass(ClassInteractive) || p.AllowsClass(ClassBackground) {
+		t.Errorf("tenant's classes: %v", p.Classes)
+	}
+	if p := tn.Policy("batch"); p.AllowsClass(ClassInteractive) || !p.AllowsClass(ClassBackground) {
+		t.Errorf("the user's own classes: %v", p.Classes)
+	}
+	if got := c.ModelGroups[0].BackgroundMinShare; got != DefaultBackgroundShare {
+		t.Errorf("background_min_share default: %v", got)
+	}
+	if p := (UserPolicy{}); !p.AllowsClass(ClassBackground) || len(p.AllowedClasses()) != 2 {
+		t.Errorf("no list allows both: %v", p.AllowedClasses())
+	}
+	zero := mustParse(t, minimal+"    background_min_share: 0\n", env())
+	if got := zero.ModelGroups[0].BackgroundMinShare; got != 0 {
+		t.Errorf("background_min_share 0: %v", got)
+	}
+	_, err := Parse([]byte(strings.Replace(minimal, "    keys:", "    classes: [urgent]\n    keys:", 1)+"    background_min_share: 1.5\n"), env())
+	for _, want := range []string{`tenants[0].classes[0]: must be "interactive" or "background", not "urgent"`, "model_groups[0].background_min_share: must be a share from 0"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("want %q in %v", want, err)
+		}
 	}
 }

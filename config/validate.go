@@ -337,6 +337,11 @@ func (v *validator) userPolicy(p string, o UserPolicy, override bool) {
 	v.nonNegative(p+".max_queued", int64(o.MaxQueued))
 	v.dollars(p+".budget_usd_per_day", o.BudgetUSDPerDay)
 	v.dollars(p+".budget_usd_per_month", o.BudgetUSDPerMonth)
+	for i, c := range o.Classes {
+		if c != ClassInteractive && c != ClassBackground {
+			v.add(fmt.Sprintf("%s.classes[%d]", p, i), "must be %q or %q, not %q", ClassInteractive, ClassBackground, c)
+		}
+	}
 }
 
 // users checks a tenant's users: (p is the tenant's path): every key a user
@@ -432,6 +437,9 @@ func (v *validator) groupLimits(p string, g ModelGroup) {
 	v.positiveDuration(p+".probe_interval_max", g.ProbeIntervalMax)
 	if g.CacheHold < 0 {
 		v.add(p+".cache_hold", "must be 0 (no hold) or a positive duration such as 10s, not %s", g.CacheHold)
+	}
+	if !(g.BackgroundMinShare >= 0 && g.BackgroundMinShare <= 1) {
+		v.add(p+".background_min_share", "must be a share from 0 (interactive jobs always first) to 1, such as 0.1, not %v", g.BackgroundMinShare)
 	}
 	if g.OutputAccounting != "" && g.OutputAccounting != OutputProduced && g.OutputAccounting != OutputReserved {
 		v.add(p+".output_accounting", "must be %q (output counted as it is produced: the current rule) or %q (max_tokens reserved at the start: the older rule), not %q", OutputProduced, OutputReserved, g.OutputAccounting)

@@ -90,8 +90,11 @@ type Job struct {
 	Attempts       int
 	// Request is the Messages body as the upstream will get it, minus
 	// stream and with the user's own metadata.user_id removed.
-	Request    json.RawMessage
-	Metadata   json.RawMessage // the client's own job metadata, returned as given
+	Request  json.RawMessage
+	Metadata json.RawMessage // the client's own job metadata, returned as given
+	// Class is the job's service class: "interactive" (also "", a record
+	// from before classes) or "background".
+	Class      string
 	CreatedAt  time.Time
 	DeadlineAt time.Time // zero = none: a job not started by then expires
 	// DispatchedAt and DispatchSeq: when the scheduler first handed the job
@@ -136,6 +139,7 @@ type View struct {
 	RequestedModel string `json:"requested_model,omitempty"`
 	FallbackReason string `json:"fallback_reason,omitempty"`
 	MaxTokens      int    `json:"max_tokens"`
+	Class          string `json:"class"`
 	Position       *int   `json:"position,omitempty"`
 	ETASeconds     *int   `json:"eta_seconds,omitempty"`
 	// WaitReason says why a queued job's eta is unknown:
@@ -171,6 +175,10 @@ func (j *Job) View() View {
 		RequestedModel: j.RequestedModel, FallbackReason: j.FallbackReason,
 		MaxTokens: j.MaxTokens, Attempts: j.Attempts, CreatedAt: j.CreatedAt,
 		Result: j.Result, Usage: j.Usage, Error: j.Error, Metadata: j.Metadata,
+		Class: j.Class,
+	}
+	if v.Class == "" {
+		v.Class = "interactive"
 	}
 	if j.CostMicroUSD != 0 {
 		c := float64(j.CostMicroUSD) / 1e6

@@ -121,6 +121,9 @@ func (s *Store) Fields(j *Job) []any {
 	if j.RequestedModel != "" {
 		fields = append(fields, "requested_model", j.RequestedModel, "fallback_from", j.FallbackFrom, "fallback_reason", j.FallbackReason)
 	}
+	if j.Class != "" {
+		fields = append(fields, "class", j.Class)
+	}
 	return fields
 }
 
@@ -424,7 +427,7 @@ func fromHash(id string, m map[string]string) (*Job, error) {
 	j := &Job{
 		ID: id, Tenant: m["tenant"], UserID: m["user_id"], Model: m["model"], Group: m["group"],
 		RequestedModel: m["requested_model"], FallbackFrom: m["fallback_from"], FallbackReason: m["fallback_reason"],
-		Status: Status(m["status"]), Text: m["text"], TokenHash: m["token_hash"],
+		Status: Status(m["status"]), Text: m["text"], TokenHash: m["token_hash"], Class: m["class"],
 		CreatedAt: timeFromMillis(m["created_at"]), StartedAt: timeFromMillis(m["started_at"]),
 		FinishedAt: timeFromMillis(m["finished_at"]), DeadlineAt: timeFromMillis(m["deadline_at"]),
 		NotBefore: timeFromMillis(m["not_before"]),

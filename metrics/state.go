@@ -21,6 +21,7 @@ type State struct {
 
 	queued, users, inFlight, dispatched, frozen, pace, limit, used, headroom, upstream, outage, outageSeconds, outages, scrapeErrors *prometheus.Desc
 	cacheRatio, cacheHeld                                                                                                            *prometheus.Desc
+	classQueued, classDispatched                                                                                                     *prometheus.Desc
 }
 
 // NewState returns the collector for groups.
@@ -29,13 +30,16 @@ func NewState(sched *scheduler.Scheduler, groups []config.ModelGroup, log *slog.
 		return prometheus.NewDesc(prometheus.BuildFQName(ns, "", name), help, append([]string{"group"}, labels...), nil)
 	}
 	return &State{sched: sched, groups: groups, log: log,
-		queued:     d("queue_jobs", "Jobs waiting in the model group's fair queue."),
-		users:      d("queue_active_users", "Users with at least one job waiting in the model group."),
-		inFlight:   d("concurrency_in_use", "Concurrency slots taken in the model group, fleet-wide."),
-		dispatched: d("dispatched_last_minute", "Jobs dispatched in the model group over the last 60 seconds, fleet-wide."),
-		frozen:     d("frozen_seconds", "How long dispatch in the model group stays stopped by an upstream 429 (0 = running)."),
-		pace:       d("pace_factor", "The model group's pace after upstream 529s: 1 = full speed."),
-		limit:      d("limit_per_minute", "The per-minute limit sluice applies (a lower limit the upstream announced wins).", "dimension"),
+		queued:      d("queue_jobs", "Jobs waiting in the model group's fair queue."),
+		users:       d("queue_active_users", "Users with at least one job waiting in the model group."),
+		inFlight:    d("concurrency_in_use", "Concurrency slots taken in the model group, fleet-wide."),
+		dispatched:  d("dispatched_last_minute", "Jobs dispatched in the model group over the last 60 seconds, fleet-wide."),
+		classQueued: d("queue_class_jobs", "Jobs waiting in the model group's fair queue, by service class.", "class"),
+		classDispatched: d("dispatched_class_last_minute",
+			"Jobs dispatched in the model group over the last 60 seconds, fleet-wide, by service class.", "class"),
+		frozen: d("frozen_seconds", "How long dispatch in the model group stays stopped by an upstream 429 (0 = running)."),
+		pace:   d("pace_factor", "The model group's pace after upstream 529s: 1 = full speed."),
+		limit:  d("limit_per_minute", "The per-minute limit sluice applies (a lower limit the upstream announced wins).", "dimension"),
 		used: d("used_last_minute",
 			"What went out in the model group over the last 60 seconds, fleet-wide: requests dispatched, input and output tokens as the upstream counted them.", "dimension"),
 		headroom: d("limiter_headroom_ratio",
@@ -54,7 +58,7 @@ func NewState(sched *scheduler.Scheduler, groups []config.ModelGroup, log *slog.
 
 // Describe implements prometheus.Collector.
 func (s *State) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{s.queued, s.users, s.inFlight, s.dispatched, s.frozen, s.pace, s.limit, s.used, s.headroom, s.upstream, s.outage, s.outageSeconds, s.outages, s.scrapeErrors, s.cacheRatio, s.cacheHeld} {
+	for _, d := range []*prometheus.Desc{s.queued, s.users, s.inFlight, s.dispatched, s.frozen, s.pace, s.limit, s.used, s.headroom, s.upstream, s.outage, s.outageSeconds, s.outages, s.scrapeErrors, s.cacheRatio, s.cacheHeld, s.classQueued, s.classDispatched} {
 		ch <- d
 	}
 }
@@ -79,6 +83,10 @@ func (s *State) Collect(ch chan<- prometheus.Metric) {
 		gauge(s.users, float64(st.ActiveUsers))
 		gauge(s.inFlight, float64(st.InFlight))
 		gauge(s.dispatched, st.Dispatched)
+		gauge(s.classQueued, float64(st.Queued-st.QueuedBackground), config.ClassInteractive)
+		gauge(s.classQueued, float64(st.QueuedBackground), config.ClassBackground)
+		gauge(s.classDispatched, max(0, st.Dispatched-st.DispatchedBackground), config.ClassInteractive)
+		gauge(s.classDispatched, st.DispatchedBackground, config.ClassBackground)
 		gauge(s.frozen, st.Frozen.Seconds())
 		gauge(s.pace, st.Pace)
 		if st.Outage != nil {

@@ -143,6 +143,7 @@ func (k keys) order() string          { return k.p("order") }
 func (k keys) delayed() string        { return k.p("delayed") }
 func (k keys) delayedTags() string    { return k.p("delayed_tags") }
 func (k keys) vtime() string          { return k.p("vtime") }
+func (k keys) vtimeB() string         { return k.p("vtime_b") }
 func (k keys) finish() string         { return k.p("finish") }
 func (k keys) costs() string          { return k.p("costs") }
 func (k keys) totals() string         { return k.p("totals") }
@@ -359,7 +360,7 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 		UserKey(j.Tenant, j.UserID), a.InputEstimate, j.MaxTokens, weight, wakeChannel(g.Name)}
 	args = append(args, limits(g)...)
 	args = append(args, g.MaxConcurrency, held.requests, held.tokens,
-		a.Policy.MaxQueued, a.MaxWait.Milliseconds(), a.BodyHash, int(IdempotencyTTL/time.Second), deadline, countReads(g), quotas)
+		a.Policy.MaxQueued, a.MaxWait.Milliseconds(), a.BodyHash, int(IdempotencyTTL/time.Second), deadline, countReads(g), quotas, j.Class)
 	args = append(args, s.store.Fields(j)...)
 	if held.usd > 0 {
 		args = append(args, "q_usd", held.usd, "b_d", held.day, "b_m", held.month)
@@ -368,7 +369,7 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 		jobs.Key(j.ID), k.cache(), k.seq(), k.order(), k.finish(), k.vtime(),
 		k.costs(), k.totals(), k.lim(), idem,
 		jobs.CountsKey(g.Name, j.Tenant, j.UserID), jobs.IndexKey(g.Name, j.Tenant, ""), jobs.IndexKey(g.Name, j.Tenant, j.UserID),
-		k.deadlines(), jobs.WaitingUsersKey(g.Name), k.live(),
+		k.deadlines(), jobs.WaitingUsersKey(g.Name), k.live(), k.vtimeB(),
 	}, userQuota...), args...).Slice()
 	if err != nil {
 		// Whether the job was admitted is unknown: its quota stays
@@ -740,11 +741,11 @@ func (s *Scheduler) Dispatch(ctx context.Context, g *config.ModelGroup, max int)
 	args := append([]any{s.now()}, limits(g)...)
 	args = append(args, g.MaxConcurrency, s.lease.Milliseconds(), max, rkeys.Prefix, MovedChannel(g.Name),
 		jobs.ChannelPrefix, s.store.MaxEvents(), awayAfter.Milliseconds(), rkeys.UserPrefix(g.Name), outputAccounting(g),
-		g.CacheHold.Milliseconds(), countReads(g))
+		g.CacheHold.Milliseconds(), countReads(g), g.BackgroundMinShare)
 	res, err := dispatchScript.Run(ctx, s.rdb, []string{
 		k.order(), k.delayed(), k.vtime(), k.finish(), k.costs(), k.totals(), k.lim(),
 		k.reservations(), k.leases(), k.dispatching(), k.delayedTags(), k.deadlines(), k.expiring(), k.dispatchSeq(),
-		k.rate(), k.live(), jobs.WaitingUsersKey(g.Name), k.cache(),
+		k.rate(), k.live(), jobs.WaitingUsersKey(g.Name), k.cache(), k.vtimeB(),
 	}, args...).Slice()
 	if err != nil {
 		return Result{}, fmt.Errorf("scheduler: dispatch %s: %w", g.Name, err)
@@ -1099,12 +1100,16 @@ func toInt(v any) int {
 
 // Gauges are a model group's live figures, for metrics and the dashboard.
 type Gauges struct {
-	Queued      int64 // jobs waiting in the fair queue
-	ActiveUsers int64 // users with at least one job waiting
-	InFlight    int64 // concurrency slots taken (calls running or about to)
+	Queued int64 // jobs waiting in the fair queue
+	// QueuedBackground is how many of them are background jobs.
+	QueuedBackground int64
+	ActiveUsers      int64 // users with at least one job waiting
+	InFlight         int64 // concurrency slots taken (calls running or about to)
 	// Dispatched is how many jobs were dispatched over the last 60 s (the
 	// current minute and the part of the previous one still in the window).
 	Dispatched float64
+	// DispatchedBackground is how many of them were background jobs.
+	DispatchedBackground float64
 	// Dimensions: requests, input tokens, output tokens per minute.
 	Dimensions []Dimension
 	Frozen     time.Duration // how long dispatch stays frozen (upstream 429); 0 = not
@@ -1149,24 +1154,26 @@ type Dimension struct {
 
 // gaugesReply is lua/gauges.lua's reply.
 type gaugesReply struct {
-	Now        float64            `json:"now"`
-	Levels     [3]float64         `json:"levels"`
-	Caps       [3]float64         `json:"caps"`
-	Limits     [3]float64         `json:"limits"`
-	Frozen     float64            `json:"frozen"`
-	Factor     float64            `json:"factor"`
-	Leases     int64              `json:"leases"`
-	Queued     int64              `json:"queued"`
-	Users      int64              `json:"users"`
-	Dispatched [2]float64         `json:"dispatched"`
-	Input      [2]float64         `json:"input"`
-	Output     [2]float64         `json:"output"`
-	Down       float64            `json:"down"`
-	ProbeAt    float64            `json:"probe_at"`
-	Probes     int64              `json:"probes"`
-	Outages    int64              `json:"outages"`
-	Probing    bool               `json:"probing"`
-	Seen       map[string]float64 `json:"seen"`
+	Now         float64            `json:"now"`
+	Levels      [3]float64         `json:"levels"`
+	Caps        [3]float64         `json:"caps"`
+	Limits      [3]float64         `json:"limits"`
+	Frozen      float64            `json:"frozen"`
+	Factor      float64            `json:"factor"`
+	Leases      int64              `json:"leases"`
+	Queued      int64              `json:"queued"`
+	Users       int64              `json:"users"`
+	Dispatched  [2]float64         `json:"dispatched"`
+	DispatchedB [2]float64         `json:"dispatched_b"`
+	QueuedB     int64              `json:"queued_b"`
+	Input       [2]float64         `json:"input"`
+	Output      [2]float64         `json:"output"`
+	Down        float64            `json:"down"`
+	ProbeAt     float64            `json:"probe_at"`
+	Probes      int64              `json:"probes"`
+	Outages     int64              `json:"outages"`
+	Probing     bool               `json:"probing"`
+	Seen        map[string]float64 `json:"seen"`
 }
 
 // Gauges reads g's live figures in one atomic, read-only step.
@@ -1194,6 +1201,7 @@ func (s *Scheduler) Gauges(ctx context.Context, g *config.ModelGroup) (Gauges, e
 	out := Gauges{
 		InFlight: r.Leases, Queued: r.Queued, ActiveUsers: r.Users,
 		Dispatched: window(r.Dispatched), Pace: r.Factor, Outages: r.Outages,
+		QueuedBackground: r.QueuedB, DispatchedBackground: window(r.DispatchedB),
 	}
 	used := []float64{out.Dispatched, window(r.Input), window(r.Output)}
 	if r.Frozen > r.Now {

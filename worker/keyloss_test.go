@@ -15,8 +15,9 @@ package worker_test
 //	  sluice:{T}:fq:<g>:totals        hash   n, in, out of the queued jobs (etas)
 //	  sluice:{T}:fq:<g>:delayed       zset   member → when its retry is due
 //	  sluice:{T}:fq:<g>:delayed_tags  hash   member → "tag;input,output"
-//	  sluice:{T}:fq:<g>:vtime         string V, the start tag of the last dispatch
-//	  sluice:{T}:fq:<g>:finish        zset   user key → finish tag
+//	  sluice:{T}:fq:<g>:vtime         string V, the start tag of the last interactive dispatch
+//	  sluice:{T}:fq:<g>:vtime_b       string V_b, the same for background jobs
+//	  sluice:{T}:fq:<g>:finish        zset   user key (+ "\0b" for background) → finish tag
 //	  sluice:{T}:fq:<g>:deadlines     zset   member → deadline ms
 //	  sluice:{T}:fq:<g>:expiring      zset   id → when it was found past its deadline
 //	  sluice:{T}:fq:<g>:seq           string the queue's arrival counter
@@ -136,6 +137,7 @@ func TestKeyLoss(t *testing.T) {
 		withRetries(fq("delayed")),
 		withRetries(fq("delayed_tags")),
 		fq("vtime"),
+		fq("vtime_b"),
 		fq("finish"),
 		fq("deadlines"),
 		{name: "fq expiring", patterns: []string{gp + "fq:sonnet:expiring"}, expiring: true},
@@ -209,6 +211,9 @@ func runKeyLoss(t *testing.T, tc keyLossCase) {
 		}
 		body := harness.JobBody(fmt.Sprintf("kl-user-%d", i%klUsers), fmt.Sprintf("question %d [[reply_tokens=%d]]", i, reply))
 		body["request"].(map[string]any)["max_tokens"] = reply
+		if i%3 == 1 {
+			body["class"] = "background" // both classes' structures are lost and heal
+		}
 		switch {
 		case tc.expiring && i%6 == 0:
 			body["deadline_seconds"] = 0.2

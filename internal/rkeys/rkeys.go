@@ -203,7 +203,7 @@ const EstimateRatios = Prefix + "estimate:ratio"
 // Model groups: the engine's state of each group.
 
 // FQ is a key of group g's fair queue: order, delayed, delayed_tags,
-// vtime, finish, costs, totals, seq, dispatching, deadlines, expiring,
+// vtime, vtime_b, finish, costs, totals, seq, dispatching, deadlines, expiring,
 // dispatch_seq, rate, users.
 func FQ(g, name string) string { return group(g) + "fq:" + g + ":" + name }
 

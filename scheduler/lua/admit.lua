@@ -27,7 +27,8 @@
 -- KEYS[13] user job index   KEYS[14] deadlines
 -- KEYS[15] the group's waiting users (user key -> queued jobs)
 -- KEYS[16] the group's live jobs (id -> status initial and user key)
--- KEYS[17] the user's quota hash (only when ARGV[24] is not "")
+-- KEYS[17] background V (the background class's virtual time)
+-- KEYS[18] the user's quota hash (only when ARGV[24] is not "")
 -- ARGV[1] now ms (0 = Redis TIME)   ARGV[2] job id   ARGV[3] ttl seconds
 -- ARGV[4] the job's cacheable prefixes ("hash:tokens:ttl_ms;…", "" = none)
 -- ARGV[5] stream max length   ARGV[6] user key
@@ -42,8 +43,9 @@
 -- ARGV[22] deadline ms (0 = none)
 -- ARGV[23] "1" when the group counts cache reads against its input limit
 -- ARGV[24] "requests per hour,tokens per hour": the user's quotas, to
---   check and charge here in KEYS[17] ("" = charged already, or none)
--- ARGV[25..] job hash field, value pairs
+--   check and charge here in KEYS[18] ("" = charged already, or none)
+-- ARGV[25] the job's class: "background", or anything else for interactive
+-- ARGV[26..] job hash field, value pairs
 -- Job ids are 115 random bits: the record is not checked for existence.
 -- Reply, one of:
 --   {"ok", event id, position, eta seconds, quota requests remaining
@@ -81,7 +83,7 @@ local rph, tph, qr, qt = 0, 0, 0, 0
 if ARGV[24] ~= '' then
   local a, b = string.match(ARGV[24], '^(%d+),(%d+)$')
   rph, tph = tonumber(a), tonumber(b)
-  qr, qt = quota_level(KEYS[17], now, rph, tph)
+  qr, qt = quota_level(KEYS[18], now, rph, tph)
   local refusal = quota_refusal(qr, qt, rph, tph, cost)
   if refusal then return refusal end
 end
@@ -102,16 +104,24 @@ if maxq > 0 then
 end
 
 -- 3. The wait this job would have: its rank among jobs with start tags up
--- to its own. A lost V (key evicted) is taken as the queue head's tag, so
--- a newcomer does not jump the line; the dispatch round stores it again.
-local v = tonumber(redis.call('GET', KEYS[6]))
-if not v then
-  local head = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
-  v = tonumber(head[2]) or 0
-end
-local f = num(redis.call('ZSCORE', KEYS[5], ARGV[6]), 0)
-local tag = math.max(v, f)
-local position = redis.call('ZCOUNT', KEYS[4], '-inf', tag) + 1
+-- to its own. A lost V (key evicted) is taken as the tag of its class's
+-- first waiting job, so a newcomer does not jump the line; the dispatch
+-- round stores it again. A background job's position counts the
+-- background jobs ahead of it; its eta also counts every interactive job,
+-- all of which go first.
+local bg = ARGV[25] == 'background'
+local base = bg and BG or 0
+local v = tonumber(redis.call('GET', bg and KEYS[17] or KEYS[6]))
+-- An interactive V in background space was set by a dispatcher of a
+-- release before classes: taken as lost.
+if v and not bg and v >= BG then v = nil end
+if not v then v = class_head(KEYS[4], bg) or base end
+local fmember = finish_member(ARGV[6], bg)
+local f = num(redis.call('ZSCORE', KEYS[5], fmember), base)
+local tag = math.max(v, f, base)
+local rank = redis.call('ZCOUNT', KEYS[4], '-inf', tag) + 1
+local position = rank
+if bg then position = redis.call('ZCOUNT', KEYS[4], BG, tag) + 1 end
 -- Totals that drifted after a lost key count as empty (the dispatch round
 -- rebuilds them): n is at least 1 here, never 0 or less. They are written
 -- back as counted here: one HSET rather than totals_add's three HINCRBY.
@@ -119,7 +129,7 @@ local t = redis.call('HMGET', KEYS[8], 'n', 'in', 'out')
 local n0 = math.max(0, num(t[1], 0))
 local n, tin, tout = n0 + 1, cin, cout
 if n0 > 0 then tin, tout = math.max(0, num(t[2], 0)) + cin, math.max(0, num(t[3], 0)) + cout end
-local eta = eta_seconds(st, position, tin / n, tout / n, tonumber(ARGV[15]))
+local eta = eta_seconds(st, rank, tin / n, tout / n, tonumber(ARGV[15]))
 local maxwait = tonumber(ARGV[19])
 if maxwait > 0 and eta >= 0 and eta * 1000 > maxwait then
   return {'overloaded', eta, math.floor(maxwait / 1000)}
@@ -135,7 +145,7 @@ if seq == 1 and redis.call('ZCARD', KEYS[4]) > 0 then
 end
 local member = string.format('%016d', seq) .. '|' .. id
 redis.call('ZADD', KEYS[4], tag, member)
-redis.call('ZADD', KEYS[5], tag + cost / weight, ARGV[6])
+redis.call('ZADD', KEYS[5], tag + cost / weight, fmember)
 redis.call('HSET', KEYS[7], member, intstr(cin) .. ',' .. intstr(cout))
 redis.call('HSET', KEYS[8], 'n', intstr(n), 'in', intstr(tin), 'out', intstr(tout))
 if tonumber(ARGV[22]) > 0 then
@@ -162,12 +172,12 @@ if ARGV[24] ~= '' then
   qreq, qtok = (rph > 0) and 1 or 0, (tph > 0) and intstr(cost) or 0
 end
 local fields = {}
-for i = 25, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 26, #ARGV do fields[#fields + 1] = ARGV[i] end
 if ARGV[4] ~= '' then
   fields[#fields + 1] = 'c_pre'
   fields[#fields + 1] = ARGV[4]
 end
-redis.call('HSET', KEYS[1], 'fq_member', member, 'fq_tag', tostring(tag),
+redis.call('HSET', KEYS[1], 'fq_member', member, 'fq_tag', tagstr(tag),
   'cost_in', cin, 'cost_out', cout, 'dispatch', 0, 'q_req', qreq,
   'q_tok', qtok, 'ev0_id', ev, 'ev0', data, unpack(fields))
 local ttl = tonumber(ARGV[3])
@@ -192,7 +202,7 @@ end
 
 local remaining, reset = -1, 0
 if ARGV[24] ~= '' then
-  remaining, reset = quota_take(KEYS[17], now, qr, qt, rph, tph, cost)
+  remaining, reset = quota_take(KEYS[18], now, qr, qt, rph, tph, cost)
 end
 redis.call('PUBLISH', ARGV[10], 'arrival')
 return {'ok', ev, position, eta, remaining, reset}

@@ -25,6 +25,7 @@
 -- KEYS[14] dispatch sequence   KEYS[15] the group's use per minute (dispatches: minute -> n)
 -- KEYS[16] the group's live jobs (id -> status initial and user key)
 -- KEYS[17] the group's waiting users   KEYS[18] the group's cache hash
+-- KEYS[19] background V
 -- ARGV[1] now ms (0 = Redis TIME)  ARGV[2..5] rpm, input_tpm, output_tpm, burst ms
 -- ARGV[6] max concurrency   ARGV[7] lease ms   ARGV[8] most jobs to pick
 -- ARGV[9] key prefix ("sluice:"): a job's record is jkey(id)   ARGV[10] moved channel
@@ -35,6 +36,7 @@
 -- ARGV[15] how the upstream counts output: produced | reserved
 -- ARGV[16] cache hold ms (0 = no hold)   ARGV[17] "1": cache reads count
 --   against the input limit
+-- ARGV[18] background's minimum share of the dispatches (0..1)
 -- Reply: {state, ms, expiring, job id 1, dispatch 1, job id 2, dispatch 2, ...}
 --   expiring: how many jobs wait in the expiring set
 --   state "more"  the pick limit was reached: call again at once
@@ -315,13 +317,21 @@ sweep()
 local st = lim_load(KEYS[7], now, cfg)
 local out = {'', 0, 0}
 local picked = 0
--- V, the start tag of the last job dispatched. A lost V is taken as the
--- queue head's tag (and stored again).
+-- V, the start tag of the last job dispatched, one per class (see
+-- prelude.lua): v interactive, vb background. A lost one is taken as the
+-- tag of its class's first waiting job (and stored again).
 local v0 = tonumber(redis.call('GET', KEYS[3]))
+-- (One in background space was set by a dispatcher of a release before
+-- classes that dispatched a background job: taken as lost.)
+if v0 and v0 >= BG then v0 = nil end
 local v = v0
 if not v then
-  local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  v, v0 = tonumber(head[2]) or 0, -1
+  v, v0 = class_head(KEYS[1], false) or 0, -1
+end
+local vb0 = tonumber(redis.call('GET', KEYS[19]))
+local vb = vb0
+if not vb then
+  vb, vb0 = class_head(KEYS[1], true) or BG, -1
 end
 
 -- Outage: nothing is dispatched but one probe at a time, when it is due.
@@ -373,6 +383,23 @@ end
 -- flight becomes the writer. A writer whose answer never began leaves the
 -- prefix unheld for a minute, so a slow upstream cannot chain holds.
 local skip, held, hold_until = 0, 0, nil
+
+-- Service classes. Interactive jobs sort first, so the head of the order
+-- is interactive whenever one waits. Background keeps a minimum share
+-- (ARGV[18]) of the dispatches made while background jobs waited, counted
+-- in requests over this minute and the previous one (rate fields
+-- w<minute>: dispatches while background waited, b<minute>: background
+-- dispatches): while interactive jobs also wait and background is owed a
+-- whole dispatch of its share, the next pick is the first background job
+-- instead (its own scan past held jobs: skip_b). Counting only the
+-- dispatches made while background waited means a background job that
+-- arrives after a busy interactive minute is owed nothing yet, rather than
+-- a burst. bg_done: no background job can go in this round.
+local min_share = tonumber(ARGV[18]) or 0
+local minute = math.floor(now / 60000)
+local rt = redis.call('HMGET', KEYS[15], 'w' .. minute, 'w' .. (minute - 1), 'b' .. minute, 'b' .. (minute - 1))
+local n_all, n_bg = num(rt[1], 0) + num(rt[2], 0), num(rt[3], 0) + num(rt[4], 0)
+local skip_b, bg_done, picked_b, picked_w = 0, min_share <= 0, 0, 0
 local HOLD_SCAN = 200 -- held jobs a round looks past, at most
 
 -- cache_plan reads a job's prefixes: the tokens known cached, whether it
@@ -416,8 +443,16 @@ while out[1] == '' do
     out[1], out[2] = 'full', math.max(1, tonumber(first[2]) - now)
     break
   end
-  local head = redis.call('ZRANGE', KEYS[1], skip, skip, 'WITHSCORES')
-  if #head == 0 and skip > 0 or skip >= HOLD_SCAN then
+  local head, from_bg = nil, false
+  if not bg_done and n_bg + 1 <= min_share * (n_all + 1) + 1e-9 then
+    if skip_b < HOLD_SCAN and class_head(KEYS[1], false) then
+      head = redis.call('ZRANGEBYSCORE', KEYS[1], BG, '+inf', 'WITHSCORES', 'LIMIT', skip_b, 1)
+      from_bg = #head > 0
+    end
+    if not from_bg then bg_done = true end
+  end
+  if not from_bg then head = redis.call('ZRANGE', KEYS[1], skip, skip, 'WITHSCORES') end
+  if not from_bg and (#head == 0 and skip > 0 or skip >= HOLD_SCAN) then
     out[1], out[2] = 'hold', math.max(1, hold_until - now)
     local d = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
     if #d > 0 then out[2] = math.max(1, math.min(out[2], tonumber(d[2]) - now)) end
@@ -454,7 +489,8 @@ while out[1] == '' do
   end
   if until_ then
     -- Held for a cache write: it keeps its place; look past it.
-    skip, held = skip + 1, held + 1
+    if from_bg then skip_b = skip_b + 1 else skip = skip + 1 end
+    held = held + 1
     if not hold_until or until_ < hold_until then hold_until = until_ end
   else
     if live and not reserved then
@@ -480,7 +516,15 @@ while out[1] == '' do
     -- queued (or its record expired).
     leave_queue(member)
     if live then
-      if tag > v then v = tag end
+      if tag >= BG then
+        if tag > vb then vb = tag end
+        n_bg, picked_b = n_bg + 1, picked_b + 1
+      elseif tag > v then
+        v = tag
+      end
+      if min_share > 0 and (tag >= BG or class_head(KEYS[1], true)) then
+        n_all, picked_w = n_all + 1, picked_w + 1
+      end
       redis.call('ZADD', KEYS[9], now + lease_ms, id)
       redis.call('HDEL', jkey(id), 'lease_grace')
       local n = redis.call('HINCRBY', jkey(id), 'dispatch', 1)
@@ -509,8 +553,12 @@ if redis.call('HLEN', KEYS[18]) > 256 and now - num(redis.call('HGET', KEYS[7], 
     if not at or at <= now then redis.call('HDEL', KEYS[18], all[k]) end
   end
 end
+if vb > vb0 then
+  redis.call('SET', KEYS[19], tagstr(vb))
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], BG, vb)
+end
 if v > v0 then
-  redis.call('SET', KEYS[3], tostring(v))
+  redis.call('SET', KEYS[3], tagstr(v))
   -- Finish tags at or below V no longer matter: max(V, F) is V.
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', v)
 end
@@ -525,8 +573,15 @@ out[2] = math.floor(out[2])
 out[3] = redis.call('ZCARD', KEYS[13])
 if moved > 0 then redis.call('PUBLISH', ARGV[10], moved) end
 if picked > 0 then
-  local minute = math.floor(now / 60000)
   redis.call('HINCRBY', KEYS[15], minute, intstr(picked))
   redis.call('HDEL', KEYS[15], minute - 5)
+end
+if picked_b > 0 then
+  redis.call('HINCRBY', KEYS[15], 'b' .. minute, intstr(picked_b))
+  redis.call('HDEL', KEYS[15], 'b' .. (minute - 5))
+end
+if picked_w > 0 then
+  redis.call('HINCRBY', KEYS[15], 'w' .. minute, intstr(picked_w))
+  redis.call('HDEL', KEYS[15], 'w' .. (minute - 5))
 end
 return out

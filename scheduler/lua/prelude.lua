@@ -51,6 +51,39 @@ local function intstr(n)
   return string.format('%d', n)
 end
 
+-- Service classes. A group's one fair order holds both: an interactive
+-- job's start tag is its fair-queuing tag, a background job's is BG plus
+-- its own class's tag, so every background job sorts after every
+-- interactive one and the head of the order is interactive whenever one
+-- waits. Each class has its own V (interactive: the vtime key; background:
+-- the vtime_b key, in BG's space) and its own finish tags (member: the
+-- user key for interactive, the user key and "\0b" for background). A
+-- background tag is above 2^49, where a double keeps quarter-token steps,
+-- and %.14g (tostring) would lose digits: tags are written with tagstr.
+local BG = 1e15
+
+local function tagstr(x)
+  return string.format('%.17g', x)
+end
+
+-- finish_member is a user's member in the finish tags for its class.
+local function finish_member(ukey, bg)
+  if bg then return ukey .. '\0b' end
+  return ukey
+end
+
+-- class_head is the score of the first job of a class in the order (nil
+-- when none waits).
+local function class_head(order, bg)
+  local h
+  if bg then
+    h = redis.call('ZRANGEBYSCORE', order, BG, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  else
+    h = redis.call('ZRANGEBYSCORE', order, '-inf', '(' .. tagstr(BG), 'WITHSCORES', 'LIMIT', 0, 1)
+  end
+  return tonumber(h[2])
+end
+
 local function num(v, def)
   local n = tonumber(v)
   if n == nil then return def end
