@@ -112,6 +112,30 @@ func TestLoadtestHeavyVsLightInProcess(t *testing.T) {
 	}
 }
 
+// classes: the background backlog is queued in the background class and
+// every interactive newcomer goes ahead of it: few dispatches before each.
+func TestLoadtestClassesInProcess(t *testing.T) {
+	rep := runLoadtestJSON(t, "--scenario", "classes", "--heavy-jobs", "16", "--background-users", "2", "--users", "3")
+	if got := rep["jobs_lost"]; got != 0.0 {
+		t.Errorf("jobs_lost = %v, want 0", got)
+	}
+	if got, ok := rep["newcomer_max_dispatches_before"].(float64); !ok || got > 2 {
+		t.Errorf("newcomer_max_dispatches_before = %v, want at most 2", rep["newcomer_max_dispatches_before"])
+	}
+	if share, ok := rep["background_share"].(float64); !ok || share < 0 || share > 1 {
+		t.Errorf("background_share = %v, want a fraction", rep["background_share"])
+	}
+	w := rep["wait_seconds"].(map[string]any)
+	for _, class := range []string{"interactive", "background"} {
+		if _, ok := w[class]; !ok {
+			t.Errorf("wait_seconds has no %s class: %v", class, w)
+		}
+	}
+	if n := len(rep["newcomers"].([]any)); n != 3 {
+		t.Errorf("%d newcomers, want 3", n)
+	}
+}
+
 func TestLoadtestFlags(t *testing.T) {
 	noEnv := func(string) string { return "" }
 	var stderr bytes.Buffer
