@@ -249,7 +249,8 @@ func (r *runner) report(start, end time.Time, sc scenarioResult) *Report {
 				queued++
 			}
 		}
-		rep.note("the run stopped once the light jobs were done: %d %s jobs were unfinished (%d still queued); they are not lost", rep.JobsUnfinished, sc.unfinishedOK, queued)
+		_, newcomer := r.newcomerClasses()
+		rep.note("the run stopped once the %s jobs were done: %d %s jobs were unfinished (%d still queued); they are not lost", newcomer, rep.JobsUnfinished, sc.unfinishedOK, queued)
 	}
 
 	// Waits per class.
