@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"strconv"
 	"strings"
@@ -376,20 +375,7 @@ func TestMaxTokensPolicies(t *testing.T) {
 func TestIdempotencyKey(t *testing.T) {
 	e := harness.Start(t, harness.Options{NoWorker: true})
 	post := func(user, key, text string) (*http.Response, []byte) {
-		b, _ := json.Marshal(harness.JobBody(user, text))
-		req, _ := http.NewRequest(http.MethodPost, e.API.URL+"/v1/jobs", strings.NewReader(string(b)))
-		req.Header.Set("x-api-key", harness.TenantKey)
-		req.Header.Set("Idempotency-Key", key)
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		out, err := io.ReadAll(resp.Body)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return resp, out
+		return submitWith(t, e, harness.JobBody(user, text), key)
 	}
 	r1, b1 := post("alice", "k1", "hello")
 	r2, b2 := post("alice", "k1", "hello")
