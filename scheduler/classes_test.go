@@ -458,3 +458,39 @@ func TestInteractiveVInBackgroundSpaceIsDiscarded(t *testing.T) {
 		t.Fatalf("interactive V after the round: %v %v", v, err)
 	}
 }
+
+// A background job held for a prompt-cache write can be looked past twice
+// in one round: by the background scan the minimum share starts, and by
+// the ordinary scan once the interactive jobs are gone. The held gauge
+// counts it once.
+func TestHeldBackgroundJobCountedOnce(t *testing.T) {
+	g := cacheGroup()
+	g.BackgroundMinShare = 1
+	e := newClassEnv(t, g)
+	admit := func(user, class string, ps ...scheduler.CachePrefix) string {
+		j := &jobs.Job{ID: jobs.NewID(e.g.Name), Tenant: "t", UserID: user, Model: "m", Group: e.g.Name,
+			MaxTokens: 100, Request: []byte(`{}`), CreatedAt: e.clk.Now(), Class: class}
+		res, err := e.s.Admit(context.Background(), scheduler.Admission{Job: j, Group: e.g, InputEstimate: 7000, CachePrefixes: ps, Policy: config.UserPolicy{Weight: 1}})
+		if err != nil || res.Outcome != scheduler.Admitted {
+			t.Fatalf("admit: %v %+v", err, res)
+		}
+		return j.ID
+	}
+	writer := admit("x", config.ClassBackground, syllabus)
+	if r := e.dispatch(t, 1); len(r.Jobs) != 1 || r.Jobs[0].JobID != writer {
+		t.Fatalf("the prefix's writer: %+v", r)
+	}
+	admit("y", config.ClassBackground, syllabus) // held for the writer
+	i := admit("i", config.ClassInteractive)
+	r := e.dispatch(t, 5)
+	if len(r.Jobs) != 1 || r.Jobs[0].JobID != i || r.State != scheduler.Hold {
+		t.Fatalf("round: %+v, want the interactive job, then hold", r)
+	}
+	st, err := e.s.CacheStats(context.Background(), e.g.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Held != 1 {
+		t.Errorf("held = %d, want 1 (one job held)", st.Held)
+	}
+}

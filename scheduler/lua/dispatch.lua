@@ -383,6 +383,7 @@ end
 -- flight becomes the writer. A writer whose answer never began leaves the
 -- prefix unheld for a minute, so a slow upstream cannot chain holds.
 local skip, held, hold_until = 0, 0, nil
+local held_ids = {} -- the jobs counted in held
 
 -- Service classes. Interactive jobs sort first, so the head of the order
 -- is interactive whenever one waits. Background keeps a minimum share
@@ -489,8 +490,9 @@ while out[1] == '' do
   end
   if until_ then
     -- Held for a cache write: it keeps its place; look past it.
+    -- (A background job can be looked past by both scans: count it once.)
     if from_bg then skip_b = skip_b + 1 else skip = skip + 1 end
-    held = held + 1
+    if not held_ids[id] then held_ids[id], held = true, held + 1 end
     if not hold_until or until_ < hold_until then hold_until = until_ end
   else
     if live and not reserved then
