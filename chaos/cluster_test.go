@@ -44,6 +44,8 @@ type clusterOpts struct {
 	// replica each (redis.mode cluster; redis is then the primary that
 	// serves the model group's slot).
 	RedisCluster bool
+	// RedisArgs are extra redis-server arguments of a single Redis.
+	RedisArgs []string
 }
 
 // cluster is one scenario's processes: a redis-server with AOF, the fake
@@ -110,7 +112,7 @@ func startCluster(t *testing.T, name string, o clusterOpts) *cluster {
 		c.rc = redistest.StartCluster(t, redistest.ClusterOptions{Masters: 3, ReplicasPerMaster: 1, NodeTimeout: time.Second})
 		c.redis, redisURL, redisMode = c.rc.MasterFor(t, rkeys.Limiter("sonnet")), c.rc.URL, "cluster"
 	default:
-		c.redis = redistest.Start(t)
+		c.redis = redistest.StartArgs(t, o.RedisArgs...)
 		redisURL = c.redis.URL
 	}
 	c.spec = fakeSpec{Listen: "127.0.0.1:0", Journal: filepath.Join(dir, "upstream-journal.txt"),
