@@ -3,6 +3,7 @@ package api
 import (
 	"context"
 	"encoding/json"
+	"log/slog"
 	"strings"
 	"sync/atomic"
 
@@ -72,60 +73,67 @@ func (s *Server) fallback(c *echo.Context, tenant *config.Tenant, policy config.
 	reason := fallbackReason(refused.Outcome)
 	log := s.log.With("tenant", tenant.Name, "user_id", req.UserID, "requested_model", req.Model, "fallback_reason", reason)
 	for _, t := range s.fallbacks(tenant, req, reason) {
-		freq := *req
-		freq.Group, freq.Model = t.Group, t.Model
-		if freq.Request, err = withModel(req.Request, t.Model); err != nil {
-			return nil, res, false, err
+		job, res, ok, err = s.tryFallback(c, tenant, policy, req, t, reason, idemKey, hash, log)
+		if ok || err != nil {
+			return job, res, ok, err
 		}
-		input := s.exactInput(c.Request().Context(), &freq)
-		ctx, cancel := context.WithTimeout(c.Request().Context(), s.cfg.Redis.Timeout)
-		a, err := s.admission(ctx, tenant, policy, &freq, input, idemKey, hash)
-		if err != nil {
-			cancel()
-			if _, refusal := err.(*Error); refusal {
-				log.Info("fallback skipped: the request cannot run there", "group", t.Group.Name, "model", t.Model, "reason", err)
-				continue
-			}
-			return nil, res, false, err
-		}
-		a.Job.RequestedModel, a.Job.FallbackFrom, a.Job.FallbackReason = req.Model, req.Group.Name, reason
-		res, err = s.d.Scheduler.Admit(ctx, a)
-		if err != nil {
-			cancel()
-			return nil, res, false, err
-		}
-		switch res.Outcome {
-		case scheduler.Admitted:
-			if h := fallbackAdmitted.Load(); h != nil {
-				(*h)()
-			}
-			// A retry of this request goes to its own group first: there
-			// the key now names this job too.
-			other, err := s.d.Scheduler.PointIdempotency(ctx, req.Group.Name, tenant.Name, req.UserID, idemKey, a.Job.ID, hash)
-			if err != nil {
-				log.Warn("could not record the Idempotency-Key in the requested model's group; a retry may be admitted there", "job_id", a.Job.ID, "err", err)
-			}
-			if other != "" {
-				// A retry was admitted in the requested group meanwhile:
-				// that job is the request's, and this one is withdrawn.
-				res = s.withdraw(ctx, a.Job, t.Group, other, res)
-				cancel()
-				return a.Job, res, true, nil
-			}
-			s.d.Metrics.Fallback(req.Group.Name, t.Group.Name, reason)
-			cancel()
-			return a.Job, res, true, nil
-		case scheduler.Replay, scheduler.Conflict:
-			cancel()
-			return a.Job, res, true, nil
-		}
-		cancel()
-		if label, ok := outcomeLabel[res.Outcome]; ok {
-			s.d.Metrics.Admission(t.Group.Name, label)
-		}
-		log.Info("fallback refused", "group", t.Group.Name, "model", t.Model, "outcome", string(res.Outcome))
 	}
 	return nil, refused, false, nil
+}
+
+// tryFallback admits the request into fallback t; ok reports that t
+// decided it (as fallback does). A request that cannot run there, or a
+// refusal there, is logged and leaves the next fallback to try.
+func (s *Server) tryFallback(c *echo.Context, tenant *config.Tenant, policy config.UserPolicy, req *createRequest, t fallbackTarget, reason, idemKey, hash string, log *slog.Logger) (*jobs.Job, scheduler.AdmitResult, bool, error) {
+	var none scheduler.AdmitResult
+	freq := *req
+	freq.Group, freq.Model = t.Group, t.Model
+	var err error
+	if freq.Request, err = withModel(req.Request, t.Model); err != nil {
+		return nil, none, false, err
+	}
+	input := s.exactInput(c.Request().Context(), &freq)
+	ctx, cancel := context.WithTimeout(c.Request().Context(), s.cfg.Redis.Timeout)
+	defer cancel()
+	a, err := s.admission(ctx, tenant, policy, &freq, input, idemKey, hash)
+	if err != nil {
+		if _, refusal := err.(*Error); refusal {
+			log.Info("fallback skipped: the request cannot run there", "group", t.Group.Name, "model", t.Model, "reason", err)
+			return nil, none, false, nil
+		}
+		return nil, none, false, err
+	}
+	a.Job.RequestedModel, a.Job.FallbackFrom, a.Job.FallbackReason = req.Model, req.Group.Name, reason
+	res, err := s.d.Scheduler.Admit(ctx, a)
+	if err != nil {
+		return nil, res, false, err
+	}
+	switch res.Outcome {
+	case scheduler.Admitted:
+		if h := fallbackAdmitted.Load(); h != nil {
+			(*h)()
+		}
+		// A retry of this request goes to its own group first: there
+		// the key now names this job too.
+		other, err := s.d.Scheduler.PointIdempotency(ctx, req.Group.Name, tenant.Name, req.UserID, idemKey, a.Job.ID, hash)
+		if err != nil {
+			log.Warn("could not record the Idempotency-Key in the requested model's group; a retry may be admitted there", "job_id", a.Job.ID, "err", err)
+		}
+		if other != "" {
+			// A retry was admitted in the requested group meanwhile:
+			// that job is the request's, and this one is withdrawn.
+			return a.Job, s.withdraw(ctx, a.Job, t.Group, other, res), true, nil
+		}
+		s.d.Metrics.Fallback(req.Group.Name, t.Group.Name, reason)
+		return a.Job, res, true, nil
+	case scheduler.Replay, scheduler.Conflict:
+		return a.Job, res, true, nil
+	}
+	if label, ok := outcomeLabel[res.Outcome]; ok {
+		s.d.Metrics.Admission(t.Group.Name, label)
+	}
+	log.Info("fallback refused", "group", t.Group.Name, "model", t.Model, "outcome", string(res.Outcome))
+	return nil, res, false, nil
 }
 
 // withdraw cancels job, just admitted into group g as a fallback, because

@@ -673,6 +673,13 @@ func (r *runner) classroom(ctx context.Context) (scenarioResult, error) {
 func (r *runner) heavyVsLight(ctx context.Context) (scenarioResult, error) {
 	o := r.o
 	heavy, light := r.newcomerClasses()
+	// In classes the user classes are the service classes too.
+	service := func(class string) string {
+		if o.Scenario == Classes {
+			return class
+		}
+		return ""
+	}
 	name := o.Scenario
 	r.progress("%s: %d %s jobs", name, o.HeavyJobs, heavy)
 	t0 := o.Now()
@@ -680,11 +687,11 @@ func (r *runner) heavyVsLight(ctx context.Context) (scenarioResult, error) {
 		if ctx.Err() != nil {
 			return scenarioResult{}, ctx.Err()
 		}
+		user := "heavy"
 		if o.Scenario == Classes {
-			r.submitIn(ctx, fmt.Sprintf("grader-%d", i%o.BackgroundUsers+1), heavy, heavy)
-		} else {
-			r.submit(ctx, "heavy", heavy)
+			user = fmt.Sprintf("grader-%d", i%o.BackgroundUsers+1)
 		}
+		r.submitIn(ctx, user, heavy, service(heavy))
 		if err := r.failed(); err != nil {
 			return scenarioResult{}, err
 		}
@@ -694,12 +701,7 @@ func (r *runner) heavyVsLight(ctx context.Context) (scenarioResult, error) {
 	deadline := o.Now().Add(o.Timeout)
 	isLight := func(s *submission) bool { return s.class == light }
 	for i := range o.Users {
-		var s *submission
-		if o.Scenario == Classes {
-			s = r.submitIn(ctx, fmt.Sprintf("%s-%02d", light, i+1), light, light)
-		} else {
-			s = r.submit(ctx, fmt.Sprintf("light-%02d", i+1), light)
-		}
+		s := r.submitIn(ctx, fmt.Sprintf("%s-%02d", light, i+1), light, service(light))
 		if ctx.Err() != nil {
 			return scenarioResult{}, ctx.Err()
 		}

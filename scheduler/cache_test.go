@@ -17,8 +17,15 @@ var syllabus = scheduler.CachePrefix{Hash: "5f1c0ffee5f1c0ffee5f1c0ffee5f1c0", T
 // and returns its id.
 func (e *env) admitCached(t *testing.T, user string, in int, policy config.UserPolicy, ps ...scheduler.CachePrefix) string {
 	t.Helper()
+	return e.admitCachedClass(t, user, "", in, policy, ps...)
+}
+
+// admitCachedClass is admitCached for a job of service class class ("" =
+// the default).
+func (e *env) admitCachedClass(t *testing.T, user, class string, in int, policy config.UserPolicy, ps ...scheduler.CachePrefix) string {
+	t.Helper()
 	j := &jobs.Job{ID: jobs.NewID(e.g.Name), Tenant: "t", UserID: user, Model: "m", Group: e.g.Name,
-		MaxTokens: 100, Request: []byte(`{}`), CreatedAt: e.clk.Now()}
+		MaxTokens: 100, Request: []byte(`{}`), CreatedAt: e.clk.Now(), Class: class}
 	if policy.Weight == 0 {
 		policy.Weight = 1
 	}

@@ -402,13 +402,7 @@ func TestBackgroundShareLooksPastHeldJobs(t *testing.T) {
 	g.BackgroundMinShare = 0.5
 	e := newClassEnv(t, g)
 	admit := func(user, class string, ps ...scheduler.CachePrefix) string {
-		j := &jobs.Job{ID: jobs.NewID(e.g.Name), Tenant: "t", UserID: user, Model: "m", Group: e.g.Name,
-			MaxTokens: 100, Request: []byte(`{}`), CreatedAt: e.clk.Now(), Class: class}
-		res, err := e.s.Admit(context.Background(), scheduler.Admission{Job: j, Group: e.g, InputEstimate: 7000, CachePrefixes: ps, Policy: config.UserPolicy{Weight: 1}})
-		if err != nil || res.Outcome != scheduler.Admitted {
-			t.Fatalf("admit: %v %+v", err, res)
-		}
-		return j.ID
+		return e.admitCachedClass(t, user, class, 7000, config.UserPolicy{}, ps...)
 	}
 	name := map[string]string{}
 	for i := range 4 {
@@ -468,13 +462,7 @@ func TestHeldBackgroundJobCountedOnce(t *testing.T) {
 	g.BackgroundMinShare = 1
 	e := newClassEnv(t, g)
 	admit := func(user, class string, ps ...scheduler.CachePrefix) string {
-		j := &jobs.Job{ID: jobs.NewID(e.g.Name), Tenant: "t", UserID: user, Model: "m", Group: e.g.Name,
-			MaxTokens: 100, Request: []byte(`{}`), CreatedAt: e.clk.Now(), Class: class}
-		res, err := e.s.Admit(context.Background(), scheduler.Admission{Job: j, Group: e.g, InputEstimate: 7000, CachePrefixes: ps, Policy: config.UserPolicy{Weight: 1}})
-		if err != nil || res.Outcome != scheduler.Admitted {
-			t.Fatalf("admit: %v %+v", err, res)
-		}
-		return j.ID
+		return e.admitCachedClass(t, user, class, 7000, config.UserPolicy{}, ps...)
 	}
 	writer := admit("x", config.ClassBackground, syllabus)
 	if r := e.dispatch(t, 1); len(r.Jobs) != 1 || r.Jobs[0].JobID != writer {

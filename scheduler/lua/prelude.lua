@@ -411,6 +411,13 @@ local function quota_refusal(r, t, rph, tph, cost)
   return nil
 end
 
+-- quota_save stores the levels r and t as of now; the buckets are
+-- forgotten two hours after their last change (full again by then).
+local function quota_save(key, now, r, t)
+  redis.call('HSET', key, 'r', r, 't', t, 'ts', now)
+  redis.call('EXPIRE', key, 7200)
+end
+
 -- quota_take charges a job (one request, cost tokens) that quota_refusal
 -- let through; it returns the requests remaining (-1: unlimited) and the
 -- seconds until the request bucket is full.
@@ -422,7 +429,6 @@ local function quota_take(key, now, r, t, rph, tph, cost)
     reset = math.ceil((rph - r) / (rph / 3600))
   end
   if tph > 0 then t = t - cost end
-  redis.call('HSET', key, 'r', r, 't', t, 'ts', now)
-  redis.call('EXPIRE', key, 7200)
+  quota_save(key, now, r, t)
   return remaining, reset
 end

@@ -24,8 +24,7 @@ if ARGV[2] == 'give' then
   if not exists then return 1 end -- the buckets are full (or were lost): nothing to give back
   if rph > 0 then r = math.min(rph, r + tonumber(ARGV[5]) - math.min(tonumber(ARGV[7]), 1)) end
   if tph > 0 then t = math.min(tph, t + tonumber(ARGV[6]) - tonumber(ARGV[8])) end
-  redis.call('HSET', KEYS[1], 'r', r, 't', t, 'ts', now)
-  redis.call('EXPIRE', KEYS[1], 7200)
+  quota_save(KEYS[1], now, r, t)
   return 1
 end
 
