@@ -37,10 +37,13 @@ func (s *Server) createJob(c *echo.Context) error {
 	if err != nil {
 		return err
 	}
-	if res.Outcome == scheduler.Admitted {
+	switch {
+	case res.Outcome == scheduler.Admitted && res.Batch:
+		v.Position, v.ETASeconds, v.WaitReason = nil, nil, waitBatch
+	case res.Outcome == scheduler.Admitted:
 		v.Position = &res.Position
 		setETA(&v, res.ETA)
-	} else {
+	default:
 		c.Response().Header().Set("Idempotent-Replayed", "true")
 	}
 	v.Token = jobs.Token(s.d.TokenSecret, job.ID)
@@ -181,10 +184,18 @@ func (s *Server) admission(ctx context.Context, tenant *config.Tenant, policy co
 	if req.DeadlineSeconds > 0 {
 		job.DeadlineAt = now.Add(time.Duration(req.DeadlineSeconds * float64(time.Second)))
 	}
-	return scheduler.Admission{
+	a := scheduler.Admission{
 		Job: job, Group: req.Group, InputEstimate: input, CachePrefixes: prefixes, Policy: policy, MaxWait: tenant.MaxWait,
 		IdempotencyKey: idemKey, BodyHash: hash, Budget: budget,
-	}, nil
+	}
+	// A background job that can wait goes by the Message Batches API when
+	// its group sends batches. (POST /v1/messages has no deadline: its
+	// client waits on the connection, so it never goes by batch.)
+	if slack, _, _, after, _ := req.Group.BatchSettings(); req.Group.Batch && req.Class == config.ClassBackground &&
+		req.DeadlineSeconds >= slack.Seconds() {
+		a.BatchFallback = after
+	}
+	return a, nil
 }
 
 // budget is the dollar budgets a job of model answers to, with the
@@ -361,7 +372,13 @@ func (s *Server) view(ctx context.Context, job *jobs.Job) (jobs.View, error) {
 			if err != nil {
 				return v, err
 			}
-			if !queued { // dispatched, about to start
+			switch {
+			case !queued && !job.BatchDue.IsZero():
+				// Waiting for a batch: no place in the Messages line, and
+				// a batch takes up to 24 hours.
+				v.WaitReason = waitBatch
+				return v, nil
+			case !queued: // dispatched, about to start
 				pos, eta = 1, 0
 			}
 			v.Position = &pos
@@ -381,8 +398,12 @@ func setETA(v *jobs.View, eta int) {
 	v.ETASeconds = &eta
 }
 
-// waitUpstream is why a job waits while its model group is in outage.
-const waitUpstream = "upstream_unavailable"
+// Why a job's eta is unknown: its model group is in outage, or it waits
+// to go by the Message Batches API.
+const (
+	waitUpstream = "upstream_unavailable"
+	waitBatch    = "batch"
+)
 
 // authorizedJob loads the job named in the path if the caller may see it:
 // the tenant that owns it (and, when ?user_id= is given, only that user's),

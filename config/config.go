@@ -499,6 +499,59 @@ type ModelGroup struct {
 	// jobs also wait; interactive jobs otherwise go first. 0 gives interactive jobs strict priority.
 	// Default 0.10.
 	BackgroundMinShare float64 `yaml:"background_min_share"`
+	// Batch lets the group send background jobs that can wait through the
+	// Message Batches API, at its discount and outside the Messages API's
+	// per-minute limits: a background job of the job API whose
+	// deadline_seconds is at least BatchSlack waits up to BatchWindow
+	// (or until BatchMaxJobs such jobs wait) and goes upstream in one
+	// batch with the others. Default false.
+	Batch bool `yaml:"batch"`
+	// BatchSlack is the least deadline_seconds a job needs to go by batch
+	// (most batches end within an hour, none later than 24 h). Default 1h.
+	BatchSlack time.Duration `yaml:"batch_slack"`
+	// BatchWindow is how long a batch collects jobs: a batch goes when its
+	// first job has waited this long. Default 30s.
+	BatchWindow time.Duration `yaml:"batch_window"`
+	// BatchMaxJobs: a batch goes at once when this many jobs wait.
+	// Default 1000 (the API takes up to 100,000).
+	BatchMaxJobs int `yaml:"batch_max_jobs"`
+	// BatchFallbackAfter: a job still not in a batch this long after its
+	// admission (the Batches API refused or failed every try) joins the
+	// group's Messages line as an ordinary background job. Less than
+	// BatchSlack. Default 10m.
+	BatchFallbackAfter time.Duration `yaml:"batch_fallback_after"`
+	// BatchPoll is the wait before a batch's first status check; each
+	// check that finds it still processing doubles the wait, up to 5m.
+	// Default 30s.
+	BatchPoll time.Duration `yaml:"batch_poll"`
+}
+
+// Batch defaults (ModelGroup's Batch fields, when zero).
+const (
+	DefaultBatchSlack         = time.Hour
+	DefaultBatchWindow        = 30 * time.Second
+	DefaultBatchMaxJobs       = 1000
+	DefaultBatchFallbackAfter = 10 * time.Minute
+	DefaultBatchPoll          = 30 * time.Second
+	// BatchPollMax caps the wait between two checks of a batch.
+	BatchPollMax = 5 * time.Minute
+)
+
+// BatchSettings are a group's batch fields with the defaults for those
+// left zero.
+func (g *ModelGroup) BatchSettings() (slack, window time.Duration, maxJobs int, fallbackAfter, poll time.Duration) {
+	d := func(v, def time.Duration) time.Duration {
+		if v > 0 {
+			return v
+		}
+		return def
+	}
+	maxJobs = g.BatchMaxJobs
+	if maxJobs <= 0 {
+		maxJobs = DefaultBatchMaxJobs
+	}
+	return d(g.BatchSlack, DefaultBatchSlack), d(g.BatchWindow, DefaultBatchWindow), maxJobs,
+		d(g.BatchFallbackAfter, DefaultBatchFallbackAfter), d(g.BatchPoll, DefaultBatchPoll)
 }
 
 // The upstream's rules for counting output tokens (ModelGroup.OutputAccounting).

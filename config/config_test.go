@@ -504,7 +504,7 @@ model_groups:
   - {name: g, models: [m], rpm: 1, input_tpm: 1, output_tpm: 1, max_concurency: 3}
 `,
 			want: []string{
-				"model_groups[0].max_concurency: unknown field; the fields here are name, models, rpm, input_tpm, output_tpm, max_concurrency, count_cache_reads, burst, count_tokens, outage_failures, outage_window, probe_interval, probe_interval_max, output_accounting, cache_hold, background_min_share (line 6)",
+				"model_groups[0].max_concurency: unknown field; the fields here are name, models, rpm, input_tpm, output_tpm, max_concurrency, count_cache_reads, burst, count_tokens, outage_failures, outage_window, probe_interval, probe_interval_max, output_accounting, cache_hold, background_min_share, batch, batch_slack, batch_window, batch_max_jobs, batch_fallback_after, batch_poll (line 6)",
 				"tenants[0].key: unknown field; the fields here are name, keys, default_max_tokens, max_tokens_cap, max_tokens_policy, max_body_bytes, max_messages, max_input_tokens, max_wait, tenant_budget_usd_per_day, tenant_budget_usd_per_month, fallbacks, weight, requests_per_hour, tokens_per_hour, max_queued, budget_usd_per_day, budget_usd_per_month, classes, users (line 4)",
 				"tenants[0].keys: at least one key is required",
 			},
@@ -915,6 +915,28 @@ func TestClasses(t *testing.T) {
 	for _, want := range []string{`tenants[0].classes[0]: must be "interactive" or "background", not "urgent"`, "model_groups[0].background_min_share: must be a share from 0"} {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("want %q in %v", want, err)
+		}
+	}
+}
+
+// TestBatchSettings: a group's batch fields default when left out, and
+// settings that could not work are refused with the field and the fix.
+func TestBatchSettings(t *testing.T) {
+	c := mustParse(t, minimal+"    batch: true\n", env())
+	slack, window, maxJobs, after, poll := c.ModelGroups[0].BatchSettings()
+	if !c.ModelGroups[0].Batch || slack != DefaultBatchSlack || window != DefaultBatchWindow || maxJobs != DefaultBatchMaxJobs ||
+		after != DefaultBatchFallbackAfter || poll != DefaultBatchPoll {
+		t.Errorf("defaults: %v %v %v %v %v", slack, window, maxJobs, after, poll)
+	}
+	for _, tc := range []struct{ extra, want string }{
+		{"    batch: true\n    batch_fallback_after: 2h\n", "model_groups[0].batch_fallback_after: must be longer than batch_window (30s) and shorter than batch_slack (1h0m0s)"},
+		{"    batch: true\n    batch_window: 20m\n", "model_groups[0].batch_fallback_after: must be longer than batch_window (20m0s)"},
+		{"    batch_max_jobs: 200000\n", "model_groups[0].batch_max_jobs: must be from 1 to 100000"},
+		{"    batch_poll: -1s\n", "model_groups[0].batch_poll: must be a positive duration"},
+	} {
+		_, err := Parse([]byte(minimal+tc.extra), env())
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: %v, want %q", tc.extra, err, tc.want)
 		}
 	}
 }

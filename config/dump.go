@@ -66,6 +66,11 @@ func (c *Config) dump(w io.Writer, p *Process) {
 		line(fmt.Sprintf("model_groups[%d]", i), "%s: %s; rpm %d, input_tpm %d, output_tpm %d, max_concurrency %d, count_cache_reads %t, cache_hold %s; output counted %s; outage after %d failures within %s, probes every %s to %s",
 			g.Name, strings.Join(g.Models, ", "), g.RPM, g.InputTPM, g.OutputTPM, g.MaxConcurrency, g.CountCacheReads, g.CacheHold,
 			g.OutputAccounting, g.OutageFailures, g.OutageWindow, g.ProbeInterval, g.ProbeIntervalMax)
+		if g.Batch {
+			slack, window, maxJobs, after, poll := g.BatchSettings()
+			line(fmt.Sprintf("model_groups[%d].batch", i), "on: background jobs with a deadline of %s or more go in batches of up to %d after %s; by the Messages API after %s without a batch; first status check after %s",
+				slack, maxJobs, window, after, poll)
+		}
 	}
 	line("api.body_limit_bytes", "%d", c.API.BodyLimitBytes)
 	line("api.shutdown_timeout", "%s", c.API.ShutdownTimeout)

@@ -441,6 +441,20 @@ func (v *validator) groupLimits(p string, g ModelGroup) {
 	if !(g.BackgroundMinShare >= 0 && g.BackgroundMinShare <= 1) {
 		v.add(p+".background_min_share", "must be a share from 0 (interactive jobs always first) to 1, such as 0.1, not %v", g.BackgroundMinShare)
 	}
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{{"batch_slack", g.BatchSlack}, {"batch_window", g.BatchWindow}, {"batch_fallback_after", g.BatchFallbackAfter}, {"batch_poll", g.BatchPoll}} {
+		if d.v < 0 {
+			v.add(p+"."+d.name, "must be a positive duration (or left out for the default), not %s", d.v)
+		}
+	}
+	if g.BatchMaxJobs < 0 || g.BatchMaxJobs > 100000 {
+		v.add(p+".batch_max_jobs", "must be from 1 to 100000 (the Batches API's cap on one batch), not %d", g.BatchMaxJobs)
+	}
+	if slack, window, _, after, _ := g.BatchSettings(); g.Batch && (after >= slack || after <= window) {
+		v.add(p+".batch_fallback_after", "must be longer than batch_window (%s) and shorter than batch_slack (%s), so that a job the Batches API could not take still has time to run, not %s", window, slack, after)
+	}
 	if g.OutputAccounting != "" && g.OutputAccounting != OutputProduced && g.OutputAccounting != OutputReserved {
 		v.add(p+".output_accounting", "must be %q (output counted as it is produced: the current rule) or %q (max_tokens reserved at the start: the older rule), not %q", OutputProduced, OutputReserved, g.OutputAccounting)
 	}

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"regexp"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -26,6 +27,10 @@ import (
 // the fake models the processing queue (Config.BatchQueueLimit requests
 // waiting in batches not ended). A batch ends Config.BatchDelay after its
 // creation; a canceled one at once, its requests canceled.
+//
+// SetBatchOutage (POST /_fake/batches/outage) makes the whole Batches API
+// answer one error status until it is ended; SetBatchDelay changes
+// Config.BatchDelay for the batches created afterwards.
 
 // maxBatchRequests is the API's cap on requests in one batch.
 const maxBatchRequests = 100000
@@ -136,6 +141,13 @@ func (s *Server) handleBatches(w http.ResponseWriter, r *http.Request) bool {
 	rest, ok := strings.CutPrefix(r.URL.Path, "/v1/messages/batches")
 	if !ok || (rest != "" && !strings.HasPrefix(rest, "/")) {
 		return false
+	}
+	s.mu.Lock()
+	outage := s.batchOutage
+	s.mu.Unlock()
+	if outage != 0 {
+		writeError(w, batchOutageError(outage))
+		return true
 	}
 	if e := s.authenticate(r); e != nil {
 		writeError(w, e)
@@ -344,24 +356,172 @@ func (s *Server) deleteBatch(w http.ResponseWriter, id string) {
 	})
 }
 
-// listBatches answers GET /v1/messages/batches: every batch not deleted,
-// newest first (one page).
+// Pagination of GET /v1/messages/batches, as the API documents it.
+const (
+	defaultBatchPage = 20
+	maxBatchPage     = 1000
+)
+
+// listBatches answers GET /v1/messages/batches: the batches not deleted,
+// newest first, one page of them. ?limit=N (1 to 1000, default 20) sizes
+// the page. ?after_id=X is the page right after batch X in that order
+// (older batches: how the SDK's auto-paging follows last_id); ?before_id=X
+// the page right before it (newer batches, the ones nearest X, still
+// newest first). has_more says whether more lie beyond the page in the
+// direction of paging; first_id and last_id are the page's first and last
+// batch (null for an empty page). A cursor may name a deleted batch (its
+// place in the order is kept); one that never existed is refused.
 func (s *Server) listBatches(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	limit := defaultBatchPage
+	if v := q.Get("limit"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > maxBatchPage {
+			writeError(w, invalidRequest("limit: want an integer from 1 to %d, got %q", maxBatchPage, v))
+			return
+		}
+		limit = n
+	}
+	afterID, beforeID := q.Get("after_id"), q.Get("before_id")
+	if afterID != "" && beforeID != "" {
+		writeError(w, invalidRequest("after_id and before_id: give at most one of them"))
+		return
+	}
 	s.mu.Lock()
 	now := s.now()
-	var data []batchObject
-	for _, b := range s.batches.order {
-		if !b.deleted {
-			data = append(data, b.object(now, baseURL(r)))
+	// all is every batch, deleted ones too, newest first; ties (the same
+	// created time) newest created first.
+	all := make([]*batch, len(s.batches.order))
+	for i, b := range s.batches.order {
+		all[len(all)-1-i] = b
+	}
+	sort.SliceStable(all, func(i, j int) bool { return all[i].created.After(all[j].created) })
+	cursor := -1
+	if id := afterID + beforeID; id != "" {
+		for i, b := range all {
+			if b.id == id {
+				cursor = i
+				break
+			}
+		}
+		if cursor < 0 {
+			s.mu.Unlock()
+			name := "after_id"
+			if beforeID != "" {
+				name = "before_id"
+			}
+			writeError(w, invalidRequest("%s: no message batch %s", name, id))
+			return
 		}
 	}
+	// Only the batches not deleted, on the side of the cursor paged to.
+	var live []*batch
+	switch {
+	case afterID != "":
+		all = all[cursor+1:]
+	case beforeID != "":
+		all = all[:cursor]
+	}
+	for _, b := range all {
+		if !b.deleted {
+			live = append(live, b)
+		}
+	}
+	var page []*batch
+	hasMore := len(live) > limit
+	switch {
+	case !hasMore:
+		page = live
+	case beforeID != "":
+		page = live[len(live)-limit:] // the ones nearest the cursor
+	default:
+		page = live[:limit]
+	}
+	data := make([]batchObject, len(page))
+	for i, b := range page {
+		data[i] = b.object(now, baseURL(r))
+	}
 	s.mu.Unlock()
-	sort.SliceStable(data, func(i, j int) bool { return data[i].CreatedAt > data[j].CreatedAt })
-	out := map[string]any{"data": data, "has_more": false, "first_id": nil, "last_id": nil}
+	out := map[string]any{"data": data, "has_more": hasMore, "first_id": nil, "last_id": nil}
 	if len(data) > 0 {
 		out["first_id"], out["last_id"] = data[0].ID, data[len(data)-1].ID
-	} else {
-		out["data"] = []batchObject{}
 	}
 	writeJSON(w, http.StatusOK, out)
+}
+
+// SetBatchOutage makes every Message Batches request (/v1/messages/batches
+// and below) answer status, before any other check, with the API's error
+// for it: 529 overloaded_error, 500 or 503 api_error, 429 rate_limit_error
+// with retry-after: 1. 0 ends the outage. Another status panics: it is a
+// programming error (POST /_fake/batches/outage answers 400 instead).
+// The Messages API is not affected.
+func (s *Server) SetBatchOutage(status int) {
+	if !validBatchOutage(status) {
+		panic(fmt.Sprintf("fakeanthropic: SetBatchOutage: status %d: want 0, 429, 500, 503 or 529", status))
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.batchOutage = status
+}
+
+func validBatchOutage(status int) bool {
+	switch status {
+	case 0, http.StatusTooManyRequests, http.StatusInternalServerError, http.StatusServiceUnavailable, 529:
+		return true
+	}
+	return false
+}
+
+// batchOutageError is the answer of a Message Batches request during an
+// outage of status (one validBatchOutage accepts, not 0).
+func batchOutageError(status int) *apiError {
+	switch status {
+	case http.StatusTooManyRequests:
+		return &apiError{status: status, typ: typeRateLimit,
+			message:    "This request would exceed your organization's rate limit for the Message Batches API. Please try again later.",
+			retryAfter: 1, shouldRetry: "true"}
+	case http.StatusInternalServerError:
+		return &apiError{status: status, typ: typeAPIError, message: "Internal server error", shouldRetry: "true"}
+	case http.StatusServiceUnavailable:
+		return &apiError{status: status, typ: typeAPIError, message: "Service unavailable", shouldRetry: "true"}
+	}
+	return overloaded()
+}
+
+// batchOutageBody is the body of POST /_fake/batches/outage.
+type batchOutageBody struct {
+	Status *int `json:"status"`
+}
+
+// handleBatchOutage answers POST /_fake/batches/outage: SetBatchOutage,
+// then 204.
+func (s *Server) handleBatchOutage(w http.ResponseWriter, r *http.Request) {
+	var body batchOutageBody
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&body); err != nil || body.Status == nil {
+		if err == nil {
+			err = errors.New("status is missing")
+		}
+		writeError(w, invalidRequest(`body: want {"status":529} (0 ends the outage): %v`, err))
+		return
+	}
+	if !validBatchOutage(*body.Status) {
+		writeError(w, invalidRequest("status: %d is not an outage the fake can send: want 0 (none), 429, 500, 503 or 529", *body.Status))
+		return
+	}
+	s.SetBatchOutage(*body.Status)
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// SetBatchDelay changes Config.BatchDelay, how long a batch processes, for
+// the batches created from now on; batches already created keep their end.
+// A negative d panics: it is a programming error.
+func (s *Server) SetBatchDelay(d time.Duration) {
+	if d < 0 {
+		panic(fmt.Sprintf("fakeanthropic: SetBatchDelay: %v: must not be negative", d))
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.cfg.BatchDelay = d
 }

@@ -40,6 +40,11 @@
 //	                     {"group":"claude","rpm":10,"input_tpm":5000,"output_tpm":1000}
 //	                     (0 or absent: unchanged); answers the group's limits
 //	                     now in the same shape, 404 for an unknown group.
+//	POST /_fake/batches/outage
+//	                     SetBatchOutage, with the body {"status":529}: every
+//	                     /v1/messages/batches request answers that status
+//	                     (429, 500, 503 or 529; 0 ends it) with the API's
+//	                     error; answers 204, or 400 for another status.
 //
 // # Token counting and replies
 //

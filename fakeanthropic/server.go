@@ -42,6 +42,9 @@ type Server struct {
 	cache        map[[sha256.Size]byte]time.Time
 	cacheSweepAt int // sweep expired entries when the cache grows this big
 	batches      batchState
+	// batchOutage is the status every Message Batches request answers
+	// (SetBatchOutage); 0 for none.
+	batchOutage int
 }
 
 // New returns a Server for cfg, with defaults filled in (see Config). It
@@ -94,6 +97,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]int{"cleared": s.ClearCache()})
 	case r.Method == http.MethodPost && r.URL.Path == "/_fake/limits":
 		s.handleSetLimits(w, r)
+	case r.Method == http.MethodPost && r.URL.Path == "/_fake/batches/outage":
+		s.handleBatchOutage(w, r)
 	case s.handleBatches(w, r):
 	default:
 		writeError(w, &apiError{status: http.StatusNotFound, typ: typeNotFound,

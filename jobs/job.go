@@ -125,6 +125,14 @@ type Job struct {
 	// upstream's own, and UnavailableSince is when the first of them failed.
 	InfraFailures    int
 	UnavailableSince time.Time
+	// Via is how the job went upstream: "batch" (the Message Batches API)
+	// or "" (the Messages API); BatchID is its batch. BatchDue, when set,
+	// is when a job admitted for a batch joins the Messages line if no
+	// batch took it; BatchClaim names the take that put it in a batch.
+	Via        string
+	BatchID    string
+	BatchDue   time.Time
+	BatchClaim string
 }
 
 // View is a job as the API shows it.
@@ -158,6 +166,10 @@ type View struct {
 	Result       json.RawMessage `json:"result,omitempty"`
 	Text         *string         `json:"text,omitempty"`
 	Usage        *Usage          `json:"usage,omitempty"`
+	// DispatchedVia is how the job went upstream once dispatched:
+	// "messages" or "batch" (the Message Batches API, BatchID its batch).
+	DispatchedVia string `json:"dispatched_via,omitempty"`
+	BatchID       string `json:"batch_id,omitempty"`
 	// CostUSD is what the job's upstream calls cost, in US dollars, at the
 	// configured prices (absent before its first call, and for a model
 	// the price list lacks).
@@ -192,6 +204,10 @@ func (j *Job) View() View {
 		t := j.DispatchedAt
 		v.DispatchedAt = &t
 		v.DispatchSeq = j.DispatchSeq
+		v.DispatchedVia = "messages"
+	}
+	if j.Via == "batch" {
+		v.DispatchedVia, v.BatchID = "batch", j.BatchID
 	}
 	if !j.StartedAt.IsZero() {
 		t := j.StartedAt

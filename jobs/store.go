@@ -433,6 +433,7 @@ func fromHash(id string, m map[string]string) (*Job, error) {
 		NotBefore: timeFromMillis(m["not_before"]),
 		FQMember:  m["fq_member"], FQTag: m["fq_tag"], FirstEvent: m["ev0"],
 		DispatchedAt: timeFromMillis(m["dispatched_at"]), UnavailableSince: timeFromMillis(m["unavailable_since"]),
+		Via: m["via"], BatchID: m["batch_id"], BatchDue: timeFromMillis(m["batch_due"]), BatchClaim: m["batch_claim"],
 	}
 	j.MaxTokens, _ = strconv.Atoi(m["max_tokens"])
 	j.Attempts, _ = strconv.Atoi(m["attempts"])

@@ -38,6 +38,7 @@ type Metrics struct {
 	finished   *prometheus.CounterVec
 	dispatched *prometheus.CounterVec
 	fallbacks  *prometheus.CounterVec
+	batches    *prometheus.CounterVec
 }
 
 // durations are the buckets of the time histograms, in seconds.
@@ -80,7 +81,10 @@ func New() *Metrics {
 			Help: "Jobs admitted into a fallback model group, by the group the request's model belongs to (from), the group that took it (to) and why: on_wait (from's wait was longer than max_wait) or on_outage (from was in outage)."},
 			[]string{"from", "to", "reason"}),
 	}
-	reg.MustRegister(m.admissions, m.wait, m.latency, m.ttft, m.tokens, m.responses, m.estimate, m.inFlight, m.finished, m.dispatched, m.fallbacks)
+	m.batches = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "batch_jobs_total",
+		Help: "Jobs sent to the Message Batches API (event created) or whose batch could not be created (create_failed), by model group."},
+		[]string{"group", "event"})
+	reg.MustRegister(m.admissions, m.wait, m.latency, m.ttft, m.tokens, m.responses, m.estimate, m.inFlight, m.finished, m.dispatched, m.fallbacks, m.batches)
 	return m
 }
 
@@ -185,6 +189,15 @@ func (m *Metrics) Finished(group, status string) {
 		return
 	}
 	m.finished.WithLabelValues(group, status).Inc()
+}
+
+// Batch counts n jobs of a batch created (event "created") or not
+// ("create_failed").
+func (m *Metrics) Batch(group, event string, n int) {
+	if m == nil || n == 0 {
+		return
+	}
+	m.batches.WithLabelValues(group, event).Add(float64(n))
 }
 
 // Dispatched counts n jobs dispatched.

@@ -157,6 +157,7 @@ func (s *Scheduler) apply(ctx context.Context, g *config.ModelGroup, j *jobs.Job
 		jobs.Key(j.ID), jobs.EventsKey(j.ID), jobs.CountsKey(g.Name, j.Tenant, j.UserID), jobs.WaitingUsersKey(g.Name),
 		k.lim(), k.reservations(), k.leases(), k.rate(),
 		k.order(), k.costs(), k.totals(), k.deadlines(), k.delayed(), k.delayedTags(), k.expiring(), k.live(),
+		k.batched(),
 	}, args...).Slice()
 	if err != nil {
 		return step{}, lifecycleError(j.ID, err)

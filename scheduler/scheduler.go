@@ -159,6 +159,10 @@ func (k keys) seen() string           { return rkeys.HeadersSeen(k.g) }
 func (k keys) rate() string           { return k.p("rate") }
 func (k keys) live() string           { return rkeys.Live(k.g) }
 func (k keys) cache() string          { return rkeys.Cache(k.g) }
+func (k keys) batchLine() string      { return k.p("batch_line") }
+func (k keys) batchClaims() string    { return k.p("batch_claims") }
+func (k keys) batches() string        { return k.p("batches") }
+func (k keys) batched() string        { return k.p("batched") }
 func wakeChannel(group string) string { return rkeys.Wake(group) }
 
 // MovedChannel is where a group's queue announces that jobs entered or left
@@ -246,6 +250,10 @@ type Admission struct {
 	// Budget is the dollar budgets the job is charged against (none: no
 	// budget applies).
 	Budget Budget
+	// BatchFallback, when > 0, sends the job by the Message Batches API:
+	// it waits in the group's batch line, and joins the Messages line
+	// this long after admission if no batch took it by then (see Batch).
+	BatchFallback time.Duration
 }
 
 // Budget is what a job is charged against in dollars: its user's and its
@@ -304,6 +312,8 @@ type AdmitResult struct {
 	MaxWait                    int // seconds, for Overloaded
 	Down                       time.Duration
 	Budget                     BudgetRefusal // for OverBudget
+	// Batch: the job was admitted to wait for a batch (no position).
+	Batch bool
 }
 
 // Admit decides a job's admission and, when it is admitted, stores it and
@@ -360,7 +370,8 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 		UserKey(j.Tenant, j.UserID), a.InputEstimate, j.MaxTokens, weight, wakeChannel(g.Name)}
 	args = append(args, limits(g)...)
 	args = append(args, g.MaxConcurrency, held.requests, held.tokens,
-		a.Policy.MaxQueued, a.MaxWait.Milliseconds(), a.BodyHash, int(IdempotencyTTL/time.Second), deadline, countReads(g), quotas, j.Class)
+		a.Policy.MaxQueued, a.MaxWait.Milliseconds(), a.BodyHash, int(IdempotencyTTL/time.Second), deadline, countReads(g), quotas, j.Class,
+		a.BatchFallback.Milliseconds())
 	args = append(args, s.store.Fields(j)...)
 	if held.usd > 0 {
 		args = append(args, "q_usd", held.usd, "b_d", held.day, "b_m", held.month)
@@ -370,6 +381,7 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 		k.costs(), k.totals(), k.lim(), idem,
 		jobs.CountsKey(g.Name, j.Tenant, j.UserID), jobs.IndexKey(g.Name, j.Tenant, ""), jobs.IndexKey(g.Name, j.Tenant, j.UserID),
 		k.deadlines(), jobs.WaitingUsersKey(g.Name), k.live(), k.vtimeB(),
+		k.delayed(), k.delayedTags(), k.batchLine(),
 	}, userQuota...), args...).Slice()
 	if err != nil {
 		// Whether the job was admitted is unknown: its quota stays
@@ -383,6 +395,9 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 	switch r.Outcome {
 	case Admitted:
 		r.Position, r.ETA = toInt(res[2]), toInt(res[3])
+		if r.ETA == -2 {
+			r.Position, r.ETA, r.Batch = 0, 0, true
+		}
 		if quotas != "" && len(res) >= 6 {
 			r.QuotaRemaining, r.QuotaReset = toInt(res[4]), toInt(res[5])
 		}
@@ -745,7 +760,7 @@ func (s *Scheduler) Dispatch(ctx context.Context, g *config.ModelGroup, max int)
 	res, err := dispatchScript.Run(ctx, s.rdb, []string{
 		k.order(), k.delayed(), k.vtime(), k.finish(), k.costs(), k.totals(), k.lim(),
 		k.reservations(), k.leases(), k.dispatching(), k.delayedTags(), k.deadlines(), k.expiring(), k.dispatchSeq(),
-		k.rate(), k.live(), jobs.WaitingUsersKey(g.Name), k.cache(), k.vtimeB(),
+		k.rate(), k.live(), jobs.WaitingUsersKey(g.Name), k.cache(), k.vtimeB(), k.batched(),
 	}, args...).Slice()
 	if err != nil {
 		return Result{}, fmt.Errorf("scheduler: dispatch %s: %w", g.Name, err)

@@ -155,6 +155,37 @@ func (c *Client) BatchResults(ctx context.Context, id string, each func(BatchRes
 	return nil
 }
 
+// batchListPage is how many batches ListBatches asks for per page.
+const batchListPage = 100
+
+// ListBatches returns every batch created at or after since, newest first.
+// It follows the API's pages (newest first, each next one through
+// after_id) and stops at the first page that reaches a batch older than
+// since; a failure on any page is classified like the other calls' and
+// returned with nothing else.
+func (c *Client) ListBatches(ctx context.Context, since time.Time) ([]Batch, error) {
+	params := anthropic.MessageBatchListParams{Limit: anthropic.Int(batchListPage)}
+	var out []Batch
+	for {
+		var resp *http.Response
+		page, err := c.sdk.Messages.Batches.List(ctx, params, option.WithResponseInto(&resp))
+		if err != nil {
+			return nil, classify(ctx, err, resp)
+		}
+		for i := range page.Data {
+			b := &page.Data[i]
+			if b.CreatedAt.Before(since) {
+				return out, nil
+			}
+			out = append(out, batchOf(b))
+		}
+		if !page.HasMore || len(page.Data) == 0 || page.LastID == "" {
+			return out, nil
+		}
+		params.AfterID = anthropic.String(page.LastID)
+	}
+}
+
 func batchOf(b *anthropic.MessageBatch) Batch {
 	rc := b.RequestCounts
 	return Batch{ID: b.ID, Status: string(b.ProcessingStatus), CreatedAt: b.CreatedAt, EndedAt: b.EndedAt, ExpiresAt: b.ExpiresAt,

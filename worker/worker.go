@@ -140,10 +140,14 @@ func (w *Worker) Start() error {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	w.dispStop = cancel
-	w.dispWG.Add(2)
+	w.dispWG.Add(3)
 	go func() {
 		defer w.dispWG.Done()
 		_ = w.disp.Run(ctx)
+	}()
+	go func() {
+		defer w.dispWG.Done()
+		w.runBatches(ctx)
 	}()
 	go func() {
 		defer w.dispWG.Done()

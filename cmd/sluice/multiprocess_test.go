@@ -62,6 +62,13 @@ func startCluster(t testing.TB, g fakeanthropic.Group, maxConc int, fc fakeanthr
 // block (lines indented by four spaces).
 func startClusterTenant(t testing.TB, g fakeanthropic.Group, maxConc int, fc fakeanthropic.Config, tenantExtra, extra string) *cluster {
 	t.Helper()
+	return startClusterGroup(t, g, maxConc, fc, tenantExtra, "", extra)
+}
+
+// startClusterGroup is startClusterTenant with groupExtra added to the
+// model group's block (lines indented by four spaces).
+func startClusterGroup(t testing.TB, g fakeanthropic.Group, maxConc int, fc fakeanthropic.Config, tenantExtra, groupExtra, extra string) *cluster {
+	t.Helper()
 	r := redistest.Start(t)
 	fc.Groups = []fakeanthropic.Group{g}
 	fc.APIKeys = []string{harness.UpstreamKey}
@@ -82,12 +89,12 @@ tenants:
     input_tpm: %d
     output_tpm: %d
     max_concurrency: %d
-upstream:
+%supstream:
   backoff_base: 50ms
   backoff_max: 200ms
 worker:
   shutdown_timeout: 5s
-%s`, harness.AdminKey, harness.TenantKey, tenantExtra, g.Name, g.RPM, g.InputTPM, g.OutputTPM, maxConc, extra)
+%s`, harness.AdminKey, harness.TenantKey, tenantExtra, g.Name, g.RPM, g.InputTPM, g.OutputTPM, maxConc, groupExtra, extra)
 	path := filepath.Join(t.TempDir(), "sluice.yaml")
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)

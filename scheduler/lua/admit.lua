@@ -28,7 +28,8 @@
 -- KEYS[15] the group's waiting users (user key -> queued jobs)
 -- KEYS[16] the group's live jobs (id -> status initial and user key)
 -- KEYS[17] background V (the background class's virtual time)
--- KEYS[18] the user's quota hash (only when ARGV[24] is not "")
+-- KEYS[18] delayed (retry waits)   KEYS[19] delayed tags   KEYS[20] batch line
+-- KEYS[21] the user's quota hash (only when ARGV[24] is not "")
 -- ARGV[1] now ms (0 = Redis TIME)   ARGV[2] job id   ARGV[3] ttl seconds
 -- ARGV[4] the job's cacheable prefixes ("hash:tokens:ttl_ms;…", "" = none)
 -- ARGV[5] stream max length   ARGV[6] user key
@@ -43,13 +44,25 @@
 -- ARGV[22] deadline ms (0 = none)
 -- ARGV[23] "1" when the group counts cache reads against its input limit
 -- ARGV[24] "requests per hour,tokens per hour": the user's quotas, to
---   check and charge here in KEYS[18] ("" = charged already, or none)
+--   check and charge here in KEYS[21] ("" = charged already, or none)
 -- ARGV[25] the job's class: "background", or anything else for interactive
--- ARGV[26..] job hash field, value pairs
+-- ARGV[26] ms: the job goes by the Message Batches API, and joins the
+--   Messages line this long after admission if no batch took it by then
+--   ("0" = it does not go by batch)
+-- ARGV[27..] job hash field, value pairs
+--
+-- A job bound for a batch waits in the group's batch line (KEYS[20], by
+-- admission time) for the worker that collects batches, and in the retry
+-- waits (KEYS[18], due at its fallback time, with its start tag): if no
+-- batch took it by then, the dispatch round puts it in the fair order like
+-- any retry that came due, and it goes by the Messages API. It has no
+-- place in the Messages line meanwhile (no position; eta unknown: a batch
+-- takes up to 24 h) and does not charge its user's fair share there.
 -- Job ids are 115 random bits: the record is not checked for existence.
 -- Reply, one of:
 --   {"ok", event id, position, eta seconds, quota requests remaining
 --    (-1: unlimited), seconds until the request quota is full}
+--    (position 0 and eta -2: the job waits for a batch)
 --   {"quota", "requests"|"tokens", retry ms, limit, remaining}
 --   {"replay", job id}
 --   {"conflict"}
@@ -83,7 +96,7 @@ local rph, tph, qr, qt = 0, 0, 0, 0
 if ARGV[24] ~= '' then
   local a, b = string.match(ARGV[24], '^(%d+),(%d+)$')
   rph, tph = tonumber(a), tonumber(b)
-  qr, qt = quota_level(KEYS[18], now, rph, tph)
+  qr, qt = quota_level(KEYS[21], now, rph, tph)
   local refusal = quota_refusal(qr, qt, rph, tph, cost)
   if refusal then return refusal end
 end
@@ -130,8 +143,11 @@ local n0 = math.max(0, num(t[1], 0))
 local n, tin, tout = n0 + 1, cin, cout
 if n0 > 0 then tin, tout = math.max(0, num(t[2], 0)) + cin, math.max(0, num(t[3], 0)) + cout end
 local eta = eta_seconds(st, rank, tin / n, tout / n, tonumber(ARGV[15]))
+local batch = tonumber(ARGV[26]) or 0
 local maxwait = tonumber(ARGV[19])
-if maxwait > 0 and eta >= 0 and eta * 1000 > maxwait then
+if batch > 0 then
+  position, eta = 0, -2
+elseif maxwait > 0 and eta >= 0 and eta * 1000 > maxwait then
   return {'overloaded', eta, math.floor(maxwait / 1000)}
 end
 
@@ -144,10 +160,16 @@ if seq == 1 and redis.call('ZCARD', KEYS[4]) > 0 then
   redis.call('SET', KEYS[3], intstr(seq))
 end
 local member = string.format('%016d', seq) .. '|' .. id
-redis.call('ZADD', KEYS[4], tag, member)
-redis.call('ZADD', KEYS[5], tag + cost / weight, fmember)
-redis.call('HSET', KEYS[7], member, intstr(cin) .. ',' .. intstr(cout))
-redis.call('HSET', KEYS[8], 'n', intstr(n), 'in', intstr(tin), 'out', intstr(tout))
+if batch > 0 then
+  redis.call('ZADD', KEYS[18], now + batch, member)
+  redis.call('HSET', KEYS[19], member, tagstr(tag) .. ';' .. intstr(cin) .. ',' .. intstr(cout))
+  redis.call('ZADD', KEYS[20], now, member)
+else
+  redis.call('ZADD', KEYS[4], tag, member)
+  redis.call('ZADD', KEYS[5], tag + cost / weight, fmember)
+  redis.call('HSET', KEYS[7], member, intstr(cin) .. ',' .. intstr(cout))
+  redis.call('HSET', KEYS[8], 'n', intstr(n), 'in', intstr(tin), 'out', intstr(tout))
+end
 if tonumber(ARGV[22]) > 0 then
   redis.call('ZADD', KEYS[14], ARGV[22], member)
 end
@@ -158,7 +180,9 @@ end
 -- every later event (XADD '*') sorts after it. Nobody can follow the job
 -- before it exists: it is not published.
 local data = '{"position":' .. position .. ',"eta_seconds":' .. eta .. '}'
-if eta < 0 then
+if batch > 0 then
+  data = '{"position":null,"eta_seconds":null,"reason":"batch"}'
+elseif eta < 0 then
   data = '{"position":' .. position .. ',"eta_seconds":null,"reason":"upstream_unavailable"}'
 end
 local rnow = now -- Redis's clock, unless the caller gave the time
@@ -172,10 +196,14 @@ if ARGV[24] ~= '' then
   qreq, qtok = (rph > 0) and 1 or 0, (tph > 0) and intstr(cost) or 0
 end
 local fields = {}
-for i = 26, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 27, #ARGV do fields[#fields + 1] = ARGV[i] end
 if ARGV[4] ~= '' then
   fields[#fields + 1] = 'c_pre'
   fields[#fields + 1] = ARGV[4]
+end
+if batch > 0 then
+  fields[#fields + 1] = 'batch_due'
+  fields[#fields + 1] = intstr(now + batch)
 end
 redis.call('HSET', KEYS[1], 'fq_member', member, 'fq_tag', tagstr(tag),
   'cost_in', cin, 'cost_out', cout, 'dispatch', 0, 'q_req', qreq,
@@ -202,7 +230,7 @@ end
 
 local remaining, reset = -1, 0
 if ARGV[24] ~= '' then
-  remaining, reset = quota_take(KEYS[18], now, qr, qt, rph, tph, cost)
+  remaining, reset = quota_take(KEYS[21], now, qr, qt, rph, tph, cost)
 end
 redis.call('PUBLISH', ARGV[10], 'arrival')
 return {'ok', ev, position, eta, remaining, reset}

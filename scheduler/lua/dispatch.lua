@@ -25,7 +25,7 @@
 -- KEYS[14] dispatch sequence   KEYS[15] the group's use per minute (dispatches: minute -> n)
 -- KEYS[16] the group's live jobs (id -> status initial and user key)
 -- KEYS[17] the group's waiting users   KEYS[18] the group's cache hash
--- KEYS[19] background V
+-- KEYS[19] background V   KEYS[20] the group's jobs in batches (lua/batch.lua)
 -- ARGV[1] now ms (0 = Redis TIME)  ARGV[2..5] rpm, input_tpm, output_tpm, burst ms
 -- ARGV[6] max concurrency   ARGV[7] lease ms   ARGV[8] most jobs to pick
 -- ARGV[9] key prefix ("sluice:"): a job's record is jkey(id)   ARGV[10] moved channel
@@ -273,7 +273,7 @@ for k = 1, #past, 2 do
 end
 
 -- The safety net: the group's live jobs (admitted, not ended) are each in
--- the order, the retry queue, the expiring set or a lease. More live jobs
+-- the order, the retry queue, the expiring set, a lease or a batch. More live jobs
 -- than those hold means some key was lost with jobs in it (say the order
 -- and its costs both): every live job is looked at once. One whose record
 -- still waits is queued again at its start tag (or, when a call of it may
@@ -284,7 +284,7 @@ end
 local function sweep()
   local nlive = redis.call('HLEN', KEYS[16])
   if nlive == 0 or nlive <= redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2]) +
-      redis.call('ZCARD', KEYS[9]) + redis.call('ZCARD', KEYS[13]) then
+      redis.call('ZCARD', KEYS[9]) + redis.call('ZCARD', KEYS[13]) + redis.call('ZCARD', KEYS[20]) then
     return
   end
   local all = redis.call('HGETALL', KEYS[16])
@@ -303,7 +303,7 @@ local function sweep()
     elseif not j[2] then
       redis.call('HDEL', KEYS[16], id) -- not a queued job's record: nothing to look for
     elseif not (redis.call('ZSCORE', KEYS[1], j[2]) or redis.call('ZSCORE', KEYS[2], j[2]) or
-        redis.call('ZSCORE', KEYS[9], id) or redis.call('ZSCORE', KEYS[13], id)) then
+        redis.call('ZSCORE', KEYS[9], id) or redis.call('ZSCORE', KEYS[13], id) or redis.call('ZSCORE', KEYS[20], id)) then
       if j[6] then
         redis.call('ZADD', KEYS[9], 'NX', now + lease_ms, id)
       else

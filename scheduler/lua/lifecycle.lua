@@ -39,6 +39,8 @@
 -- KEYS[11] totals   KEYS[12] deadlines   KEYS[13] delayed
 -- KEYS[14] delayed tags   KEYS[15] expiring
 -- KEYS[16] the group's live jobs (see dispatch.lua's sweep)
+-- KEYS[17] the group's jobs in batches (lua/batch.lua), which a job leaves
+--   once no call of it runs and it ends or goes back in line
 -- ARGV[1] now ms (0 = Redis TIME)
 -- ARGV[2] plan, JSON: {from = [status], to, dispatch, open, close, event,
 --   channel, ttl, maxlen, used = [requests, input, output], dur (ms of a
@@ -164,6 +166,7 @@ if member and terminal and open == 0 then
   if redis.call('ZREM', KEYS[13], member) == 1 then redis.call('HDEL', KEYS[14], member) end
   redis.call('ZREM', KEYS[15], p.id)
 end
+if open == 0 and (terminal or p.requeue) then redis.call('ZREM', KEYS[17], p.id) end
 if member and p.requeue then
   redis.call('ZADD', KEYS[13], now + p.requeue, member)
   redis.call('HSET', KEYS[14], member, (h[5] or '0') .. ';' .. (h[6] or '0') .. ',' .. (h[7] or '0'))
