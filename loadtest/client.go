@@ -36,6 +36,14 @@ type jobView struct {
 		Type    string `json:"type"`
 		Message string `json:"message"`
 	} `json:"error"`
+	// DispatchedVia is how the job went upstream: "messages" or "batch"
+	// (BatchID its Message Batch); absent before its dispatch and from
+	// sluices that predate batches.
+	DispatchedVia string `json:"dispatched_via"`
+	BatchID       string `json:"batch_id"`
+	// CostUSD is what its upstream calls cost at sluice's prices; absent
+	// before the first call and for a model without a price.
+	CostUSD *float64 `json:"cost_usd"`
 }
 
 // terminal reports whether the status is final.
@@ -59,6 +67,9 @@ type submitBody struct {
 	UserID  string         `json:"user_id"`
 	Class   string         `json:"class,omitempty"` // the service class; "" = sluice's default
 	Request messageRequest `json:"request"`
+
+	// DeadlineSeconds is the job's deadline; 0 = none.
+	DeadlineSeconds int `json:"deadline_seconds,omitempty"`
 }
 
 type messageRequest struct {
@@ -144,6 +155,10 @@ type fakeStats struct {
 	AdmittedCacheRead    map[string]int64 `json:"admitted_cache_read_input_tokens"`
 	AdmittedCacheWrite   map[string]int64 `json:"admitted_cache_creation_input_tokens"`
 	CacheWriteRequests   map[string]int64 `json:"cache_write_requests"`
+	// Batches and BatchRequests count the Message Batches created and the
+	// requests in them (not in Requests).
+	Batches       int64 `json:"batches"`
+	BatchRequests int64 `json:"batch_requests"`
 }
 
 // counters are the admitted amounts of group, or of every group when

@@ -37,6 +37,15 @@
 //   - mixed-cache: saturate where half the users send that cached prefix
 //     and the other half a system prompt of the same size that is new each
 //     time (no caching), the input limit binding.
+//   - batch: the same jobs twice, Users users (default 5) with
+//     RequestsPerUser jobs each (default 20, max_tokens 1,024): first as
+//     interactive jobs (the Messages API), then, once those are done, as
+//     background jobs with a deadline of BatchDeadline (2 h), which a
+//     model group with batch on sends through the Message Batches API.
+//     The report compares the passes: how the jobs went upstream, the
+//     batches and Messages calls the upstream saw, each pass's cost
+//     (cost_usd summed) and wall time, and the cost ratio batch /
+//     interactive (the batch discount: 0.5 at the shipped prices).
 package loadtest
 
 import (
@@ -71,11 +80,14 @@ const (
 	// MixedCache is saturate with half the users caching a shared system
 	// prompt and half sending uncached ones of the same size.
 	MixedCache = "mixed-cache"
+	// Batch runs the same jobs as interactive jobs and then as background
+	// jobs that can wait for a Message Batch, and compares their cost.
+	Batch = "batch"
 )
 
 // Scenarios lists the scenario names.
 func Scenarios() []string {
-	return []string{Classroom, HeavyVsLight, Classes, Saturate, LongAnswers, CachedClassroom, MixedCache}
+	return []string{Classroom, HeavyVsLight, Classes, Saturate, LongAnswers, CachedClassroom, MixedCache, Batch}
 }
 
 // cacheScenario reports whether a scenario sends system prompts.
@@ -97,6 +109,12 @@ const (
 	DefaultLightUsers      = 20
 	DefaultSaturateUsers   = 20
 	DefaultPrefixBytes     = 24000 // 6,000 tokens as the fake counts them
+	DefaultBatchUsers      = 5
+	DefaultBatchJobs       = 20 // per user
+	DefaultBatchMaxTokens  = 1024
+	// BatchDeadline is the deadline of batch's background jobs: above the
+	// batch_slack a job needs to go by batch (1 h by default).
+	BatchDeadline = 2 * time.Hour
 )
 
 // NoWarmup as Options.Warmup measures from the first moment of backlog.
@@ -141,7 +159,8 @@ type Options struct {
 	// ReplyTokens is the reply length asked of the fake with
 	// [[reply_tokens=N]]. Default 100.
 	ReplyTokens int
-	// MaxTokens is each job's max_tokens. Default ReplyTokens.
+	// MaxTokens is each job's max_tokens. Default ReplyTokens (batch:
+	// DefaultBatchMaxTokens).
 	MaxTokens int
 	// PromptBytes is the length of each prompt, directive included, in
 	// bytes. Default 400.
@@ -150,9 +169,10 @@ type Options struct {
 	// and mixed-cache, in bytes. Default 24,000 (6,000 tokens).
 	PrefixBytes int
 	// Users: students (classroom), light users (heavy-vs-light) or users
-	// (saturate). Default 30, 20, 20.
+	// (saturate, batch). Default 30, 20, 20, 5.
 	Users int
 	// RequestsPerUser and Spread shape classroom. Default 5 and 10 s.
+	// In batch, RequestsPerUser is each user's jobs per pass (default 20).
 	RequestsPerUser int
 	Spread          time.Duration
 	// HeavyJobs is the heavy user's backlog (classes: the background
@@ -213,6 +233,9 @@ func (o Options) withDefaults() (Options, error) {
 		}
 	}
 	def(&o.ReplyTokens, DefaultReplyTokens)
+	if o.Scenario == Batch {
+		def(&o.MaxTokens, DefaultBatchMaxTokens)
+	}
 	def(&o.MaxTokens, o.ReplyTokens)
 	def(&o.PromptBytes, DefaultPromptBytes)
 	def(&o.PrefixBytes, DefaultPrefixBytes)
@@ -221,6 +244,9 @@ func (o Options) withDefaults() (Options, error) {
 		def(&o.Users, DefaultClassroomUsers)
 	case HeavyVsLight, Classes:
 		def(&o.Users, DefaultLightUsers)
+	case Batch:
+		def(&o.Users, DefaultBatchUsers)
+		def(&o.RequestsPerUser, DefaultBatchJobs)
 	default:
 		def(&o.Users, DefaultSaturateUsers)
 	}
@@ -363,6 +389,8 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		sc, err = r.heavyVsLight(ctx)
 	case Saturate, LongAnswers, CachedClassroom, MixedCache:
 		sc, err = r.saturate(ctx)
+	case Batch:
+		sc, err = r.batch(ctx)
 	}
 	stopSampling()
 	sampling.Wait()
@@ -389,6 +417,8 @@ type scenarioResult struct {
 	// unfinishedOK names the class whose unfinished jobs are not lost
 	// (heavy-vs-light's heavy user, left behind on purpose).
 	unfinishedOK string
+	// passes are batch's two passes, in order.
+	passes []batchPass
 }
 
 // sampleFake reads the fake's counters and keeps them, timed at the
@@ -492,10 +522,15 @@ func (r *runner) submit(ctx context.Context, user, class string) *submission {
 
 // submitIn is submit with the job's service class ("" = sluice's default).
 func (r *runner) submitIn(ctx context.Context, user, class, service string) *submission {
-	body := submitBody{UserID: user, Class: service, Request: messageRequest{
+	return r.submitBody(ctx, class, submitBody{UserID: user, Class: service, Request: messageRequest{
 		Model: r.o.Model, MaxTokens: r.o.MaxTokens, System: r.system(class),
 		Messages: []message{{Role: "user", Content: r.promptText()}},
-	}}
+	}})
+}
+
+// submitBody posts body as a job of the user class class.
+func (r *runner) submitBody(ctx context.Context, class string, body submitBody) *submission {
+	user := body.UserID
 	sent := r.o.Now()
 	v, status, detail, err := r.api.submit(ctx, body)
 	answered := r.o.Now()

@@ -69,7 +69,10 @@ type Report struct {
 	// jobs dispatched from the first interactive submission to the last
 	// interactive start (both classes waiting); null otherwise.
 	BackgroundShare *float64 `json:"background_share"`
-	Notes           []string `json:"notes"`
+	// BatchOffload compares batch's interactive and batch passes; null in
+	// the other scenarios.
+	BatchOffload *BatchOffload `json:"batch_offload"`
+	Notes        []string      `json:"notes"`
 }
 
 // Utilization is the achieved rate of each dimension as a fraction of its
@@ -320,6 +323,9 @@ func (r *runner) report(start, end time.Time, sc scenarioResult) *Report {
 	if o.Scenario == Classes {
 		r.backgroundShare(rep, jobs)
 	}
+	if o.Scenario == Batch {
+		rep.BatchOffload = r.batchOffload(rep, sc)
+	}
 	return rep
 }
 
@@ -436,6 +442,9 @@ func (r *runner) fairness(rep *Report, jobs []Job, sc scenarioResult, offset tim
 	switch r.o.Scenario {
 	case HeavyVsLight, Classes:
 		rep.note("jain_index is null for %s: each newcomer has one job, so no window has several users backlogged long enough to compare their service; see newcomer_max_dispatches_before", r.o.Scenario)
+		return
+	case Batch:
+		rep.note("jain_index is null for batch: it compares how the same jobs go upstream and what they cost; see batch_offload")
 		return
 	case Saturate:
 		w := Window{sc.measure.Start.Add(offset), sc.measure.End.Add(offset)}
@@ -595,6 +604,9 @@ func (rep *Report) WriteTable(w io.Writer) error {
 			text(c.ReadRatio, "%.3f"), text(c.ChargedInputPerRequest, "%.0f"), text(c.ChargedInputPerRequestRun, "%.0f"), c.UncachedInputPerRequest, c.WriteRequests)
 	}
 	tw.Flush()
+	if rep.BatchOffload != nil {
+		writeBatchOffload(&b, rep.BatchOffload)
+	}
 
 	u := rep.Utilization
 	fmt.Fprintf(&b, "\nutilization (source %s", orText(u.Source, "none"))

@@ -58,18 +58,32 @@ Scenarios:
                   half a new uncached one of the same size each time; unless
                   given: --rpm 1000 --input-tpm 60000 --output-tpm 1000000
                   --max-concurrency 16
+  batch           the same jobs twice, --users users (5) × --requests-per-user
+                  jobs (20), max_tokens 1,024, replies of 200 tokens: first as
+                  interactive jobs (Messages API), then as background jobs
+                  with deadline_seconds 7200, which a model group with
+                  batch: true sends through the Message Batches API; reports
+                  how each pass went upstream, the batches and Messages calls
+                  the upstream saw, each pass's cost and wall time, and the
+                  cost ratio batch / interactive (~0.50). In-process the group
+                  has batch on (batch_window 2s, batch_poll 500ms); unless
+                  given: --rpm 1000 --input-tpm 1000000 --output-tpm 1000000
+                  --max-concurrency 16
 
 Flags:
   --scenario NAME         classroom, heavy-vs-light, classes, saturate,
-                          long-answers, cached-classroom or mixed-cache (required)
+                          long-answers, cached-classroom, mixed-cache or batch
+                          (required)
   --url URL               a running sluice's base URL; none = start one in-process
   --key KEY               its tenant key (env SLUICE_KEY); in-process makes one
   --fake-url URL          the fake upstream behind --url, for 429s and upstream
                           utilization; without it they are unknown / from the jobs
   --fake-group NAME       the fake's model group to read (default: all summed)
   --model NAME            the model of every job (default claude-sonnet-4-6)
-  --users N               students, light users or users (defaults 30, 20, 20)
-  --requests-per-user N   classroom: requests per student (default 5)
+  --users N               students, light users or users (defaults 30, 20, 20;
+                          batch 5)
+  --requests-per-user N   classroom: requests per student (default 5); batch:
+                          jobs per user and pass (default 20)
   --spread D              classroom: arrivals spread over D (default 10s)
   --heavy-jobs N          heavy-vs-light: the heavy user's jobs; classes: the
                           background jobs (default 500)
@@ -98,6 +112,8 @@ Flags:
 In-process only:
   --tokens-per-second N   the fake's output pace (default 60; 0 = instant)
   --latency D             the fake's wait before answering (default 300ms)
+  --batch-delay D         batch: how long the fake takes to process a Message
+                          Batch (default 3s)
   --workers N             extra worker-only roles on the same Redis (default 0)
   --log PATH              write sluice's logs there (default: discarded)
   -v                      write sluice's logs to stderr
@@ -146,6 +162,7 @@ func runLoadtest(ctx context.Context, args []string, getenv func(string) string,
 	fs.Float64Var(&ip.tokensPerSecond, "tokens-per-second", 60, "")
 	fs.DurationVar(&ip.latency, "latency", 300*time.Millisecond, "")
 	fs.IntVar(&ip.workers, "workers", 0, "")
+	fs.DurationVar(&ip.batchDelay, "batch-delay", 3*time.Second, "")
 	logPath := fs.String("log", "", "")
 	verbose := fs.Bool("v", false, "")
 	if err := fs.Parse(args); err != nil {
@@ -156,7 +173,7 @@ func runLoadtest(ctx context.Context, args []string, getenv func(string) string,
 	}
 	if o.Scenario == "" {
 		fs.Usage()
-		return errors.New("loadtest: --scenario is required (classroom, heavy-vs-light, classes, saturate, long-answers, cached-classroom or mixed-cache)")
+		return errors.New("loadtest: --scenario is required (classroom, heavy-vs-light, classes, saturate, long-answers, cached-classroom, mixed-cache or batch)")
 	}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
@@ -189,6 +206,16 @@ func runLoadtest(ctx context.Context, args []string, getenv func(string) string,
 		if !set["tokens-per-second"] {
 			ip.tokensPerSecond = 50
 		}
+	case loadtest.Batch:
+		preset("rpm", &o.Limits.RPM, 1000)
+		preset("input-tpm", &o.Limits.InputTPM, 1000000)
+		preset("output-tpm", &o.Limits.OutputTPM, 1000000)
+		preset("max-concurrency", &o.Limits.MaxConcurrency, 16)
+		preset("users", &o.Users, loadtest.DefaultBatchUsers)
+		preset("requests-per-user", &o.RequestsPerUser, loadtest.DefaultBatchJobs)
+		preset("reply-tokens", &o.ReplyTokens, 200)
+		preset("max-tokens", &o.MaxTokens, loadtest.DefaultBatchMaxTokens)
+		ip.batch = true
 	}
 	if o.Warmup == 0 {
 		o.Warmup = loadtest.NoWarmup // Options reads 0 as "the default"
@@ -196,8 +223,8 @@ func runLoadtest(ctx context.Context, args []string, getenv func(string) string,
 	o.Progress = stderr
 
 	if o.BaseURL == "" {
-		if ip.workers < 0 || ip.tokensPerSecond < 0 || ip.latency < 0 {
-			return errors.New("loadtest: --workers, --tokens-per-second and --latency must not be negative")
+		if ip.workers < 0 || ip.tokensPerSecond < 0 || ip.latency < 0 || ip.batchDelay < 0 {
+			return errors.New("loadtest: --workers, --tokens-per-second, --latency and --batch-delay must not be negative")
 		}
 		ip.limits = o.Limits
 		ip.replyTokens = o.ReplyTokens
@@ -244,6 +271,10 @@ type inProcessOptions struct {
 	latency         time.Duration
 	workers         int       // extra worker-only roles
 	logs            io.Writer // sluice's logs
+	// batch turns batches on for the model group (batch's scenario), the
+	// fake processing each batch for batchDelay.
+	batch      bool
+	batchDelay time.Duration
 }
 
 // inProcess is a running sluice with its Redis and fake upstream.
@@ -288,6 +319,7 @@ func startInProcess(ctx context.Context, o inProcessOptions, getenv func(string)
 		Groups: []fakeanthropic.Group{{Name: "claude", Models: []string{"claude-*"},
 			RPM: o.limits.RPM, InputTPM: o.limits.InputTPM, OutputTPM: o.limits.OutputTPM}},
 		TokensPerSecond: o.tokensPerSecond, Latency: o.latency, ReplyTokens: o.replyTokens,
+		BatchDelay: o.batchDelay,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("loadtest: fake upstream: %w", err)
@@ -325,7 +357,7 @@ func startInProcess(ctx context.Context, o inProcessOptions, getenv func(string)
 		}
 		return ""
 	}
-	cfg, err := config.Parse([]byte(loadtestConfig(key, o.limits)), env)
+	cfg, err := config.Parse([]byte(loadtestConfig(key, o.limits, o.batch)), env)
 	if err != nil {
 		return nil, fmt.Errorf("loadtest: configuration:\n%w", err)
 	}
@@ -381,8 +413,14 @@ func startInProcess(ctx context.Context, o inProcessOptions, getenv func(string)
 // queue without limit and wait as long as it takes (the scenarios shape
 // their own backlogs: heavy-vs-light's 500 jobs are really queued), short
 // shutdown budgets (the run is over; queued work is thrown away with the
-// Redis).
-func loadtestConfig(tenantKey string, l loadtest.Limits) string {
+// Redis). With batch the group sends background jobs that can wait through
+// the Message Batches API, collecting them for 2s and checking a batch
+// every 500ms, so that a run takes seconds.
+func loadtestConfig(tenantKey string, l loadtest.Limits, batch bool) string {
+	batchFields := ""
+	if batch {
+		batchFields = "    batch: true\n    batch_window: 2s\n    batch_poll: 500ms\n"
+	}
 	return fmt.Sprintf(`# sluice loadtest's in-process configuration
 tenants:
   - name: loadtest
@@ -396,9 +434,9 @@ model_groups:
     input_tpm: %d
     output_tpm: %d
     max_concurrency: %d
-api:
+%sapi:
   shutdown_timeout: 2s
 worker:
   shutdown_timeout: 2s
-`, tenantKey, l.RPM, l.InputTPM, l.OutputTPM, l.MaxConcurrency)
+`, tenantKey, l.RPM, l.InputTPM, l.OutputTPM, l.MaxConcurrency, batchFields)
 }

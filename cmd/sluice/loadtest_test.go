@@ -136,6 +136,56 @@ func TestLoadtestClassesInProcess(t *testing.T) {
 	}
 }
 
+// batch: the same jobs go once as interactive jobs and once as background
+// jobs that can wait; the second pass goes by Message Batches only and
+// costs half.
+func TestLoadtestBatchInProcess(t *testing.T) {
+	rep := runLoadtestJSON(t, "--scenario", "batch", "--users", "3", "--requests-per-user", "4", "--batch-delay", "300ms")
+	requireKeys(t, rep, "batch_offload.cost_ratio",
+		"batch_offload.interactive.succeeded", "batch_offload.interactive.dispatched_via", "batch_offload.interactive.cost_usd",
+		"batch_offload.interactive.messages_calls", "batch_offload.interactive.wall_seconds",
+		"batch_offload.batch.succeeded", "batch_offload.batch.dispatched_via", "batch_offload.batch.cost_usd",
+		"batch_offload.batch.messages_calls", "batch_offload.batch.upstream_batches",
+		"batch_offload.batch.upstream_batch_requests", "batch_offload.batch.wall_seconds")
+	if t.Failed() {
+		t.FailNow()
+	}
+	if got := rep["jobs_lost"]; got != 0.0 {
+		t.Errorf("jobs_lost = %v, want 0", got)
+	}
+	if got := rep["final_status"].(map[string]any)["succeeded"]; got != 24.0 {
+		t.Errorf("final_status = %v, want 24 succeeded (12 jobs, twice)", rep["final_status"])
+	}
+	bo := rep["batch_offload"].(map[string]any)
+	in, bt := bo["interactive"].(map[string]any), bo["batch"].(map[string]any)
+	for name, p := range map[string]map[string]any{"interactive": in, "batch": bt} {
+		if p["jobs"] != 12.0 || p["succeeded"] != 12.0 {
+			t.Errorf("%s pass: %v of %v jobs succeeded, want 12 of 12", name, p["succeeded"], p["jobs"])
+		}
+		if c, _ := p["cost_usd"].(float64); c <= 0 {
+			t.Errorf("%s pass: cost_usd = %v, want > 0", name, p["cost_usd"])
+		}
+	}
+	if via := in["dispatched_via"].(map[string]any); via["messages"] != 12.0 || len(via) != 1 {
+		t.Errorf("interactive pass dispatched via %v, want messages 12", via)
+	}
+	if via := bt["dispatched_via"].(map[string]any); via["batch"] != 12.0 || len(via) != 1 {
+		t.Errorf("batch pass dispatched via %v, want batch 12", via)
+	}
+	if in["messages_calls"] != 12.0 || in["upstream_batches"] != 0.0 {
+		t.Errorf("interactive pass: %v Messages calls and %v batches upstream, want 12 and 0", in["messages_calls"], in["upstream_batches"])
+	}
+	if bt["messages_calls"] != 0.0 || bt["upstream_batch_requests"] != 12.0 {
+		t.Errorf("batch pass: %v Messages calls and %v batch requests upstream, want 0 and 12", bt["messages_calls"], bt["upstream_batch_requests"])
+	}
+	if n, _ := bt["upstream_batches"].(float64); n < 1 || n != bt["batch_ids"] {
+		t.Errorf("batch pass: %v batches upstream, the jobs name %v; want the same, at least 1", bt["upstream_batches"], bt["batch_ids"])
+	}
+	if ratio, ok := bo["cost_ratio"].(float64); !ok || ratio < 0.45 || ratio > 0.55 {
+		t.Errorf("cost_ratio = %v, want 0.45–0.55 (the batch discount)", bo["cost_ratio"])
+	}
+}
+
 func TestLoadtestFlags(t *testing.T) {
 	noEnv := func(string) string { return "" }
 	var stderr bytes.Buffer
@@ -143,7 +193,7 @@ func TestLoadtestFlags(t *testing.T) {
 	if !errors.Is(err, flag.ErrHelp) {
 		t.Errorf("loadtest --help: err = %v, want flag.ErrHelp", err)
 	}
-	for _, want := range []string{"--scenario", "classroom", "heavy-vs-light", "saturate", "--fake-url", "--json", "SLUICE_KEY"} {
+	for _, want := range []string{"--scenario", "classroom", "heavy-vs-light", "saturate", "batch", "--batch-delay", "--fake-url", "--json", "SLUICE_KEY"} {
 		if !strings.Contains(stderr.String(), want) {
 			t.Errorf("loadtest --help does not mention %s", want)
 		}
