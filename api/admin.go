@@ -103,6 +103,12 @@ func (s *Server) adminUsage(c *echo.Context) error {
 	return c.JSON(http.StatusOK, rep)
 }
 
+// batchStatus is a group's jobs bound for the Message Batches API.
+type batchStatus struct {
+	Waiting   int64 `json:"waiting"`
+	InBatches int64 `json:"in_batches"`
+}
+
 // groupStatus is one model group's live state in GET /v1/admin/status.
 type groupStatus struct {
 	Group          string  `json:"group"`
@@ -123,6 +129,9 @@ type groupStatus struct {
 	Outage  *outageStatus `json:"outage"`
 	Outages int64         `json:"outages"`
 	Cache   cacheStatus   `json:"cache"`
+	// Batch: jobs waiting for a Message Batch and in batches (groups with
+	// batch on).
+	Batch *batchStatus `json:"batch,omitempty"`
 }
 
 // cacheStatus is a model group's prompt-cache use over the last minutes.
@@ -216,6 +225,9 @@ func (s *Server) adminStatus(c *echo.Context) error {
 			QueuedBackground: st.QueuedBackground, DispatchedBackground: st.DispatchedBackground,
 			MaxConcurrency: g.MaxConcurrency, Dispatched: st.Dispatched, FrozenSeconds: st.Frozen.Seconds(), Pace: st.Pace,
 			Outages: st.Outages}
+		if g.Batch {
+			gs.Batch = &batchStatus{Waiting: st.BatchWaiting, InBatches: st.InBatches}
+		}
 		if o := st.Outage; o != nil {
 			gs.Outage = &outageStatus{Since: stamp(o.Since), Seconds: math.Round(s.now().Sub(o.Since).Seconds()*10) / 10,
 				FailedProbes: o.Probes, Probing: o.Probing}

@@ -22,6 +22,7 @@ type State struct {
 	queued, users, inFlight, dispatched, frozen, pace, limit, used, headroom, upstream, outage, outageSeconds, outages, scrapeErrors *prometheus.Desc
 	cacheRatio, cacheHeld                                                                                                            *prometheus.Desc
 	classQueued, classDispatched                                                                                                     *prometheus.Desc
+	batchJobs                                                                                                                        *prometheus.Desc
 }
 
 // NewState returns the collector for groups.
@@ -52,13 +53,14 @@ func NewState(sched *scheduler.Scheduler, groups []config.ModelGroup, log *slog.
 		cacheRatio: d("cache_read_ratio",
 			"The share of the model group's input tokens the upstream read from its prompt cache, over the last 5 minutes of answers begun, fleet-wide (absent until one began)."),
 		cacheHeld:    d("cache_held_jobs", "Jobs the model group's last dispatch round held for another job's call to write a prompt-cache prefix they share."),
+		batchJobs:    d("batch_jobs", "The model group's jobs bound for the Message Batches API: state=waiting for a batch, state=in_batch in one being processed.", "state"),
 		scrapeErrors: prometheus.NewDesc(ns+"_state_unreadable_groups", "Model groups whose state could not be read from Redis at this scrape.", nil, nil),
 	}
 }
 
 // Describe implements prometheus.Collector.
 func (s *State) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{s.queued, s.users, s.inFlight, s.dispatched, s.frozen, s.pace, s.limit, s.used, s.headroom, s.upstream, s.outage, s.outageSeconds, s.outages, s.scrapeErrors, s.cacheRatio, s.cacheHeld, s.classQueued, s.classDispatched} {
+	for _, d := range []*prometheus.Desc{s.queued, s.users, s.inFlight, s.dispatched, s.frozen, s.pace, s.limit, s.used, s.headroom, s.upstream, s.outage, s.outageSeconds, s.outages, s.scrapeErrors, s.cacheRatio, s.cacheHeld, s.classQueued, s.classDispatched, s.batchJobs} {
 		ch <- d
 	}
 }
@@ -87,6 +89,10 @@ func (s *State) Collect(ch chan<- prometheus.Metric) {
 		gauge(s.classQueued, float64(st.QueuedBackground), config.ClassBackground)
 		gauge(s.classDispatched, max(0, st.Dispatched-st.DispatchedBackground), config.ClassInteractive)
 		gauge(s.classDispatched, st.DispatchedBackground, config.ClassBackground)
+		if g.Batch || st.BatchWaiting+st.InBatches > 0 {
+			gauge(s.batchJobs, float64(st.BatchWaiting), "waiting")
+			gauge(s.batchJobs, float64(st.InBatches), "in_batch")
+		}
 		gauge(s.frozen, st.Frozen.Seconds())
 		gauge(s.pace, st.Pace)
 		if st.Outage != nil {

@@ -114,10 +114,14 @@ func (s *Scheduler) TakeBatch(ctx context.Context, g string, window time.Duratio
 }
 
 // RecordBatch records that the upstream created batch id from claim's
-// jobs; its first check is due after poll.
-func (s *Scheduler) RecordBatch(ctx context.Context, g, claim, id string, poll time.Duration) error {
-	_, err := s.batch(ctx, g, "record", claim, id, poll.Milliseconds())
-	return err
+// jobs; its first check is due after poll. It returns false when the
+// claim is gone (its jobs were put back in line meanwhile).
+func (s *Scheduler) RecordBatch(ctx context.Context, g, claim, id string, poll time.Duration) (bool, error) {
+	res, err := s.batch(ctx, g, "record", claim, id, poll.Milliseconds())
+	if err != nil || len(res) == 0 {
+		return false, err
+	}
+	return fmt.Sprint(res[0]) == "ok", nil
 }
 
 // AdoptBatch records batch id, found upstream, as possibly holding the

@@ -74,8 +74,11 @@ func TestBatchSteps(t *testing.T) {
 			if j0.Status != jobs.Running || j0.Via != "batch" || j0.BatchClaim != "c1" {
 				t.Fatalf("taken job: %s via %q claim %q", j0.Status, j0.Via, j0.BatchClaim)
 			}
-			if err := s.RecordBatch(ctx, g.Name, "c1", "msgbatch_1", 30*time.Second); err != nil {
-				t.Fatal(err)
+			if ok, err := s.RecordBatch(ctx, g.Name, "c1", "msgbatch_1", 30*time.Second); err != nil || !ok {
+				t.Fatalf("record: %v, %v", ok, err)
+			}
+			if ok, err := s.RecordBatch(ctx, g.Name, "c1", "msgbatch_9", 30*time.Second); err != nil || ok {
+				t.Fatalf("record of a claim recorded already: %v, %v; want false", ok, err)
 			}
 			a := scheduler.Attempt{Group: g, Job: j0, Dispatch: 1}
 			if n, err := s.StartBatched(ctx, a, "msgbatch_1", clk.Now()); err != nil || n != 1 {

@@ -1135,6 +1135,10 @@ type Gauges struct {
 	Outage *Outage
 	// Outages counts the outages the group has had.
 	Outages int64
+	// BatchWaiting: jobs waiting for a Message Batch (a canceled one or
+	// one gone to the Messages line counts until the next take drops it);
+	// InBatches: jobs in batches being created or processed.
+	BatchWaiting, InBatches int64
 }
 
 // Outage is a model group's outage: the upstream failed enough calls in a
@@ -1181,6 +1185,8 @@ type gaugesReply struct {
 	Dispatched  [2]float64         `json:"dispatched"`
 	DispatchedB [2]float64         `json:"dispatched_b"`
 	QueuedB     int64              `json:"queued_b"`
+	BatchWait   int64              `json:"batch_waiting"`
+	InBatches   int64              `json:"in_batches"`
 	Input       [2]float64         `json:"input"`
 	Output      [2]float64         `json:"output"`
 	Down        float64            `json:"down"`
@@ -1195,7 +1201,8 @@ type gaugesReply struct {
 func (s *Scheduler) Gauges(ctx context.Context, g *config.ModelGroup) (Gauges, error) {
 	k := keys{g.Name}
 	args := append([]any{s.now()}, limits(g)...)
-	raw, err := gaugesScript.Run(ctx, s.rdb, []string{k.lim(), k.leases(), k.order(), jobs.WaitingUsersKey(g.Name), k.seen(), k.rate()}, args...).Text()
+	raw, err := gaugesScript.Run(ctx, s.rdb, []string{k.lim(), k.leases(), k.order(), jobs.WaitingUsersKey(g.Name), k.seen(), k.rate(),
+		k.batchLine(), k.batched()}, args...).Text()
 	if err != nil {
 		return Gauges{}, fmt.Errorf("scheduler: gauges %s: %w", g.Name, err)
 	}
@@ -1217,6 +1224,7 @@ func (s *Scheduler) Gauges(ctx context.Context, g *config.ModelGroup) (Gauges, e
 		InFlight: r.Leases, Queued: r.Queued, ActiveUsers: r.Users,
 		Dispatched: window(r.Dispatched), Pace: r.Factor, Outages: r.Outages,
 		QueuedBackground: r.QueuedB, DispatchedBackground: window(r.DispatchedB),
+		BatchWaiting: r.BatchWait, InBatches: r.InBatches,
 	}
 	used := []float64{out.Dispatched, window(r.Input), window(r.Output)}
 	if r.Frozen > r.Now {

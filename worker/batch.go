@@ -142,8 +142,18 @@ func (w *Worker) collect(ctx context.Context, log *slog.Logger, g *config.ModelG
 		w.d.Metrics.Batch(g.Name, "create_failed", len(reqs))
 		return err
 	}
-	if err := w.d.Scheduler.RecordBatch(bg, g.Name, claim, b.ID, poll); err != nil {
+	recorded, err := w.d.Scheduler.RecordBatch(bg, g.Name, claim, b.ID, poll)
+	if err != nil {
 		log.Error("could not record a created batch; it is found upstream later", "batch_id", b.ID, "err", err)
+		return nil
+	}
+	if !recorded {
+		// The claim was given up meanwhile (its jobs went back in line):
+		// the batch would answer them twice.
+		log.Error("a batch was created after its claim was given up; canceling it upstream", "batch_id", b.ID)
+		if _, err := w.d.Upstream.CancelBatch(bg, b.ID); err != nil {
+			log.Error("could not cancel a batch nobody waits for", "batch_id", b.ID, "err", err)
+		}
 		return nil
 	}
 	w.d.Metrics.Batch(g.Name, "created", len(reqs))

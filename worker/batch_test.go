@@ -47,6 +47,10 @@ func TestBatchOffload(t *testing.T) {
 		}
 		ids = append(ids, v.ID)
 	}
+	harness.Eventually(t, 10*time.Second, func() bool {
+		n, ok := harness.Metric(metricsPage(t, e), `sluice_batch_jobs{group="sonnet",state="in_batch"}`)
+		return ok && n == 50
+	}, "the metrics to show 50 jobs in a batch")
 	batches := map[string]int{}
 	for _, id := range ids {
 		v := e.WaitTerminal(t, id, 30*time.Second)
@@ -66,6 +70,9 @@ func TestBatchOffload(t *testing.T) {
 			t.Fatalf("job %s: result is not the Message of its text: %s (%v)", id, v.Result, err)
 		}
 		batches[v.BatchID]++
+	}
+	if n, _ := harness.Metric(metricsPage(t, e), `sluice_batch_jobs{group="sonnet",state="in_batch"}`); n != 0 {
+		t.Fatalf("%v jobs still in batches after all ended", n)
 	}
 	st := e.Fake.Stats()
 	if st.Requests != 0 || st.BatchRequests != 50 || st.Batches != int64(len(batches)) || st.Batches > 3 {

@@ -3,6 +3,7 @@
 -- KEYS[1] limiter state   KEYS[2] leases   KEYS[3] order
 -- KEYS[4] waiting users   KEYS[5] headers seen   KEYS[6] use per minute
 --   (dispatches, and input and output tokens settled)
+-- KEYS[7] batch line   KEYS[8] jobs in batches (lua/batch.lua)
 -- ARGV[1] now ms (0 = Redis TIME)   ARGV[2..5] rpm, input_tpm, output_tpm, burst ms
 -- Reply: a JSON object (see scheduler.Gauges for the names); the last
 -- headers seen are absent when never seen.
@@ -22,6 +23,7 @@ local out = {
   input = {num(rate[3], 0), num(rate[4], 0)}, output = {num(rate[5], 0), num(rate[6], 0)},
   down = st.down, probe_at = num(h[1], 0), probes = num(h[2], 0), outages = num(h[3], 0),
   probing = (h[4] or '') ~= '',
+  batch_waiting = redis.call('ZCARD', KEYS[7]), in_batches = redis.call('ZCARD', KEYS[8]),
   seen = {},
 }
 local names = {'rl', 'rr', 'il', 'ir', 'ol', 'or', 'at'}
