@@ -88,53 +88,45 @@ func TestQuotaSpansGroups(t *testing.T) {
 // cluster the quota's own step comes first, and a refusal looks the key up.
 // Both must answer alike.
 func TestQuotaRetryNotCharged(t *testing.T) {
-	for _, mode := range []string{"single", "cluster"} {
-		t.Run(mode, func(t *testing.T) {
-			var rdb redis.UniversalClient
-			if mode == "cluster" {
-				rdb = redistest.StartCluster(t, redistest.ClusterOptions{Masters: 3}).Client(t)
-			} else {
-				rdb = redistest.Start(t).Client(t)
-			}
-			clk := harness.NewClock(time.Date(2026, 11, 29, 14, 0, 0, 0, time.UTC))
-			s := scheduler.New(rdb, jobs.NewStore(rdb, jobs.Options{}), scheduler.Options{Clock: clk.Now, LeaseTTL: time.Hour})
-			ctx := context.Background()
-			g := &config.ModelGroup{Name: "g", RPM: 1000, InputTPM: 1e6, OutputTPM: 1e6, Burst: time.Minute, MaxConcurrency: 10}
-			policy := config.UserPolicy{Weight: 1, RequestsPerHour: 1, TokensPerHour: 1000}
-			admit := func(key, body string) scheduler.AdmitResult {
-				t.Helper()
-				j := &jobs.Job{ID: jobs.NewID(g.Name), Tenant: "t", UserID: "u", Model: "m", Group: g.Name,
-					MaxTokens: 100, Request: []byte(`{}`), CreatedAt: clk.Now()}
-				res, err := s.Admit(ctx, scheduler.Admission{Job: j, Group: g, InputEstimate: 100, Policy: policy,
-					IdempotencyKey: key, BodyHash: body})
-				if err != nil {
-					t.Fatal(err)
-				}
-				if res.Outcome == scheduler.Admitted {
-					res.ReplayOf = j.ID // for the comparison below
-				}
-				return res
-			}
-			first := admit("k1", "body-a")
-			if first.Outcome != scheduler.Admitted || first.QuotaRemaining != 0 {
-				t.Fatalf("first request: %+v, want admitted with 0 requests left", first)
-			}
-			if r := admit("k1", "body-a"); r.Outcome != scheduler.Replay || r.ReplayOf != first.ReplayOf {
-				t.Errorf("retry with the same key and body: %+v, want replay of %s", r, first.ReplayOf)
-			}
-			if r := admit("k1", "body-b"); r.Outcome != scheduler.Conflict {
-				t.Errorf("same key, another body: %+v, want conflict", r)
-			}
-			if r := admit("k2", "body-c"); r.Outcome != scheduler.OverQuota || r.QuotaWhich != "requests" {
-				t.Errorf("a new request: %+v, want refused for the request quota", r)
-			}
-			rq, tq, err := s.Quotas(ctx, "t", "u", policy)
+	inEachMode(t, func(t *testing.T, rdb redis.UniversalClient) {
+		clk := harness.NewClock(time.Date(2026, 11, 29, 14, 0, 0, 0, time.UTC))
+		s := scheduler.New(rdb, jobs.NewStore(rdb, jobs.Options{}), scheduler.Options{Clock: clk.Now, LeaseTTL: time.Hour})
+		ctx := context.Background()
+		g := &config.ModelGroup{Name: "g", RPM: 1000, InputTPM: 1e6, OutputTPM: 1e6, Burst: time.Minute, MaxConcurrency: 10}
+		policy := config.UserPolicy{Weight: 1, RequestsPerHour: 1, TokensPerHour: 1000}
+		admit := func(key, body string) scheduler.AdmitResult {
+			t.Helper()
+			j := &jobs.Job{ID: jobs.NewID(g.Name), Tenant: "t", UserID: "u", Model: "m", Group: g.Name,
+				MaxTokens: 100, Request: []byte(`{}`), CreatedAt: clk.Now()}
+			res, err := s.Admit(ctx, scheduler.Admission{Job: j, Group: g, InputEstimate: 100, Policy: policy,
+				IdempotencyKey: key, BodyHash: body})
 			if err != nil {
 				t.Fatal(err)
 			}
-			if rq.Remaining != 0 || tq.Remaining != 800 {
-				t.Errorf("quotas after the retries: %d requests, %d tokens left, want 0 and 800 (charged once)", rq.Remaining, tq.Remaining)
+			if res.Outcome == scheduler.Admitted {
+				res.ReplayOf = j.ID // for the comparison below
 			}
-		})
-	}
+			return res
+		}
+		first := admit("k1", "body-a")
+		if first.Outcome != scheduler.Admitted || first.QuotaRemaining != 0 {
+			t.Fatalf("first request: %+v, want admitted with 0 requests left", first)
+		}
+		if r := admit("k1", "body-a"); r.Outcome != scheduler.Replay || r.ReplayOf != first.ReplayOf {
+			t.Errorf("retry with the same key and body: %+v, want replay of %s", r, first.ReplayOf)
+		}
+		if r := admit("k1", "body-b"); r.Outcome != scheduler.Conflict {
+			t.Errorf("same key, another body: %+v, want conflict", r)
+		}
+		if r := admit("k2", "body-c"); r.Outcome != scheduler.OverQuota || r.QuotaWhich != "requests" {
+			t.Errorf("a new request: %+v, want refused for the request quota", r)
+		}
+		rq, tq, err := s.Quotas(ctx, "t", "u", policy)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rq.Remaining != 0 || tq.Remaining != 800 {
+			t.Errorf("quotas after the retries: %d requests, %d tokens left, want 0 and 800 (charged once)", rq.Remaining, tq.Remaining)
+		}
+	})
 }

@@ -22,15 +22,23 @@ import (
 
 func batchFake(t *testing.T, delay time.Duration) (*fakeanthropic.Server, *upstream.Client) {
 	t.Helper()
-	f, err := fakeanthropic.New(fakeanthropic.Config{APIKeys: []string{key}, BatchDelay: delay})
+	f, c, _ := batchServer(t, fakeanthropic.Config{APIKeys: []string{key}, BatchDelay: delay})
+	return f, c
+}
+
+// batchServer serves a fake with cfg over HTTP, and a client of it; url is
+// the fake's address.
+func batchServer(t *testing.T, cfg fakeanthropic.Config) (f *fakeanthropic.Server, c *upstream.Client, url string) {
+	t.Helper()
+	f, err := fakeanthropic.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	srv := httptest.NewServer(f)
 	t.Cleanup(srv.Close)
-	c := upstream.New(upstream.Options{BaseURL: srv.URL, APIKey: key})
+	c = upstream.New(upstream.Options{BaseURL: srv.URL, APIKey: key})
 	t.Cleanup(c.Close)
-	return f, c
+	return f, c, srv.URL
 }
 
 // A batch goes through its life: created in progress, ended after the
@@ -159,17 +167,10 @@ func TestBatchClientOutage(t *testing.T) {
 // The fake's HTTP control refuses a status it cannot send, and turns an
 // outage on and off.
 func TestBatchOutageControl(t *testing.T) {
-	f, err := fakeanthropic.New(fakeanthropic.Config{APIKeys: []string{key}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := httptest.NewServer(f)
-	t.Cleanup(srv.Close)
-	c := upstream.New(upstream.Options{BaseURL: srv.URL, APIKey: key})
-	t.Cleanup(c.Close)
+	_, c, url := batchServer(t, fakeanthropic.Config{APIKeys: []string{key}})
 	control := func(body string) (int, string) {
 		t.Helper()
-		res, err := srv.Client().Post(srv.URL+"/_fake/batches/outage", "application/json", strings.NewReader(body))
+		res, err := http.Post(url+"/_fake/batches/outage", "application/json", strings.NewReader(body))
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -80,8 +80,15 @@ func (w *Worker) batchLoop(ctx context.Context, g *config.ModelGroup) {
 		if now := time.Now(); !now.Before(notBefore) {
 			if err := w.collect(ctx, log, g); err != nil {
 				backoff = min(max(2*backoff, window/2, 100*time.Millisecond), max(window, time.Minute))
-				notBefore = now.Add(backoff)
-				log.Warn("could not send a batch; trying again later", "err", err, "retry_in", backoff.String())
+				wait := backoff
+				// The Batches API's own limits (batch requests per minute,
+				// requests in its processing queue) answer 429 with a
+				// retry-after: no try before it.
+				if ue := (*upstream.Error)(nil); errors.As(err, &ue) && ue.RetryAfter > wait {
+					wait = ue.RetryAfter
+				}
+				notBefore = now.Add(wait)
+				log.Warn("could not send a batch; trying again later", "err", err, "retry_in", wait.String())
 			} else {
 				backoff = 0
 			}

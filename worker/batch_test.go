@@ -203,6 +203,34 @@ func TestBatchAPIFailing(t *testing.T) {
 	}
 }
 
+// TestBatchQueueCap: the Batches API refuses a batch that would pass its
+// processing-queue cap (429); the jobs wait and go in a later batch, once
+// the earlier one ended, still by batch.
+func TestBatchQueueCap(t *testing.T) {
+	e := harness.Start(t, harness.Options{
+		GroupExtra: "    batch: true\n    batch_window: 200ms\n    batch_max_jobs: 5\n    batch_poll: 100ms\n    batch_fallback_after: 30s\n",
+		Fake:       fakeanthropic.Config{BatchDelay: time.Second, BatchQueueLimit: 5}})
+	var ids []string
+	for i := range 8 {
+		ids = append(ids, e.Submit(t, batchJob(fmt.Sprintf("u%d", i), "queue cap")).ID)
+	}
+	batches := map[string]int{}
+	for _, id := range ids {
+		v := e.WaitTerminal(t, id, 30*time.Second)
+		if v.Status != jobs.Succeeded || v.DispatchedVia != "batch" {
+			t.Fatalf("job %s: %s via %q; want succeeded by batch", id, v.Status, v.DispatchedVia)
+		}
+		batches[v.BatchID]++
+	}
+	if st := e.Fake.Stats(); len(batches) != 2 || st.Batches != 2 || st.BatchRequests != 8 || st.Requests != 0 {
+		t.Fatalf("jobs in %v; upstream saw %d batches of %d requests and %d Messages calls; want 2 batches (5 and 3), 0 calls",
+			batches, st.Batches, st.BatchRequests, st.Requests)
+	}
+	if n, _ := harness.Metric(metricsPage(t, e), `sluice_batch_jobs_total{event="create_failed",group="sonnet"}`); n < 3 {
+		t.Fatalf("create_failed = %v: the second batch was never refused for the queue cap", n)
+	}
+}
+
 func metricsPage(t *testing.T, e *harness.Env) string {
 	t.Helper()
 	_, b := e.Do(t, http.MethodGet, "/metrics", harness.AdminKey, nil)
