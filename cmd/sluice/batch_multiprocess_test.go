@@ -22,7 +22,7 @@ import (
 func TestBatchSurvivesWorkerKill(t *testing.T) {
 	c := startClusterGroup(t, fakeanthropic.Group{Name: "sonnet", Models: []string{"claude-sonnet-*"}, RPM: 1000, InputTPM: 1e7, OutputTPM: 1e7},
 		8, fakeanthropic.Config{BatchDelay: 3 * time.Second}, "",
-		"    batch: true\n    batch_window: 300ms\n    batch_poll: 200ms\n    batch_fallback_after: 30s\n", "")
+		"    batch: true\n    batch_window: 5s\n    batch_max_jobs: 20\n    batch_poll: 200ms\n    batch_fallback_after: 30s\n", "")
 	first := c.start(t, "worker")
 	var ids []string
 	tokens := map[string]string{}
