@@ -9,7 +9,6 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/sluice-dev/sluice/config"
 	"github.com/sluice-dev/sluice/internal/rkeys"
 	"github.com/sluice-dev/sluice/jobs"
 )
@@ -37,10 +36,9 @@ type BatchJob struct {
 type BatchEntry struct {
 	ID   string
 	Jobs []BatchJob
-	// Claim is the claim it was made from; Adopted: it was found upstream
-	// for claims whose workers died before recording their batches (Claims;
-	// which of their jobs it holds shows in its results).
-	Claim   string
+	// Adopted: it was found upstream for claims whose workers died before
+	// recording their batches (Claims; which of their jobs it holds shows
+	// in its results).
 	Adopted bool
 	Claims  []string
 	// Cancel: the upstream was asked to cancel it.
@@ -163,7 +161,7 @@ func (s *Scheduler) BatchesDue(ctx context.Context, g string, check, pollMax tim
 		}
 		id := fmt.Sprint(res[i+1])
 		if fmt.Sprint(res[i]) == "b" {
-			bs = append(bs, BatchEntry{ID: id, Jobs: batchJobs(e.Jobs), Claim: e.Claim, Adopted: e.Adopted == 1, Claims: e.Claims, Cancel: e.Cancel == 1})
+			bs = append(bs, BatchEntry{ID: id, Jobs: batchJobs(e.Jobs), Adopted: e.Adopted == 1, Claims: e.Claims, Cancel: e.Cancel == 1})
 		} else {
 			cs = append(cs, BatchClaim{ID: id, At: time.UnixMilli(int64(e.At)), Jobs: batchJobs(e.Jobs), Adopted: e.Adopts})
 		}
@@ -227,14 +225,4 @@ func (s *Scheduler) ExpireBatched(ctx context.Context, f Failure) error {
 		Used: used(f.Used), RPH: f.Policy.RequestsPerHour, TPH: f.Policy.TokensPerHour, Tallies: tallies(f.Tallies),
 	}, map[string]any{"error": f.Error}, "error", string(eb), "finished_at", jobs.MillisString(f.At))
 	return err
-}
-
-// BatchFallback is how long after admission a job admitted for a batch of
-// g joins the Messages line if no batch took it (0: g sends no batches).
-func BatchFallback(g *config.ModelGroup) time.Duration {
-	if !g.Batch {
-		return 0
-	}
-	_, _, _, after, _ := g.BatchSettings()
-	return after
 }

@@ -155,31 +155,32 @@ end
 if op == 'due' then
   local check, poll_max = tonumber(ARGV[5]), tonumber(ARGV[6])
   local out = {}
-  local all = redis.call('HGETALL', KEYS[8])
-  for k = 1, #all, 2 do
-    local e = cjson.decode(all[k + 1])
-    if e.next <= now then
-      e.wait = math.min(e.wait * 2, poll_max)
-      e.next = now + e.wait
-      local s = cjson.encode(e)
-      redis.call('HSET', KEYS[8], all[k], s)
-      out[#out + 1] = 'b'
-      out[#out + 1] = all[k]
-      out[#out + 1] = s
+  -- hand_out adds each entry of hash key that bump finds due (bump pushes
+  -- its next look back), saved and tagged kind.
+  local function hand_out(key, kind, bump)
+    local all = redis.call('HGETALL', key)
+    for k = 1, #all, 2 do
+      local e = cjson.decode(all[k + 1])
+      if bump(e) then
+        local s = cjson.encode(e)
+        redis.call('HSET', key, all[k], s)
+        out[#out + 1] = kind
+        out[#out + 1] = all[k]
+        out[#out + 1] = s
+      end
     end
   end
-  all = redis.call('HGETALL', KEYS[7])
-  for k = 1, #all, 2 do
-    local c = cjson.decode(all[k + 1])
-    if c.check + check <= now then
-      c.check = now
-      local s = cjson.encode(c)
-      redis.call('HSET', KEYS[7], all[k], s)
-      out[#out + 1] = 'c'
-      out[#out + 1] = all[k]
-      out[#out + 1] = s
-    end
-  end
+  hand_out(KEYS[8], 'b', function(e)
+    if e.next > now then return false end
+    e.wait = math.min(e.wait * 2, poll_max)
+    e.next = now + e.wait
+    return true
+  end)
+  hand_out(KEYS[7], 'c', function(c)
+    if c.check + check > now then return false end
+    c.check = now
+    return true
+  end)
   return out
 end
 

@@ -60,7 +60,7 @@
 local now = clock(ARGV[1])
 local p = cjson.decode(ARGV[2])
 local h = redis.call('HMGET', KEYS[1], 'status', 'dispatch', 'attempt_open', 'fq_member',
-  'fq_tag', 'cost_in', 'cost_out', 'group', 'tenant', 'user_id', 'attempts')
+  'fq_tag', 'cost_in', 'cost_out', 'group', 'tenant', 'user_id', 'attempts', 'via')
 local cur = h[1]
 if not cur then return redis.error_reply('NOTFOUND') end
 local allowed = false
@@ -166,7 +166,7 @@ if member and terminal and open == 0 then
   if redis.call('ZREM', KEYS[13], member) == 1 then redis.call('HDEL', KEYS[14], member) end
   redis.call('ZREM', KEYS[15], p.id)
 end
-if open == 0 and (terminal or p.requeue) then redis.call('ZREM', KEYS[17], p.id) end
+if h[12] == 'batch' and open == 0 and (terminal or p.requeue) then redis.call('ZREM', KEYS[17], p.id) end
 if member and p.requeue then
   redis.call('ZADD', KEYS[13], now + p.requeue, member)
   redis.call('HSET', KEYS[14], member, (h[5] or '0') .. ';' .. (h[6] or '0') .. ',' .. (h[7] or '0'))
