@@ -59,7 +59,7 @@ func (w *Worker) failedAttempt(ctx context.Context, a *attempt, ue *upstream.Err
 		if ferr != nil {
 			a.log.Error("could not freeze the group", "err", ferr)
 		}
-		a.log.Warn("upstream rate limit: group frozen", "until", until.UTC().Format(time.RFC3339Nano))
+		a.log.Warn("upstream rate limit: group frozen", "until", until.UTC())
 		// A 429 is not admitted: nothing counted, no attempt used.
 		w.retry(a, ue, scheduler.Retry{Delay: ue.RetryAfter, Tallies: w.callTallies(job, jobs.Usage{}, 0, w.now())})
 		return
