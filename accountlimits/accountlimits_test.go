@@ -7,8 +7,10 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/sluice-dev/sluice/accountlimits"
 	"github.com/sluice-dev/sluice/config"
@@ -26,7 +28,25 @@ type env struct {
 	calls *atomic.Int64
 	sched *scheduler.Scheduler
 	group []config.ModelGroup
-	logs  *bytes.Buffer
+	logs  *lockedBuffer
+}
+
+// lockedBuffer is a log destination a test reads while Sync.Run writes it.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 func start(t *testing.T) *env {
@@ -51,7 +71,7 @@ func start(t *testing.T) *env {
 	return &env{fake: fake, url: srv.URL, calls: &calls,
 		sched: scheduler.New(rdb, jobs.NewStore(rdb, jobs.Options{}), scheduler.Options{}),
 		group: []config.ModelGroup{{Name: "sonnet", Models: []string{"claude-sonnet-4-6", "claude-sonnet-*"}, RPM: 100, InputTPM: 60000, OutputTPM: 16000}},
-		logs:  &bytes.Buffer{}}
+		logs:  &lockedBuffer{}}
 }
 
 func (e *env) sync(key string) *accountlimits.Sync {
@@ -90,7 +110,7 @@ func TestAccountLimitsAdoptedAndFollowed(t *testing.T) {
 	}
 	// The limiter uses them: its output bucket holds 95% of 4,000 (read
 	// after a step that brings the buckets up to date).
-	if _, err := e.sched.Observe(ctx, &e.group[0], http.Header{}, true); err != nil {
+	if _, err := e.sched.Observe(context.Background(), &e.group[0], http.Header{}, true); err != nil {
 		t.Fatal(err)
 	}
 	l, err := e.sched.Levels(ctx, "sonnet")
@@ -131,5 +151,47 @@ func TestWrongAdminKeyKeepsLimits(t *testing.T) {
 		if got := e.limits(t); got != [3]int{50, 30000, 8000} {
 			t.Fatalf("after a refused read: %v, want the last good 50/30000/8000", got)
 		}
+	}
+}
+
+// A wrong admin key from the first start: the group keeps its configured
+// limits, and the log says what to fix without showing the key.
+func TestWrongAdminKeyAtStartKeepsConfiguredLimits(t *testing.T) {
+	e := start(t)
+	const wrong = "sk-ant-admin-wrong-000000000"
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); e.sync(wrong).Run(ctx) }()
+	const want = "could not read the account's rate limits; keeping the limits in force"
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(e.logs.String(), want); {
+		if time.Now().After(deadline) {
+			cancel()
+			t.Fatalf("no warning logged within 10 s; log: %q", e.logs.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel()
+	<-done
+	logs := e.logs.String()
+	if !strings.Contains(logs, "ANTHROPIC_ADMIN_KEY") {
+		t.Fatalf("the warning does not name ANTHROPIC_ADMIN_KEY: %q", logs)
+	}
+	if strings.Contains(logs, wrong) || strings.Contains(logs, wrong[len(wrong)-12:]) {
+		t.Fatalf("the log shows the key: %q", logs)
+	}
+	if got := e.limits(t); got != [3]int{} {
+		t.Fatalf("account limits %v adopted from a refused read", got)
+	}
+	// The configured 16,000 output tokens a minute are in force: the
+	// output bucket holds 95% of them.
+	if _, err := e.sched.Observe(context.Background(), &e.group[0], http.Header{}, true); err != nil {
+		t.Fatal(err)
+	}
+	l, err := e.sched.Levels(context.Background(), "sonnet")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.Output != 15200 {
+		t.Fatalf("output bucket %v; want 95%% of the configured 16,000", l.Output)
 	}
 }
