@@ -72,8 +72,8 @@ const (
 	Classes  = "classes"
 	Saturate = "saturate"
 	// LongAnswers is saturate with long, slowly written answers and a
-	// large max_tokens, so that the output limit binds (the command sets
-	// its limits: see LongAnswersPreset).
+	// large max_tokens, so that the output limit binds (the loadtest
+	// command presets its limits, answer length and speed).
 	LongAnswers = "long-answers"
 	// CachedClassroom is saturate with a shared, cached system prompt.
 	CachedClassroom = "cached-classroom"
