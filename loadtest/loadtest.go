@@ -51,6 +51,7 @@ package loadtest
 import (
 	"cmp"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -58,6 +59,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -322,7 +324,7 @@ type runner struct {
 	rng        *rand.Rand
 	subs       []*submission
 	attempts   int
-	refused    map[int]int
+	refused    map[string]int // by status and error type: "429 queue_full"
 	submitErrs int
 	fatal      error // the first submission failed in a way retrying cannot fix
 	firstErr   string
@@ -350,7 +352,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		o:       o,
 		api:     &sluiceClient{http: o.HTTPClient, base: o.BaseURL, key: o.Key},
 		rng:     rand.New(rand.NewPCG(o.Seed, o.Seed^0x9e3779b97f4a7c15)),
-		refused: map[int]int{},
+		refused: map[string]int{},
 	}
 	if cacheScenario(o.Scenario) {
 		r.shared = r.randomText(o.PrefixBytes)
@@ -558,12 +560,27 @@ func (r *runner) submitBody(ctx context.Context, class string, body submitBody) 
 		r.subs = append(r.subs, s)
 		return s
 	default:
-		r.refused[status]++
+		r.refused[refusal(status, detail)]++
 		if status != http.StatusTooManyRequests && status != http.StatusServiceUnavailable && len(r.subs) == 0 && r.fatal == nil {
 			r.fatal = fmt.Errorf("sluice refused the job with %d: %s", status, detail)
 		}
 		return nil
 	}
+}
+
+// refusal names a refused submission by its status and, when the body is
+// sluice's error shape, the error type, so that a report tells which cap
+// refused ("429 queue_full", "429 quota_exceeded", "503 upstream_unavailable").
+func refusal(status int, body string) string {
+	var e struct {
+		Error struct {
+			Type string `json:"type"`
+		} `json:"error"`
+	}
+	if json.Unmarshal([]byte(body), &e) == nil && e.Error.Type != "" {
+		return strconv.Itoa(status) + " " + e.Error.Type
+	}
+	return strconv.Itoa(status)
 }
 
 // failed returns the fatal error, if any.

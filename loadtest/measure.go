@@ -558,11 +558,10 @@ type Fractions struct {
 
 // Utilize divides what was admitted in a window of length d by what the
 // limits allow in d (limit × minutes), and names the binding dimension:
-// the per-minute limit with the highest fraction. Concurrency (mean in
-// flight / max_concurrency; meanInFlight < 0 leaves it out) is reported
-// but never binding: it is sampled, not counted, and the targets are
-// about the per-minute limits (a full concurrency cap with rates below
-// their limits is a finding, not a binding limit).
+// the dimension with the highest fraction: a per-minute limit, or the
+// concurrency cap (mean in flight / max_concurrency; meanInFlight < 0
+// leaves it out) when calls in flight fill it more than any per-minute
+// limit is used, as when long answers hold every slot.
 func Utilize(delta Counters, d time.Duration, meanInFlight float64, l Limits) Fractions {
 	mins := d.Minutes()
 	if mins <= 0 {

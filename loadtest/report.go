@@ -27,7 +27,8 @@ type Report struct {
 	// JobsSubmitted counts every POST /v1/jobs; JobsAccepted the 202s.
 	JobsSubmitted int `json:"jobs_submitted"`
 	JobsAccepted  int `json:"jobs_accepted"`
-	// Refused counts the other answers by HTTP status ("429": 3).
+	// Refused counts the other answers by HTTP status and, where the body
+	// names one, the error type ("429 queue_full": 3).
 	Refused      map[string]int `json:"refused"`
 	SubmitErrors int            `json:"submit_errors"`
 	// FinalStatus counts the accepted jobs by their last status seen;
@@ -84,10 +85,11 @@ type Utilization struct {
 	OutputTPM *float64 `json:"output_tpm"`
 	// MaxConcurrency is the upstream's mean requests in flight over the
 	// window (the fake's in_flight, sampled) over max_concurrency; null
-	// without the fake. Informative: never binding.
+	// without the fake.
 	MaxConcurrency *float64 `json:"max_concurrency"`
-	// Binding is the per-minute limit (rpm, input_tpm or output_tpm) with
-	// the highest fraction.
+	// Binding is the dimension with the highest fraction: rpm, input_tpm,
+	// output_tpm, or max_concurrency when calls in flight fill the cap
+	// more than any per-minute limit is used.
 	Binding string `json:"binding"`
 	// Source is "fake" (the fake upstream's admitted counters) or "jobs"
 	// (the jobs' own usage, counted at their start: the upstream unknown).
@@ -210,9 +212,7 @@ func (r *runner) report(start, end time.Time, sc scenarioResult) *Report {
 	rep.Load["prompt_bytes"] = o.PromptBytes
 	rep.Load["reply_tokens"] = o.ReplyTokens
 	rep.Load["max_tokens"] = o.MaxTokens
-	for status, n := range r.refused {
-		rep.Refused[strconv.Itoa(status)] = n
-	}
+	maps.Copy(rep.Refused, r.refused)
 	if r.submitErrs > 0 {
 		rep.note("%d submissions failed without an answer; the first: %s", r.submitErrs, r.firstErr)
 	}

@@ -197,3 +197,23 @@ func onlyJob(t *testing.T, e *harness.Env, user string) jobs.View {
 	}
 	return e.Get(t, list[0].ID)
 }
+
+// TestChatPageFromACredentialsURL: opened as http://user:pass@host/, the
+// page still reaches the API (a fetch of a URL with credentials throws)
+// and the answer arrives.
+func TestChatPageFromACredentialsURL(t *testing.T) {
+	e := harness.Start(t, harness.Options{})
+	ctx := browser.New(t, 90*time.Second)
+	frag := url.Values{"key": {harness.TenantKey}, "user": {"student-1"}, "model": {harness.Model}}
+	u := strings.Replace(e.API.URL, "http://", "http://student:secret@", 1) + "/#" + frag.Encode()
+	must(t, chromedp.Do(ctx, chromedp.Navigate(u), chromedp.WaitVisible(chromedp.ID("msg"))))
+	send(t, ctx, "What is a token bucket?")
+	waitText(t, ctx, "#status", "Answer complete.")
+	mine := onlyJob(t, e, "student-1")
+	if mine.Status != jobs.Succeeded || mine.Text == nil {
+		t.Fatalf("the page's job: %+v", mine)
+	}
+	if answer := eval[string](t, ctx, `document.querySelector("#conversation li.model .text").textContent`); answer != *mine.Text {
+		t.Errorf("the page shows %q, the job's answer is %q", answer, *mine.Text)
+	}
+}

@@ -110,8 +110,8 @@ docker-compose.yml:
     test: ["CMD", "/usr/local/bin/sluice", "healthcheck", "--url", "http://127.0.0.1:8080/readyz"]
 
 Flags:
-  --url URL         what to GET (default http://127.0.0.1:8080/readyz; a
-                    worker's is http://127.0.0.1:8081/readyz)
+  --url URL           what to GET (default http://127.0.0.1:8080/readyz; a
+                      worker's is http://127.0.0.1:8081/readyz)
   --timeout DURATION  give up after this long (default 5s)
 `
 

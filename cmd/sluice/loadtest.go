@@ -29,9 +29,9 @@ Without --url it starts everything in this process: a Redis (REDIS_URL, else a
 redis-server from PATH on a free port in a temporary folder, else an embedded
 one), a fake Anthropic API with the limits below, and sluice (api + worker)
 with the same limits and a tenant without queue caps or wait limits (so a
-scenario's backlog is really queued). Against --url the tenant's own caps
-apply: refusals are counted in the report's jobs line. With --url it measures that sluice, and the fake behind
-it when --fake-url is given.
+scenario's backlog is really queued). With --url it measures that sluice,
+and the fake behind it when --fake-url is given; the tenant's own caps then
+apply, and the report's jobs line counts the refusals by the cap that refused.
 
 Scenarios:
   classroom       --users students (30) send --requests-per-user requests (5)
@@ -50,7 +50,8 @@ Scenarios:
                   tokens at 50 tokens/s, max_tokens 8,192, 10 users; unless
                   given: --rpm 1000 --input-tpm 1000000 --output-tpm 8000
                   --max-concurrency 16
-  cached-classroom  saturate where every job carries one shared system prompt
+  cached-classroom
+                  saturate where every job carries one shared system prompt
                   of --prefix-bytes (6,000 tokens) marked for prompt caching
                   and a short question, 30 users; unless given: --rpm 120
                   --input-tpm 60000 --output-tpm 100000 --max-concurrency 16

@@ -6,9 +6,16 @@ import (
 	"encoding/json"
 	"errors"
 	"flag"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/sluice-dev/sluice/fakeanthropic"
+	"github.com/sluice-dev/sluice/internal/harness"
+	"github.com/sluice-dev/sluice/internal/redistest"
 )
 
 // roomy are limits far above what the small scenarios below ask for, and an
@@ -206,5 +213,47 @@ func TestLoadtestFlags(t *testing.T) {
 		if err := run(context.Background(), args, noEnv, &bytes.Buffer{}, &bytes.Buffer{}); err == nil {
 			t.Errorf("%q: want an error", args)
 		}
+	}
+}
+
+// Against a running sluice the tenant's own caps apply: the report names
+// the cap that refused, not only the status.
+func TestLoadtestAgainstURLNamesTheCapThatRefused(t *testing.T) {
+	r := redistest.Start(t)
+	fake, err := fakeanthropic.New(fakeanthropic.Config{
+		Groups:  []fakeanthropic.Group{{Name: "sonnet", Models: []string{"claude-sonnet-*"}, RPM: 1000, InputTPM: 1000000, OutputTPM: 1000000}},
+		APIKeys: []string{harness.UpstreamKey},
+		Latency: 500 * time.Millisecond, // the heavy user's backlog stays queued while it submits
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fsrv := httptest.NewServer(fake)
+	t.Cleanup(fsrv.Close)
+	cfg := strings.Replace(harness.BaseConfig(r.URL, fsrv.URL), "  - name: acme\n", "  - name: acme\n    max_queued: 3\n", 1)
+	path := filepath.Join(t.TempDir(), "sluice.yaml")
+	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	env := map[string]string{"ANTHROPIC_API_KEY": harness.UpstreamKey}
+	base, _, _ := startRun(t, []string{"serve", "--config", path, "--listen", "127.0.0.1:0"}, func(k string) string { return env[k] })
+
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var stdout, stderr bytes.Buffer
+	args := []string{"loadtest", "--scenario", "heavy-vs-light", "--url", base, "--key", harness.TenantKey,
+		"--heavy-jobs", "20", "--users", "1", "--reply-tokens", "5", "--prompt-bytes", "200", "--timeout", "60s", "--json"}
+	if err := run(ctx, args, func(string) string { return "" }, &stdout, &stderr); err != nil {
+		t.Fatalf("loadtest: %v\nstderr:\n%s", err, stderr.String())
+	}
+	var rep struct {
+		Refused map[string]int `json:"refused"`
+	}
+	if err := json.Unmarshal(stdout.Bytes(), &rep); err != nil {
+		t.Fatalf("the report is not JSON: %v\n%s", err, stdout.String())
+	}
+	// 8 running and 3 waiting at most while 20 arrive at once.
+	if rep.Refused["429 queue_limit"] < 5 || len(rep.Refused) != 1 {
+		t.Fatalf("refused %v; want the heavy user's surplus counted as 429 queue_limit", rep.Refused)
 	}
 }

@@ -68,7 +68,8 @@ func misaligned(help string) []string {
 }
 
 func TestHelpColumnsAligned(t *testing.T) {
-	for _, args := range [][]string{{"help"}, {"serve", "--help"}, {"api", "--help"}, {"worker", "--help"}, {"dev", "--help"}, {"fake-anthropic", "--help"}} {
+	for _, args := range [][]string{{"help"}, {"serve", "--help"}, {"api", "--help"}, {"worker", "--help"}, {"dev", "--help"}, {"fake-anthropic", "--help"},
+		{"loadtest", "--help"}, {"migrate", "--help"}, {"keygen", "--help"}, {"healthcheck", "--help"}} {
 		help := helpText(t, args...)
 		if bad := misaligned(help); len(bad) > 0 {
 			t.Errorf("sluice %s: misaligned lines:\n%s\n\nin:\n%s", strings.Join(args, " "), strings.Join(bad, "\n"), help)
