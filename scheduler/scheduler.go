@@ -327,7 +327,6 @@ type AdmitResult struct {
 func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error) {
 	j, g := a.Job, a.Group
 	j.Status = jobs.Queued
-	k := keys{g.Name}
 	idem := rkeys.NoIdempotency(g.Name)
 	if a.IdempotencyKey != "" {
 		idem = idempotencyKey(g.Name, j.Tenant, j.UserID, a.IdempotencyKey)
@@ -343,14 +342,12 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 		weight = 1
 	}
 	var (
-		held      quotaHold
-		r         AdmitResult
-		quotas    = ""     // the user's quotas, when the admission script charges them
-		userQuota []string // their key
+		held   quotaHold
+		r      AdmitResult
+		quotas = "" // the user's quotas, when the admission script charges them
 	)
 	if p := a.Policy; (p.RequestsPerHour > 0 || p.TokensPerHour > 0) && !a.Budget.any() && !s.cluster {
 		quotas = strconv.Itoa(max(0, p.RequestsPerHour)) + "," + strconv.Itoa(max(0, p.TokensPerHour))
-		userQuota = []string{quotaKey(j.Tenant, j.UserID)}
 	} else {
 		cached, err := s.cachedInput(ctx, a)
 		if err != nil {
@@ -366,55 +363,48 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 			}
 		}
 	}
-	args := []any{s.now(), j.ID, s.store.TTLSeconds(), encodePrefixes(a.CachePrefixes), UserKey(j.Tenant, j.UserID),
-		a.InputEstimate, j.MaxTokens, weight, wakeChannel(g.Name)}
-	args = append(args, limits(g)...)
-	args = append(args, g.MaxConcurrency, held.requests, held.tokens,
-		a.Policy.MaxQueued, a.MaxWait.Milliseconds(), a.BodyHash, int(IdempotencyTTL/time.Second), deadline, countReads(g), quotas, j.Class,
-		a.BatchFallback.Milliseconds())
-	args = append(args, s.store.Fields(j)...)
+	fields := s.store.Fields(j)
 	if held.usd > 0 {
-		args = append(args, "q_usd", held.usd, "b_d", held.day, "b_m", held.month)
+		fields = append(fields, "q_usd", held.usd, "b_d", held.day, "b_m", held.month)
 	}
-	res, err := s.wait.Run(ctx, s.rdb, "admit", admitScript, append([]string{
-		jobs.Key(j.ID), k.cache(), k.seq(), k.order(), k.finish(), k.vtime(),
-		k.costs(), k.totals(), k.lim(), idem,
-		jobs.CountsKey(g.Name, j.Tenant, j.UserID), jobs.IndexKey(g.Name, j.Tenant, ""), jobs.IndexKey(g.Name, j.Tenant, j.UserID),
-		k.deadlines(), jobs.WaitingUsersKey(g.Name), k.live(), k.vtimeB(),
-		k.delayed(), k.delayedTags(), k.batchLine(),
-	}, userQuota...), args...).Slice()
+	out, err := s.runAdmit(ctx, admitIn{
+		Now: s.now(), Group: g, Job: j,
+		Idempotency: idem, BodyHash: a.BodyHash, IdempotencyTTL: int(IdempotencyTTL / time.Second),
+		TTL: s.store.TTLSeconds(), Prefixes: encodePrefixes(a.CachePrefixes), Input: a.InputEstimate, Weight: weight,
+		HeldRequests: held.requests, HeldTokens: held.tokens, Quotas: quotas,
+		MaxQueued: a.Policy.MaxQueued, MaxWait: a.MaxWait.Milliseconds(), Deadline: deadline,
+		BatchFallback: a.BatchFallback.Milliseconds(), Fields: fields,
+	})
 	if err != nil {
 		// Whether the job was admitted is unknown: its quota stays
 		// charged (a user may lose one request's worth, never gain one).
 		return AdmitResult{}, fmt.Errorf("scheduler: admit %s: %w", j.ID, err)
 	}
-	r.Outcome = Outcome(fmt.Sprint(res[0]))
+	r.Outcome = out.Outcome
 	if r.Outcome != Admitted && held.any() {
 		s.giveQuota(ctx, j, held, Used{}, a.Policy)
 	}
 	switch r.Outcome {
 	case Admitted:
-		r.Position, r.ETA = toInt(res[2]), toInt(res[3])
+		r.Position, r.ETA = out.Position, out.ETA
 		if r.ETA == -2 {
 			r.Position, r.ETA, r.Batch = 0, 0, true
 		}
-		if quotas != "" && len(res) >= 6 {
-			r.QuotaRemaining, r.QuotaReset = toInt(res[4]), toInt(res[5])
+		if quotas != "" {
+			r.QuotaRemaining, r.QuotaReset = out.QuotaRemaining, out.QuotaReset
 		}
 		j.CostIn, j.CostOut = a.InputEstimate, j.MaxTokens
 	case OverQuota:
-		r.QuotaWhich = fmt.Sprint(res[1])
-		r.RetryAfter = time.Duration(toInt(res[2])) * time.Millisecond
-		r.Limit, r.Remaining = toInt(res[3]), toInt(res[4])
+		r.overQuota(out.Which, out.RetryMS, out.Limit, out.Remaining)
 	case Replay:
-		r.ReplayOf = fmt.Sprint(res[1])
+		r.ReplayOf = out.ReplayOf
 	case QueueLimit:
-		r.Remaining, r.Limit = toInt(res[1]), toInt(res[2])
+		r.Remaining, r.Limit = out.Queued, out.Limit
 	case Overloaded:
-		r.ETA, r.MaxWait = toInt(res[1]), toInt(res[2])
+		r.ETA, r.MaxWait = out.ETA, out.MaxWait
 	case Unavailable:
-		r.RetryAfter = time.Duration(toInt(res[1])) * time.Millisecond
-		r.Down = time.Duration(toInt(res[2])) * time.Millisecond
+		r.RetryAfter = time.Duration(out.RetryMS) * time.Millisecond
+		r.Down = time.Duration(out.DownMS) * time.Millisecond
 	}
 	return r, nil
 }
@@ -437,6 +427,15 @@ func (s *Scheduler) replayFirst(ctx context.Context, idem, bodyHash string, r Ad
 		return AdmitResult{Outcome: Conflict}, nil
 	}
 	return AdmitResult{Outcome: Replay, ReplayOf: id}, nil
+}
+
+// overQuota makes r a refusal for the user's quota which ("requests" or
+// "tokens"), which can hold the job after retryMS; limit is its hourly
+// figure, remaining its bucket's level.
+func (r *AdmitResult) overQuota(which string, retryMS int64, limit, remaining int) {
+	r.Outcome, r.QuotaWhich = OverQuota, which
+	r.RetryAfter = time.Duration(retryMS) * time.Millisecond
+	r.Limit, r.Remaining = limit, remaining
 }
 
 // quotaHold is what a job holds of its user's quotas and of its dollar
@@ -470,11 +469,11 @@ func (s *Scheduler) cachedInput(ctx context.Context, a Admission) (int, error) {
 	if len(a.CachePrefixes) == 0 || a.Group.CountCacheReads || (a.Policy.TokensPerHour <= 0 && !a.Budget.any()) {
 		return 0, nil
 	}
-	cached, err := cachedScript.Run(ctx, s.rdb, []string{keys{a.Group.Name}.cache()}, s.now(), encodePrefixes(a.CachePrefixes)).Int()
+	cached, err := runInt(ctx, s.rdb, cachedScript, cachedIn{Now: s.now(), Group: a.Group.Name, Prefixes: encodePrefixes(a.CachePrefixes)})
 	if err != nil {
 		return 0, fmt.Errorf("scheduler: admit %s: cached input: %w", a.Job.ID, err)
 	}
-	return max(0, min(cached, a.InputEstimate-1)), nil
+	return max(0, min(int(cached), a.InputEstimate-1)), nil
 }
 
 // budgetPeriods are the stamps of the UTC day and month of t, and when
@@ -509,10 +508,11 @@ func (s *Scheduler) takeBudgets(ctx context.Context, a Admission, cached int, he
 		if sc.dl <= 0 && sc.ml <= 0 {
 			continue
 		}
-		res, err := budgetScript.Run(ctx, s.rdb, []string{sc.dayKey, sc.monthKey, sc.mark}, "take", sc.dl, sc.ml, cost).Slice()
-		if err == nil && fmt.Sprint(res[0]) == string(OverBudget) {
+		out, err := s.runBudgetTake(ctx, budgetTakeIn{DayKey: sc.dayKey, MonthKey: sc.monthKey, Mark: sc.mark,
+			DayLimit: sc.dl, MonthLimit: sc.ml, Amount: cost})
+		if err == nil && out.Outcome == OverBudget {
 			r.Outcome = OverBudget
-			r.Budget = BudgetRefusal{Scope: sc.scope, Period: fmt.Sprint(res[1]), Limit: int64(toInt(res[2])), Used: int64(toInt(res[3])), Ask: cost, Renews: dayEnd}
+			r.Budget = BudgetRefusal{Scope: sc.scope, Period: out.Period, Limit: out.Limit, Used: out.Used, Ask: cost, Renews: dayEnd}
 			if r.Budget.Period == "month" {
 				r.Budget.Renews = monthEnd
 			}
@@ -573,7 +573,7 @@ func (s *Scheduler) giveBudget(ctx context.Context, j *jobs.Job, dayKey, monthKe
 	ctx = context.WithoutCancel(ctx)
 	var err error
 	for try := 0; try < 3; try++ {
-		if err = budgetScript.Run(ctx, s.rdb, []string{dayKey, monthKey, mark}, "give", 0, 0, held, cost).Err(); err == nil {
+		if _, err = runInt(ctx, s.rdb, budgetScript, budgetGiveIn{DayKey: dayKey, MonthKey: monthKey, Mark: mark, Held: held, Cost: cost}); err == nil {
 			return
 		}
 	}
@@ -603,19 +603,16 @@ func (s *Scheduler) takeQuota(ctx context.Context, a Admission, cached int) (hel
 		return held, r, nil
 	}
 	cost := a.InputEstimate + j.MaxTokens - cached
-	res, err := quotaScript.Run(ctx, s.rdb, []string{quotaKey(j.Tenant, j.UserID), rkeys.QuotaGiven(j.Tenant, j.UserID, j.ID)},
-		s.now(), "take", p.RequestsPerHour, p.TokensPerHour, cost).Slice()
+	out, err := s.runQuotaTake(ctx, quotaTakeIn{Now: s.now(), Job: j,
+		RequestsPerHour: p.RequestsPerHour, TokensPerHour: p.TokensPerHour, Tokens: cost})
 	if err != nil {
 		return held, r, fmt.Errorf("scheduler: admit %s: quota: %w", j.ID, err)
 	}
-	if fmt.Sprint(res[0]) == string(OverQuota) {
-		r.Outcome = OverQuota
-		r.QuotaWhich = fmt.Sprint(res[1])
-		r.RetryAfter = time.Duration(toInt(res[2])) * time.Millisecond
-		r.Limit, r.Remaining = toInt(res[3]), toInt(res[4])
+	if out.Outcome == OverQuota {
+		r.overQuota(out.Which, out.RetryMS, out.Limit, out.Remaining)
 		return held, r, nil
 	}
-	r.QuotaRemaining, r.QuotaReset = toInt(res[1]), toInt(res[2])
+	r.QuotaRemaining, r.QuotaReset = out.QuotaRemaining, out.QuotaReset
 	if p.RequestsPerHour > 0 {
 		held.requests = 1
 	}
@@ -638,8 +635,8 @@ func (s *Scheduler) giveQuota(ctx context.Context, j *jobs.Job, held quotaHold, 
 	}
 	var err error
 	for try := 0; try < 3; try++ {
-		err = quotaScript.Run(ctx, s.rdb, []string{quotaKey(j.Tenant, j.UserID), rkeys.QuotaGiven(j.Tenant, j.UserID, j.ID)},
-			s.now(), "give", p.RequestsPerHour, p.TokensPerHour, held.requests, held.tokens, min(u.Requests, 1), u.Input+u.Output).Err()
+		_, err = runInt(ctx, s.rdb, quotaScript, quotaGiveIn{Now: s.now(), Job: j, RequestsPerHour: p.RequestsPerHour, TokensPerHour: p.TokensPerHour,
+			HeldRequests: held.requests, HeldTokens: held.tokens, UsedRequests: min(u.Requests, 1), UsedTokens: u.Input + u.Output})
 		if err == nil {
 			return
 		}

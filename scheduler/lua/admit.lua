@@ -58,16 +58,16 @@
 -- place in the Messages line meanwhile (no position; eta unknown: a batch
 -- takes up to 24 h) and does not charge its user's fair share there.
 -- Job ids are 115 random bits: the record is not checked for existence.
--- Reply, one of:
---   {"ok", event id, position, eta seconds, quota requests remaining
---    (-1: unlimited), seconds until the request quota is full}
---    (position 0 and eta -2: the job waits for a batch)
---   {"quota", "requests"|"tokens", retry ms, limit, remaining}
---   {"replay", job id}
---   {"conflict"}
---   {"queue_limit", queued, limit}
---   {"overloaded", eta seconds, max wait seconds}
---   {"unavailable", retry ms, outage ms}: the group's outage outlasted its limit
+-- Reply: name, value pairs (scheduler's admitOut), "outcome" first, one of:
+--   "ok": "event" id, "position", "eta" seconds, "quota_remaining" requests
+--     (-1: unlimited), "quota_reset" seconds until the request quota is full
+--     (position 0 and eta -2: the job waits for a batch)
+--   "quota": "which" ("requests"|"tokens"), "retry_ms", "limit", "remaining"
+--   "replay": "job" id
+--   "conflict"
+--   "queue_limit": "queued", "limit"
+--   "overloaded": "eta" seconds, "max_wait" seconds
+--   "unavailable": "retry_ms", "down_ms": the group's outage outlasted its limit
 -- (eta seconds is -1 while the group is in outage: nobody can tell)
 local now = clock(ARGV[1])
 local id, cin, cout, weight = ARGV[2], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -85,8 +85,8 @@ if ARGV[19] ~= '' then
   local prev = redis.call('GET', KEYS[10])
   if prev then
     local pid, phash = string.match(prev, '^([^|]*)|(.*)$')
-    if phash == ARGV[19] then return {'replay', pid} end
-    return {'conflict'}
+    if phash == ARGV[19] then return {'outcome', 'replay', 'job', pid} end
+    return {'outcome', 'conflict'}
   end
 end
 
@@ -105,14 +105,14 @@ end
 local st = lim_load(KEYS[9], now, {tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])})
 if st.down > 0 and st.down_fail > 0 and now >= st.down_fail then
   local at = num(redis.call('HGET', KEYS[9], 'probe_at'), now)
-  return {'unavailable', math.max(1000, at - now), now - st.down}
+  return {'outcome', 'unavailable', 'retry_ms', math.max(1000, at - now), 'down_ms', now - st.down}
 end
 
 -- 2. Queue cap.
 local maxq = tonumber(ARGV[17])
 if maxq > 0 then
   local queued = math.max(0, num(redis.call('HGET', KEYS[11], 'queued'), 0))
-  if queued >= maxq then return {'queue_limit', queued, maxq} end
+  if queued >= maxq then return {'outcome', 'queue_limit', 'queued', queued, 'limit', maxq} end
 end
 
 -- 3. The wait this job would have: its rank among jobs with start tags up
@@ -147,7 +147,7 @@ local maxwait = tonumber(ARGV[18])
 if batch > 0 then
   position, eta = 0, -2
 elseif maxwait > 0 and eta >= 0 and eta * 1000 > maxwait then
-  return {'overloaded', eta, math.floor(maxwait / 1000)}
+  return {'outcome', 'overloaded', 'eta', eta, 'max_wait', math.floor(maxwait / 1000)}
 end
 
 -- The fair queue. A sequence that starts again (its key was lost) while
@@ -232,4 +232,4 @@ if ARGV[23] ~= '' then
   remaining, reset = quota_take(KEYS[21], now, qr, qt, rph, tph, cost)
 end
 redis.call('PUBLISH', ARGV[9], 'arrival')
-return {'ok', ev, position, eta, remaining, reset}
+return {'outcome', 'ok', 'event', ev, 'position', position, 'eta', eta, 'quota_remaining', remaining, 'quota_reset', reset}

@@ -400,13 +400,17 @@ local function quota_level(key, now, rph, tph)
 end
 
 -- quota_refusal is the reply refusing a job of cost tokens at levels r and
--- t, or nil when both buckets can hold it.
+-- t, or nil when both buckets can hold it: {"outcome", "quota", "which",
+-- "requests"|"tokens", "retry_ms", ms, "limit", the hourly figure,
+-- "remaining", the bucket's level (floor)}.
 local function quota_refusal(r, t, rph, tph, cost)
   if rph > 0 and r < 1 then
-    return {'quota', 'requests', math.ceil((1 - r) / (rph / 3600000)), rph, math.floor(r)}
+    return {'outcome', 'quota', 'which', 'requests', 'retry_ms', math.ceil((1 - r) / (rph / 3600000)),
+      'limit', rph, 'remaining', math.floor(r)}
   end
   if tph > 0 and t < cost then
-    return {'quota', 'tokens', math.ceil((cost - t) / (tph / 3600000)), tph, math.floor(t)}
+    return {'outcome', 'quota', 'which', 'tokens', 'retry_ms', math.ceil((cost - t) / (tph / 3600000)),
+      'limit', tph, 'remaining', math.floor(t)}
   end
   return nil
 end

@@ -1,0 +1,219 @@
+package scheduler
+
+import (
+	"context"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/sluice-dev/sluice/config"
+	"github.com/sluice-dev/sluice/internal/rkeys"
+	"github.com/sluice-dev/sluice/jobs"
+	"github.com/sluice-dev/sluice/redisconn"
+)
+
+// The scripts' inputs and replies: for each script an input struct whose
+// call method lays out its KEYS and ARGV in the order its header lists
+// them, and a struct its reply of name, value pairs decodes into (see
+// reply.go). A script whose reply is one number has only its input.
+
+// scriptCall is a script's input: its KEYS and ARGV, in the order its
+// header lists them.
+type scriptCall interface {
+	call() (keys []string, args []any)
+}
+
+// runScript runs script with in's keys and arguments (followed by WAIT
+// when w is not nil, see redisconn.Waiter; what names the step) and decodes
+// its reply of pairs into an Out.
+func runScript[Out any](ctx context.Context, rdb redis.UniversalClient, w *redisconn.Waiter, what string, script *redis.Script, in scriptCall) (Out, error) {
+	var out Out
+	keys, args := in.call()
+	res, err := w.Run(ctx, rdb, what, script, keys, args...).Result()
+	if err != nil {
+		return out, err
+	}
+	err = decodeReply(res, &out)
+	return out, err
+}
+
+// runInt runs a script whose reply is one integer.
+func runInt(ctx context.Context, rdb redis.UniversalClient, script *redis.Script, in scriptCall) (int64, error) {
+	keys, args := in.call()
+	return script.Run(ctx, rdb, keys, args...).Int64()
+}
+
+// admitIn is lua/admit.lua's input.
+type admitIn struct {
+	Now   int64 // 0: Redis TIME
+	Group *config.ModelGroup
+	Job   *jobs.Job
+	// Idempotency is the Idempotency-Key's key (rkeys.NoIdempotency when
+	// the request has none), BodyHash its body's hash ("" when none) and
+	// IdempotencyTTL its life in seconds.
+	Idempotency    string
+	BodyHash       string
+	IdempotencyTTL int
+	TTL            int    // the record's, seconds
+	Prefixes       string // the cacheable prefixes (encodePrefixes)
+	Input          int    // the input estimate
+	Weight         float64
+	// HeldRequests and HeldTokens: what lua/quota.lua charged already.
+	HeldRequests, HeldTokens int
+	// Quotas is "requests per hour,tokens per hour" when admission checks
+	// and charges the user's quotas itself ("" when they were charged
+	// already, or none apply).
+	Quotas        string
+	MaxQueued     int
+	MaxWait       int64 // ms, 0 = no limit
+	Deadline      int64 // ms, 0 = none
+	BatchFallback int64 // ms, 0 = not by batch
+	Fields        []any // record field, value pairs
+}
+
+func (in admitIn) call() ([]string, []any) {
+	j, g, k := in.Job, in.Group, keys{in.Group.Name}
+	ks := make([]string, 0, 21)
+	ks = append(ks, jobs.Key(j.ID), k.cache(), k.seq(), k.order(), k.finish(), k.vtime(),
+		k.costs(), k.totals(), k.lim(), in.Idempotency,
+		jobs.CountsKey(g.Name, j.Tenant, j.UserID), jobs.IndexKey(g.Name, j.Tenant, ""), jobs.IndexKey(g.Name, j.Tenant, j.UserID),
+		k.deadlines(), jobs.WaitingUsersKey(g.Name), k.live(), k.vtimeB(),
+		k.delayed(), k.delayedTags(), k.batchLine())
+	if in.Quotas != "" {
+		ks = append(ks, quotaKey(j.Tenant, j.UserID))
+	}
+	args := make([]any, 0, 25+len(in.Fields))
+	args = append(args, in.Now, j.ID, in.TTL, in.Prefixes, UserKey(j.Tenant, j.UserID), in.Input, j.MaxTokens, in.Weight,
+		wakeChannel(g.Name))
+	args = append(args, limits(g)...)
+	args = append(args, g.MaxConcurrency, in.HeldRequests, in.HeldTokens, in.MaxQueued, in.MaxWait, in.BodyHash,
+		in.IdempotencyTTL, in.Deadline, countReads(g), in.Quotas, j.Class, in.BatchFallback)
+	args = append(args, in.Fields...)
+	return ks, args
+}
+
+// admitOut is lua/admit.lua's reply.
+type admitOut struct {
+	Outcome Outcome `redis:"outcome"`
+	// Admitted.
+	Event          string `redis:"event"`
+	Position       int    `redis:"position"`
+	ETA            int    `redis:"eta"` // seconds; also Overloaded's
+	QuotaRemaining int    `redis:"quota_remaining"`
+	QuotaReset     int    `redis:"quota_reset"`
+	// OverQuota (with Limit and Remaining) and Unavailable (with Down).
+	Which   string `redis:"which"`
+	RetryMS int64  `redis:"retry_ms"`
+	// OverQuota: the hourly figure and the bucket's level; QueueLimit:
+	// the cap (with Queued).
+	Limit     int `redis:"limit"`
+	Remaining int `redis:"remaining"`
+	Queued    int `redis:"queued"`
+	// Replay.
+	ReplayOf string `redis:"job"`
+	// Overloaded.
+	MaxWait int `redis:"max_wait"`
+	// Unavailable.
+	DownMS int64 `redis:"down_ms"`
+}
+
+func (s *Scheduler) runAdmit(ctx context.Context, in admitIn) (admitOut, error) {
+	return runScript[admitOut](ctx, s.rdb, s.wait, "admit", admitScript, in)
+}
+
+// quotaTakeIn is lua/quota.lua's take: a job's charge to its user's
+// quotas, before its admission.
+type quotaTakeIn struct {
+	Now                            int64
+	Job                            *jobs.Job
+	RequestsPerHour, TokensPerHour int
+	Tokens                         int // to reserve (the request is 1)
+}
+
+func (in quotaTakeIn) call() ([]string, []any) {
+	j := in.Job
+	return []string{quotaKey(j.Tenant, j.UserID), rkeys.QuotaGiven(j.Tenant, j.UserID, j.ID)},
+		[]any{in.Now, "take", in.RequestsPerHour, in.TokensPerHour, in.Tokens}
+}
+
+// quotaTakeOut is lua/quota.lua's reply to a take.
+type quotaTakeOut struct {
+	Outcome Outcome `redis:"outcome"` // Admitted or OverQuota
+	// Admitted: the requests remaining (-1: unlimited), and the seconds
+	// until the request quota is full.
+	QuotaRemaining int `redis:"quota_remaining"`
+	QuotaReset     int `redis:"quota_reset"`
+	// OverQuota.
+	Which     string `redis:"which"`
+	RetryMS   int64  `redis:"retry_ms"`
+	Limit     int    `redis:"limit"`
+	Remaining int    `redis:"remaining"`
+}
+
+func (s *Scheduler) runQuotaTake(ctx context.Context, in quotaTakeIn) (quotaTakeOut, error) {
+	return runScript[quotaTakeOut](ctx, s.rdb, nil, "quota", quotaScript, in)
+}
+
+// quotaGiveIn is lua/quota.lua's give: what a job's hold did not use goes
+// back to its user's quotas, once. Its reply is 1, or 0 when it was given
+// already.
+type quotaGiveIn struct {
+	Now                            int64
+	Job                            *jobs.Job
+	RequestsPerHour, TokensPerHour int
+	HeldRequests, HeldTokens       int
+	UsedRequests, UsedTokens       int
+}
+
+func (in quotaGiveIn) call() ([]string, []any) {
+	j := in.Job
+	return []string{quotaKey(j.Tenant, j.UserID), rkeys.QuotaGiven(j.Tenant, j.UserID, j.ID)},
+		[]any{in.Now, "give", in.RequestsPerHour, in.TokensPerHour, in.HeldRequests, in.HeldTokens, in.UsedRequests, in.UsedTokens}
+}
+
+// budgetTakeIn is lua/budget.lua's take: a job's worst case reserved in
+// one scope's budgets (µ$; a limit of 0 is none).
+type budgetTakeIn struct {
+	DayKey, MonthKey, Mark string
+	DayLimit, MonthLimit   int64
+	Amount                 int64
+}
+
+func (in budgetTakeIn) call() ([]string, []any) {
+	return []string{in.DayKey, in.MonthKey, in.Mark}, []any{"take", in.DayLimit, in.MonthLimit, in.Amount}
+}
+
+// budgetTakeOut is lua/budget.lua's reply to a take.
+type budgetTakeOut struct {
+	Outcome Outcome `redis:"outcome"` // Admitted or OverBudget
+	// OverBudget: the period ("day" or "month") whose budget refused, its
+	// limit and what was spent and held in it (µ$).
+	Period string `redis:"period"`
+	Limit  int64  `redis:"limit"`
+	Used   int64  `redis:"used"`
+}
+
+func (s *Scheduler) runBudgetTake(ctx context.Context, in budgetTakeIn) (budgetTakeOut, error) {
+	return runScript[budgetTakeOut](ctx, s.rdb, nil, "budget", budgetScript, in)
+}
+
+// budgetGiveIn is lua/budget.lua's give: a hold of Held µ$ in one scope
+// settled to Cost, once. Its reply is 1, or 0 when it was settled already.
+type budgetGiveIn struct {
+	DayKey, MonthKey, Mark string
+	Held, Cost             int64
+}
+
+func (in budgetGiveIn) call() ([]string, []any) {
+	return []string{in.DayKey, in.MonthKey, in.Mark}, []any{"give", 0, 0, in.Held, in.Cost}
+}
+
+// cachedIn is lua/cached.lua's input; its reply is the tokens cached.
+type cachedIn struct {
+	Now      int64
+	Group    string
+	Prefixes string // encodePrefixes
+}
+
+func (in cachedIn) call() ([]string, []any) {
+	return []string{keys{in.Group}.cache()}, []any{in.Now, in.Prefixes}
+}
