@@ -449,19 +449,6 @@ type quotaHold struct {
 
 func (h quotaHold) any() bool { return h.requests > 0 || h.tokens > 0 || h.usd > 0 }
 
-// holdOf reads a hold from a script's reply, from its i-th value on:
-// requests, tokens, µ$, cost µ$, day stamp, month stamp.
-func holdOf(res []any, i int) quotaHold {
-	h := quotaHold{requests: toInt(res[i]), tokens: toInt(res[i+1])}
-	if len(res) >= i+6 {
-		h.usd, h.cost = int64(toInt(res[i+2])), int64(toInt(res[i+3]))
-		if d := toInt(res[i+4]); d > 0 {
-			h.day, h.month = strconv.Itoa(d), strconv.Itoa(toInt(res[i+5]))
-		}
-	}
-	return h
-}
-
 // cachedInput is how much of a job's input the upstream holds cached now
 // (0 without cacheable prefixes, or when the group counts cache reads),
 // for the quota's and the budget's charges.
@@ -844,22 +831,14 @@ type Settlement struct {
 // get back what the upstream did not use. It also releases the job's lease
 // and wakes the dispatchers. It reports which reservations it found.
 func (s *Scheduler) Settle(ctx context.Context, st Settlement) (limiter, quota bool, err error) {
-	k := keys{st.Group.Name}
 	j := st.Job
-	final := "0"
-	if st.Final {
-		final = "1"
-	}
-	args := []any{s.now(), j.ID, st.Used.Requests, st.Used.Input, st.Used.Output}
-	args = append(args, limits(st.Group)...)
-	args = append(args, st.Duration.Milliseconds(), wakeChannel(st.Group.Name), final)
-	res, err := settleScript.Run(ctx, s.rdb, []string{k.lim(), k.reservations(), k.leases(),
-		jobs.Key(j.ID), k.rate()}, args...).Slice()
+	out, err := s.runSettle(ctx, settleIn{Now: s.now(), Group: st.Group, JobID: j.ID, Used: st.Used,
+		Duration: st.Duration.Milliseconds(), Final: st.Final})
 	if err != nil {
 		return false, false, fmt.Errorf("scheduler: settle %s: %w", j.ID, err)
 	}
-	limSettled, quotaTaken := toInt(res[0]) == 1, toInt(res[1]) == 1
-	if held := holdOf(res, 2); quotaTaken && held.any() {
+	limSettled, quotaTaken := out.Limiter, out.Quota
+	if held := out.Hold.hold(); quotaTaken && held.any() {
 		owner := *j
 		if owner.Tenant == "" {
 			owner.Tenant, owner.UserID = s.store.Owner(ctx, j.ID)

@@ -2,6 +2,7 @@ package scheduler
 
 import (
 	"context"
+	"strconv"
 
 	"github.com/redis/go-redis/v9"
 
@@ -216,4 +217,59 @@ type cachedIn struct {
 
 func (in cachedIn) call() ([]string, []any) {
 	return []string{keys{in.Group}.cache()}, []any{in.Now, in.Prefixes}
+}
+
+// holdOut is a job's hold on its user's quotas and its dollar budgets, as
+// lua/prelude.lua's quota_held answers it (in lua/settle.lua's and
+// lua/lifecycle.lua's replies).
+type holdOut struct {
+	Requests int   `redis:"requests"`
+	Tokens   int   `redis:"tokens"`
+	USD      int64 `redis:"usd"`
+	Cost     int64 `redis:"cost"`
+	Day      int64 `redis:"day"`
+	Month    int64 `redis:"month"`
+}
+
+// hold is h as a quotaHold.
+func (h holdOut) hold() quotaHold {
+	q := quotaHold{requests: h.Requests, tokens: h.Tokens, usd: h.USD, cost: h.Cost}
+	if h.Day > 0 {
+		q.day, q.month = strconv.FormatInt(h.Day, 10), strconv.FormatInt(h.Month, 10)
+	}
+	return q
+}
+
+// settleIn is lua/settle.lua's input.
+type settleIn struct {
+	Now      int64
+	Group    *config.ModelGroup
+	JobID    string
+	Used     Used  // what the upstream counted
+	Duration int64 // ms of a completed call (0: not measured)
+	Final    bool  // the job has ended: take the quota hold too
+}
+
+func (in settleIn) call() ([]string, []any) {
+	g, k := in.Group, keys{in.Group.Name}
+	final := "0"
+	if in.Final {
+		final = "1"
+	}
+	args := make([]any, 0, 12)
+	args = append(args, in.Now, in.JobID, in.Used.Requests, in.Used.Input, in.Used.Output)
+	args = append(args, limits(g)...)
+	args = append(args, in.Duration, wakeChannel(g.Name), final)
+	return []string{k.lim(), k.reservations(), k.leases(), jobs.Key(in.JobID), k.rate()}, args
+}
+
+// settleOut is lua/settle.lua's reply.
+type settleOut struct {
+	Limiter bool    `redis:"limiter"` // the limiter reservation was settled
+	Quota   bool    `redis:"quota"`   // the quota hold was taken (Hold)
+	Hold    holdOut `redis:"hold"`
+}
+
+func (s *Scheduler) runSettle(ctx context.Context, in settleIn) (settleOut, error) {
+	return runScript[settleOut](ctx, s.rdb, nil, "settle", settleScript, in)
 }

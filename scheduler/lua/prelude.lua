@@ -339,15 +339,18 @@ end
 -- budgets (the q_req, q_tok and q_usd fields of its record, set at
 -- admission) out of the record, once. The quotas live in the user's slot
 -- and the budgets in the user's and the tenant's: the caller gives back
--- there what the job did not use (lua/quota.lua, lua/budget.lua). Reply:
--- {requests, tokens, µ$ held, µ$ its calls cost, day stamp, month stamp},
--- or nil when the hold was taken already.
+-- there what the job did not use (lua/quota.lua, lua/budget.lua). Reply,
+-- as name, value pairs for a script's reply (scheduler's quotaHold):
+-- {"requests", n, "tokens", n, "usd", µ$ held, "cost", µ$ its calls cost,
+-- "day", day stamp, "month", month stamp}, or nil when the hold was taken
+-- already.
 local function quota_held(job)
   local q = redis.call('HMGET', job, 'q_req', 'q_tok', 'q_usd', 'cost_musd', 'b_d', 'b_m')
   local qreq, qtok, qusd = tonumber(q[1]), tonumber(q[2]), tonumber(q[3])
   if not (qreq or qtok or qusd) then return nil end
   redis.call('HDEL', job, 'q_req', 'q_tok', 'q_usd')
-  return {qreq or 0, qtok or 0, qusd or 0, tonumber(q[4]) or 0, tonumber(q[5]) or 0, tonumber(q[6]) or 0}
+  return {'requests', qreq or 0, 'tokens', qtok or 0, 'usd', qusd or 0, 'cost', tonumber(q[4]) or 0,
+    'day', tonumber(q[5]) or 0, 'month', tonumber(q[6]) or 0}
 end
 
 -- Prompt caching. A job's cacheable prefixes are kept in its record
