@@ -680,17 +680,14 @@ func (s *Scheduler) Position(ctx context.Context, j *jobs.Job, g *config.ModelGr
 	if j.FQMember == "" {
 		return 0, 0, false, nil
 	}
-	k := keys{g.Name}
-	args := append([]any{s.now(), j.FQMember}, limits(g)...)
-	args = append(args, g.MaxConcurrency)
-	res, err := positionScript.Run(ctx, s.rdb, []string{k.order(), k.totals(), k.lim()}, args...).Int64Slice()
+	out, err := s.runPosition(ctx, positionIn{Now: s.now(), Group: g, Member: j.FQMember})
 	if err != nil {
 		return 0, 0, false, fmt.Errorf("scheduler: position of %s: %w", j.ID, err)
 	}
-	if res[0] == 0 {
+	if out.Position == 0 {
 		return 0, 0, false, nil
 	}
-	return int(res[0]), int(res[1]), true, nil
+	return out.Position, out.ETA, true, nil
 }
 
 // State says why a dispatch round stopped.
@@ -718,8 +715,8 @@ const (
 
 // Picked is a job handed out by a dispatch round.
 type Picked struct {
-	JobID    string
-	Dispatch int
+	JobID    string `redis:"job"`
+	Dispatch int    `redis:"dispatch"`
 }
 
 // Result of one dispatch round.
@@ -736,29 +733,17 @@ type Result struct {
 // Dispatch picks up to max jobs of group g in fair order that the limiter
 // has room for, reserving for each and leasing it a concurrency slot.
 func (s *Scheduler) Dispatch(ctx context.Context, g *config.ModelGroup, max int) (Result, error) {
-	k := keys{g.Name}
-	args := append([]any{s.now()}, limits(g)...)
-	args = append(args, g.MaxConcurrency, s.lease.Milliseconds(), max, rkeys.Prefix, MovedChannel(g.Name),
-		jobs.ChannelPrefix, s.store.MaxEvents(), awayAfter.Milliseconds(), rkeys.UserPrefix(g.Name), outputAccounting(g),
-		g.CacheHold.Milliseconds(), countReads(g), g.BackgroundMinShare)
-	res, err := dispatchScript.Run(ctx, s.rdb, []string{
-		k.order(), k.delayed(), k.vtime(), k.finish(), k.costs(), k.totals(), k.lim(),
-		k.reservations(), k.leases(), k.dispatching(), k.delayedTags(), k.deadlines(), k.expiring(), k.dispatchSeq(),
-		k.rate(), k.live(), jobs.WaitingUsersKey(g.Name), k.cache(), k.vtimeB(), k.batched(),
-	}, args...).Slice()
+	out, err := s.runDispatch(ctx, dispatchIn{Now: s.now(), Group: g, Lease: s.lease.Milliseconds(), Max: max,
+		MaxEvents: s.store.MaxEvents(), Away: awayAfter.Milliseconds()})
 	if err != nil {
 		return Result{}, fmt.Errorf("scheduler: dispatch %s: %w", g.Name, err)
 	}
-	r := Result{State: State(fmt.Sprint(res[0])), Wait: time.Duration(toInt(res[1])) * time.Millisecond, Expiring: toInt(res[2])}
+	r := Result{State: out.State, Wait: time.Duration(out.WaitMS) * time.Millisecond, Expiring: out.Expiring}
 	if r.State == Probe {
-		if len(res) > 3 {
-			r.ProbeModel = fmt.Sprint(res[3])
-		}
+		r.ProbeModel = out.ProbeModel
 		return r, nil
 	}
-	for i := 3; i+1 < len(res); i += 2 {
-		r.Jobs = append(r.Jobs, Picked{JobID: fmt.Sprint(res[i]), Dispatch: toInt(res[i+1])})
-	}
+	r.Jobs = out.Jobs
 	return r, nil
 }
 
@@ -885,19 +870,21 @@ func (s *Scheduler) Places(ctx context.Context, ws []Watched) ([]Place, error) {
 		batches = batches[:0]
 		pipe := s.rdb.Pipeline()
 		for g, list := range byGroup {
-			k := keys{g.Name}
 			for len(list) > 0 {
 				n := min(len(list), placesBatch)
+				in := placesIn{Now: s.now(), Group: g, Members: make([]string, n)}
+				for k, i := range list[:n] {
+					in.Members[k] = ws[i].Member
+				}
 				// EVALSHA as placesScript.EvalSha sends it, read as integers
 				// (not a reply of boxed values: 1,024 numbers a batch).
-				args := make([]any, 0, 12+n)
-				args = append(args, "evalsha", placesScript.Hash(), 3, k.order(), k.totals(), k.lim(), s.now())
-				args = append(args, limits(g)...)
-				args = append(args, g.MaxConcurrency)
-				for _, i := range list[:n] {
-					args = append(args, ws[i].Member)
+				keys, args := in.call()
+				cmdArgs := make([]any, 0, 3+len(keys)+len(args))
+				cmdArgs = append(cmdArgs, "evalsha", placesScript.Hash(), len(keys))
+				for _, k := range keys {
+					cmdArgs = append(cmdArgs, k)
 				}
-				cmd := redis.NewIntSliceCmd(ctx, args...)
+				cmd := redis.NewIntSliceCmd(ctx, append(cmdArgs, args...)...)
 				cmd.SetFirstKeyPos(3)
 				_ = pipe.Process(ctx, cmd)
 				batches = append(batches, batch{idx: list[:n], cmd: cmd})
@@ -919,12 +906,16 @@ func (s *Scheduler) Places(ctx context.Context, ws []Watched) ([]Place, error) {
 	}
 	for _, b := range batches {
 		res, err := b.cmd.Result()
-		if err != nil || len(res) != 2*len(b.idx) {
-			return nil, fmt.Errorf("scheduler: places: %v (%d answers for %d jobs)", err, len(res), len(b.idx))
+		if err == nil {
+			var places []Place
+			if places, err = placesReply(res, len(b.idx)); err == nil {
+				for k, i := range b.idx {
+					out[i] = places[k]
+				}
+				continue
+			}
 		}
-		for k, i := range b.idx {
-			out[i] = Place{Position: int(res[2*k]), ETASeconds: int(res[2*k+1])}
-		}
+		return nil, fmt.Errorf("scheduler: places: %w", err)
 	}
 	return out, nil
 }

@@ -2,6 +2,7 @@ package scheduler
 
 import (
 	"context"
+	"fmt"
 	"strconv"
 
 	"github.com/redis/go-redis/v9"
@@ -272,4 +273,103 @@ type settleOut struct {
 
 func (s *Scheduler) runSettle(ctx context.Context, in settleIn) (settleOut, error) {
 	return runScript[settleOut](ctx, s.rdb, nil, "settle", settleScript, in)
+}
+
+// dispatchIn is lua/dispatch.lua's input.
+type dispatchIn struct {
+	Now       int64
+	Group     *config.ModelGroup
+	Lease     int64 // ms
+	Max       int   // most jobs to pick
+	MaxEvents int   // a job's event log's length
+	Away      int64 // ms: a longer gap between two rounds means the dispatchers were away
+}
+
+func (in dispatchIn) call() ([]string, []any) {
+	g, k := in.Group, keys{in.Group.Name}
+	args := make([]any, 0, 18)
+	args = append(args, in.Now)
+	args = append(args, limits(g)...)
+	args = append(args, g.MaxConcurrency, in.Lease, in.Max, rkeys.Prefix, MovedChannel(g.Name),
+		jobs.ChannelPrefix, in.MaxEvents, in.Away, rkeys.UserPrefix(g.Name), outputAccounting(g),
+		g.CacheHold.Milliseconds(), countReads(g), g.BackgroundMinShare)
+	return []string{
+		k.order(), k.delayed(), k.vtime(), k.finish(), k.costs(), k.totals(), k.lim(),
+		k.reservations(), k.leases(), k.dispatching(), k.delayedTags(), k.deadlines(), k.expiring(), k.dispatchSeq(),
+		k.rate(), k.live(), jobs.WaitingUsersKey(g.Name), k.cache(), k.vtimeB(), k.batched(),
+	}, args
+}
+
+// dispatchOut is lua/dispatch.lua's reply.
+type dispatchOut struct {
+	State      State    `redis:"state"`
+	WaitMS     int64    `redis:"wait_ms"`
+	Expiring   int      `redis:"expiring"`
+	Jobs       []Picked `redis:"jobs"`
+	ProbeModel string   `redis:"probe_model"`
+}
+
+func (s *Scheduler) runDispatch(ctx context.Context, in dispatchIn) (dispatchOut, error) {
+	return runScript[dispatchOut](ctx, s.rdb, nil, "dispatch", dispatchScript, in)
+}
+
+// positionIn is lua/position.lua's input.
+type positionIn struct {
+	Now    int64
+	Group  *config.ModelGroup
+	Member string // the job's queue member
+}
+
+func (in positionIn) call() ([]string, []any) {
+	g, k := in.Group, keys{in.Group.Name}
+	args := make([]any, 0, 7)
+	args = append(args, in.Now, in.Member)
+	args = append(args, limits(g)...)
+	args = append(args, g.MaxConcurrency)
+	return []string{k.order(), k.totals(), k.lim()}, args
+}
+
+// positionOut is lua/position.lua's reply.
+type positionOut struct {
+	Position int `redis:"position"` // 0: not in the queue
+	ETA      int `redis:"eta"`      // seconds
+}
+
+func (s *Scheduler) runPosition(ctx context.Context, in positionIn) (positionOut, error) {
+	return runScript[positionOut](ctx, s.rdb, nil, "position", positionScript, in)
+}
+
+// placesIn is lua/places.lua's input: a batch of one group's jobs.
+type placesIn struct {
+	Now     int64
+	Group   *config.ModelGroup
+	Members []string // the jobs' queue members
+}
+
+func (in placesIn) call() ([]string, []any) {
+	g, k := in.Group, keys{in.Group.Name}
+	args := make([]any, 0, 6+len(in.Members))
+	args = append(args, in.Now)
+	args = append(args, limits(g)...)
+	args = append(args, g.MaxConcurrency)
+	for _, m := range in.Members {
+		args = append(args, m)
+	}
+	return []string{k.order(), k.totals(), k.lim()}, args
+}
+
+// placesReply reads lua/places.lua's reply for n members: the one script
+// whose reply is not name, value pairs but a position and an eta per
+// member, all integers, so that it is read without boxing each number
+// (redis.IntSliceCmd): a batch holds 1,024 of them, and an api process
+// reads every follower's place after each move.
+func placesReply(res []int64, n int) ([]Place, error) {
+	if len(res) != 2*n {
+		return nil, fmt.Errorf("%d answers for %d jobs", len(res), n)
+	}
+	out := make([]Place, n)
+	for k := range out {
+		out[k] = Place{Position: int(res[2*k]), ETASeconds: int(res[2*k+1])}
+	}
+	return out, nil
 }
