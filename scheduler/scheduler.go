@@ -11,7 +11,6 @@ package scheduler
 import (
 	"context"
 	_ "embed"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -1138,48 +1137,15 @@ type Dimension struct {
 	UpstreamLimit, UpstreamRemaining int64
 }
 
-// gaugesReply is lua/gauges.lua's reply.
-type gaugesReply struct {
-	Now         float64            `json:"now"`
-	Levels      [3]float64         `json:"levels"`
-	Caps        [3]float64         `json:"caps"`
-	Limits      [3]float64         `json:"limits"`
-	Frozen      float64            `json:"frozen"`
-	Factor      float64            `json:"factor"`
-	Leases      int64              `json:"leases"`
-	Queued      int64              `json:"queued"`
-	Users       int64              `json:"users"`
-	Dispatched  [2]float64         `json:"dispatched"`
-	DispatchedB [2]float64         `json:"dispatched_b"`
-	QueuedB     int64              `json:"queued_b"`
-	BatchWait   int64              `json:"batch_waiting"`
-	InBatches   int64              `json:"in_batches"`
-	Input       [2]float64         `json:"input"`
-	Output      [2]float64         `json:"output"`
-	Down        float64            `json:"down"`
-	ProbeAt     float64            `json:"probe_at"`
-	Probes      int64              `json:"probes"`
-	Outages     int64              `json:"outages"`
-	Probing     bool               `json:"probing"`
-	Seen        map[string]float64 `json:"seen"`
-}
-
 // Gauges reads g's live figures in one atomic, read-only step.
 func (s *Scheduler) Gauges(ctx context.Context, g *config.ModelGroup) (Gauges, error) {
-	k := keys{g.Name}
-	args := append([]any{s.now()}, limits(g)...)
-	raw, err := gaugesScript.Run(ctx, s.rdb, []string{k.lim(), k.leases(), k.order(), jobs.WaitingUsersKey(g.Name), k.seen(), k.rate(),
-		k.batchLine(), k.batched()}, args...).Text()
+	r, err := s.runGauges(ctx, gaugesIn{Now: s.now(), Group: g})
 	if err != nil {
-		return Gauges{}, fmt.Errorf("scheduler: gauges %s: %w", g.Name, err)
-	}
-	var r gaugesReply
-	if err := json.Unmarshal([]byte(raw), &r); err != nil {
 		return Gauges{}, fmt.Errorf("scheduler: gauges %s: %w", g.Name, err)
 	}
 	seen := func(name string) int64 {
 		if v, ok := r.Seen[name]; ok {
-			return int64(v)
+			return v
 		}
 		return -1
 	}

@@ -373,3 +373,49 @@ func placesReply(res []int64, n int) ([]Place, error) {
 	}
 	return out, nil
 }
+
+// gaugesIn is lua/gauges.lua's input.
+type gaugesIn struct {
+	Now   int64
+	Group *config.ModelGroup
+}
+
+func (in gaugesIn) call() ([]string, []any) {
+	g, k := in.Group, keys{in.Group.Name}
+	return []string{k.lim(), k.leases(), k.order(), jobs.WaitingUsersKey(g.Name), k.seen(), k.rate(),
+		k.batchLine(), k.batched()}, append([]any{in.Now}, limits(g)...)
+}
+
+// gaugesOut is lua/gauges.lua's reply. Per-minute use comes as this
+// minute's and the previous one's.
+type gaugesOut struct {
+	Now         float64    `redis:"now"`
+	Levels      [3]float64 `redis:"levels"` // requests, input, output
+	Caps        [3]float64 `redis:"caps"`
+	Limits      [3]float64 `redis:"limits"`
+	Frozen      float64    `redis:"frozen"`
+	Factor      float64    `redis:"factor"`
+	Leases      int64      `redis:"leases"`
+	Queued      int64      `redis:"queued"`
+	Users       int64      `redis:"users"`
+	Dispatched  [2]float64 `redis:"dispatched"`
+	DispatchedB [2]float64 `redis:"dispatched_b"`
+	QueuedB     int64      `redis:"queued_b"`
+	BatchWait   int64      `redis:"batch_waiting"`
+	InBatches   int64      `redis:"in_batches"`
+	Input       [2]float64 `redis:"input"`
+	Output      [2]float64 `redis:"output"`
+	Down        float64    `redis:"down"`
+	ProbeAt     float64    `redis:"probe_at"`
+	Probes      int64      `redis:"probes"`
+	Outages     int64      `redis:"outages"`
+	Probing     bool       `redis:"probing"`
+	// Seen is the last rate-limit headers seen (rl, rr, il, ir, ol, or:
+	// limit and remaining per dimension; at: when); one never seen is
+	// absent.
+	Seen map[string]int64 `redis:"seen"`
+}
+
+func (s *Scheduler) runGauges(ctx context.Context, in gaugesIn) (gaugesOut, error) {
+	return runScript[gaugesOut](ctx, s.rdb, nil, "gauges", gaugesScript, in)
+}

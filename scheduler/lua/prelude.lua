@@ -66,6 +66,13 @@ local function tagstr(x)
   return string.format('%.17g', x)
 end
 
+-- numstr is a number for a script's reply that may hold a fraction: Redis
+-- truncates a Lua number in a reply to an integer, so it goes as a string,
+-- with the 14 significant digits cjson would give it.
+local function numstr(x)
+  return string.format('%.14g', x)
+end
+
 -- finish_member is a user's member in the finish tags for its class.
 local function finish_member(ukey, bg)
   if bg then return ukey .. '\0b' end
