@@ -371,7 +371,7 @@ func (s *Scheduler) ProbeFailed(ctx context.Context, g *config.ModelGroup) error
 	if err != nil {
 		return err
 	}
-	if err := probeScript.Run(ctx, s.rdb, []string{keys{g.Name}.lim()}, s.now(), string(h)).Err(); err != nil {
+	if _, err := runInt(ctx, s.rdb, probeScript, probeIn{Now: s.now(), Group: g.Name, Health: h}); err != nil {
 		return fmt.Errorf("scheduler: probe failed %s: %w", g.Name, err)
 	}
 	return nil

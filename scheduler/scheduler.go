@@ -946,9 +946,7 @@ const awayAfter = 7 * time.Second
 // elsewhere): stop. A lease lost with its key (the job still at this
 // dispatch and out of line) is granted again.
 func (s *Scheduler) Renew(ctx context.Context, group, id string, dispatch int) (bool, error) {
-	k := keys{group}
-	n, err := renewScript.Run(ctx, s.rdb, []string{k.leases(), jobs.Key(id), k.order(), k.delayed(), k.expiring()},
-		s.now(), id, s.lease.Milliseconds(), dispatch).Int()
+	n, err := runInt(ctx, s.rdb, renewScript, renewIn{Now: s.now(), Group: group, JobID: id, Lease: s.lease.Milliseconds(), Dispatch: dispatch})
 	if err != nil {
 		return false, fmt.Errorf("scheduler: renew %s: %w", id, err)
 	}
@@ -967,8 +965,7 @@ const (
 // Freeze applies upstream pushback to the whole group, fleet-wide, and
 // returns until when the group is frozen.
 func (s *Scheduler) Freeze(ctx context.Context, g *config.ModelGroup, kind Pushback, retryAfter time.Duration) (time.Time, error) {
-	args := append([]any{s.now(), string(kind), retryAfter.Milliseconds()}, limits(g)...)
-	ms, err := freezeScript.Run(ctx, s.rdb, []string{keys{g.Name}.lim()}, args...).Int64()
+	ms, err := runInt(ctx, s.rdb, freezeScript, freezeIn{Now: s.now(), Group: g, Kind: kind, RetryAfter: retryAfter.Milliseconds()})
 	if err != nil {
 		return time.Time{}, fmt.Errorf("scheduler: freeze %s: %w", g.Name, err)
 	}
@@ -981,16 +978,15 @@ func (s *Scheduler) Freeze(ctx context.Context, g *config.ModelGroup, kind Pushb
 // began, or the upstream refused the request itself): the group is
 // healthy, and an outage ends. It reports whether it ended one.
 func (s *Scheduler) Observe(ctx context.Context, g *config.ModelGroup, h http.Header, answered bool) (reopened bool, err error) {
-	vals := make([]any, 0, 12)
-	raw := make([]any, 0, 6)
+	in := observeIn{Now: s.now(), Group: g, Answered: answered}
 	seen := false
-	for _, dim := range []struct {
+	for d, dim := range []struct {
 		name   string
 		tokens bool
 	}{{"requests", false}, {"input-tokens", true}, {"output-tokens", true}} {
 		lim := headerInt(h, "anthropic-ratelimit-"+dim.name+"-limit")
 		rem := headerInt(h, "anthropic-ratelimit-"+dim.name+"-remaining")
-		raw = append(raw, lim, rem)
+		in.Sent[d] = dimHeaders{Limit: lim, Remaining: rem}
 		if rem >= 0 && dim.tokens {
 			// Token remainings are rounded to the nearest 1,000.
 			rem = max(0, rem-500)
@@ -998,20 +994,12 @@ func (s *Scheduler) Observe(ctx context.Context, g *config.ModelGroup, h http.He
 		if lim >= 0 || rem >= 0 {
 			seen = true
 		}
-		vals = append(vals, lim, rem)
+		in.Lowered[d] = dimHeaders{Limit: lim, Remaining: rem}
 	}
 	if !seen && !answered {
 		return false, nil
 	}
-	ok := "0"
-	if answered {
-		ok = "1"
-	}
-	args := append([]any{s.now()}, limits(g)...)
-	args = append(args, vals...)
-	args = append(args, raw...)
-	args = append(args, ok, wakeChannel(g.Name), MovedChannel(g.Name))
-	n, err := observeScript.Run(ctx, s.rdb, []string{keys{g.Name}.lim(), keys{g.Name}.seen()}, args...).Int()
+	n, err := runInt(ctx, s.rdb, observeScript, in)
 	if err != nil {
 		return false, fmt.Errorf("scheduler: observe %s: %w", g.Name, err)
 	}

@@ -419,3 +419,78 @@ type gaugesOut struct {
 func (s *Scheduler) runGauges(ctx context.Context, in gaugesIn) (gaugesOut, error) {
 	return runScript[gaugesOut](ctx, s.rdb, nil, "gauges", gaugesScript, in)
 }
+
+// freezeIn is lua/freeze.lua's input; its reply is the time (ms) until
+// which the group is frozen.
+type freezeIn struct {
+	Now        int64
+	Group      *config.ModelGroup
+	Kind       Pushback
+	RetryAfter int64 // ms
+}
+
+func (in freezeIn) call() ([]string, []any) {
+	return []string{keys{in.Group.Name}.lim()}, append([]any{in.Now, string(in.Kind), in.RetryAfter}, limits(in.Group)...)
+}
+
+// observeIn is lua/observe.lua's input; its reply is 1 when the answer
+// ended an outage, else 0.
+type observeIn struct {
+	Now   int64
+	Group *config.ModelGroup
+	// Limit and Remaining per dimension (requests, input tokens, output
+	// tokens), -1 where a header was absent: Lowered has the token
+	// remainings lowered by the upstream's rounding, Sent as sent.
+	Lowered, Sent [3]dimHeaders
+	Answered      bool // the upstream answered
+}
+
+// dimHeaders are one dimension's rate-limit headers.
+type dimHeaders struct{ Limit, Remaining int64 }
+
+func (in observeIn) call() ([]string, []any) {
+	g, k := in.Group, keys{in.Group.Name}
+	args := make([]any, 0, 20)
+	args = append(args, in.Now)
+	args = append(args, limits(g)...)
+	for _, d := range in.Lowered {
+		args = append(args, d.Limit, d.Remaining)
+	}
+	for _, d := range in.Sent {
+		args = append(args, d.Limit, d.Remaining)
+	}
+	ok := "0"
+	if in.Answered {
+		ok = "1"
+	}
+	args = append(args, ok, wakeChannel(g.Name), MovedChannel(g.Name))
+	return []string{k.lim(), k.seen()}, args
+}
+
+// renewIn is lua/renew.lua's input; its reply is 1 when the lease is held
+// and extended, 0 when it was taken back.
+type renewIn struct {
+	Now      int64
+	Group    string
+	JobID    string
+	Lease    int64 // ms
+	Dispatch int   // the holder's
+}
+
+func (in renewIn) call() ([]string, []any) {
+	k := keys{in.Group}
+	return []string{k.leases(), jobs.Key(in.JobID), k.order(), k.delayed(), k.expiring()},
+		[]any{in.Now, in.JobID, in.Lease, in.Dispatch}
+}
+
+// probeIn is lua/probe.lua's input; its reply is 1 when the probe was the
+// group's current one, else 0.
+type probeIn struct {
+	Now    int64
+	Group  string
+	Health []byte // the outage rule, JSON
+}
+
+func (in probeIn) call() ([]string, []any) {
+	return []string{keys{in.Group}.lim()}, []any{in.Now, string(in.Health)}
+}
