@@ -1056,17 +1056,6 @@ func (s *Scheduler) QueueLength(ctx context.Context, group string) (int64, error
 	return s.rdb.ZCard(ctx, keys{group}.order()).Result()
 }
 
-func toInt(v any) int {
-	switch n := v.(type) {
-	case int64:
-		return int(n)
-	case string:
-		i, _ := strconv.Atoi(n)
-		return i
-	}
-	return 0
-}
-
 // Gauges are a model group's live figures, for metrics and the dashboard.
 type Gauges struct {
 	Queued int64 // jobs waiting in the fair queue
