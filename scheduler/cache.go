@@ -85,13 +85,26 @@ func (s *Scheduler) CacheReleased(ctx context.Context, g *config.ModelGroup, id 
 }
 
 func (s *Scheduler) cacheNote(ctx context.Context, g *config.ModelGroup, id, what string, u CacheUsage) (int, error) {
-	k := keys{g.Name}
-	n, err := cacheScript.Run(ctx, s.rdb, []string{k.cache(), jobs.Key(id), k.rate()},
-		s.now(), id, what, u.Input, u.CacheCreation, u.CacheRead, wakeChannel(g.Name)).Int()
+	n, err := runInt(ctx, s.rdb, cacheScript, cacheIn{Now: s.now(), Group: g.Name, JobID: id, What: what, Usage: u})
 	if err != nil {
 		return 0, fmt.Errorf("scheduler: cache %s %s: %w", what, id, err)
 	}
-	return n, nil
+	return int(n), nil
+}
+
+// cacheIn is lua/cache.lua's input; its reply is how many holds it ended.
+type cacheIn struct {
+	Now   int64
+	Group string
+	JobID string
+	What  string // "began" or "released"
+	Usage CacheUsage
+}
+
+func (in cacheIn) call() ([]string, []any) {
+	k := keys{in.Group}
+	return []string{k.cache(), jobs.Key(in.JobID), k.rate()},
+		[]any{in.Now, in.JobID, in.What, in.Usage.Input, in.Usage.CacheCreation, in.Usage.CacheRead, wakeChannel(in.Group)}
 }
 
 // CacheStats are a group's prompt-cache figures over the last minutes.

@@ -114,7 +114,6 @@ const (
 
 // apply runs one lifecycle step on job j of group g.
 func (s *Scheduler) apply(ctx context.Context, g *config.ModelGroup, j *jobs.Job, p plan, data any, fields ...string) (step, error) {
-	k := keys{g.Name}
 	p.ID = j.ID
 	p.Channel = jobs.Channel(j.ID)
 	p.TTL, p.MaxLen = s.store.TTLSeconds(), s.store.MaxEvents()
@@ -134,11 +133,6 @@ func (s *Scheduler) apply(ctx context.Context, g *config.ModelGroup, j *jobs.Job
 			return step{}, err
 		}
 	}
-	args := make([]any, 0, 3+len(fields))
-	args = append(args, s.now(), pb, db)
-	for _, f := range fields {
-		args = append(args, f)
-	}
 	// A job's end (succeeded, failed, expired, canceled) is followed by
 	// WAIT (Options.Wait), as its admission was, and so is an attempt's
 	// start: the worker calls the upstream only once a replica knows the
@@ -153,25 +147,53 @@ func (s *Scheduler) apply(ctx context.Context, g *config.ModelGroup, j *jobs.Job
 	case p.Event == "started":
 		w, what = s.wait, "start"
 	}
-	res, err := w.Run(ctx, s.rdb, what, lifecycleScript, []string{
-		jobs.Key(j.ID), jobs.EventsKey(j.ID), jobs.CountsKey(g.Name, j.Tenant, j.UserID), jobs.WaitingUsersKey(g.Name),
-		k.lim(), k.reservations(), k.leases(), k.rate(),
-		k.order(), k.costs(), k.totals(), k.deadlines(), k.delayed(), k.delayedTags(), k.expiring(), k.live(),
-		k.batched(),
-	}, args...).Slice()
+	out, err := runScript[lifecycleOut](ctx, s.rdb, w, what, lifecycleScript,
+		lifecycleIn{Now: s.now(), Group: g.Name, Job: j, Plan: pb, Data: db, Fields: fields})
 	if err != nil {
 		return step{}, lifecycleError(j.ID, err)
 	}
-	if len(res) < 8 {
-		return step{}, fmt.Errorf("scheduler: %s: lifecycle answered %d values", j.ID, len(res))
-	}
-	st := step{EventID: fmt.Sprint(res[0]), Attempts: toInt(res[1]), Limiter: toInt(res[2]) == 1,
-		Quota: toInt(res[3]) == 1, From: jobs.Status(fmt.Sprint(res[4])), Health: fmt.Sprint(res[5])}
-	if held := holdOf(res, 6); st.Quota && held.any() {
+	st := step{EventID: out.Event, Attempts: out.Attempts, Limiter: out.Limiter, Quota: out.Quota, From: out.From, Health: out.Health}
+	if held := out.Hold.hold(); st.Quota && held.any() {
 		u := Used{Requests: p.Used[0], Input: p.Used[1], Output: p.Used[2]}
 		s.giveQuota(ctx, j, held, u, config.UserPolicy{RequestsPerHour: p.RPH, TokensPerHour: p.TPH})
 	}
 	return st, nil
+}
+
+// lifecycleIn is lua/lifecycle.lua's input.
+type lifecycleIn struct {
+	Now    int64
+	Group  string
+	Job    *jobs.Job
+	Plan   []byte   // the plan, JSON
+	Data   []byte   // the event's data, JSON
+	Fields []string // field, value pairs to set on the record
+}
+
+func (in lifecycleIn) call() ([]string, []any) {
+	j, k := in.Job, keys{in.Group}
+	args := make([]any, 0, 3+len(in.Fields))
+	args = append(args, in.Now, in.Plan, in.Data)
+	for _, f := range in.Fields {
+		args = append(args, f)
+	}
+	return []string{
+		jobs.Key(j.ID), jobs.EventsKey(j.ID), jobs.CountsKey(in.Group, j.Tenant, j.UserID), jobs.WaitingUsersKey(in.Group),
+		k.lim(), k.reservations(), k.leases(), k.rate(),
+		k.order(), k.costs(), k.totals(), k.deadlines(), k.delayed(), k.delayedTags(), k.expiring(), k.live(),
+		k.batched(),
+	}, args
+}
+
+// lifecycleOut is lua/lifecycle.lua's reply.
+type lifecycleOut struct {
+	Event    string      `redis:"event"` // "": no event
+	Attempts int         `redis:"attempts"`
+	Limiter  bool        `redis:"limiter"`
+	Quota    bool        `redis:"quota"`
+	From     jobs.Status `redis:"from"`
+	Health   string      `redis:"health"`
+	Hold     holdOut     `redis:"hold"`
 }
 
 func lifecycleError(id string, err error) error {
@@ -349,7 +371,7 @@ func (s *Scheduler) ProbeFailed(ctx context.Context, g *config.ModelGroup) error
 	if err != nil {
 		return err
 	}
-	if err := probeScript.Run(ctx, s.rdb, []string{keys{g.Name}.lim()}, s.now(), string(h)).Err(); err != nil {
+	if _, err := runInt(ctx, s.rdb, probeScript, probeIn{Now: s.now(), Group: g.Name, Health: h}); err != nil {
 		return fmt.Errorf("scheduler: probe failed %s: %w", g.Name, err)
 	}
 	return nil

@@ -11,7 +11,6 @@ package scheduler
 import (
 	"context"
 	_ "embed"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -327,7 +326,6 @@ type AdmitResult struct {
 func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error) {
 	j, g := a.Job, a.Group
 	j.Status = jobs.Queued
-	k := keys{g.Name}
 	idem := rkeys.NoIdempotency(g.Name)
 	if a.IdempotencyKey != "" {
 		idem = idempotencyKey(g.Name, j.Tenant, j.UserID, a.IdempotencyKey)
@@ -343,14 +341,12 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 		weight = 1
 	}
 	var (
-		held      quotaHold
-		r         AdmitResult
-		quotas    = ""     // the user's quotas, when the admission script charges them
-		userQuota []string // their key
+		held   quotaHold
+		r      AdmitResult
+		quotas = "" // the user's quotas, when the admission script charges them
 	)
 	if p := a.Policy; (p.RequestsPerHour > 0 || p.TokensPerHour > 0) && !a.Budget.any() && !s.cluster {
 		quotas = strconv.Itoa(max(0, p.RequestsPerHour)) + "," + strconv.Itoa(max(0, p.TokensPerHour))
-		userQuota = []string{quotaKey(j.Tenant, j.UserID)}
 	} else {
 		cached, err := s.cachedInput(ctx, a)
 		if err != nil {
@@ -366,55 +362,48 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 			}
 		}
 	}
-	args := []any{s.now(), j.ID, s.store.TTLSeconds(), encodePrefixes(a.CachePrefixes), s.store.MaxEvents(),
-		UserKey(j.Tenant, j.UserID), a.InputEstimate, j.MaxTokens, weight, wakeChannel(g.Name)}
-	args = append(args, limits(g)...)
-	args = append(args, g.MaxConcurrency, held.requests, held.tokens,
-		a.Policy.MaxQueued, a.MaxWait.Milliseconds(), a.BodyHash, int(IdempotencyTTL/time.Second), deadline, countReads(g), quotas, j.Class,
-		a.BatchFallback.Milliseconds())
-	args = append(args, s.store.Fields(j)...)
+	fields := s.store.Fields(j)
 	if held.usd > 0 {
-		args = append(args, "q_usd", held.usd, "b_d", held.day, "b_m", held.month)
+		fields = append(fields, "q_usd", held.usd, "b_d", held.day, "b_m", held.month)
 	}
-	res, err := s.wait.Run(ctx, s.rdb, "admit", admitScript, append([]string{
-		jobs.Key(j.ID), k.cache(), k.seq(), k.order(), k.finish(), k.vtime(),
-		k.costs(), k.totals(), k.lim(), idem,
-		jobs.CountsKey(g.Name, j.Tenant, j.UserID), jobs.IndexKey(g.Name, j.Tenant, ""), jobs.IndexKey(g.Name, j.Tenant, j.UserID),
-		k.deadlines(), jobs.WaitingUsersKey(g.Name), k.live(), k.vtimeB(),
-		k.delayed(), k.delayedTags(), k.batchLine(),
-	}, userQuota...), args...).Slice()
+	out, err := s.runAdmit(ctx, admitIn{
+		Now: s.now(), Group: g, Job: j,
+		Idempotency: idem, BodyHash: a.BodyHash, IdempotencyTTL: int(IdempotencyTTL / time.Second),
+		TTL: s.store.TTLSeconds(), Prefixes: encodePrefixes(a.CachePrefixes), Input: a.InputEstimate, Weight: weight,
+		HeldRequests: held.requests, HeldTokens: held.tokens, Quotas: quotas,
+		MaxQueued: a.Policy.MaxQueued, MaxWait: a.MaxWait.Milliseconds(), Deadline: deadline,
+		BatchFallback: a.BatchFallback.Milliseconds(), Fields: fields,
+	})
 	if err != nil {
 		// Whether the job was admitted is unknown: its quota stays
 		// charged (a user may lose one request's worth, never gain one).
 		return AdmitResult{}, fmt.Errorf("scheduler: admit %s: %w", j.ID, err)
 	}
-	r.Outcome = Outcome(fmt.Sprint(res[0]))
+	r.Outcome = out.Outcome
 	if r.Outcome != Admitted && held.any() {
 		s.giveQuota(ctx, j, held, Used{}, a.Policy)
 	}
 	switch r.Outcome {
 	case Admitted:
-		r.Position, r.ETA = toInt(res[2]), toInt(res[3])
+		r.Position, r.ETA = out.Position, out.ETA
 		if r.ETA == -2 {
 			r.Position, r.ETA, r.Batch = 0, 0, true
 		}
-		if quotas != "" && len(res) >= 6 {
-			r.QuotaRemaining, r.QuotaReset = toInt(res[4]), toInt(res[5])
+		if quotas != "" {
+			r.QuotaRemaining, r.QuotaReset = out.QuotaRemaining, out.QuotaReset
 		}
 		j.CostIn, j.CostOut = a.InputEstimate, j.MaxTokens
 	case OverQuota:
-		r.QuotaWhich = fmt.Sprint(res[1])
-		r.RetryAfter = time.Duration(toInt(res[2])) * time.Millisecond
-		r.Limit, r.Remaining = toInt(res[3]), toInt(res[4])
+		r.overQuota(out.Which, out.RetryMS, out.Limit, out.Remaining)
 	case Replay:
-		r.ReplayOf = fmt.Sprint(res[1])
+		r.ReplayOf = out.ReplayOf
 	case QueueLimit:
-		r.Remaining, r.Limit = toInt(res[1]), toInt(res[2])
+		r.Remaining, r.Limit = out.Queued, out.Limit
 	case Overloaded:
-		r.ETA, r.MaxWait = toInt(res[1]), toInt(res[2])
+		r.ETA, r.MaxWait = out.ETA, out.MaxWait
 	case Unavailable:
-		r.RetryAfter = time.Duration(toInt(res[1])) * time.Millisecond
-		r.Down = time.Duration(toInt(res[2])) * time.Millisecond
+		r.RetryAfter = time.Duration(out.RetryMS) * time.Millisecond
+		r.Down = time.Duration(out.DownMS) * time.Millisecond
 	}
 	return r, nil
 }
@@ -439,6 +428,15 @@ func (s *Scheduler) replayFirst(ctx context.Context, idem, bodyHash string, r Ad
 	return AdmitResult{Outcome: Replay, ReplayOf: id}, nil
 }
 
+// overQuota makes r a refusal for the user's quota which ("requests" or
+// "tokens"), which can hold the job after retryMS; limit is its hourly
+// figure, remaining its bucket's level.
+func (r *AdmitResult) overQuota(which string, retryMS int64, limit, remaining int) {
+	r.Outcome, r.QuotaWhich = OverQuota, which
+	r.RetryAfter = time.Duration(retryMS) * time.Millisecond
+	r.Limit, r.Remaining = limit, remaining
+}
+
 // quotaHold is what a job holds of its user's quotas and of its dollar
 // budgets (usd µ$ in the periods day and month), and, at its end, what its
 // calls cost (µ$).
@@ -450,19 +448,6 @@ type quotaHold struct {
 
 func (h quotaHold) any() bool { return h.requests > 0 || h.tokens > 0 || h.usd > 0 }
 
-// holdOf reads a hold from a script's reply, from its i-th value on:
-// requests, tokens, µ$, cost µ$, day stamp, month stamp.
-func holdOf(res []any, i int) quotaHold {
-	h := quotaHold{requests: toInt(res[i]), tokens: toInt(res[i+1])}
-	if len(res) >= i+6 {
-		h.usd, h.cost = int64(toInt(res[i+2])), int64(toInt(res[i+3]))
-		if d := toInt(res[i+4]); d > 0 {
-			h.day, h.month = strconv.Itoa(d), strconv.Itoa(toInt(res[i+5]))
-		}
-	}
-	return h
-}
-
 // cachedInput is how much of a job's input the upstream holds cached now
 // (0 without cacheable prefixes, or when the group counts cache reads),
 // for the quota's and the budget's charges.
@@ -470,11 +455,11 @@ func (s *Scheduler) cachedInput(ctx context.Context, a Admission) (int, error) {
 	if len(a.CachePrefixes) == 0 || a.Group.CountCacheReads || (a.Policy.TokensPerHour <= 0 && !a.Budget.any()) {
 		return 0, nil
 	}
-	cached, err := cachedScript.Run(ctx, s.rdb, []string{keys{a.Group.Name}.cache()}, s.now(), encodePrefixes(a.CachePrefixes)).Int()
+	cached, err := runInt(ctx, s.rdb, cachedScript, cachedIn{Now: s.now(), Group: a.Group.Name, Prefixes: encodePrefixes(a.CachePrefixes)})
 	if err != nil {
 		return 0, fmt.Errorf("scheduler: admit %s: cached input: %w", a.Job.ID, err)
 	}
-	return max(0, min(cached, a.InputEstimate-1)), nil
+	return max(0, min(int(cached), a.InputEstimate-1)), nil
 }
 
 // budgetPeriods are the stamps of the UTC day and month of t, and when
@@ -509,10 +494,11 @@ func (s *Scheduler) takeBudgets(ctx context.Context, a Admission, cached int, he
 		if sc.dl <= 0 && sc.ml <= 0 {
 			continue
 		}
-		res, err := budgetScript.Run(ctx, s.rdb, []string{sc.dayKey, sc.monthKey, sc.mark}, "take", sc.dl, sc.ml, cost).Slice()
-		if err == nil && fmt.Sprint(res[0]) == string(OverBudget) {
+		out, err := s.runBudgetTake(ctx, budgetTakeIn{DayKey: sc.dayKey, MonthKey: sc.monthKey, Mark: sc.mark,
+			DayLimit: sc.dl, MonthLimit: sc.ml, Amount: cost})
+		if err == nil && out.Outcome == OverBudget {
 			r.Outcome = OverBudget
-			r.Budget = BudgetRefusal{Scope: sc.scope, Period: fmt.Sprint(res[1]), Limit: int64(toInt(res[2])), Used: int64(toInt(res[3])), Ask: cost, Renews: dayEnd}
+			r.Budget = BudgetRefusal{Scope: sc.scope, Period: out.Period, Limit: out.Limit, Used: out.Used, Ask: cost, Renews: dayEnd}
 			if r.Budget.Period == "month" {
 				r.Budget.Renews = monthEnd
 			}
@@ -573,7 +559,7 @@ func (s *Scheduler) giveBudget(ctx context.Context, j *jobs.Job, dayKey, monthKe
 	ctx = context.WithoutCancel(ctx)
 	var err error
 	for try := 0; try < 3; try++ {
-		if err = budgetScript.Run(ctx, s.rdb, []string{dayKey, monthKey, mark}, "give", 0, 0, held, cost).Err(); err == nil {
+		if _, err = runInt(ctx, s.rdb, budgetScript, budgetGiveIn{DayKey: dayKey, MonthKey: monthKey, Mark: mark, Held: held, Cost: cost}); err == nil {
 			return
 		}
 	}
@@ -603,19 +589,16 @@ func (s *Scheduler) takeQuota(ctx context.Context, a Admission, cached int) (hel
 		return held, r, nil
 	}
 	cost := a.InputEstimate + j.MaxTokens - cached
-	res, err := quotaScript.Run(ctx, s.rdb, []string{quotaKey(j.Tenant, j.UserID), rkeys.QuotaGiven(j.Tenant, j.UserID, j.ID)},
-		s.now(), "take", p.RequestsPerHour, p.TokensPerHour, cost).Slice()
+	out, err := s.runQuotaTake(ctx, quotaTakeIn{Now: s.now(), Job: j,
+		RequestsPerHour: p.RequestsPerHour, TokensPerHour: p.TokensPerHour, Tokens: cost})
 	if err != nil {
 		return held, r, fmt.Errorf("scheduler: admit %s: quota: %w", j.ID, err)
 	}
-	if fmt.Sprint(res[0]) == string(OverQuota) {
-		r.Outcome = OverQuota
-		r.QuotaWhich = fmt.Sprint(res[1])
-		r.RetryAfter = time.Duration(toInt(res[2])) * time.Millisecond
-		r.Limit, r.Remaining = toInt(res[3]), toInt(res[4])
+	if out.Outcome == OverQuota {
+		r.overQuota(out.Which, out.RetryMS, out.Limit, out.Remaining)
 		return held, r, nil
 	}
-	r.QuotaRemaining, r.QuotaReset = toInt(res[1]), toInt(res[2])
+	r.QuotaRemaining, r.QuotaReset = out.QuotaRemaining, out.QuotaReset
 	if p.RequestsPerHour > 0 {
 		held.requests = 1
 	}
@@ -638,8 +621,8 @@ func (s *Scheduler) giveQuota(ctx context.Context, j *jobs.Job, held quotaHold, 
 	}
 	var err error
 	for try := 0; try < 3; try++ {
-		err = quotaScript.Run(ctx, s.rdb, []string{quotaKey(j.Tenant, j.UserID), rkeys.QuotaGiven(j.Tenant, j.UserID, j.ID)},
-			s.now(), "give", p.RequestsPerHour, p.TokensPerHour, held.requests, held.tokens, min(u.Requests, 1), u.Input+u.Output).Err()
+		_, err = runInt(ctx, s.rdb, quotaScript, quotaGiveIn{Now: s.now(), Job: j, RequestsPerHour: p.RequestsPerHour, TokensPerHour: p.TokensPerHour,
+			HeldRequests: held.requests, HeldTokens: held.tokens, UsedRequests: min(u.Requests, 1), UsedTokens: u.Input + u.Output})
 		if err == nil {
 			return
 		}
@@ -696,17 +679,14 @@ func (s *Scheduler) Position(ctx context.Context, j *jobs.Job, g *config.ModelGr
 	if j.FQMember == "" {
 		return 0, 0, false, nil
 	}
-	k := keys{g.Name}
-	args := append([]any{s.now(), j.FQMember}, limits(g)...)
-	args = append(args, g.MaxConcurrency)
-	res, err := positionScript.Run(ctx, s.rdb, []string{k.order(), k.totals(), k.lim()}, args...).Int64Slice()
+	out, err := s.runPosition(ctx, positionIn{Now: s.now(), Group: g, Member: j.FQMember})
 	if err != nil {
 		return 0, 0, false, fmt.Errorf("scheduler: position of %s: %w", j.ID, err)
 	}
-	if res[0] == 0 {
+	if out.Position == 0 {
 		return 0, 0, false, nil
 	}
-	return int(res[0]), int(res[1]), true, nil
+	return out.Position, out.ETA, true, nil
 }
 
 // State says why a dispatch round stopped.
@@ -734,8 +714,8 @@ const (
 
 // Picked is a job handed out by a dispatch round.
 type Picked struct {
-	JobID    string
-	Dispatch int
+	JobID    string `redis:"job"`
+	Dispatch int    `redis:"dispatch"`
 }
 
 // Result of one dispatch round.
@@ -752,29 +732,17 @@ type Result struct {
 // Dispatch picks up to max jobs of group g in fair order that the limiter
 // has room for, reserving for each and leasing it a concurrency slot.
 func (s *Scheduler) Dispatch(ctx context.Context, g *config.ModelGroup, max int) (Result, error) {
-	k := keys{g.Name}
-	args := append([]any{s.now()}, limits(g)...)
-	args = append(args, g.MaxConcurrency, s.lease.Milliseconds(), max, rkeys.Prefix, MovedChannel(g.Name),
-		jobs.ChannelPrefix, s.store.MaxEvents(), awayAfter.Milliseconds(), rkeys.UserPrefix(g.Name), outputAccounting(g),
-		g.CacheHold.Milliseconds(), countReads(g), g.BackgroundMinShare)
-	res, err := dispatchScript.Run(ctx, s.rdb, []string{
-		k.order(), k.delayed(), k.vtime(), k.finish(), k.costs(), k.totals(), k.lim(),
-		k.reservations(), k.leases(), k.dispatching(), k.delayedTags(), k.deadlines(), k.expiring(), k.dispatchSeq(),
-		k.rate(), k.live(), jobs.WaitingUsersKey(g.Name), k.cache(), k.vtimeB(), k.batched(),
-	}, args...).Slice()
+	out, err := s.runDispatch(ctx, dispatchIn{Now: s.now(), Group: g, Lease: s.lease.Milliseconds(), Max: max,
+		MaxEvents: s.store.MaxEvents(), Away: awayAfter.Milliseconds()})
 	if err != nil {
 		return Result{}, fmt.Errorf("scheduler: dispatch %s: %w", g.Name, err)
 	}
-	r := Result{State: State(fmt.Sprint(res[0])), Wait: time.Duration(toInt(res[1])) * time.Millisecond, Expiring: toInt(res[2])}
+	r := Result{State: out.State, Wait: time.Duration(out.WaitMS) * time.Millisecond, Expiring: out.Expiring}
 	if r.State == Probe {
-		if len(res) > 3 {
-			r.ProbeModel = fmt.Sprint(res[3])
-		}
+		r.ProbeModel = out.ProbeModel
 		return r, nil
 	}
-	for i := 3; i+1 < len(res); i += 2 {
-		r.Jobs = append(r.Jobs, Picked{JobID: fmt.Sprint(res[i]), Dispatch: toInt(res[i+1])})
-	}
+	r.Jobs = out.Jobs
 	return r, nil
 }
 
@@ -847,22 +815,14 @@ type Settlement struct {
 // get back what the upstream did not use. It also releases the job's lease
 // and wakes the dispatchers. It reports which reservations it found.
 func (s *Scheduler) Settle(ctx context.Context, st Settlement) (limiter, quota bool, err error) {
-	k := keys{st.Group.Name}
 	j := st.Job
-	final := "0"
-	if st.Final {
-		final = "1"
-	}
-	args := []any{s.now(), j.ID, st.Used.Requests, st.Used.Input, st.Used.Output}
-	args = append(args, limits(st.Group)...)
-	args = append(args, st.Duration.Milliseconds(), wakeChannel(st.Group.Name), final)
-	res, err := settleScript.Run(ctx, s.rdb, []string{k.lim(), k.reservations(), k.leases(),
-		jobs.Key(j.ID), k.rate()}, args...).Slice()
+	out, err := s.runSettle(ctx, settleIn{Now: s.now(), Group: st.Group, JobID: j.ID, Used: st.Used,
+		Duration: st.Duration.Milliseconds(), Final: st.Final})
 	if err != nil {
 		return false, false, fmt.Errorf("scheduler: settle %s: %w", j.ID, err)
 	}
-	limSettled, quotaTaken := toInt(res[0]) == 1, toInt(res[1]) == 1
-	if held := holdOf(res, 2); quotaTaken && held.any() {
+	limSettled, quotaTaken := out.Limiter, out.Quota
+	if held := out.Hold.hold(); quotaTaken && held.any() {
 		owner := *j
 		if owner.Tenant == "" {
 			owner.Tenant, owner.UserID = s.store.Owner(ctx, j.ID)
@@ -909,19 +869,21 @@ func (s *Scheduler) Places(ctx context.Context, ws []Watched) ([]Place, error) {
 		batches = batches[:0]
 		pipe := s.rdb.Pipeline()
 		for g, list := range byGroup {
-			k := keys{g.Name}
 			for len(list) > 0 {
 				n := min(len(list), placesBatch)
+				in := placesIn{Now: s.now(), Group: g, Members: make([]string, n)}
+				for k, i := range list[:n] {
+					in.Members[k] = ws[i].Member
+				}
 				// EVALSHA as placesScript.EvalSha sends it, read as integers
 				// (not a reply of boxed values: 1,024 numbers a batch).
-				args := make([]any, 0, 12+n)
-				args = append(args, "evalsha", placesScript.Hash(), 3, k.order(), k.totals(), k.lim(), s.now())
-				args = append(args, limits(g)...)
-				args = append(args, g.MaxConcurrency)
-				for _, i := range list[:n] {
-					args = append(args, ws[i].Member)
+				keys, args := in.call()
+				cmdArgs := make([]any, 0, 3+len(keys)+len(args))
+				cmdArgs = append(cmdArgs, "evalsha", placesScript.Hash(), len(keys))
+				for _, k := range keys {
+					cmdArgs = append(cmdArgs, k)
 				}
-				cmd := redis.NewIntSliceCmd(ctx, args...)
+				cmd := redis.NewIntSliceCmd(ctx, append(cmdArgs, args...)...)
 				cmd.SetFirstKeyPos(3)
 				_ = pipe.Process(ctx, cmd)
 				batches = append(batches, batch{idx: list[:n], cmd: cmd})
@@ -943,12 +905,16 @@ func (s *Scheduler) Places(ctx context.Context, ws []Watched) ([]Place, error) {
 	}
 	for _, b := range batches {
 		res, err := b.cmd.Result()
-		if err != nil || len(res) != 2*len(b.idx) {
-			return nil, fmt.Errorf("scheduler: places: %v (%d answers for %d jobs)", err, len(res), len(b.idx))
+		if err == nil {
+			var places []Place
+			if places, err = placesReply(res, len(b.idx)); err == nil {
+				for k, i := range b.idx {
+					out[i] = places[k]
+				}
+				continue
+			}
 		}
-		for k, i := range b.idx {
-			out[i] = Place{Position: int(res[2*k]), ETASeconds: int(res[2*k+1])}
-		}
+		return nil, fmt.Errorf("scheduler: places: %w", err)
 	}
 	return out, nil
 }
@@ -980,9 +946,7 @@ const awayAfter = 7 * time.Second
 // elsewhere): stop. A lease lost with its key (the job still at this
 // dispatch and out of line) is granted again.
 func (s *Scheduler) Renew(ctx context.Context, group, id string, dispatch int) (bool, error) {
-	k := keys{group}
-	n, err := renewScript.Run(ctx, s.rdb, []string{k.leases(), jobs.Key(id), k.order(), k.delayed(), k.expiring()},
-		s.now(), id, s.lease.Milliseconds(), dispatch).Int()
+	n, err := runInt(ctx, s.rdb, renewScript, renewIn{Now: s.now(), Group: group, JobID: id, Lease: s.lease.Milliseconds(), Dispatch: dispatch})
 	if err != nil {
 		return false, fmt.Errorf("scheduler: renew %s: %w", id, err)
 	}
@@ -1001,8 +965,7 @@ const (
 // Freeze applies upstream pushback to the whole group, fleet-wide, and
 // returns until when the group is frozen.
 func (s *Scheduler) Freeze(ctx context.Context, g *config.ModelGroup, kind Pushback, retryAfter time.Duration) (time.Time, error) {
-	args := append([]any{s.now(), string(kind), retryAfter.Milliseconds()}, limits(g)...)
-	ms, err := freezeScript.Run(ctx, s.rdb, []string{keys{g.Name}.lim()}, args...).Int64()
+	ms, err := runInt(ctx, s.rdb, freezeScript, freezeIn{Now: s.now(), Group: g, Kind: kind, RetryAfter: retryAfter.Milliseconds()})
 	if err != nil {
 		return time.Time{}, fmt.Errorf("scheduler: freeze %s: %w", g.Name, err)
 	}
@@ -1015,16 +978,15 @@ func (s *Scheduler) Freeze(ctx context.Context, g *config.ModelGroup, kind Pushb
 // began, or the upstream refused the request itself): the group is
 // healthy, and an outage ends. It reports whether it ended one.
 func (s *Scheduler) Observe(ctx context.Context, g *config.ModelGroup, h http.Header, answered bool) (reopened bool, err error) {
-	vals := make([]any, 0, 12)
-	raw := make([]any, 0, 6)
+	in := observeIn{Now: s.now(), Group: g, Answered: answered}
 	seen := false
-	for _, dim := range []struct {
+	for d, dim := range []struct {
 		name   string
 		tokens bool
 	}{{"requests", false}, {"input-tokens", true}, {"output-tokens", true}} {
 		lim := headerInt(h, "anthropic-ratelimit-"+dim.name+"-limit")
 		rem := headerInt(h, "anthropic-ratelimit-"+dim.name+"-remaining")
-		raw = append(raw, lim, rem)
+		in.Sent[d] = dimHeaders{Limit: lim, Remaining: rem}
 		if rem >= 0 && dim.tokens {
 			// Token remainings are rounded to the nearest 1,000.
 			rem = max(0, rem-500)
@@ -1032,20 +994,12 @@ func (s *Scheduler) Observe(ctx context.Context, g *config.ModelGroup, h http.He
 		if lim >= 0 || rem >= 0 {
 			seen = true
 		}
-		vals = append(vals, lim, rem)
+		in.Lowered[d] = dimHeaders{Limit: lim, Remaining: rem}
 	}
 	if !seen && !answered {
 		return false, nil
 	}
-	ok := "0"
-	if answered {
-		ok = "1"
-	}
-	args := append([]any{s.now()}, limits(g)...)
-	args = append(args, vals...)
-	args = append(args, raw...)
-	args = append(args, ok, wakeChannel(g.Name), MovedChannel(g.Name))
-	n, err := observeScript.Run(ctx, s.rdb, []string{keys{g.Name}.lim(), keys{g.Name}.seen()}, args...).Int()
+	n, err := runInt(ctx, s.rdb, observeScript, in)
 	if err != nil {
 		return false, fmt.Errorf("scheduler: observe %s: %w", g.Name, err)
 	}
@@ -1100,17 +1054,6 @@ func (s *Scheduler) Levels(ctx context.Context, group string) (Levels, error) {
 // QueueLength is how many jobs wait in a group's fair queue.
 func (s *Scheduler) QueueLength(ctx context.Context, group string) (int64, error) {
 	return s.rdb.ZCard(ctx, keys{group}.order()).Result()
-}
-
-func toInt(v any) int {
-	switch n := v.(type) {
-	case int64:
-		return int(n)
-	case string:
-		i, _ := strconv.Atoi(n)
-		return i
-	}
-	return 0
 }
 
 // Gauges are a model group's live figures, for metrics and the dashboard.
@@ -1171,48 +1114,15 @@ type Dimension struct {
 	UpstreamLimit, UpstreamRemaining int64
 }
 
-// gaugesReply is lua/gauges.lua's reply.
-type gaugesReply struct {
-	Now         float64            `json:"now"`
-	Levels      [3]float64         `json:"levels"`
-	Caps        [3]float64         `json:"caps"`
-	Limits      [3]float64         `json:"limits"`
-	Frozen      float64            `json:"frozen"`
-	Factor      float64            `json:"factor"`
-	Leases      int64              `json:"leases"`
-	Queued      int64              `json:"queued"`
-	Users       int64              `json:"users"`
-	Dispatched  [2]float64         `json:"dispatched"`
-	DispatchedB [2]float64         `json:"dispatched_b"`
-	QueuedB     int64              `json:"queued_b"`
-	BatchWait   int64              `json:"batch_waiting"`
-	InBatches   int64              `json:"in_batches"`
-	Input       [2]float64         `json:"input"`
-	Output      [2]float64         `json:"output"`
-	Down        float64            `json:"down"`
-	ProbeAt     float64            `json:"probe_at"`
-	Probes      int64              `json:"probes"`
-	Outages     int64              `json:"outages"`
-	Probing     bool               `json:"probing"`
-	Seen        map[string]float64 `json:"seen"`
-}
-
 // Gauges reads g's live figures in one atomic, read-only step.
 func (s *Scheduler) Gauges(ctx context.Context, g *config.ModelGroup) (Gauges, error) {
-	k := keys{g.Name}
-	args := append([]any{s.now()}, limits(g)...)
-	raw, err := gaugesScript.Run(ctx, s.rdb, []string{k.lim(), k.leases(), k.order(), jobs.WaitingUsersKey(g.Name), k.seen(), k.rate(),
-		k.batchLine(), k.batched()}, args...).Text()
+	r, err := s.runGauges(ctx, gaugesIn{Now: s.now(), Group: g})
 	if err != nil {
-		return Gauges{}, fmt.Errorf("scheduler: gauges %s: %w", g.Name, err)
-	}
-	var r gaugesReply
-	if err := json.Unmarshal([]byte(raw), &r); err != nil {
 		return Gauges{}, fmt.Errorf("scheduler: gauges %s: %w", g.Name, err)
 	}
 	seen := func(name string) int64 {
 		if v, ok := r.Seen[name]; ok {
-			return int64(v)
+			return v
 		}
 		return -1
 	}

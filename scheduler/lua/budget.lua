@@ -10,7 +10,8 @@
 -- KEYS[3] the job's settlement mark (a give counts once per job)
 -- ARGV[1] "take" | "give"   ARGV[2] day limit   ARGV[3] month limit (µ$, 0 = none)
 -- take: ARGV[4] µ$ to reserve
---   Reply {"ok"} or {"budget", "day"|"month", limit, used}
+--   Reply: name, value pairs (scheduler's budgetTakeOut): {"outcome", "ok"}
+--   or {"outcome", "budget", "period", "day"|"month", "limit", µ$, "used", µ$}
 -- give: ARGV[4] µ$ reserved   ARGV[5] µ$ the job's calls cost
 --   Reply 1, or 0 when it was settled already.
 local dl, ml = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -29,10 +30,10 @@ end
 local amt = tonumber(ARGV[4])
 local ud = tonumber(redis.call('GET', KEYS[1])) or 0
 local um = tonumber(redis.call('GET', KEYS[2])) or 0
-if dl > 0 and ud + amt > dl then return {'budget', 'day', dl, ud} end
-if ml > 0 and um + amt > ml then return {'budget', 'month', ml, um} end
+if dl > 0 and ud + amt > dl then return {'outcome', 'budget', 'period', 'day', 'limit', dl, 'used', ud} end
+if ml > 0 and um + amt > ml then return {'outcome', 'budget', 'period', 'month', 'limit', ml, 'used', um} end
 redis.call('INCRBY', KEYS[1], intstr(amt))
 redis.call('EXPIRE', KEYS[1], 3 * 86400)
 redis.call('INCRBY', KEYS[2], intstr(amt))
 redis.call('EXPIRE', KEYS[2], 40 * 86400)
-return {'ok'}
+return {'outcome', 'ok'}

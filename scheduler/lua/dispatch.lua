@@ -37,8 +37,9 @@
 -- ARGV[16] cache hold ms (0 = no hold)   ARGV[17] "1": cache reads count
 --   against the input limit
 -- ARGV[18] background's minimum share of the dispatches (0..1)
--- Reply: {state, ms, expiring, job id 1, dispatch 1, job id 2, dispatch 2, ...}
---   expiring: how many jobs wait in the expiring set
+-- Reply: name, value pairs (scheduler's dispatchOut): "state", "wait_ms" ms,
+--   "expiring" how many jobs wait in the expiring set, "jobs" the jobs
+--   picked ({"job", id, "dispatch", n} each), "probe_model" (state probe)
 --   state "more"  the pick limit was reached: call again at once
 --         "wait"  the next job fits in ms (limiter or freeze)
 --         "full"  every concurrency slot is taken; the first lease ends in ms
@@ -50,7 +51,7 @@
 --                 one job picked, if any, is the probe)
 --         "probe" the group is in outage, a probe is due and no job waits
 --                 to be it: the caller probes without a job (the model to
---                 ask about in the fourth place) and reports the outcome
+--                 ask about: probe_model) and reports the outcome
 --   (a queued job's deadline coming sooner shortens ms)
 -- Jobs whose deadline passed leave the queue for the expiring set, where the
 -- dispatcher expires them; jobs canceled while queued are dropped.
@@ -315,7 +316,9 @@ end
 sweep()
 
 local st = lim_load(KEYS[7], now, cfg)
-local out = {'', 0, 0}
+-- Why the round stops (state) and the wait it answers (ms), the jobs it
+-- picked, and the model a jobless probe asks about.
+local state, ms, picks, probe_model = '', 0, {}, ''
 local picked = 0
 -- V, the start tag of the last job dispatched, one per class (see
 -- prelude.lua): v interactive, vb background. A lost one is taken as the
@@ -364,9 +367,9 @@ if st.down > 0 then
   end
   local at = num(hv[2], now)
   if probe ~= '' then
-    out[1], out[2] = 'down', 5000 -- woken when the probe's attempt ends
+    state, ms = 'down', 5000 -- woken when the probe's attempt ends
   elseif now < at then
-    out[1], out[2] = 'down', at - now
+    state, ms = 'down', at - now
   else
     probing = true
     max_pick = 1
@@ -430,18 +433,18 @@ local function cache_plan(id, cpre)
   return cached, until_, writes
 end
 
-while out[1] == '' do
+while state == '' do
   if picked >= max_pick then
-    out[1], out[2] = 'more', 0
+    state, ms = 'more', 0
     break
   end
   if st.frozen > now then
-    out[1], out[2] = 'wait', st.frozen - now
+    state, ms = 'wait', st.frozen - now
     break
   end
   if redis.call('ZCARD', KEYS[9]) >= max_conc then
     local first = redis.call('ZRANGE', KEYS[9], 0, 0, 'WITHSCORES')
-    out[1], out[2] = 'full', math.max(1, tonumber(first[2]) - now)
+    state, ms = 'full', math.max(1, tonumber(first[2]) - now)
     break
   end
   local head, from_bg = nil, false
@@ -454,9 +457,9 @@ while out[1] == '' do
   end
   if not from_bg then head = redis.call('ZRANGE', KEYS[1], skip, skip, 'WITHSCORES') end
   if not from_bg and (#head == 0 and skip > 0 or skip >= HOLD_SCAN) then
-    out[1], out[2] = 'hold', math.max(1, hold_until - now)
+    state, ms = 'hold', math.max(1, hold_until - now)
     local d = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-    if #d > 0 then out[2] = math.max(1, math.min(out[2], tonumber(d[2]) - now)) end
+    if #d > 0 then ms = math.max(1, math.min(ms, tonumber(d[2]) - now)) end
     break
   end
   if #head == 0 then
@@ -466,12 +469,12 @@ while out[1] == '' do
       -- limit and the queue was failed, or nobody asked): the dispatcher
       -- probes without a job, with the free count_tokens call, and reports.
       redis.call('HSET', KEYS[7], 'probe', '#' .. (now + lease_ms))
-      out[1], out[2] = 'probe', 5000
-      out[4] = redis.call('HGET', KEYS[7], 'probe_model') or ''
+      state, ms = 'probe', 5000
+      probe_model = redis.call('HGET', KEYS[7], 'probe_model') or ''
       break
     end
-    out[1], out[2] = 'empty', -1
-    if #d > 0 then out[2] = math.max(1, tonumber(d[2]) - now) end
+    state, ms = 'empty', -1
+    if #d > 0 then ms = math.max(1, tonumber(d[2]) - now) end
     break
   end
   local member, tag = head[1], tonumber(head[2])
@@ -504,8 +507,8 @@ while out[1] == '' do
       if produced then cout = expected_out(st, cout) end
       local nr, ni, no = need(1, st.cr), need(cin, st.ci), need(cout, st.co)
       if st.r < nr or st.i < ni or st.o < no then
-        out[1] = 'wait'
-        out[2] = math.max(1, math.ceil(math.max(wait_ms(nr, st.r, st.rr), wait_ms(ni, st.i, st.ri), wait_ms(no, st.o, st.ro))))
+        state = 'wait'
+        ms = math.max(1, math.ceil(math.max(wait_ms(nr, st.r, st.rr), wait_ms(ni, st.i, st.ri), wait_ms(no, st.o, st.ro))))
         break
       end
       st.r, st.i, st.o = st.r - 1, st.i - cin, st.o - cout
@@ -535,12 +538,11 @@ while out[1] == '' do
         redis.call('HSET', jkey(id), 'dispatched_at', now, 'dispatch_seq', redis.call('INCR', KEYS[14]))
       end
       redis.call('ZADD', KEYS[10], now, id .. '|' .. n)
-      out[#out + 1] = id
-      out[#out + 1] = n
+      picks[#picks + 1] = {'job', id, 'dispatch', n}
       picked = picked + 1
       if probing then
         redis.call('HSET', KEYS[7], 'probe', id)
-        out[1], out[2] = 'down', 5000
+        state, ms = 'down', 5000
       end
     end
   end -- not held
@@ -569,10 +571,10 @@ lim_save(st)
 local dl = redis.call('ZRANGEBYSCORE', KEYS[12], '(' .. intstr(now), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
 if #dl > 0 then
   local d = math.max(1, tonumber(dl[2]) - now)
-  if out[1] ~= 'more' and (out[2] < 0 or d < out[2]) then out[2] = d end
+  if state ~= 'more' and (ms < 0 or d < ms) then ms = d end
 end
-out[2] = math.floor(out[2])
-out[3] = redis.call('ZCARD', KEYS[13])
+ms = math.floor(ms)
+local expiring = redis.call('ZCARD', KEYS[13])
 if moved > 0 then redis.call('PUBLISH', ARGV[10], moved) end
 if picked > 0 then
   redis.call('HINCRBY', KEYS[15], minute, intstr(picked))
@@ -586,4 +588,4 @@ if picked_w > 0 then
   redis.call('HINCRBY', KEYS[15], 'w' .. minute, intstr(picked_w))
   redis.call('HDEL', KEYS[15], 'w' .. (minute - 5))
 end
-return out
+return {'state', state, 'wait_ms', ms, 'expiring', expiring, 'jobs', picks, 'probe_model', probe_model}

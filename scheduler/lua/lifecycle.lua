@@ -53,10 +53,11 @@
 -- ARGV[3] event data (JSON text; "__ATTEMPTS__", quoted, becomes the
 --   attempt count)
 -- ARGV[4..] field, value pairs to set; a field named "?name" only if absent
--- Reply: {event id or "", attempts, limiter settled 0|1, quota hold taken 0|1,
---   the status before the step, the group's health after it: "entered" (this
---   step began an outage), "down" or "", the hold's requests, its tokens,
---   its µ$, the job's cost µ$, the hold's day and month stamps}
+-- Reply: name, value pairs (scheduler's lifecycleOut): "event" id or "",
+--   "attempts", "limiter" settled 0|1, "quota" hold taken 0|1, "from" the
+--   status before the step, "health" the group's health after it: "entered"
+--   (this step began an outage), "down" or "", and "hold" the hold taken
+--   (quota_held's pairs; none: empty)
 local now = clock(ARGV[1])
 local p = cjson.decode(ARGV[2])
 local h = redis.call('HMGET', KEYS[1], 'status', 'dispatch', 'attempt_open', 'fq_member',
@@ -205,5 +206,5 @@ end
 if terminal and open > 0 and p.cancel then redis.call('PUBLISH', p.cancel, p.id) end
 if (moved or health == 'entered') and p.moved then redis.call('PUBLISH', p.moved, 1) end
 if p.wake and (lim_settled == 1 or released or p.requeue or moved) then redis.call('PUBLISH', p.wake, to) end
-if held then return {id, attempts, lim_settled, 1, cur, health, held[1], held[2], held[3], held[4], held[5], held[6]} end
-return {id, attempts, lim_settled, 0, cur, health, 0, 0, 0, 0, 0, 0}
+return {'event', id, 'attempts', attempts, 'limiter', lim_settled, 'quota', held and 1 or 0, 'from', cur,
+  'health', health, 'hold', held or {}}

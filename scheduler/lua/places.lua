@@ -8,7 +8,9 @@
 -- ARGV[7..]: queue members
 -- A background job's position counts only the background jobs ahead of it.
 -- Reply: position, eta seconds, position, eta seconds, ... (position 0: the
--- job no longer waits in the queue).
+-- job no longer waits in the queue). Unlike the other scripts' replies, not
+-- name, value pairs: integers only, read without boxing each one
+-- (scheduler's placesReply).
 local now = clock(ARGV[1])
 local st = lim_load(KEYS[3], now, {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])})
 local avg_in, avg_out = queue_avgs(KEYS[2])

@@ -4,9 +4,10 @@
 -- KEYS[1] order   KEYS[2] totals   KEYS[3] limiter state
 -- ARGV[1] now ms (0 = Redis TIME)   ARGV[2] queue member
 -- ARGV[3..6] rpm, input_tpm, output_tpm, burst ms   ARGV[7] max concurrency
--- Reply: {position, eta seconds}, or {0, 0} when the job is not in the queue.
+-- Reply: name, value pairs (scheduler's positionOut): {"position", n, "eta",
+-- seconds}, position 0 when the job is not in the queue.
 local r = redis.call('ZRANK', KEYS[1], ARGV[2])
-if not r then return {0, 0} end
+if not r then return {'position', 0, 'eta', 0} end
 local now = clock(ARGV[1])
 local st = lim_load(KEYS[3], now, {tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])})
 local avg_in, avg_out = queue_avgs(KEYS[2])
@@ -16,4 +17,4 @@ local pos = r + 1
 if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[2])) >= BG then
   pos = pos - redis.call('ZCOUNT', KEYS[1], '-inf', '(' .. tagstr(BG))
 end
-return {pos, eta_seconds(st, r + 1, avg_in, avg_out, tonumber(ARGV[7]))}
+return {'position', pos, 'eta', eta_seconds(st, r + 1, avg_in, avg_out, tonumber(ARGV[7]))}

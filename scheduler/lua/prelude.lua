@@ -66,6 +66,13 @@ local function tagstr(x)
   return string.format('%.17g', x)
 end
 
+-- numstr is a number for a script's reply that may hold a fraction: Redis
+-- truncates a Lua number in a reply to an integer, so it goes as a string,
+-- with the 14 significant digits cjson would give it.
+local function numstr(x)
+  return string.format('%.14g', x)
+end
+
 -- finish_member is a user's member in the finish tags for its class.
 local function finish_member(ukey, bg)
   if bg then return ukey .. '\0b' end
@@ -339,15 +346,18 @@ end
 -- budgets (the q_req, q_tok and q_usd fields of its record, set at
 -- admission) out of the record, once. The quotas live in the user's slot
 -- and the budgets in the user's and the tenant's: the caller gives back
--- there what the job did not use (lua/quota.lua, lua/budget.lua). Reply:
--- {requests, tokens, µ$ held, µ$ its calls cost, day stamp, month stamp},
--- or nil when the hold was taken already.
+-- there what the job did not use (lua/quota.lua, lua/budget.lua). Reply,
+-- as name, value pairs for a script's reply (scheduler's quotaHold):
+-- {"requests", n, "tokens", n, "usd", µ$ held, "cost", µ$ its calls cost,
+-- "day", day stamp, "month", month stamp}, or nil when the hold was taken
+-- already.
 local function quota_held(job)
   local q = redis.call('HMGET', job, 'q_req', 'q_tok', 'q_usd', 'cost_musd', 'b_d', 'b_m')
   local qreq, qtok, qusd = tonumber(q[1]), tonumber(q[2]), tonumber(q[3])
   if not (qreq or qtok or qusd) then return nil end
   redis.call('HDEL', job, 'q_req', 'q_tok', 'q_usd')
-  return {qreq or 0, qtok or 0, qusd or 0, tonumber(q[4]) or 0, tonumber(q[5]) or 0, tonumber(q[6]) or 0}
+  return {'requests', qreq or 0, 'tokens', qtok or 0, 'usd', qusd or 0, 'cost', tonumber(q[4]) or 0,
+    'day', tonumber(q[5]) or 0, 'month', tonumber(q[6]) or 0}
 end
 
 -- Prompt caching. A job's cacheable prefixes are kept in its record
@@ -400,13 +410,17 @@ local function quota_level(key, now, rph, tph)
 end
 
 -- quota_refusal is the reply refusing a job of cost tokens at levels r and
--- t, or nil when both buckets can hold it.
+-- t, or nil when both buckets can hold it: {"outcome", "quota", "which",
+-- "requests"|"tokens", "retry_ms", ms, "limit", the hourly figure,
+-- "remaining", the bucket's level (floor)}.
 local function quota_refusal(r, t, rph, tph, cost)
   if rph > 0 and r < 1 then
-    return {'quota', 'requests', math.ceil((1 - r) / (rph / 3600000)), rph, math.floor(r)}
+    return {'outcome', 'quota', 'which', 'requests', 'retry_ms', math.ceil((1 - r) / (rph / 3600000)),
+      'limit', rph, 'remaining', math.floor(r)}
   end
   if tph > 0 and t < cost then
-    return {'quota', 'tokens', math.ceil((cost - t) / (tph / 3600000)), tph, math.floor(t)}
+    return {'outcome', 'quota', 'which', 'tokens', 'retry_ms', math.ceil((cost - t) / (tph / 3600000)),
+      'limit', tph, 'remaining', math.floor(t)}
   end
   return nil
 end

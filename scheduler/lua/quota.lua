@@ -9,8 +9,9 @@
 -- ARGV[1] now ms (0 = Redis TIME)   ARGV[2] "take" | "give"
 -- ARGV[3] requests per hour   ARGV[4] tokens per hour (0 = unlimited)
 -- take: ARGV[5] tokens to reserve (the request is 1)
---   Reply {"ok", requests remaining (-1: unlimited), seconds until full}
---      or {"quota", "requests"|"tokens", retry ms, limit, remaining}
+--   Reply: name, value pairs (scheduler's quotaTakeOut): {"outcome", "ok",
+--   "quota_remaining", requests remaining (-1: unlimited), "quota_reset",
+--   seconds until full} or quota_refusal's {"outcome", "quota", ...}
 -- give: ARGV[5] requests reserved   ARGV[6] tokens reserved
 --       ARGV[7] requests used (0|1)   ARGV[8] tokens used
 --   The buckets get back what was reserved and not used, once per job
@@ -32,4 +33,4 @@ local cost = tonumber(ARGV[5])
 local refusal = quota_refusal(r, t, rph, tph, cost)
 if refusal then return refusal end
 local remaining, reset = quota_take(KEYS[1], now, r, t, rph, tph, cost)
-return {'ok', remaining, reset}
+return {'outcome', 'ok', 'quota_remaining', remaining, 'quota_reset', reset}

@@ -13,18 +13,19 @@
 -- ARGV[10] call duration ms (0 = the call did not complete: not measured)
 -- ARGV[11] wake channel
 -- ARGV[12] "1" when the job has ended: take the quota hold too
--- Reply: {limiter settled 0|1, quota hold taken 0|1, its requests, its
--- tokens, its µ$, the job's cost µ$, day stamp, month stamp}
+-- Reply: name, value pairs (scheduler's settleOut): {"limiter", settled
+-- 0|1, "quota", hold taken 0|1, "hold", the hold taken (quota_held's pairs;
+-- none: empty)}
 local now = clock(ARGV[1])
 local used = {tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])}
 local cfg = {tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])}
-local out = {0, 0, 0, 0, 0, 0, 0, 0}
+local limiter, taken, hold = 0, 0, {}
 if settle_limiter(KEYS[1], KEYS[2], KEYS[3], KEYS[5], now, cfg, ARGV[2], used, tonumber(ARGV[10])) then
-  out[1] = 1
+  limiter = 1
 end
 if ARGV[12] == '1' then
   local held = quota_held(KEYS[4])
-  if held then out = {out[1], 1, held[1], held[2], held[3], held[4], held[5], held[6]} end
+  if held then taken, hold = 1, held end
 end
 redis.call('PUBLISH', ARGV[11], 'settled')
-return out
+return {'limiter', limiter, 'quota', taken, 'hold', hold}
