@@ -303,6 +303,84 @@ func TestMessagesUnknownEventsPassThrough(t *testing.T) {
 	}
 }
 
+// TestMessageDeltaFieldsReachEveryAnswer: the fields of the upstream's
+// message_delta beyond stop_reason and stop_sequence (stop_details,
+// container, one no client knows) reach the client in the message_delta
+// of a /v1/messages stream as the upstream sent them, are the top-level
+// fields of the Message without stream and of a job's result, and the
+// SDK accumulates them as it would from the API.
+func TestMessageDeltaFieldsReachEveryAnswer(t *testing.T) {
+	e := harness.Start(t, harness.Options{})
+	const text = "fields [[delta_fields]] [[reply_tokens=3]]"
+	body := map[string]any{"model": harness.Model, "max_tokens": 50, "stream": true,
+		"messages": []any{map[string]any{"role": "user", "content": text}}}
+	deltaOf := func(evs []rawEvent) map[string]json.RawMessage {
+		t.Helper()
+		for _, ev := range evs {
+			if ev.name == "message_delta" {
+				var d struct {
+					Delta map[string]json.RawMessage `json:"delta"`
+				}
+				if err := json.Unmarshal([]byte(ev.data), &d); err != nil {
+					t.Fatal(err)
+				}
+				return d.Delta
+			}
+		}
+		t.Fatalf("no message_delta in %v", evs)
+		return nil
+	}
+	want := deltaOf(postStream(t, e.Upstream.URL, harness.UpstreamKey, body))
+	if len(want) != 5 {
+		t.Fatalf("the fake's delta %v: want five fields", want)
+	}
+	body["metadata"] = map[string]any{"user_id": "alice"}
+	got := deltaOf(postStream(t, e.API.URL, harness.TenantKey, body))
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("message_delta's delta through sluice (-fake +sluice):\n%s", diff)
+	}
+	// Every one is a top-level field of the whole Message and of a job's result.
+	hasFields := func(what string, raw []byte) {
+		t.Helper()
+		var m map[string]json.RawMessage
+		if err := json.Unmarshal(raw, &m); err != nil {
+			t.Fatalf("%s %s: %v", what, raw, err)
+		}
+		for k, v := range want {
+			if string(m[k]) != string(v) {
+				t.Errorf("%s's %s is %s: want %s", what, k, m[k], v)
+			}
+		}
+	}
+	body["stream"] = false
+	resp, b := e.Do(t, http.MethodPost, "/v1/messages", harness.TenantKey, body)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("%d %s", resp.StatusCode, b)
+	}
+	hasFields("the Message", b)
+	v := e.Submit(t, harness.JobBody("alice", text))
+	job := e.WaitTerminal(t, v.ID, 30*time.Second)
+	if job.Status != jobs.Succeeded {
+		t.Fatalf("job %+v", job)
+	}
+	hasFields("the job's result", job.Result)
+	// The SDK's accumulated message holds them as the whole one does.
+	p := params("alice", text, 50)
+	client := sdkClient(e)
+	acc, _, err := streamed(t, client, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	whole, err := client.Messages.New(context.Background(), p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if acc.Container.ID == "" || acc.Container.ID != whole.Container.ID || !acc.Container.ExpiresAt.Equal(whole.Container.ExpiresAt) ||
+		!strings.Contains(acc.RawJSON(), `"future_field":{"detail":`) || !strings.Contains(whole.RawJSON(), `"future_field":{"detail":`) {
+		t.Errorf("accumulated %s\nwhole %s\nwant the same container and future_field", acc.RawJSON(), whole.RawJSON())
+	}
+}
+
 // TestMessagesRetryAfterBytesEndsWithTheAPIsError: an attempt that fails
 // after content was sent ends the stream with the error event the API
 // sends mid-stream, typed by what failed; before any content a retry is

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -382,12 +383,12 @@ func (r *relay) finish(data json.RawMessage) error {
 	}
 	_ = json.Unmarshal(data, &v)
 	var m struct {
-		Content      []json.RawMessage          `json:"content"`
-		StopReason   *string                    `json:"stop_reason"`
-		StopSequence *string                    `json:"stop_sequence"`
-		Usage        map[string]json.RawMessage `json:"usage"`
+		Content []json.RawMessage          `json:"content"`
+		Usage   map[string]json.RawMessage `json:"usage"`
 	}
 	_ = json.Unmarshal(v.Result, &m)
+	var top map[string]json.RawMessage
+	_ = json.Unmarshal(v.Result, &top)
 	if err := r.begin(); err != nil {
 		return err
 	}
@@ -423,12 +424,53 @@ func (r *relay) finish(data json.RawMessage) error {
 		}
 	}
 	delete(m.Usage, "cache_creation") // message_delta's usage has no breakdown
-	b, _ := json.Marshal(map[string]any{"type": "message_delta",
-		"delta": map[string]any{"stop_reason": m.StopReason, "stop_sequence": m.StopSequence}, "usage": m.Usage})
+	usage, _ := json.Marshal(m.Usage)
+	b := []byte(`{"type":"message_delta","delta":` + string(messageDelta(top)) + `,"usage":` + string(usage) + `}`)
 	if err := r.send("message_delta", b); err != nil {
 		return err
 	}
 	return r.send("message_stop", []byte(`{"type":"message_stop"}`))
+}
+
+// startFields are the Message's fields that message_start carries; every
+// other top-level field of the result goes in message_delta's delta.
+var startFields = map[string]bool{"id": true, "type": true, "role": true, "model": true, "content": true, "usage": true}
+
+// messageDelta is the delta of the message_delta that ends a relayed
+// stream: stop_reason and stop_sequence (null when the result has none),
+// then every other field of the result that message_start did not carry
+// (stop_details, container, fields newer than sluice), as the upstream's
+// message_delta had them, so that a client's accumulated Message is the
+// result.
+func messageDelta(result map[string]json.RawMessage) []byte {
+	keys := []string{"stop_reason", "stop_sequence"}
+	if _, ok := result["stop_details"]; ok {
+		keys = append(keys, "stop_details")
+	}
+	var rest []string
+	for k := range result {
+		if !startFields[k] && !slices.Contains(keys, k) {
+			rest = append(rest, k)
+		}
+	}
+	slices.Sort(rest)
+	var b bytes.Buffer
+	b.WriteByte('{')
+	for i, k := range append(keys, rest...) {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		kb, _ := json.Marshal(k)
+		b.Write(kb)
+		b.WriteByte(':')
+		if v := bytes.TrimSpace(result[k]); len(v) > 0 {
+			b.Write(v)
+		} else {
+			b.WriteString("null")
+		}
+	}
+	b.WriteByte('}')
+	return b.Bytes()
 }
 
 func (r *relay) fail(typ, msg string) error {
