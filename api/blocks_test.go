@@ -535,3 +535,80 @@ func TestJobEventsCarryEveryBlock(t *testing.T) {
 		}
 	}
 }
+
+// TestJobRetryAfterACutToolCall: an attempt that fails partway through a
+// tool call is followed by one that succeeds; the events after the last
+// `started` accumulate, with the SDK, to exactly the job's result, and
+// nothing of the abandoned attempt (its text, its half tool call and that
+// call's id) reaches it. Every event of the abandoned attempt comes before
+// its `retrying`.
+func TestJobRetryAfterACutToolCall(t *testing.T) {
+	e := harness.Start(t, harness.Options{Fake: fakeanthropic.Config{TokensPerSecond: 200}})
+	for _, fault := range []fakeanthropic.FaultKind{fakeanthropic.FaultStreamCut, fakeanthropic.FaultStreamError} {
+		t.Run(string(fault), func(t *testing.T) {
+			e.Fake.QueueFaults(fakeanthropic.FaultRule{Kind: fault})
+			body := map[string]any{"user_id": "alice", "request": map[string]any{
+				"model": harness.Model, "max_tokens": 300,
+				"tools":    []any{map[string]any{"name": "get_weather", "input_schema": weatherTool.InputSchema}},
+				"messages": []any{map[string]any{"role": "user", "content": "Weather? " + string(fault) + " [[reply_tokens=2]] [[tool_use=get_weather]]"}}}}
+			v := e.Submit(t, body)
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			evs := e.Events(t, ctx, v.ID, harness.TenantKey, "")
+			got := e.Get(t, v.ID)
+			if got.Status != jobs.Succeeded || got.Attempts != 2 {
+				t.Fatalf("job %s after %d attempts: want succeeded after 2", got.Status, got.Attempts)
+			}
+			var starts []int
+			for i, ev := range evs {
+				if ev.Event == "started" {
+					starts = append(starts, i)
+				}
+			}
+			if len(starts) != 2 {
+				t.Fatalf("%d started events: want 2", len(starts))
+			}
+			// The abandoned attempt: its text, then a tool call begun and
+			// cut, then retrying.
+			first := evs[starts[0]+1 : starts[1]]
+			var names []string
+			cutID, pieces := "", 0
+			for _, ev := range first {
+				names = append(names, ev.Event)
+				switch {
+				case ev.Event == "block_start" && strings.Contains(ev.Data, `"tool_use"`):
+					var d struct {
+						ContentBlock struct{ ID string } `json:"content_block"`
+					}
+					_ = json.Unmarshal([]byte(ev.Data), &d)
+					cutID = d.ContentBlock.ID
+				case ev.Event == "block_delta" && strings.Contains(ev.Data, `"input_json_delta"`) && !strings.Contains(ev.Data, `"partial_json":""`):
+					pieces++
+				case ev.Event == "block_stop":
+					t.Errorf("the abandoned attempt's tool call ended (%s): want it cut", ev.Data)
+				}
+			}
+			if cutID == "" || pieces == 0 || names[0] != "delta" || names[len(names)-1] != "retrying" {
+				t.Fatalf("the abandoned attempt's events %v: want text, a tool call begun with part of its input, then retrying", names)
+			}
+
+			var result anthropic.Message
+			if err := json.Unmarshal(got.Result, &result); err != nil {
+				t.Fatal(err)
+			}
+			var acc anthropic.Message
+			for _, ev := range jobEventsAsStream(t, evs) { // what follows the last started
+				if err := acc.Accumulate(ev); err != nil {
+					t.Fatalf("Accumulate: %v", err)
+				}
+			}
+			if diff := cmp.Diff(blocks(t, result, true), blocks(t, acc, true)); diff != "" {
+				t.Fatalf("the events after the last started accumulate to another message than the result (-result +events):\n%s", diff)
+			}
+			if len(result.Content) != 2 || result.Content[1].Type != "tool_use" || result.Content[1].ID == cutID ||
+				strings.Contains(string(got.Result), cutID) || len(strings.Fields(result.Content[0].Text)) != 2 {
+				t.Fatalf("result %s: want its own text and tool call, nothing of the abandoned %s", got.Result, cutID)
+			}
+		})
+	}
+}
