@@ -24,7 +24,8 @@ import (
 // request waits in the same fair queue as a job; errors come in Anthropic's
 // shape (anthropicError).
 
-// pingEvery is how often a waiting streamed request gets a `ping` event.
+// pingEvery is how often a streamed request gets a `ping` event (while it
+// waits, and after), unless Deps.PingEvery says otherwise.
 const pingEvery = 5 * time.Second
 
 // isMessagesPath: errors on these routes use Anthropic's error shape.
@@ -187,7 +188,11 @@ func (s *Server) streamMessage(c *echo.Context, job *jobs.Job, sub *jobs.Subscri
 		return nil
 	}
 	ctx := c.Request().Context()
-	err := sub.Follow(ctx, "", pingEvery, ping, func(ev jobs.Event) (bool, error) {
+	every := pingEvery
+	if s.d.PingEvery > 0 {
+		every = s.d.PingEvery
+	}
+	err := sub.Follow(ctx, "", every, ping, func(ev jobs.Event) (bool, error) {
 		switch ev.Name {
 		case "failed", "canceled", "expired":
 			done, err := s.d.Store.Get(context.WithoutCancel(ctx), job.ID)
