@@ -383,16 +383,18 @@ func TestMessageDeltaFieldsReachEveryAnswer(t *testing.T) {
 
 // TestMessagesRetryAfterBytesEndsWithTheAPIsError: an attempt that fails
 // after content was sent ends the stream with the error event the API
-// sends mid-stream, typed by what failed; before any content a retry is
-// invisible.
+// sends mid-stream, typed by what failed, and the request is canceled:
+// nobody will read its answer, so the upstream never completes a second
+// call for it. Before any content a retry is invisible.
 func TestMessagesRetryAfterBytesEndsWithTheAPIsError(t *testing.T) {
 	e := harness.Start(t, harness.Options{Fake: fakeanthropic.Config{TokensPerSecond: 40}})
 	client := sdkClient(e)
-	for i, tt := range []struct {
+	for _, tt := range []struct {
 		fault fakeanthropic.FaultKind
 		typ   string
 	}{{fakeanthropic.FaultStreamError, "overloaded_error"}, {fakeanthropic.FaultStreamCut, "api_error"}} {
-		settled(t, e, i)
+		idle(t, e)
+		before := len(e.Fake.Stats().Log)
 		e.Fake.QueueFaults(fakeanthropic.FaultRule{Kind: tt.fault})
 		acc, _, err := streamed(t, client, params("alice", "long [[reply_tokens=30]] "+string(tt.fault), 100))
 		var ae *anthropic.Error
@@ -402,24 +404,44 @@ func TestMessagesRetryAfterBytesEndsWithTheAPIsError(t *testing.T) {
 		if len(acc.Content) != 1 || acc.Content[0].Text == "" {
 			t.Errorf("%s: %+v before the error: want the text sent", tt.fault, acc.Content)
 		}
+		id := "job_" + strings.TrimPrefix(acc.ID, "msg_")
+		harness.Eventually(t, 10*time.Second, func() bool { return e.Get(t, id).Status == jobs.Canceled }, "%s: the job to be canceled", tt.fault)
+		idle(t, e)
+		calls := e.Fake.Stats().Log[before:]
+		if len(calls) == 0 || calls[0].Fault != tt.fault {
+			t.Fatalf("%s: calls %+v: want the faulted one first", tt.fault, calls)
+		}
+		for _, c := range calls {
+			if c.Complete {
+				t.Errorf("%s: the upstream completed a call (%+v) for a request whose client already had its error", tt.fault, c)
+			}
+		}
 	}
-	settled(t, e, 2)
+	idle(t, e)
 	e.Fake.QueueFaults(fakeanthropic.FaultRule{Kind: fakeanthropic.FaultOverloaded})
 	acc, _, err := streamed(t, client, params("alice", "again [[reply_tokens=3]]", 100))
 	if err != nil || len(strings.Fields(acc.Content[0].Text)) != 3 {
 		t.Fatalf("a retry before any content: %v, %+v", err, acc)
 	}
+	if v := e.Get(t, "job_"+strings.TrimPrefix(acc.ID, "msg_")); v.Status != jobs.Succeeded || v.Attempts != 2 {
+		t.Fatalf("a retry before any content: job %s after %d attempts, want succeeded after 2", v.Status, v.Attempts)
+	}
+	resp, b := e.Do(t, http.MethodGet, "/v1/users/alice/usage", harness.TenantKey, nil)
+	var u struct{ Queued, Running int }
+	if err := json.Unmarshal(b, &u); err != nil || resp.StatusCode != http.StatusOK || u.Queued != 0 || u.Running != 0 {
+		t.Fatalf("alice's usage %d %s: want nothing queued or running", resp.StatusCode, b)
+	}
 }
 
-// settled waits until the jobs of the first n faulted turns have made their
-// retries (the faulted call and the retry each), so that the next queued
-// fault goes to the next turn's call and not to an earlier job's retry.
-func settled(t *testing.T, e *harness.Env, n int) {
+// idle waits until no call of the harness's group is running or about to
+// (no concurrency lease is held) and the fake serves none, so that a fault
+// queued next goes to the next request's call and not to an earlier job's.
+func idle(t *testing.T, e *harness.Env) {
 	t.Helper()
 	harness.Eventually(t, 30*time.Second, func() bool {
-		st := e.Fake.Stats()
-		return st.Requests == int64(2*n) && st.InFlight == 0
-	}, "the earlier turns' retries to finish")
+		g, err := e.Sched.Gauges(context.Background(), &e.Config.ModelGroups[0])
+		return err == nil && g.InFlight == 0 && g.Queued == 0 && e.Fake.Stats().InFlight == 0
+	}, "the group to be idle")
 }
 
 // jobEventsAsStream turns a job's events into the upstream's stream events

@@ -207,7 +207,33 @@ func (s *Server) streamMessage(c *echo.Context, job *jobs.Job, sub *jobs.Subscri
 	if err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, jobs.ErrHubClosed) {
 		s.log.Debug("messages stream ended", "job_id", job.ID, "tenant", job.Tenant, "user_id", job.UserID, "err", err)
 	}
+	if r.abandoned {
+		s.abandon(job)
+	}
 	return nil
+}
+
+// abandon cancels the job of a stream that ended with an error after its
+// content began: its client has the error and will never read an answer, so
+// the retry sluice would make is not made (or is stopped), and the job is
+// charged only what its calls used upstream.
+func (s *Server) abandon(job *jobs.Job) {
+	g, ok := s.group(job.Group)
+	if !ok {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	from, err := s.cancel(ctx, job, g)
+	var se *jobs.StateError
+	switch {
+	case err == nil:
+		s.log.Info("job canceled: its stream ended with an error after content was sent", "job_id", job.ID, "tenant", job.Tenant, "user_id", job.UserID, "was", from)
+	case errors.As(err, &se):
+		// It ended meanwhile (its retry already answered, or it was canceled).
+	default:
+		s.log.Warn("could not cancel the job of a stream that ended with an error; it runs again unread", "job_id", job.ID, "tenant", job.Tenant, "user_id", job.UserID, "err", err)
+	}
 }
 
 // relay turns a job's events back into the upstream's stream events, in
@@ -220,12 +246,15 @@ func (s *Server) streamMessage(c *echo.Context, job *jobs.Job, sub *jobs.Subscri
 // sent before the first of them (so a retry before any content stays
 // invisible), message_delta and message_stop at the job's success.
 type relay struct {
-	job      *jobs.Job
-	send     func(event string, data []byte) error
-	begun    bool         // message_start was sent
-	opened   int          // blocks 0..opened-1 were started
-	implicit int          // the open plain text block (-1: none)
-	framed   map[int]bool // blocks opened by block_start, not yet stopped
+	job   *jobs.Job
+	send  func(event string, data []byte) error
+	begun bool // message_start was sent
+	// abandoned: the stream ended with an error event after its content
+	// began (an attempt failed and the job would run again unread).
+	abandoned bool
+	opened    int          // blocks 0..opened-1 were started
+	implicit  int          // the open plain text block (-1: none)
+	framed    map[int]bool // blocks opened by block_start, not yet stopped
 }
 
 // event relays one job event; it reports whether the stream is over.
@@ -287,7 +316,9 @@ func (r *relay) event(ev jobs.Event) (bool, error) {
 		if !r.begun {
 			return false, nil // nothing sent yet: the next attempt starts afresh
 		}
-		// What was sent cannot be taken back: end as the upstream would.
+		// What was sent cannot be taken back: end as the upstream would,
+		// and give the job up.
+		r.abandoned = true
 		var d struct {
 			Reason string `json:"reason"`
 		}
