@@ -303,18 +303,98 @@ func TestMessagesUnknownEventsPassThrough(t *testing.T) {
 	}
 }
 
+// TestMessageDeltaFieldsReachEveryAnswer: the fields of the upstream's
+// message_delta beyond stop_reason and stop_sequence (stop_details,
+// container, one no client knows) reach the client in the message_delta
+// of a /v1/messages stream as the upstream sent them, are the top-level
+// fields of the Message without stream and of a job's result, and the
+// SDK accumulates them as it would from the API.
+func TestMessageDeltaFieldsReachEveryAnswer(t *testing.T) {
+	e := harness.Start(t, harness.Options{})
+	const text = "fields [[delta_fields]] [[reply_tokens=3]]"
+	body := map[string]any{"model": harness.Model, "max_tokens": 50, "stream": true,
+		"messages": []any{map[string]any{"role": "user", "content": text}}}
+	deltaOf := func(evs []rawEvent) map[string]json.RawMessage {
+		t.Helper()
+		for _, ev := range evs {
+			if ev.name == "message_delta" {
+				var d struct {
+					Delta map[string]json.RawMessage `json:"delta"`
+				}
+				if err := json.Unmarshal([]byte(ev.data), &d); err != nil {
+					t.Fatal(err)
+				}
+				return d.Delta
+			}
+		}
+		t.Fatalf("no message_delta in %v", evs)
+		return nil
+	}
+	want := deltaOf(postStream(t, e.Upstream.URL, harness.UpstreamKey, body))
+	if len(want) != 5 {
+		t.Fatalf("the fake's delta %v: want five fields", want)
+	}
+	body["metadata"] = map[string]any{"user_id": "alice"}
+	got := deltaOf(postStream(t, e.API.URL, harness.TenantKey, body))
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("message_delta's delta through sluice (-fake +sluice):\n%s", diff)
+	}
+	// Every one is a top-level field of the whole Message and of a job's result.
+	hasFields := func(what string, raw []byte) {
+		t.Helper()
+		var m map[string]json.RawMessage
+		if err := json.Unmarshal(raw, &m); err != nil {
+			t.Fatalf("%s %s: %v", what, raw, err)
+		}
+		for k, v := range want {
+			if string(m[k]) != string(v) {
+				t.Errorf("%s's %s is %s: want %s", what, k, m[k], v)
+			}
+		}
+	}
+	body["stream"] = false
+	resp, b := e.Do(t, http.MethodPost, "/v1/messages", harness.TenantKey, body)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("%d %s", resp.StatusCode, b)
+	}
+	hasFields("the Message", b)
+	v := e.Submit(t, harness.JobBody("alice", text))
+	job := e.WaitTerminal(t, v.ID, 30*time.Second)
+	if job.Status != jobs.Succeeded {
+		t.Fatalf("job %+v", job)
+	}
+	hasFields("the job's result", job.Result)
+	// The SDK's accumulated message holds them as the whole one does.
+	p := params("alice", text, 50)
+	client := sdkClient(e)
+	acc, _, err := streamed(t, client, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	whole, err := client.Messages.New(context.Background(), p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if acc.Container.ID == "" || acc.Container.ID != whole.Container.ID || !acc.Container.ExpiresAt.Equal(whole.Container.ExpiresAt) ||
+		!strings.Contains(acc.RawJSON(), `"future_field":{"detail":`) || !strings.Contains(whole.RawJSON(), `"future_field":{"detail":`) {
+		t.Errorf("accumulated %s\nwhole %s\nwant the same container and future_field", acc.RawJSON(), whole.RawJSON())
+	}
+}
+
 // TestMessagesRetryAfterBytesEndsWithTheAPIsError: an attempt that fails
 // after content was sent ends the stream with the error event the API
-// sends mid-stream, typed by what failed; before any content a retry is
-// invisible.
+// sends mid-stream, typed by what failed, and the request is canceled:
+// nobody will read its answer, so the upstream never completes a second
+// call for it. Before any content a retry is invisible.
 func TestMessagesRetryAfterBytesEndsWithTheAPIsError(t *testing.T) {
 	e := harness.Start(t, harness.Options{Fake: fakeanthropic.Config{TokensPerSecond: 40}})
 	client := sdkClient(e)
-	for i, tt := range []struct {
+	for _, tt := range []struct {
 		fault fakeanthropic.FaultKind
 		typ   string
 	}{{fakeanthropic.FaultStreamError, "overloaded_error"}, {fakeanthropic.FaultStreamCut, "api_error"}} {
-		settled(t, e, i)
+		idle(t, e)
+		before := len(e.Fake.Stats().Log)
 		e.Fake.QueueFaults(fakeanthropic.FaultRule{Kind: tt.fault})
 		acc, _, err := streamed(t, client, params("alice", "long [[reply_tokens=30]] "+string(tt.fault), 100))
 		var ae *anthropic.Error
@@ -324,24 +404,44 @@ func TestMessagesRetryAfterBytesEndsWithTheAPIsError(t *testing.T) {
 		if len(acc.Content) != 1 || acc.Content[0].Text == "" {
 			t.Errorf("%s: %+v before the error: want the text sent", tt.fault, acc.Content)
 		}
+		id := "job_" + strings.TrimPrefix(acc.ID, "msg_")
+		harness.Eventually(t, 10*time.Second, func() bool { return e.Get(t, id).Status == jobs.Canceled }, "%s: the job to be canceled", tt.fault)
+		idle(t, e)
+		calls := e.Fake.Stats().Log[before:]
+		if len(calls) == 0 || calls[0].Fault != tt.fault {
+			t.Fatalf("%s: calls %+v: want the faulted one first", tt.fault, calls)
+		}
+		for _, c := range calls {
+			if c.Complete {
+				t.Errorf("%s: the upstream completed a call (%+v) for a request whose client already had its error", tt.fault, c)
+			}
+		}
 	}
-	settled(t, e, 2)
+	idle(t, e)
 	e.Fake.QueueFaults(fakeanthropic.FaultRule{Kind: fakeanthropic.FaultOverloaded})
 	acc, _, err := streamed(t, client, params("alice", "again [[reply_tokens=3]]", 100))
 	if err != nil || len(strings.Fields(acc.Content[0].Text)) != 3 {
 		t.Fatalf("a retry before any content: %v, %+v", err, acc)
 	}
+	if v := e.Get(t, "job_"+strings.TrimPrefix(acc.ID, "msg_")); v.Status != jobs.Succeeded || v.Attempts != 2 {
+		t.Fatalf("a retry before any content: job %s after %d attempts, want succeeded after 2", v.Status, v.Attempts)
+	}
+	resp, b := e.Do(t, http.MethodGet, "/v1/users/alice/usage", harness.TenantKey, nil)
+	var u struct{ Queued, Running int }
+	if err := json.Unmarshal(b, &u); err != nil || resp.StatusCode != http.StatusOK || u.Queued != 0 || u.Running != 0 {
+		t.Fatalf("alice's usage %d %s: want nothing queued or running", resp.StatusCode, b)
+	}
 }
 
-// settled waits until the jobs of the first n faulted turns have made their
-// retries (the faulted call and the retry each), so that the next queued
-// fault goes to the next turn's call and not to an earlier job's retry.
-func settled(t *testing.T, e *harness.Env, n int) {
+// idle waits until no call of the harness's group is running or about to
+// (no concurrency lease is held) and the fake serves none, so that a fault
+// queued next goes to the next request's call and not to an earlier job's.
+func idle(t *testing.T, e *harness.Env) {
 	t.Helper()
 	harness.Eventually(t, 30*time.Second, func() bool {
-		st := e.Fake.Stats()
-		return st.Requests == int64(2*n) && st.InFlight == 0
-	}, "the earlier turns' retries to finish")
+		g, err := e.Sched.Gauges(context.Background(), &e.Config.ModelGroups[0])
+		return err == nil && g.InFlight == 0 && g.Queued == 0 && e.Fake.Stats().InFlight == 0
+	}, "the group to be idle")
 }
 
 // jobEventsAsStream turns a job's events into the upstream's stream events
@@ -455,5 +555,82 @@ func TestJobEventsCarryEveryBlock(t *testing.T) {
 		if ev.Event == "delta" && !strings.HasPrefix(ev.Data, `{"text":`) {
 			t.Errorf("delta %s: want {\"text\", \"index\"}", ev.Data)
 		}
+	}
+}
+
+// TestJobRetryAfterACutToolCall: an attempt that fails partway through a
+// tool call is followed by one that succeeds; the events after the last
+// `started` accumulate, with the SDK, to exactly the job's result, and
+// nothing of the abandoned attempt (its text, its half tool call and that
+// call's id) reaches it. Every event of the abandoned attempt comes before
+// its `retrying`.
+func TestJobRetryAfterACutToolCall(t *testing.T) {
+	e := harness.Start(t, harness.Options{Fake: fakeanthropic.Config{TokensPerSecond: 200}})
+	for _, fault := range []fakeanthropic.FaultKind{fakeanthropic.FaultStreamCut, fakeanthropic.FaultStreamError} {
+		t.Run(string(fault), func(t *testing.T) {
+			e.Fake.QueueFaults(fakeanthropic.FaultRule{Kind: fault})
+			body := map[string]any{"user_id": "alice", "request": map[string]any{
+				"model": harness.Model, "max_tokens": 300,
+				"tools":    []any{map[string]any{"name": "get_weather", "input_schema": weatherTool.InputSchema}},
+				"messages": []any{map[string]any{"role": "user", "content": "Weather? " + string(fault) + " [[reply_tokens=2]] [[tool_use=get_weather]]"}}}}
+			v := e.Submit(t, body)
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			evs := e.Events(t, ctx, v.ID, harness.TenantKey, "")
+			got := e.Get(t, v.ID)
+			if got.Status != jobs.Succeeded || got.Attempts != 2 {
+				t.Fatalf("job %s after %d attempts: want succeeded after 2", got.Status, got.Attempts)
+			}
+			var starts []int
+			for i, ev := range evs {
+				if ev.Event == "started" {
+					starts = append(starts, i)
+				}
+			}
+			if len(starts) != 2 {
+				t.Fatalf("%d started events: want 2", len(starts))
+			}
+			// The abandoned attempt: its text, then a tool call begun and
+			// cut, then retrying.
+			first := evs[starts[0]+1 : starts[1]]
+			var names []string
+			cutID, pieces := "", 0
+			for _, ev := range first {
+				names = append(names, ev.Event)
+				switch {
+				case ev.Event == "block_start" && strings.Contains(ev.Data, `"tool_use"`):
+					var d struct {
+						ContentBlock struct{ ID string } `json:"content_block"`
+					}
+					_ = json.Unmarshal([]byte(ev.Data), &d)
+					cutID = d.ContentBlock.ID
+				case ev.Event == "block_delta" && strings.Contains(ev.Data, `"input_json_delta"`) && !strings.Contains(ev.Data, `"partial_json":""`):
+					pieces++
+				case ev.Event == "block_stop":
+					t.Errorf("the abandoned attempt's tool call ended (%s): want it cut", ev.Data)
+				}
+			}
+			if cutID == "" || pieces == 0 || names[0] != "delta" || names[len(names)-1] != "retrying" {
+				t.Fatalf("the abandoned attempt's events %v: want text, a tool call begun with part of its input, then retrying", names)
+			}
+
+			var result anthropic.Message
+			if err := json.Unmarshal(got.Result, &result); err != nil {
+				t.Fatal(err)
+			}
+			var acc anthropic.Message
+			for _, ev := range jobEventsAsStream(t, evs) { // what follows the last started
+				if err := acc.Accumulate(ev); err != nil {
+					t.Fatalf("Accumulate: %v", err)
+				}
+			}
+			if diff := cmp.Diff(blocks(t, result, true), blocks(t, acc, true)); diff != "" {
+				t.Fatalf("the events after the last started accumulate to another message than the result (-result +events):\n%s", diff)
+			}
+			if len(result.Content) != 2 || result.Content[1].Type != "tool_use" || result.Content[1].ID == cutID ||
+				strings.Contains(string(got.Result), cutID) || len(strings.Fields(result.Content[0].Text)) != 2 {
+				t.Fatalf("result %s: want its own text and tool call, nothing of the abandoned %s", got.Result, cutID)
+			}
+		})
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -23,7 +24,8 @@ import (
 // request waits in the same fair queue as a job; errors come in Anthropic's
 // shape (anthropicError).
 
-// pingEvery is how often a waiting streamed request gets a `ping` event.
+// pingEvery is how often a streamed request gets a `ping` event (while it
+// waits, and after), unless Deps.PingEvery says otherwise.
 const pingEvery = 5 * time.Second
 
 // isMessagesPath: errors on these routes use Anthropic's error shape.
@@ -186,7 +188,11 @@ func (s *Server) streamMessage(c *echo.Context, job *jobs.Job, sub *jobs.Subscri
 		return nil
 	}
 	ctx := c.Request().Context()
-	err := sub.Follow(ctx, "", pingEvery, ping, func(ev jobs.Event) (bool, error) {
+	every := pingEvery
+	if s.d.PingEvery > 0 {
+		every = s.d.PingEvery
+	}
+	err := sub.Follow(ctx, "", every, ping, func(ev jobs.Event) (bool, error) {
 		switch ev.Name {
 		case "failed", "canceled", "expired":
 			done, err := s.d.Store.Get(context.WithoutCancel(ctx), job.ID)
@@ -201,7 +207,33 @@ func (s *Server) streamMessage(c *echo.Context, job *jobs.Job, sub *jobs.Subscri
 	if err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, jobs.ErrHubClosed) {
 		s.log.Debug("messages stream ended", "job_id", job.ID, "tenant", job.Tenant, "user_id", job.UserID, "err", err)
 	}
+	if r.abandoned {
+		s.abandon(job)
+	}
 	return nil
+}
+
+// abandon cancels the job of a stream that ended with an error after its
+// content began: its client has the error and will never read an answer, so
+// the retry sluice would make is not made (or is stopped), and the job is
+// charged only what its calls used upstream.
+func (s *Server) abandon(job *jobs.Job) {
+	g, ok := s.group(job.Group)
+	if !ok {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	from, err := s.cancel(ctx, job, g)
+	var se *jobs.StateError
+	switch {
+	case err == nil:
+		s.log.Info("job canceled: its stream ended with an error after content was sent", "job_id", job.ID, "tenant", job.Tenant, "user_id", job.UserID, "was", from)
+	case errors.As(err, &se):
+		// It ended meanwhile (its retry already answered, or it was canceled).
+	default:
+		s.log.Warn("could not cancel the job of a stream that ended with an error; it runs again unread", "job_id", job.ID, "tenant", job.Tenant, "user_id", job.UserID, "err", err)
+	}
 }
 
 // relay turns a job's events back into the upstream's stream events, in
@@ -214,12 +246,15 @@ func (s *Server) streamMessage(c *echo.Context, job *jobs.Job, sub *jobs.Subscri
 // sent before the first of them (so a retry before any content stays
 // invisible), message_delta and message_stop at the job's success.
 type relay struct {
-	job      *jobs.Job
-	send     func(event string, data []byte) error
-	begun    bool         // message_start was sent
-	opened   int          // blocks 0..opened-1 were started
-	implicit int          // the open plain text block (-1: none)
-	framed   map[int]bool // blocks opened by block_start, not yet stopped
+	job   *jobs.Job
+	send  func(event string, data []byte) error
+	begun bool // message_start was sent
+	// abandoned: the stream ended with an error event after its content
+	// began (an attempt failed and the job would run again unread).
+	abandoned bool
+	opened    int          // blocks 0..opened-1 were started
+	implicit  int          // the open plain text block (-1: none)
+	framed    map[int]bool // blocks opened by block_start, not yet stopped
 }
 
 // event relays one job event; it reports whether the stream is over.
@@ -281,7 +316,9 @@ func (r *relay) event(ev jobs.Event) (bool, error) {
 		if !r.begun {
 			return false, nil // nothing sent yet: the next attempt starts afresh
 		}
-		// What was sent cannot be taken back: end as the upstream would.
+		// What was sent cannot be taken back: end as the upstream would,
+		// and give the job up.
+		r.abandoned = true
 		var d struct {
 			Reason string `json:"reason"`
 		}
@@ -382,12 +419,12 @@ func (r *relay) finish(data json.RawMessage) error {
 	}
 	_ = json.Unmarshal(data, &v)
 	var m struct {
-		Content      []json.RawMessage          `json:"content"`
-		StopReason   *string                    `json:"stop_reason"`
-		StopSequence *string                    `json:"stop_sequence"`
-		Usage        map[string]json.RawMessage `json:"usage"`
+		Content []json.RawMessage          `json:"content"`
+		Usage   map[string]json.RawMessage `json:"usage"`
 	}
 	_ = json.Unmarshal(v.Result, &m)
+	var top map[string]json.RawMessage
+	_ = json.Unmarshal(v.Result, &top)
 	if err := r.begin(); err != nil {
 		return err
 	}
@@ -423,12 +460,53 @@ func (r *relay) finish(data json.RawMessage) error {
 		}
 	}
 	delete(m.Usage, "cache_creation") // message_delta's usage has no breakdown
-	b, _ := json.Marshal(map[string]any{"type": "message_delta",
-		"delta": map[string]any{"stop_reason": m.StopReason, "stop_sequence": m.StopSequence}, "usage": m.Usage})
+	usage, _ := json.Marshal(m.Usage)
+	b := []byte(`{"type":"message_delta","delta":` + string(messageDelta(top)) + `,"usage":` + string(usage) + `}`)
 	if err := r.send("message_delta", b); err != nil {
 		return err
 	}
 	return r.send("message_stop", []byte(`{"type":"message_stop"}`))
+}
+
+// startFields are the Message's fields that message_start carries; every
+// other top-level field of the result goes in message_delta's delta.
+var startFields = map[string]bool{"id": true, "type": true, "role": true, "model": true, "content": true, "usage": true}
+
+// messageDelta is the delta of the message_delta that ends a relayed
+// stream: stop_reason and stop_sequence (null when the result has none),
+// then every other field of the result that message_start did not carry
+// (stop_details, container, fields newer than sluice), as the upstream's
+// message_delta had them, so that a client's accumulated Message is the
+// result.
+func messageDelta(result map[string]json.RawMessage) []byte {
+	keys := []string{"stop_reason", "stop_sequence"}
+	if _, ok := result["stop_details"]; ok {
+		keys = append(keys, "stop_details")
+	}
+	var rest []string
+	for k := range result {
+		if !startFields[k] && !slices.Contains(keys, k) {
+			rest = append(rest, k)
+		}
+	}
+	slices.Sort(rest)
+	var b bytes.Buffer
+	b.WriteByte('{')
+	for i, k := range append(keys, rest...) {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		kb, _ := json.Marshal(k)
+		b.Write(kb)
+		b.WriteByte(':')
+		if v := bytes.TrimSpace(result[k]); len(v) > 0 {
+			b.Write(v)
+		} else {
+			b.WriteString("null")
+		}
+	}
+	b.WriteByte('}')
+	return b.Bytes()
 }
 
 func (r *relay) fail(typ, msg string) error {

@@ -1,16 +1,23 @@
 package api_test
 
 import (
+	"bufio"
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
+	"io"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/anthropics/anthropic-sdk-go/v2"
 	"github.com/anthropics/anthropic-sdk-go/v2/option"
+	"github.com/google/go-cmp/cmp"
 
 	"github.com/sluice-dev/sluice/internal/harness"
+	"github.com/sluice-dev/sluice/jobs"
 )
 
 // The official Go SDK, pointed at sluice, works unchanged.
@@ -115,4 +122,122 @@ func TestMessagesRefusalsAreAnthropicErrors(t *testing.T) {
 	}
 	_, err = client.Messages.New(ctx, params("u2", "hi", 10))
 	check("overloaded", err, 529, "overloaded_error")
+}
+
+// liveStream posts a streamed /v1/messages body and hands its events over
+// as they arrive; the channel closes when the stream ends.
+func liveStream(t *testing.T, e *harness.Env, body map[string]any) <-chan rawEvent {
+	t.Helper()
+	b, _ := json.Marshal(body)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, e.API.URL+"/v1/messages", bytes.NewReader(b))
+	req.Header.Set("content-type", "application/json")
+	req.Header.Set("x-api-key", harness.TenantKey)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		defer resp.Body.Close()
+		msg, _ := io.ReadAll(resp.Body)
+		t.Fatalf("%d %s", resp.StatusCode, msg)
+	}
+	out := make(chan rawEvent, 64)
+	go func() {
+		defer close(out)
+		defer resp.Body.Close()
+		sc := bufio.NewScanner(resp.Body)
+		sc.Buffer(nil, 1<<20)
+		var ev rawEvent
+		for sc.Scan() {
+			line := sc.Text()
+			switch {
+			case line == "":
+				if ev.name != "" {
+					select {
+					case out <- ev:
+					case <-ctx.Done():
+						return
+					}
+				}
+				ev = rawEvent{}
+			case strings.HasPrefix(line, "event: "):
+				ev.name = strings.TrimPrefix(line, "event: ")
+			case strings.HasPrefix(line, "data: "):
+				ev.data = strings.TrimPrefix(line, "data: ")
+			}
+		}
+	}()
+	return out
+}
+
+// next is the stream's next event; ok is false when the stream ended.
+func next(t *testing.T, evs <-chan rawEvent, within time.Duration) (rawEvent, bool) {
+	t.Helper()
+	select {
+	case ev, ok := <-evs:
+		return ev, ok
+	case <-time.After(within):
+		t.Fatalf("no event within %s", within)
+		return rawEvent{}, false
+	}
+}
+
+func streamBody(user, text string) map[string]any {
+	return map[string]any{"model": harness.Model, "max_tokens": 100, "stream": true, "metadata": map[string]any{"user_id": user},
+		"messages": []any{map[string]any{"role": "user", "content": text}}}
+}
+
+// TestMessagesStreamPingsWhileQueued: a streamed request that waits in the
+// queue (the group's one slot is taken by a long call) gets ping events
+// all the while, and its answer once the slot is free.
+func TestMessagesStreamPingsWhileQueued(t *testing.T) {
+	e := harness.Start(t, harness.Options{MaxConcurrency: 1, PingEvery: 20 * time.Millisecond})
+	blocker := e.Submit(t, harness.JobBody("alice", "hold the only slot [[latency_ms=60000]]"))
+	harness.Eventually(t, 10*time.Second, func() bool {
+		return e.Get(t, blocker.ID).Status == jobs.Running && e.Fake.Stats().InFlight == 1
+	}, "the first call to take the group's only slot")
+
+	evs := liveStream(t, e, streamBody("bob", "my turn [[reply_tokens=3]]"))
+	for pings := 0; pings < 4; pings++ { // the one at once, then one every 20 ms
+		ev, ok := next(t, evs, 5*time.Second)
+		if !ok || ev.name != "ping" {
+			t.Fatalf("event %d %q (stream open: %v) while the request waits: want a ping", pings, ev.name, ok)
+		}
+	}
+	resp, b := e.Do(t, http.MethodGet, "/v1/jobs?user_id=bob", harness.TenantKey, nil)
+	var list struct{ Jobs []jobs.View }
+	if err := json.Unmarshal(b, &list); err != nil || resp.StatusCode != http.StatusOK || len(list.Jobs) != 1 || list.Jobs[0].Status != jobs.Queued {
+		t.Fatalf("bob's jobs %d %s: want one, still queued", resp.StatusCode, b)
+	}
+	if e.Fake.Stats().Requests != 1 {
+		t.Fatalf("%d upstream calls: want only the first one's", e.Fake.Stats().Requests)
+	}
+
+	if resp, b := e.Do(t, http.MethodDelete, "/v1/jobs/"+blocker.ID, harness.TenantKey, nil); resp.StatusCode != http.StatusOK {
+		t.Fatalf("cancel the first call: %d %s", resp.StatusCode, b)
+	}
+	var names []string
+	var text strings.Builder
+	for {
+		ev, ok := next(t, evs, 10*time.Second)
+		if !ok {
+			break
+		}
+		var d struct {
+			Delta struct{ Text string } `json:"delta"`
+		}
+		if ev.name == "content_block_delta" && json.Unmarshal([]byte(ev.data), &d) == nil {
+			text.WriteString(d.Delta.Text)
+		}
+		if ev.name == "ping" || ev.name == "content_block_delta" && len(names) > 0 && names[len(names)-1] == ev.name {
+			continue
+		}
+		names = append(names, ev.name)
+	}
+	want := []string{"message_start", "content_block_start", "content_block_delta", "content_block_stop", "message_delta", "message_stop"}
+	if diff := cmp.Diff(want, names); diff != "" || len(strings.Fields(text.String())) != 3 {
+		t.Fatalf("events once the slot was free (-want +got):\n%s\ntext %q: want 3 words", diff, text.String())
+	}
 }

@@ -54,8 +54,11 @@ type Deps struct {
 	// queue announced a move; 0 = one second (tests set it long, to see the
 	// announcements work alone).
 	PositionEvery time.Duration
-	Logger        *slog.Logger
-	Clock         func() time.Time // nil = time.Now
+	// PingEvery is how often a streamed /v1/messages request gets a `ping`
+	// event; 0 = every 5 s (tests set it short).
+	PingEvery time.Duration
+	Logger    *slog.Logger
+	Clock     func() time.Time // nil = time.Now
 }
 
 // Server is the api.

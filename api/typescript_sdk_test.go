@@ -20,7 +20,8 @@ import (
 // sdktest/typescript/package-lock.json) drives the same tool-use
 // conversation through sluice and against the fake upstream directly:
 // client.messages.stream() must see the same events and finish with the same
-// message. Its node_modules come from `npm ci --prefix sdktest/typescript`;
+// message (the second one's stop_details and container included, which the
+// SDK takes from message_delta). Its node_modules come from `npm ci --prefix sdktest/typescript`;
 // without node or them the test is skipped, unless SLUICE_REQUIRE_NODE=1.
 
 const tsSDKDir = "../sdktest/typescript"
@@ -165,7 +166,7 @@ func TestTypeScriptSDKStreamWithTools(t *testing.T) {
 			t.Errorf("turn %d: message id %q through sluice: want msg_…", i+1, id)
 		}
 	}
-	if last := sluice.Turns[1].Message; last["stop_reason"] != "end_turn" {
-		t.Errorf("second turn through sluice %v: want end_turn", last)
+	if last := sluice.Turns[1].Message; last["stop_reason"] != "end_turn" || last["container"] == nil {
+		t.Errorf("second turn through sluice %v: want end_turn, and the container of its message_delta", last)
 	}
 }

@@ -305,8 +305,7 @@ func (s *Server) batchAnswer(customID string, params json.RawMessage, now time.T
 	for _, b := range plan.blocks {
 		msg.Content = append(msg.Content, b.whole)
 	}
-	msg.StopReason = &plan.stopReason
-	msg.StopSequence = plan.stopSequence
+	plan.end(&msg)
 	msg.Usage.OutputTokens = plan.tokens()
 	res, _ := json.Marshal(map[string]any{"type": "succeeded", "message": msg})
 	return batchResult{customID: customID, result: res, kind: "succeeded"}

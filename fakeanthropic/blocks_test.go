@@ -3,6 +3,7 @@ package fakeanthropic_test
 import (
 	"encoding/json"
 	"net/http"
+	"slices"
 	"strings"
 	"testing"
 
@@ -282,5 +283,82 @@ func TestUnknownEvent(t *testing.T) {
 	whole, _ := streamAndWhole(t, newClient(srv), userParams("x [[unknown_event]] [[reply_tokens=2]]", 10))
 	if len(whole.Content) != 2 || whole.Content[0].Type != "future_block" {
 		t.Errorf("content %+v: want the future block, then text", whole.Content)
+	}
+}
+
+// TestDeltaFields: [[delta_fields]] adds fields beyond stop_reason and
+// stop_sequence to message_delta's delta (stop_details, container, and one
+// no client knows), and the whole message has the same at its top level;
+// without it the delta has only the two.
+func TestDeltaFields(t *testing.T) {
+	_, srv := newFake(t, fakeanthropic.Config{})
+	const text = "x [[delta_fields]] [[reply_tokens=2]]"
+	deltaOf := func(body []byte) map[string]json.RawMessage {
+		t.Helper()
+		for _, ev := range readEvents(t, body) {
+			if ev.name == "message_delta" {
+				var d struct {
+					Delta map[string]json.RawMessage `json:"delta"`
+				}
+				if err := json.Unmarshal([]byte(ev.data), &d); err != nil {
+					t.Fatal(err)
+				}
+				return d.Delta
+			}
+		}
+		t.Fatalf("no message_delta in %s", body)
+		return nil
+	}
+	res, b := post(t, srv, "/v1/messages", rawBody(text, 10, true), nil)
+	if res.StatusCode != http.StatusOK {
+		t.Fatalf("%d %s", res.StatusCode, b)
+	}
+	delta := deltaOf(b)
+	var keys []string
+	for k := range delta {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	if diff := cmp.Diff([]string{"container", "future_field", "stop_details", "stop_reason", "stop_sequence"}, keys); diff != "" {
+		t.Fatalf("delta %v (-want +got):\n%s", delta, diff)
+	}
+	if string(delta["stop_details"]) != "null" || !strings.Contains(string(delta["container"]), `"id":"container_011`) {
+		t.Errorf("delta %s %s", delta["stop_details"], delta["container"])
+	}
+	res, b = post(t, srv, "/v1/messages", rawBody(text, 10, false), nil)
+	if res.StatusCode != http.StatusOK {
+		t.Fatalf("%d %s", res.StatusCode, b)
+	}
+	var whole map[string]json.RawMessage
+	if err := json.Unmarshal(b, &whole); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range keys {
+		if string(whole[k]) != string(delta[k]) {
+			t.Errorf("message's %s is %s, the delta's %s: want the same", k, whole[k], delta[k])
+		}
+	}
+	// The SDK accumulates them into the message, as it reads the whole one.
+	client := newClient(srv)
+	w, _ := streamAndWhole(t, client, userParams(text, 10))
+	if w.Container.ID == "" || !strings.Contains(w.RawJSON(), `"future_field"`) {
+		t.Errorf("whole message %s: want its container and future_field", w.RawJSON())
+	}
+	stream := client.Messages.NewStreaming(ctxWithTimeout(t), userParams(text, 10))
+	var acc anthropic.Message
+	for stream.Next() {
+		if err := acc.Accumulate(stream.Current()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := stream.Err(); err != nil {
+		t.Fatal(err)
+	}
+	if acc.Container.ID != w.Container.ID || !strings.Contains(acc.RawJSON(), `"future_field"`) {
+		t.Errorf("streamed message %s: want the container and future_field of %s", acc.RawJSON(), w.RawJSON())
+	}
+	_, b = post(t, srv, "/v1/messages", rawBody("x [[reply_tokens=2]]", 10, true), nil)
+	if d := deltaOf(b); len(d) != 2 {
+		t.Errorf("delta without the directive %v: want stop_reason and stop_sequence only", d)
 	}
 }

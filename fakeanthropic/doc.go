@@ -66,6 +66,7 @@
 //	[[redacted_thinking]]  with thinking enabled, a redacted_thinking block after the thinking
 //	[[citations]]       the text block ends with a citations_delta
 //	[[unknown_event]]   an event (content_block_future) and a block (future_block) of unknown types
+//	[[delta_fields]]    message_delta's delta carries more than stop_reason and stop_sequence
 //
 // The cache directives describe a cached prefix on top of the counted
 // prompt, on top of what real prompt caching (below) reports: they do not
@@ -86,6 +87,13 @@
 // then pieces of up to 8 bytes, one output token each, with stop_reason
 // "tool_use". A tool call that does not fit in max_tokens is left out. The
 // non-streaming message holds the same blocks whole.
+//
+// With [[delta_fields]], message_delta's delta carries, after stop_reason
+// and stop_sequence, the newer fields the API may send there:
+// "stop_details": null, a "container" ({"id": "container_011…",
+// "expires_at", "skills": []}; a fixed expiry) and "future_field" (a field
+// of a name no client knows); the non-streaming message (and a batch
+// result) has the same fields at its top level.
 //
 // Requests are checked as the API checks them: tools have a name and (client
 // tools) an input_schema; tool_choice names a tool of the request; thinking's

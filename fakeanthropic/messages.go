@@ -271,7 +271,12 @@ type (
 		Content      []any   `json:"content"`
 		StopReason   *string `json:"stop_reason"`
 		StopSequence *string `json:"stop_sequence"`
-		Usage        usage   `json:"usage"`
+		// StopDetails, Container and FutureField: only with
+		// [[delta_fields]] (see deltaExtras).
+		StopDetails json.RawMessage `json:"stop_details,omitempty"`
+		Usage       usage           `json:"usage"`
+		Container   *containerInfo  `json:"container,omitempty"`
+		FutureField *futureField    `json:"future_field,omitempty"`
 	}
 	messageStartEvent struct {
 		Type    string  `json:"type"`
@@ -303,8 +308,11 @@ type (
 		Usage usage        `json:"usage"`
 	}
 	messageDelta struct {
-		StopReason   *string `json:"stop_reason"`
-		StopSequence *string `json:"stop_sequence"`
+		StopReason   *string         `json:"stop_reason"`
+		StopSequence *string         `json:"stop_sequence"`
+		StopDetails  json.RawMessage `json:"stop_details,omitempty"`
+		Container    *containerInfo  `json:"container,omitempty"`
+		FutureField  *futureField    `json:"future_field,omitempty"`
 	}
 	typeOnlyEvent struct {
 		Type string `json:"type"`
@@ -327,8 +335,7 @@ func (s *Server) writeMessage(w http.ResponseWriter, out *output, msg message, f
 	for _, b := range out.plan.blocks {
 		msg.Content = append(msg.Content, b.whole)
 	}
-	msg.StopReason = &out.plan.stopReason
-	msg.StopSequence = out.plan.stopSequence
+	out.plan.end(&msg)
 	msg.Usage.OutputTokens = out.produced()
 	c.rec.Status = http.StatusOK
 	c.rec.Complete = fault != FaultStreamCut
@@ -416,8 +423,7 @@ blocks:
 	u := msg.Usage
 	u.OutputTokens = out.produced()
 	u.CacheCreation = nil
-	ev.send("message_delta", messageDeltaEvent{Type: "message_delta",
-		Delta: messageDelta{StopReason: &out.plan.stopReason, StopSequence: out.plan.stopSequence}, Usage: u})
+	ev.send("message_delta", messageDeltaEvent{Type: "message_delta", Delta: out.plan.delta(), Usage: u})
 	ev.send("message_stop", typeOnlyEvent{Type: "message_stop"})
 }
 

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
+	"fmt"
 	"hash/fnv"
 	"sort"
 	"strings"
@@ -46,6 +47,44 @@ type reply struct {
 	// unknownEvent ([[unknown_event]]): an event of a type no client
 	// knows (content_block_future) follows message_start.
 	unknownEvent bool
+	// extras ([[delta_fields]]): fields beyond stop_reason and
+	// stop_sequence in message_delta's delta and the whole message.
+	extras *deltaExtras
+}
+
+// deltaExtras are the fields a reply with [[delta_fields]] adds to
+// message_delta's delta, and the whole message to its top level:
+// stop_details (null, as the API sends it when the stop has nothing more
+// to say), a container, and a field of a name no client knows.
+type deltaExtras struct {
+	container   containerInfo
+	futureField futureField
+}
+
+// containerExpiry is the expiry of every container the fake reports.
+const containerExpiry = "2030-01-01T00:00:00Z"
+
+// end fills in how msg stops: its stop reason and sequence and, with
+// [[delta_fields]], the fields beyond them.
+func (r reply) end(msg *message) {
+	msg.StopReason = &r.stopReason
+	msg.StopSequence = r.stopSequence
+	if r.extras != nil {
+		msg.StopDetails = json.RawMessage("null")
+		msg.Container = &r.extras.container
+		msg.FutureField = &r.extras.futureField
+	}
+}
+
+// delta is the delta of the reply's message_delta.
+func (r reply) delta() messageDelta {
+	d := messageDelta{StopReason: &r.stopReason, StopSequence: r.stopSequence}
+	if r.extras != nil {
+		d.StopDetails = json.RawMessage("null")
+		d.Container = &r.extras.container
+		d.FutureField = &r.extras.futureField
+	}
+	return d
 }
 
 // replyBlock is one content block: how content_block_start shows it, its
@@ -99,6 +138,16 @@ type (
 		Name  string          `json:"name"`
 		Input json.RawMessage `json:"input"`
 	}
+	// containerInfo is the container a message reports ([[delta_fields]]).
+	containerInfo struct {
+		ID        string `json:"id"`
+		ExpiresAt string `json:"expires_at"`
+		Skills    []any  `json:"skills"`
+	}
+	// futureField is a message field no client knows ([[delta_fields]]).
+	futureField struct {
+		Detail string `json:"detail"`
+	}
 	// futureBlock is a block type no client knows ([[unknown_event]]).
 	futureBlock struct {
 		Type   string `json:"type"`
@@ -146,6 +195,8 @@ type (
 //     signature_delta; [[redacted_thinking]] adds a redacted_thinking block
 //     after it.
 //   - [[unknown_event]]: a future_block with one future_delta (no tokens).
+//   - [[delta_fields]]: no block of its own; message_delta's delta (and the
+//     whole message) carries stop_details, container and future_field.
 //   - A text block of the request's [[reply_tokens=N]] words, or
 //     defaultTokens (with a tool call: only with the directive, else none).
 //     The words start at a point picked by a hash of the last user message,
@@ -187,6 +238,12 @@ func planReply(req *messagesRequest, defaultTokens int) reply {
 			data := redactedData(last)
 			b := redactedThinkingBlock{Type: "redacted_thinking", Data: data}
 			r.blocks = append(r.blocks, replyBlock{start: b, whole: b})
+		}
+	}
+	if d.deltaFields {
+		r.extras = &deltaExtras{
+			container:   containerInfo{ID: fmt.Sprintf("container_011%08x", h.Sum32()), ExpiresAt: containerExpiry, Skills: []any{}},
+			futureField: futureField{Detail: "a message_delta field this client does not know"},
 		}
 	}
 	if d.unknownEvent {

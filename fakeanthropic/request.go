@@ -53,11 +53,14 @@ type directives struct {
 	// redactedThinking ([[redacted_thinking]]): a redacted_thinking block
 	// after the thinking block.
 	redactedThinking bool
+	// deltaFields ([[delta_fields]]): message_delta's delta (and the whole
+	// message) carries fields beyond stop_reason and stop_sequence.
+	deltaFields bool
 }
 
 var (
 	directiveRE = regexp.MustCompile(`\[\[(reply_tokens|cache_read|cache_write|latency_ms|thinking_tokens)=(\d{1,9})\]\]`)
-	flagRE      = regexp.MustCompile(`\[\[(tool_use|citations|unknown_event|redacted_thinking)(?:=([A-Za-z0-9_-]{1,64}))?\]\]`)
+	flagRE      = regexp.MustCompile(`\[\[(tool_use|citations|unknown_event|redacted_thinking|delta_fields)(?:=([A-Za-z0-9_-]{1,64}))?\]\]`)
 )
 
 // parseRequest validates body the way the API does and reports the first
@@ -422,6 +425,8 @@ func parseDirectives(text string) directives {
 			d.unknownEvent = true
 		case "redacted_thinking":
 			d.redactedThinking = true
+		case "delta_fields":
+			d.deltaFields = true
 		}
 	}
 	for _, m := range directiveRE.FindAllStringSubmatch(text, -1) {

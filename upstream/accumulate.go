@@ -33,14 +33,18 @@ type rawEvent struct {
 }
 
 type rawDelta struct {
-	Type         string          `json:"type"`
-	Text         string          `json:"text"`
-	PartialJSON  string          `json:"partial_json"`
-	Thinking     string          `json:"thinking"`
-	Signature    string          `json:"signature"`
-	Citation     json.RawMessage `json:"citation"`
-	StopReason   *string         `json:"stop_reason"`
-	StopSequence *string         `json:"stop_sequence"`
+	Type        string          `json:"type"`
+	Text        string          `json:"text"`
+	PartialJSON string          `json:"partial_json"`
+	Thinking    string          `json:"thinking"`
+	Signature   string          `json:"signature"`
+	Citation    json.RawMessage `json:"citation"`
+}
+
+// isNull reports whether a JSON value is null (or missing).
+func isNull(v json.RawMessage) bool {
+	v = bytes.TrimSpace(v)
+	return len(v) == 0 || string(v) == "null"
 }
 
 func (a *accumulator) add(typ string, raw []byte) error {
@@ -115,15 +119,23 @@ func (a *accumulator) add(typ string, raw []byte) error {
 		if a.msg == nil {
 			return errors.New("message_delta before message_start")
 		}
-		var d rawDelta
+		// Every field of the delta is the Message's own at its top level
+		// (stop_reason, stop_sequence, and whatever else the API sends
+		// there: stop_details, container, newer ones), kept as sent. A null
+		// does not undo a value already there, but names a field not yet
+		// present, as the API's Message has it.
+		var d map[string]json.RawMessage
 		if err := json.Unmarshal(ev.Delta, &d); err != nil {
 			return err
 		}
-		if d.StopReason != nil {
-			a.msg["stop_reason"] = *d.StopReason
-		}
-		if d.StopSequence != nil {
-			a.msg["stop_sequence"] = *d.StopSequence
+		for k, v := range d {
+			if k == "content" || k == "usage" {
+				continue // never the delta's: the blocks and usage are built apart
+			}
+			if _, had := a.msg[k]; had && isNull(v) {
+				continue
+			}
+			a.msg[k] = v
 		}
 		usage, _ := a.msg["usage"].(map[string]any)
 		if usage == nil {
@@ -172,7 +184,7 @@ func (a *accumulator) result() (json.RawMessage, string, Usage, error) {
 // messageOrder is the field order of the API's own Message objects, so a
 // stored result reads like the upstream's; fields it does not name follow,
 // sorted.
-var messageOrder = []string{"id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"}
+var messageOrder = []string{"id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "stop_details", "usage"}
 
 func marshalMessage(m map[string]any) ([]byte, error) {
 	keys := make([]string, 0, len(m))

@@ -118,3 +118,35 @@ func TestStreamParts(t *testing.T) {
 		t.Errorf("usage %+v, text %q", res.Usage, res.Text)
 	}
 }
+
+// TestStreamKeepsEveryDeltaField: fields of message_delta's delta beyond
+// stop_reason and stop_sequence (stop_details, container, one no client
+// knows) are the result's at its top level, as in the non-streaming
+// message.
+func TestStreamKeepsEveryDeltaField(t *testing.T) {
+	srv := fake(t)
+	c := upstream.New(upstream.Options{BaseURL: srv.URL, APIKey: key})
+	defer c.Close()
+	b := body(t, "go [[delta_fields]] [[reply_tokens=3]]", nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	res, err := c.Stream(ctx, b, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var streamed map[string]any
+	if err := json.Unmarshal(res.Message, &streamed); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"stop_details", "container", "future_field"} {
+		if _, ok := streamed[k]; !ok {
+			t.Errorf("result %s has no %s", res.Message, k)
+		}
+	}
+	if diff := cmp.Diff(withoutIDs(whole(t, srv, b)), withoutIDs(streamed)); diff != "" {
+		t.Errorf("accumulated result differs from the non-streaming message (-whole +streamed):\n%s", diff)
+	}
+	if !strings.Contains(string(res.Message), `"stop_sequence":null,"stop_details":null,"usage":`) {
+		t.Errorf("result %s: want stop_details after stop_sequence, as the API orders them", res.Message)
+	}
+}

@@ -148,6 +148,14 @@ func (w *Worker) run(ctx context.Context, a *attempt) error {
 		w.keep(ctx, a, res, deltas, elapsed)
 		return nil
 	}
+	// What the attempt streamed is logged before its end is, and its writer
+	// stopped, so that every delta and block of an abandoned attempt comes
+	// before its retrying event (nothing of it can follow and be taken for
+	// the next attempt's).
+	fctx, cancelFlush := context.WithTimeout(w.hard, persistTry)
+	_ = deltas.flush(fctx)
+	cancelFlush()
+	deltas.close()
 	var ue *upstream.Error
 	if !errors.As(err, &ue) {
 		ue = &upstream.Error{Kind: upstream.KindRetryable, Message: err.Error(), Err: err}

@@ -84,6 +84,7 @@ type deltaLog struct {
 	kick    chan struct{}
 	idle    chan struct{} // closed and replaced each time nothing is pending
 	quit    chan struct{}
+	stop    sync.Once
 	done    chan struct{}
 }
 
@@ -143,10 +144,11 @@ func (d *deltaLog) flush(ctx context.Context) error {
 // errUnwritten: the writer stopped with parts of the answer not yet written.
 var errUnwritten = errors.New("the answer's text could not be logged")
 
-// close stops the writer; parts not yet written are dropped (the attempt
-// ended without an answer to keep).
+// close stops the writer and waits for a write in flight to end; parts not
+// yet written are dropped (the attempt ended without an answer to keep).
+// Calls after the first only wait.
 func (d *deltaLog) close() {
-	close(d.quit)
+	d.stop.Do(func() { close(d.quit) })
 	<-d.done
 }
 
@@ -162,6 +164,11 @@ func (d *deltaLog) run(ctx context.Context) {
 		case <-d.kick:
 		}
 		for {
+			select {
+			case <-d.quit:
+				return // closed: nothing more is written
+			default:
+			}
 			d.mu.Lock()
 			if len(d.pending) == 0 || d.err != nil {
 				d.pending = nil

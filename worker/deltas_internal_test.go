@@ -90,3 +90,48 @@ func TestDeltaLogStopsOnRefusal(t *testing.T) {
 		t.Fatalf("flush after: %v", err)
 	}
 }
+
+// TestDeltaLogWritesNothingAfterClose: close waits for the write in flight
+// and writes nothing after it (what an attempt logs comes before its end),
+// and may be called again.
+func TestDeltaLogWritesNothingAfterClose(t *testing.T) {
+	inWrite, release := make(chan struct{}), make(chan struct{})
+	var mu sync.Mutex
+	var written []string
+	first := true
+	d := newDeltaLog(func(_ context.Context, evs []jobs.NewEvent) error {
+		if first { // the writer's goroutine only
+			first = false
+			close(inWrite)
+			<-release
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		for _, ev := range evs {
+			written = append(written, string(ev.Data))
+		}
+		return nil
+	}, func() { t.Error("refused") }, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	go d.run(ctx)
+	d.add(upstream.Part{Kind: upstream.PartText, Index: 0, Text: "a"})
+	<-inWrite
+	d.add(upstream.Part{Kind: upstream.PartText, Index: 1, Text: "b"}) // waits for the next write, which never comes
+	closed := make(chan struct{})
+	go func() { d.close(); close(closed) }()
+	<-d.quit // close has begun
+	select {
+	case <-closed:
+		t.Fatal("close returned while a write was in flight")
+	default:
+	}
+	close(release)
+	<-closed
+	d.close()
+	mu.Lock()
+	defer mu.Unlock()
+	if diff := cmp.Diff([]string{`{"text":"a","index":0}`}, written); diff != "" {
+		t.Fatalf("written (-want +got):\n%s", diff)
+	}
+}

@@ -59,6 +59,9 @@ type Options struct {
 	Clock func() time.Time
 	// PositionEvery is the api's periodic position read (0 = its default).
 	PositionEvery time.Duration
+	// PingEvery is how often a streamed /v1/messages request gets a ping
+	// (0 = the api's default).
+	PingEvery time.Duration
 	// MaxConcurrency is the model group's max_concurrency (0 = 8).
 	MaxConcurrency int
 	// UpstreamExtra: YAML lines added to the upstream section (indented 2
@@ -194,7 +197,7 @@ func Start(tb testing.TB, o Options) *Env {
 		tb.Fatal(err)
 	}
 	e.Server = api.New(api.Deps{FakeUpstream: !o.RealUpstream, Config: cfg, Redis: e.RDB, Store: e.Store, Hub: hub,
-		Scheduler: e.Sched, Estimator: estimate.NewCalibrator(e.RDB), Upstream: apiUp, TokenSecret: secret, Web: web.Handler(), Logger: log, Clock: o.Clock, PositionEvery: o.PositionEvery,
+		Scheduler: e.Sched, Estimator: estimate.NewCalibrator(e.RDB), Upstream: apiUp, TokenSecret: secret, Web: web.Handler(), Logger: log, Clock: o.Clock, PositionEvery: o.PositionEvery, PingEvery: o.PingEvery,
 		Dashboard: web.Dashboard(), Metrics: e.Metrics, Usage: e.Usage})
 	e.API = httptest.NewServer(e.Server)
 	tb.Cleanup(func() {

@@ -13,7 +13,8 @@
 //    "turns": [{"events": ["message_start", "content_block_start:text", ...],
 //               "message": <await stream.finalMessage()>}, ...]}
 //
-// The first turn asks for the tool; the second sends its tool_result back.
+// The first turn asks for the tool; the second sends its tool_result back,
+// and its answer's message_delta carries stop_details and a container.
 // Event kinds are the event type, with the block type (content_block_start)
 // or the delta type (content_block_delta) after a colon; consecutive text
 // deltas count once, since sluice may join them.
@@ -73,7 +74,7 @@ try {
       { role: 'assistant', content: first.message.content },
       {
         role: 'user',
-        content: [{ type: 'tool_result', tool_use_id: call.id, content: 'Sunny, 21 °C [[reply_tokens=5]]' }],
+        content: [{ type: 'tool_result', tool_use_id: call.id, content: 'Sunny, 21 °C [[reply_tokens=5]] [[delta_fields]]' }],
       },
     );
     turns.push(await turn(messages));
