@@ -461,7 +461,7 @@ func (r *relay) finish(data json.RawMessage) error {
 	}
 	delete(m.Usage, "cache_creation") // message_delta's usage has no breakdown
 	usage, _ := json.Marshal(m.Usage)
-	b := []byte(`{"type":"message_delta","delta":` + string(messageDelta(top)) + `,"usage":` + string(usage) + `}`)
+	b := []byte(`{"type":"message_delta","delta":` + string(messageDelta(top)) + `,"usage":` + string(usage) + eventFields(top) + `}`)
 	if err := r.send("message_delta", b); err != nil {
 		return err
 	}
@@ -471,6 +471,35 @@ func (r *relay) finish(data json.RawMessage) error {
 // startFields are the Message's fields that message_start carries; every
 // other top-level field of the result goes in message_delta's delta.
 var startFields = map[string]bool{"id": true, "type": true, "role": true, "model": true, "content": true, "usage": true}
+
+// eventLevel are the Message's fields that the API sends on the
+// message_delta event itself rather than in its delta.
+var eventLevel = map[string]bool{"context_management": true, "input_transformations": true}
+
+// eventFields renders the result's event-level fields (see eventLevel) as
+// `,"name":value` pairs for the message_delta event, in name order.
+func eventFields(result map[string]json.RawMessage) string {
+	var names []string
+	for k := range result {
+		if eventLevel[k] {
+			names = append(names, k)
+		}
+	}
+	slices.Sort(names)
+	var b strings.Builder
+	for _, k := range names {
+		kb, _ := json.Marshal(k)
+		b.WriteByte(',')
+		b.Write(kb)
+		b.WriteByte(':')
+		if v := bytes.TrimSpace(result[k]); len(v) > 0 {
+			b.Write(v)
+		} else {
+			b.WriteString("null")
+		}
+	}
+	return b.String()
+}
 
 // messageDelta is the delta of the message_delta that ends a relayed
 // stream: stop_reason and stop_sequence (null when the result has none),
@@ -485,7 +514,7 @@ func messageDelta(result map[string]json.RawMessage) []byte {
 	}
 	var rest []string
 	for k := range result {
-		if !startFields[k] && !slices.Contains(keys, k) {
+		if !startFields[k] && !eventLevel[k] && !slices.Contains(keys, k) {
 			rest = append(rest, k)
 		}
 	}

@@ -92,8 +92,10 @@
 // and stop_sequence, the newer fields the API may send there:
 // "stop_details": null, a "container" ({"id": "container_011…",
 // "expires_at", "skills": []}; a fixed expiry) and "future_field" (a field
-// of a name no client knows); the non-streaming message (and a batch
-// result) has the same fields at its top level.
+// of a name no client knows); the message_delta event itself carries
+// "context_management": {"applied_edits": []} beside its delta, as the API
+// does; the non-streaming message (and a batch result) has all of these at
+// its top level.
 //
 // Requests are checked as the API checks them: tools have a name and (client
 // tools) an input_schema; tool_choice names a tool of the request; thinking's

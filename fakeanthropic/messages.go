@@ -277,6 +277,9 @@ type (
 		Usage       usage           `json:"usage"`
 		Container   *containerInfo  `json:"container,omitempty"`
 		FutureField *futureField    `json:"future_field,omitempty"`
+		// ContextManagement: only with [[delta_fields]]; a stream sends
+		// it on the message_delta event itself, beside the delta.
+		ContextManagement json.RawMessage `json:"context_management,omitempty"`
 	}
 	messageStartEvent struct {
 		Type    string  `json:"type"`
@@ -303,9 +306,10 @@ type (
 		Index int    `json:"index"`
 	}
 	messageDeltaEvent struct {
-		Type  string       `json:"type"`
-		Delta messageDelta `json:"delta"`
-		Usage usage        `json:"usage"`
+		Type              string          `json:"type"`
+		Delta             messageDelta    `json:"delta"`
+		Usage             usage           `json:"usage"`
+		ContextManagement json.RawMessage `json:"context_management,omitempty"`
 	}
 	messageDelta struct {
 		StopReason   *string         `json:"stop_reason"`
@@ -423,7 +427,7 @@ blocks:
 	u := msg.Usage
 	u.OutputTokens = out.produced()
 	u.CacheCreation = nil
-	ev.send("message_delta", messageDeltaEvent{Type: "message_delta", Delta: out.plan.delta(), Usage: u})
+	ev.send("message_delta", messageDeltaEvent{Type: "message_delta", Delta: out.plan.delta(), Usage: u, ContextManagement: out.plan.contextManagement()})
 	ev.send("message_stop", typeOnlyEvent{Type: "message_stop"})
 }
 

@@ -73,10 +73,20 @@ func (r reply) end(msg *message) {
 		msg.StopDetails = json.RawMessage("null")
 		msg.Container = &r.extras.container
 		msg.FutureField = &r.extras.futureField
+		msg.ContextManagement = r.contextManagement()
 	}
 }
 
 // delta is the delta of the reply's message_delta.
+// contextManagement is what a reply with [[delta_fields]] reports of
+// context management (no edit applied); nil without.
+func (r reply) contextManagement() json.RawMessage {
+	if r.extras == nil {
+		return nil
+	}
+	return json.RawMessage(`{"applied_edits":[]}`)
+}
+
 func (r reply) delta() messageDelta {
 	d := messageDelta{StopReason: &r.stopReason, StopSequence: r.stopSequence}
 	if r.extras != nil {

@@ -137,6 +137,23 @@ func (a *accumulator) add(typ string, raw []byte) error {
 			}
 			a.msg[k] = v
 		}
+		// Fields of the event itself beside delta and usage
+		// (context_management, input_transformations) are the Message's
+		// too, as the SDKs' accumulators make them.
+		var top map[string]json.RawMessage
+		if err := json.Unmarshal(raw, &top); err != nil {
+			return err
+		}
+		for k, v := range top {
+			switch k {
+			case "type", "delta", "usage", "content":
+				continue
+			}
+			if _, had := a.msg[k]; had && isNull(v) {
+				continue
+			}
+			a.msg[k] = v
+		}
 		usage, _ := a.msg["usage"].(map[string]any)
 		if usage == nil {
 			usage = map[string]any{}

@@ -138,7 +138,7 @@ func TestStreamKeepsEveryDeltaField(t *testing.T) {
 	if err := json.Unmarshal(res.Message, &streamed); err != nil {
 		t.Fatal(err)
 	}
-	for _, k := range []string{"stop_details", "container", "future_field"} {
+	for _, k := range []string{"stop_details", "container", "future_field", "context_management"} {
 		if _, ok := streamed[k]; !ok {
 			t.Errorf("result %s has no %s", res.Message, k)
 		}
