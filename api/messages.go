@@ -486,19 +486,24 @@ func eventFields(result map[string]json.RawMessage) string {
 		}
 	}
 	slices.Sort(names)
-	var b strings.Builder
+	var b bytes.Buffer
 	for _, k := range names {
-		kb, _ := json.Marshal(k)
 		b.WriteByte(',')
-		b.Write(kb)
-		b.WriteByte(':')
-		if v := bytes.TrimSpace(result[k]); len(v) > 0 {
-			b.Write(v)
-		} else {
-			b.WriteString("null")
-		}
+		writeField(&b, k, result[k])
 	}
 	return b.String()
+}
+
+// writeField writes `"name":value`, a missing value as null.
+func writeField(b *bytes.Buffer, name string, v json.RawMessage) {
+	kb, _ := json.Marshal(name)
+	b.Write(kb)
+	b.WriteByte(':')
+	if v = bytes.TrimSpace(v); len(v) > 0 {
+		b.Write(v)
+	} else {
+		b.WriteString("null")
+	}
 }
 
 // messageDelta is the delta of the message_delta that ends a relayed
@@ -525,14 +530,7 @@ func messageDelta(result map[string]json.RawMessage) []byte {
 		if i > 0 {
 			b.WriteByte(',')
 		}
-		kb, _ := json.Marshal(k)
-		b.Write(kb)
-		b.WriteByte(':')
-		if v := bytes.TrimSpace(result[k]); len(v) > 0 {
-			b.Write(v)
-		} else {
-			b.WriteString("null")
-		}
+		writeField(&b, k, result[k])
 	}
 	b.WriteByte('}')
 	return b.Bytes()
