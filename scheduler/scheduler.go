@@ -393,6 +393,9 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 			r.QuotaRemaining, r.QuotaReset = out.QuotaRemaining, out.QuotaReset
 		}
 		j.CostIn, j.CostOut = a.InputEstimate, j.MaxTokens
+		if out.CreatedAt > 0 {
+			j.CreatedAt = time.UnixMilli(out.CreatedAt).UTC()
+		}
 	case OverQuota:
 		r.overQuota(out.Which, out.RetryMS, out.Limit, out.Remaining)
 	case Replay:

@@ -464,3 +464,34 @@ func TestLeasePastItsTimeIsKeptWhenItsHolderRenewsInTheGrace(t *testing.T) {
 		}
 	}
 }
+
+// On Redis's clock (no clock given), a job's created_at is the moment the
+// admission reached Redis, not the caller's earlier stamp: the record and
+// the admitted job say the same, on the clock its dispatch will use.
+func TestCreatedAtIsTheAdmissionOnRedisClock(t *testing.T) {
+	rdb := redistest.Start(t).Client(t)
+	store := jobs.NewStore(rdb, jobs.Options{})
+	s := scheduler.New(rdb, store, scheduler.Options{LeaseTTL: time.Hour})
+	g := &config.ModelGroup{Name: "g", RPM: 1000, InputTPM: 1e6, OutputTPM: 1e6, MaxConcurrency: 10, Burst: time.Minute}
+	ctx := context.Background()
+	stamped := time.Now().Add(-time.Hour).UTC().Truncate(time.Millisecond) // a caller whose stamp came long before
+	j := &jobs.Job{ID: jobs.NewID(g.Name), Tenant: "t", UserID: "ann", Model: "m", Group: g.Name,
+		MaxTokens: 10, Request: []byte(`{}`), CreatedAt: stamped}
+	if res, err := s.Admit(ctx, scheduler.Admission{Job: j, Group: g, InputEstimate: 5, Policy: config.UserPolicy{Weight: 1}}); err != nil || res.Outcome != scheduler.Admitted {
+		t.Fatal(res, err)
+	}
+	rt, err := rdb.Time(ctx).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := rt.Sub(j.CreatedAt); d < 0 || d > 5*time.Second {
+		t.Fatalf("created_at %v, Redis's clock %v: want the admission's moment", j.CreatedAt, rt)
+	}
+	got, err := store.Get(ctx, j.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !got.CreatedAt.Equal(j.CreatedAt) {
+		t.Fatalf("the record's created_at %v, the admitted job's %v", got.CreatedAt, j.CreatedAt)
+	}
+}

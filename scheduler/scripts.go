@@ -102,6 +102,9 @@ type admitOut struct {
 	ETA            int    `redis:"eta"` // seconds; also Overloaded's
 	QuotaRemaining int    `redis:"quota_remaining"`
 	QuotaReset     int    `redis:"quota_reset"`
+	// CreatedAt is the admission's moment on Redis's clock (ms), which
+	// the record keeps as created_at; 0 when the caller gave the time.
+	CreatedAt int64 `redis:"created_at"`
 	// OverQuota (with Limit and Remaining) and Unavailable (with Down).
 	Which   string `redis:"which"`
 	RetryMS int64  `redis:"retry_ms"`

@@ -60,7 +60,8 @@
 -- Job ids are 115 random bits: the record is not checked for existence.
 -- Reply: name, value pairs (scheduler's admitOut), "outcome" first, one of:
 --   "ok": "event" id, "position", "eta" seconds, "quota_remaining" requests
---     (-1: unlimited), "quota_reset" seconds until the request quota is full
+--     (-1: unlimited), "quota_reset" seconds until the request quota is full,
+--     "created_at" ms on Redis's clock (0 when ARGV[1] gave the time)
 --     (position 0 and eta -2: the job waits for a batch)
 --   "quota": "which" ("requests"|"tokens"), "retry_ms", "limit", "remaining"
 --   "replay": "job" id
@@ -196,6 +197,16 @@ if ARGV[23] ~= '' then
 end
 local fields = {}
 for i = 26, #ARGV do fields[#fields + 1] = ARGV[i] end
+-- On Redis's clock, created_at is the moment of admission (the caller's
+-- stamp was taken before its request came here), on the clock every
+-- dispatch and event of the group uses: no dispatch made before the job
+-- was queued can seem to have come after it.
+local created = 0
+if tonumber(ARGV[1]) == 0 then
+  created = now
+  fields[#fields + 1] = 'created_at'
+  fields[#fields + 1] = intstr(now)
+end
 if ARGV[4] ~= '' then
   fields[#fields + 1] = 'c_pre'
   fields[#fields + 1] = ARGV[4]
@@ -232,4 +243,4 @@ if ARGV[23] ~= '' then
   remaining, reset = quota_take(KEYS[21], now, qr, qt, rph, tph, cost)
 end
 redis.call('PUBLISH', ARGV[9], 'arrival')
-return {'outcome', 'ok', 'event', ev, 'position', position, 'eta', eta, 'quota_remaining', remaining, 'quota_reset', reset}
+return {'outcome', 'ok', 'event', ev, 'position', position, 'eta', eta, 'quota_remaining', remaining, 'quota_reset', reset, 'created_at', created}
