@@ -1,13 +1,11 @@
 package accountlimits_test
 
 import (
-	"bytes"
 	"context"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -15,6 +13,7 @@ import (
 	"github.com/sluice-dev/sluice/accountlimits"
 	"github.com/sluice-dev/sluice/config"
 	"github.com/sluice-dev/sluice/fakeanthropic"
+	"github.com/sluice-dev/sluice/internal/harness"
 	"github.com/sluice-dev/sluice/internal/redistest"
 	"github.com/sluice-dev/sluice/jobs"
 	"github.com/sluice-dev/sluice/scheduler"
@@ -28,25 +27,7 @@ type env struct {
 	calls *atomic.Int64
 	sched *scheduler.Scheduler
 	group []config.ModelGroup
-	logs  *lockedBuffer
-}
-
-// lockedBuffer is a log destination a test reads while Sync.Run writes it.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
+	logs  *harness.SyncBuffer
 }
 
 func start(t *testing.T) *env {
@@ -71,7 +52,7 @@ func start(t *testing.T) *env {
 	return &env{fake: fake, url: srv.URL, calls: &calls,
 		sched: scheduler.New(rdb, jobs.NewStore(rdb, jobs.Options{}), scheduler.Options{}),
 		group: []config.ModelGroup{{Name: "sonnet", Models: []string{"claude-sonnet-4-6", "claude-sonnet-*"}, RPM: 100, InputTPM: 60000, OutputTPM: 16000}},
-		logs:  &lockedBuffer{}}
+		logs:  &harness.SyncBuffer{}}
 }
 
 func (e *env) sync(key string) *accountlimits.Sync {

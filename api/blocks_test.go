@@ -223,6 +223,13 @@ type rawEvent struct{ name, data string }
 func readRaw(t *testing.T, r io.Reader) []rawEvent {
 	t.Helper()
 	var out []rawEvent
+	scanRaw(r, func(ev rawEvent) bool { out = append(out, ev); return true })
+	return out
+}
+
+// scanRaw reads server-sent events from r and hands each to emit, until
+// the stream ends or emit returns false.
+func scanRaw(r io.Reader, emit func(rawEvent) bool) {
 	var ev rawEvent
 	sc := bufio.NewScanner(r)
 	sc.Buffer(nil, 1<<20)
@@ -230,8 +237,8 @@ func readRaw(t *testing.T, r io.Reader) []rawEvent {
 		line := sc.Text()
 		switch {
 		case line == "":
-			if ev.name != "" {
-				out = append(out, ev)
+			if ev.name != "" && !emit(ev) {
+				return
 			}
 			ev = rawEvent{}
 		case strings.HasPrefix(line, "event: "):
@@ -240,7 +247,6 @@ func readRaw(t *testing.T, r io.Reader) []rawEvent {
 			ev.data = strings.TrimPrefix(line, "data: ")
 		}
 	}
-	return out
 }
 
 func postStream(t *testing.T, url, key string, body any) []rawEvent {

@@ -79,6 +79,21 @@ func streamAndWhole(t *testing.T, client anthropic.Client, params anthropic.Mess
 	if err != nil {
 		t.Fatalf("Messages.New: %v", err)
 	}
+	acc, kinds := streamed(t, client, params)
+	if diff := cmp.Diff(summarize(t, *whole), summarize(t, acc)); diff != "" {
+		t.Errorf("streamed content differs from Messages.New (-whole +streamed):\n%s", diff)
+	}
+	if whole.StopReason != acc.StopReason || whole.Usage.OutputTokens != acc.Usage.OutputTokens {
+		t.Errorf("stop %q/%q, output %d/%d: want the same", whole.StopReason, acc.StopReason, whole.Usage.OutputTokens, acc.Usage.OutputTokens)
+	}
+	return whole, kinds
+}
+
+// streamed streams params through the SDK and returns the message it
+// accumulates, and the events' kinds in order (type, and the block's or
+// delta's type: "content_block_delta:input_json_delta").
+func streamed(t *testing.T, client anthropic.Client, params anthropic.MessageNewParams) (anthropic.Message, []string) {
+	t.Helper()
 	stream := client.Messages.NewStreaming(ctxWithTimeout(t), params)
 	defer stream.Close()
 	var acc anthropic.Message
@@ -100,13 +115,7 @@ func streamAndWhole(t *testing.T, client anthropic.Client, params anthropic.Mess
 	if err := stream.Err(); err != nil {
 		t.Fatalf("stream: %v", err)
 	}
-	if diff := cmp.Diff(summarize(t, *whole), summarize(t, acc)); diff != "" {
-		t.Errorf("streamed content differs from Messages.New (-whole +streamed):\n%s", diff)
-	}
-	if whole.StopReason != acc.StopReason || whole.Usage.OutputTokens != acc.Usage.OutputTokens {
-		t.Errorf("stop %q/%q, output %d/%d: want the same", whole.StopReason, acc.StopReason, whole.Usage.OutputTokens, acc.Usage.OutputTokens)
-	}
-	return whole, kinds
+	return acc, kinds
 }
 
 func count(kinds []string, kind string) int {
@@ -344,16 +353,7 @@ func TestDeltaFields(t *testing.T) {
 	if w.Container.ID == "" || !strings.Contains(w.RawJSON(), `"future_field"`) {
 		t.Errorf("whole message %s: want its container and future_field", w.RawJSON())
 	}
-	stream := client.Messages.NewStreaming(ctxWithTimeout(t), userParams(text, 10))
-	var acc anthropic.Message
-	for stream.Next() {
-		if err := acc.Accumulate(stream.Current()); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := stream.Err(); err != nil {
-		t.Fatal(err)
-	}
+	acc, _ := streamed(t, client, userParams(text, 10))
 	if acc.Container.ID != w.Container.ID || !strings.Contains(acc.RawJSON(), `"future_field"`) {
 		t.Errorf("streamed message %s: want the container and future_field of %s", acc.RawJSON(), w.RawJSON())
 	}

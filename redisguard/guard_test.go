@@ -1,13 +1,11 @@
 package redisguard_test
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"log/slog"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -21,26 +19,9 @@ import (
 	"github.com/sluice-dev/sluice/redisguard"
 )
 
-// logBuffer is a slog destination safe to read while the guard writes.
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-func (l *logBuffer) logger() *slog.Logger {
-	return slog.New(slog.NewTextHandler(l, &slog.HandlerOptions{Level: slog.LevelDebug}))
+// debugLogger logs everything to logs, as text.
+func debugLogger(logs *harness.SyncBuffer) *slog.Logger {
+	return slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 
 func configSet(t *testing.T, c *redis.Client, key, value string) {
@@ -150,8 +131,8 @@ func TestPolicyUnreadable(t *testing.T) {
 		t.Errorf("status %+v: want unknown, not evicting, not OK, with the error", st)
 	}
 
-	var logs logBuffer
-	g := redisguard.New(c, config.Redis{}, logs.logger())
+	var logs harness.SyncBuffer
+	g := redisguard.New(c, config.Redis{}, debugLogger(&logs))
 	if _, err := g.Check(ctx); err != nil {
 		t.Fatalf("Guard.Check refused: %v", err)
 	}
@@ -170,8 +151,8 @@ func TestPolicyUnreadable(t *testing.T) {
 // reports it in its Status and its gauges.
 func TestGuardRechecksPolicy(t *testing.T) {
 	c := redistest.Start(t).Client(t)
-	var logs logBuffer
-	g := redisguard.New(c, config.Redis{CheckInterval: 50 * time.Millisecond, Timeout: time.Second}, logs.logger())
+	var logs harness.SyncBuffer
+	g := redisguard.New(c, config.Redis{CheckInterval: 50 * time.Millisecond, Timeout: time.Second}, debugLogger(&logs))
 	if st := g.Status(); !st.CheckedAt.IsZero() {
 		t.Fatalf("status before any check: %+v", st)
 	}
@@ -215,8 +196,8 @@ func TestGuardRechecksPolicy(t *testing.T) {
 // Memory at 80% of maxmemory is warned about once per crossing.
 func TestGuardWarnsOnMemory(t *testing.T) {
 	c := redistest.Start(t).Client(t)
-	var logs logBuffer
-	g := redisguard.New(c, config.Redis{CheckInterval: 50 * time.Millisecond, Timeout: time.Second}, logs.logger())
+	var logs harness.SyncBuffer
+	g := redisguard.New(c, config.Redis{CheckInterval: 50 * time.Millisecond, Timeout: time.Second}, debugLogger(&logs))
 	ctx := context.Background()
 	used, max, err := redisguard.Memory(ctx, c)
 	if err != nil || used <= 0 || max != 0 {

@@ -41,6 +41,21 @@ type rawDelta struct {
 	Citation    json.RawMessage `json:"citation"`
 }
 
+// keep makes fields, but those named in skip, the Message's own at its
+// top level, kept as sent. A null does not undo a value already there, but
+// names a field not yet present, as the API's Message has it.
+func (a *accumulator) keep(fields map[string]json.RawMessage, skip ...string) {
+	for k, v := range fields {
+		if slices.Contains(skip, k) {
+			continue
+		}
+		if _, had := a.msg[k]; had && isNull(v) {
+			continue
+		}
+		a.msg[k] = v
+	}
+}
+
 // isNull reports whether a JSON value is null (or missing).
 func isNull(v json.RawMessage) bool {
 	v = bytes.TrimSpace(v)
@@ -121,39 +136,19 @@ func (a *accumulator) add(typ string, raw []byte) error {
 		}
 		// Every field of the delta is the Message's own at its top level
 		// (stop_reason, stop_sequence, and whatever else the API sends
-		// there: stop_details, container, newer ones), kept as sent. A null
-		// does not undo a value already there, but names a field not yet
-		// present, as the API's Message has it.
-		var d map[string]json.RawMessage
+		// there: stop_details, container, newer ones), and so are the
+		// event's own fields beside delta and usage (context_management,
+		// input_transformations), as the SDKs' accumulators make them.
+		var d, top map[string]json.RawMessage
 		if err := json.Unmarshal(ev.Delta, &d); err != nil {
 			return err
 		}
-		for k, v := range d {
-			if k == "content" || k == "usage" {
-				continue // never the delta's: the blocks and usage are built apart
-			}
-			if _, had := a.msg[k]; had && isNull(v) {
-				continue
-			}
-			a.msg[k] = v
-		}
-		// Fields of the event itself beside delta and usage
-		// (context_management, input_transformations) are the Message's
-		// too, as the SDKs' accumulators make them.
-		var top map[string]json.RawMessage
 		if err := json.Unmarshal(raw, &top); err != nil {
 			return err
 		}
-		for k, v := range top {
-			switch k {
-			case "type", "delta", "usage", "content":
-				continue
-			}
-			if _, had := a.msg[k]; had && isNull(v) {
-				continue
-			}
-			a.msg[k] = v
-		}
+		// The blocks and usage are built apart.
+		a.keep(d, "content", "usage")
+		a.keep(top, "type", "delta", "usage", "content")
 		usage, _ := a.msg["usage"].(map[string]any)
 		if usage == nil {
 			usage = map[string]any{}

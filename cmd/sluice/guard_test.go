@@ -87,8 +87,8 @@ func TestEvictingRedisRefusedAtStart(t *testing.T) {
 	path := writeConfig(t, r.URL, "http://127.0.0.1:1")
 	for _, role := range []string{"serve", "worker"} {
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		var stderr syncBuffer
-		err := run(ctx, []string{role, "--config", path, "--listen", "127.0.0.1:0"}, guardEnv(r, nil), &syncBuffer{}, &stderr)
+		var stderr harness.SyncBuffer
+		err := run(ctx, []string{role, "--config", path, "--listen", "127.0.0.1:0"}, guardEnv(r, nil), &harness.SyncBuffer{}, &stderr)
 		ended := ctx.Err()
 		cancel()
 		if err == nil {
@@ -150,11 +150,11 @@ func TestEvictingRedisWorkerReadyz(t *testing.T) {
 	r := redistest.StartArgs(t, "--maxmemory-policy", "volatile-lru")
 	path := writeGuardConfig(t)
 	ctx, cancel := context.WithCancel(context.Background())
-	var stderr syncBuffer
+	var stderr harness.SyncBuffer
 	done := make(chan error, 1)
 	go func() {
 		done <- run(ctx, []string{"worker", "--config", path, "--listen", "127.0.0.1:0"},
-			guardEnv(r, map[string]string{"SLUICE_ALLOW_EVICTING_REDIS": "true"}), &syncBuffer{}, &stderr)
+			guardEnv(r, map[string]string{"SLUICE_ALLOW_EVICTING_REDIS": "true"}), &harness.SyncBuffer{}, &stderr)
 	}()
 	defer func() {
 		cancel()

@@ -23,32 +23,14 @@ import (
 	"github.com/sluice-dev/sluice/jobs"
 )
 
-// syncBuffer is an io.Writer safe to read while run writes to it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 var listenRE = regexp.MustCompile(`(?:msg=listening what=api addr=|"msg":"listening","what":"api","addr":")(http://[0-9.:]+)`)
 
 // startRun runs the real run() with args and returns the api's base URL once
 // /healthz answers.
-func startRun(t *testing.T, args []string, getenv func(string) string) (base string, stderr *syncBuffer, stop func() error) {
+func startRun(t *testing.T, args []string, getenv func(string) string) (base string, stderr *harness.SyncBuffer, stop func() error) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	stdout, stderr := &syncBuffer{}, &syncBuffer{}
+	stdout, stderr := &harness.SyncBuffer{}, &harness.SyncBuffer{}
 	done := make(chan error, 1)
 	go func() { done <- run(ctx, args, getenv, stdout, stderr) }()
 	harness.Eventually(t, 20*time.Second, func() bool {

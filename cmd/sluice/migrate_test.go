@@ -58,7 +58,7 @@ func runOnce(t *testing.T, env func(string) string, args ...string) (string, err
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	var out, errOut syncBuffer
+	var out, errOut harness.SyncBuffer
 	err := run(ctx, args, env, &out, &errOut)
 	return out.String() + errOut.String(), err
 }
@@ -248,7 +248,7 @@ func TestDevMigratesItsOwnRedis(t *testing.T) {
 	}
 	cfg.Listen = "127.0.0.1:0"
 	runCtx, cancel := context.WithCancel(ctx)
-	var stderr syncBuffer
+	var stderr harness.SyncBuffer
 	ready := make(chan struct{})
 	done := make(chan error, 1)
 	go func() {
