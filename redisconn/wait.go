@@ -41,7 +41,7 @@ func NewWaiter(replicas int, timeout time.Duration, log *slog.Logger) *Waiter {
 	return &Waiter{replicas: replicas, timeout: timeout, log: log,
 		short: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sluice_redis_wait_short_total",
-			Help: "Writes (admissions, job ends) whose WAIT heard from fewer replicas than redis.wait_replicas within redis.wait_timeout: acknowledged but not yet known to be on a replica.",
+			Help: "WAITs after writes (a call of admissions, an attempt's start, a job's end) that heard from fewer replicas than redis.wait_replicas within redis.wait_timeout: acknowledged but not yet known to be on a replica.",
 		}, []string{"what"}),
 	}
 }

@@ -18,6 +18,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -102,6 +103,7 @@ type Scheduler struct {
 	clock     func() time.Time
 	wait      *redisconn.Waiter
 	log       *slog.Logger
+	lines     sync.Map // group name → *admitLine (admitline.go)
 }
 
 // New returns a Scheduler on rdb; store supplies job-record settings.
@@ -362,14 +364,22 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 			}
 		}
 	}
+	now, prefixes := s.now(), encodePrefixes(a.CachePrefixes)
 	fields := s.store.Fields(j)
+	if now == 0 {
+		// admit.lua stamps created_at on Redis's clock.
+		fields = withoutField(fields, "created_at")
+	}
+	if prefixes != "" {
+		fields = append(fields, "c_pre", prefixes)
+	}
 	if held.usd > 0 {
 		fields = append(fields, "q_usd", held.usd, "b_d", held.day, "b_m", held.month)
 	}
 	out, err := s.runAdmit(ctx, admitIn{
-		Now: s.now(), Group: g, Job: j,
+		Now: now, Group: g, Job: j,
 		Idempotency: idem, BodyHash: a.BodyHash, IdempotencyTTL: int(IdempotencyTTL / time.Second),
-		TTL: s.store.TTLSeconds(), Prefixes: encodePrefixes(a.CachePrefixes), Input: a.InputEstimate, Weight: weight,
+		TTL: s.store.TTLSeconds(), Prefixes: prefixes, Input: a.InputEstimate, Weight: weight,
 		HeldRequests: held.requests, HeldTokens: held.tokens, Quotas: quotas,
 		MaxQueued: a.Policy.MaxQueued, MaxWait: a.MaxWait.Milliseconds(), Deadline: deadline,
 		BatchFallback: a.BatchFallback.Milliseconds(), Fields: fields,
@@ -409,6 +419,16 @@ func (s *Scheduler) Admit(ctx context.Context, a Admission) (AdmitResult, error)
 		r.Down = time.Duration(out.DownMS) * time.Millisecond
 	}
 	return r, nil
+}
+
+// withoutField is fields (name, value pairs) less the pair named name.
+func withoutField(fields []any, name string) []any {
+	for i := 0; i+1 < len(fields); i += 2 {
+		if fields[i] == name {
+			return append(fields[:i:i], fields[i+2:]...)
+		}
+	}
+	return fields
 }
 
 // replayFirst turns a quota or budget refusal r (charged before the

@@ -72,24 +72,33 @@ type admitIn struct {
 	Fields        []any // record field, value pairs
 }
 
-func (in admitIn) call() ([]string, []any) {
-	j, g, k := in.Job, in.Group, keys{in.Group.Name}
-	ks := make([]string, 0, 21)
-	ks = append(ks, jobs.Key(j.ID), k.cache(), k.seq(), k.order(), k.finish(), k.vtime(),
-		k.costs(), k.totals(), k.lim(), in.Idempotency,
-		jobs.CountsKey(g.Name, j.Tenant, j.UserID), jobs.IndexKey(g.Name, j.Tenant, ""), jobs.IndexKey(g.Name, j.Tenant, j.UserID),
-		k.deadlines(), jobs.WaitingUsersKey(g.Name), k.live(), k.vtimeB(),
-		k.delayed(), k.delayedTags(), k.batchLine())
-	if in.Quotas != "" {
-		ks = append(ks, quotaKey(j.Tenant, j.UserID))
-	}
-	args := make([]any, 0, 25+len(in.Fields))
-	args = append(args, in.Now, j.ID, in.TTL, in.Prefixes, UserKey(j.Tenant, j.UserID), in.Input, j.MaxTokens, in.Weight,
-		wakeChannel(g.Name))
+// admitCall is one call of lua/admit.lua: the admissions of one group, in
+// order (at least one). The group's settings, the record TTL and the
+// idempotency TTL come from the first.
+type admitCall []admitIn
+
+func (b admitCall) call() ([]string, []any) {
+	first := b[0]
+	g, k := first.Group, keys{first.Group.Name}
+	ks := make([]string, 0, 15+6*len(b))
+	ks = append(ks, k.cache(), k.seq(), k.order(), k.finish(), k.vtime(), k.costs(), k.totals(), k.lim(),
+		k.deadlines(), jobs.WaitingUsersKey(g.Name), k.live(), k.vtimeB(), k.delayed(), k.delayedTags(), k.batchLine())
+	args := make([]any, 0, 9+(17+len(first.Fields))*len(b))
+	args = append(args, first.TTL, wakeChannel(g.Name))
 	args = append(args, limits(g)...)
-	args = append(args, g.MaxConcurrency, in.HeldRequests, in.HeldTokens, in.MaxQueued, in.MaxWait, in.BodyHash,
-		in.IdempotencyTTL, in.Deadline, countReads(g), in.Quotas, j.Class, in.BatchFallback)
-	args = append(args, in.Fields...)
+	args = append(args, g.MaxConcurrency, countReads(g), first.IdempotencyTTL)
+	for _, in := range b {
+		j := in.Job
+		ks = append(ks, jobs.Key(j.ID), in.Idempotency, jobs.CountsKey(g.Name, j.Tenant, j.UserID),
+			jobs.IndexKey(g.Name, j.Tenant, ""), jobs.IndexKey(g.Name, j.Tenant, j.UserID))
+		if in.Quotas != "" {
+			ks = append(ks, quotaKey(j.Tenant, j.UserID))
+		}
+		args = append(args, in.Now, j.ID, in.Prefixes, UserKey(j.Tenant, j.UserID), in.Input, j.MaxTokens, in.Weight,
+			in.HeldRequests, in.HeldTokens, in.MaxQueued, in.MaxWait, in.BodyHash, in.Deadline, in.Quotas,
+			j.Class, in.BatchFallback, len(in.Fields))
+		args = append(args, in.Fields...)
+	}
 	return ks, args
 }
 
@@ -121,8 +130,25 @@ type admitOut struct {
 	DownMS int64 `redis:"down_ms"`
 }
 
-func (s *Scheduler) runAdmit(ctx context.Context, in admitIn) (admitOut, error) {
-	return runScript[admitOut](ctx, s.rdb, s.wait, "admit", admitScript, in)
+// runAdmitCall runs lua/admit.lua once for the admissions in b, and
+// decodes its reply: one admitOut for each, in order.
+func (s *Scheduler) runAdmitCall(ctx context.Context, b admitCall) ([]admitOut, error) {
+	keys, args := b.call()
+	res, err := s.wait.Run(ctx, s.rdb, "admit", admitScript, keys, args...).Result()
+	if err != nil {
+		return nil, err
+	}
+	list, ok := res.([]any)
+	if !ok || len(list) != len(b) {
+		return nil, fmt.Errorf("scheduler: admit: a reply of %T for %d admissions", res, len(b))
+	}
+	outs := make([]admitOut, len(b))
+	for i, r := range list {
+		if err := decodeReply(r, &outs[i]); err != nil {
+			return nil, err
+		}
+	}
+	return outs, nil
 }
 
 // quotaTakeIn is lua/quota.lua's take: a job's charge to its user's
