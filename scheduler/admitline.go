@@ -2,6 +2,7 @@ package scheduler
 
 import (
 	"context"
+	"fmt"
 	"slices"
 	"sync"
 	"time"
@@ -109,10 +110,13 @@ func (s *Scheduler) runAdmit(ctx context.Context, in admitIn) (admitOut, error) 
 // everyone in it, and hands the line to whoever waits next.
 func (s *Scheduler) lead(l *admitLine, self *admitWait) (admitOut, error) {
 	l.mu.Lock()
-	var call []*admitWait
-	n := 0
-	for ; n < len(l.waiting) && len(call) < maxAdmitCall; n++ {
-		w := l.waiting[n]
+	var call, rest []*admitWait
+	for _, w := range l.waiting {
+		// Another admission chosen to make a call makes its own.
+		if len(call) == maxAdmitCall || (w.lead && w != self) {
+			rest = append(rest, w)
+			continue
+		}
 		w.taken = true
 		if err := w.ctx.Err(); err != nil {
 			// Gave up before its call: not sent.
@@ -124,19 +128,9 @@ func (s *Scheduler) lead(l *admitLine, self *admitWait) (admitOut, error) {
 		}
 		call = append(call, w)
 	}
-	l.waiting = append([]*admitWait(nil), l.waiting[n:]...)
+	l.waiting = rest
 	l.mu.Unlock()
-	defer func() {
-		l.mu.Lock()
-		if len(l.waiting) == 0 {
-			l.calls--
-		} else {
-			next := l.waiting[0]
-			next.lead = true
-			next.wake <- true
-		}
-		l.mu.Unlock()
-	}()
+	defer l.handOn()
 	if len(call) == 0 {
 		return self.out, self.err
 	}
@@ -145,7 +139,15 @@ func (s *Scheduler) lead(l *admitLine, self *admitWait) (admitOut, error) {
 		ins[i] = w.in
 	}
 	ctx, cancel := callContext(self.ctx, call)
-	outs, err := s.runAdmitCall(ctx, ins)
+	outs, err := func() (outs []admitOut, err error) {
+		// A panic would leave the others waiting forever: it is their error.
+		defer func() {
+			if r := recover(); r != nil {
+				err = fmt.Errorf("scheduler: admit call: %v", r)
+			}
+		}()
+		return s.runAdmitCall(ctx, ins)
+	}()
 	cancel()
 	for i, w := range call {
 		if err != nil {
@@ -158,6 +160,23 @@ func (s *Scheduler) lead(l *admitLine, self *admitWait) (admitOut, error) {
 		}
 	}
 	return self.out, self.err
+}
+
+// handOn ends a call: the first admission waiting that was not chosen
+// already makes the next one; with none, the line has one call fewer
+// under way. (Two calls can end before the first one chosen takes its
+// place: each must choose a different one, or a call's place is lost.)
+func (l *admitLine) handOn() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, w := range l.waiting {
+		if !w.lead {
+			w.lead = true
+			w.wake <- true
+			return
+		}
+	}
+	l.calls--
 }
 
 // callContext is a call's context: base's values, no cancellation, and the

@@ -62,17 +62,8 @@ func (lt *lineTest) waitFor(n int) {
 	}
 }
 
-func (lt *lineTest) release() {
-	lt.l.mu.Lock()
-	defer lt.l.mu.Unlock()
-	if len(lt.l.waiting) == 0 {
-		lt.l.calls--
-		return
-	}
-	next := lt.l.waiting[0]
-	next.lead = true
-	next.wake <- true
-}
+// release ends one of the calls the test holds.
+func (lt *lineTest) release() { lt.l.handOn() }
 
 type admitted struct {
 	a   Admission
@@ -255,5 +246,48 @@ func TestALongLineGoesInSeveralCalls(t *testing.T) {
 	// other one the test holds is still under way.
 	if lt.l.calls != maxAdmitCalls-1 || len(lt.l.waiting) != 0 {
 		t.Errorf("line left with %d calls under way and %d waiting, want %d and 0", lt.l.calls, len(lt.l.waiting), maxAdmitCalls-1)
+	}
+}
+
+// Both calls under way end before the admission chosen by the first takes
+// its place: the second chooses another, and every call's place comes
+// back when the line is empty.
+func TestTwoCallsEndingTogetherEachHandOn(t *testing.T) {
+	lt := newLineTest(t)
+	var as []Admission
+	for i := range 40 {
+		as = append(as, lt.admission(fmt.Sprint("u", i)))
+	}
+	wait := lt.queue(as)
+	lt.l.mu.Lock() // neither chosen admission can take its place yet
+	first := lt.l.waiting[0]
+	lt.l.mu.Unlock()
+	lt.release()
+	lt.release()
+	lt.l.mu.Lock()
+	chosen := 0
+	for _, w := range lt.l.waiting {
+		if w.lead {
+			chosen++
+		}
+	}
+	lt.l.mu.Unlock()
+	if !first.lead || chosen > 2 {
+		t.Fatalf("after two calls ended: first chosen %v, %d chosen in line", first.lead, chosen)
+	}
+	for i, r := range wait() {
+		if r.err != nil || r.res.Outcome != Admitted {
+			t.Fatalf("admission %d: %+v, %v", i, r.res, r.err)
+		}
+	}
+	lt.l.mu.Lock()
+	calls, waiting := lt.l.calls, len(lt.l.waiting)
+	lt.l.mu.Unlock()
+	if calls != 0 || waiting != 0 {
+		t.Errorf("line left with %d calls under way and %d waiting, want none", calls, waiting)
+	}
+	// Admissions after that go at once again.
+	if res, err := lt.s.Admit(context.Background(), lt.admission("later")); err != nil || res.Outcome != Admitted {
+		t.Fatalf("a later admission: %+v, %v", res, err)
 	}
 }
