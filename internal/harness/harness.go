@@ -95,7 +95,7 @@ type Env struct {
 	// `sluice serve`; Usage is the statistics recorder.
 	Metrics *metrics.Metrics
 	Usage   *usage.Recorder
-	logs    *lockedWriter
+	logs    *SyncBuffer
 	level   slog.Level
 }
 
@@ -141,7 +141,7 @@ api:
 // Start runs sluice for the test and stops it when the test ends.
 func Start(tb testing.TB, o Options) *Env {
 	tb.Helper()
-	e := &Env{logs: &lockedWriter{w: &bytes.Buffer{}}, level: slog.LevelDebug}
+	e := &Env{logs: &SyncBuffer{}, level: slog.LevelDebug}
 	if o.Quiet {
 		e.level = slog.LevelInfo
 	}
@@ -332,9 +332,7 @@ func (e *Env) Events(tb testing.TB, ctx context.Context, id, key, lastEventID st
 
 // Logs is everything the api and worker logged so far (for secret checks).
 func (e *Env) Logs() string {
-	e.logs.mu.Lock()
-	defer e.logs.mu.Unlock()
-	return e.logs.w.(*bytes.Buffer).String()
+	return e.logs.String()
 }
 
 // StartWorker starts one more worker on e's Redis, config and upstream (a

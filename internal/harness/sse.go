@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"io"
 	"strings"
-	"sync"
 	"testing"
 )
 
@@ -50,16 +49,4 @@ func terminal(ev string) bool {
 		return true
 	}
 	return false
-}
-
-// lockedWriter makes a bytes.Buffer safe for concurrent log writes.
-type lockedWriter struct {
-	mu sync.Mutex
-	w  io.Writer
-}
-
-func (l *lockedWriter) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.w.Write(p)
 }

@@ -92,10 +92,7 @@ local count_reads = ARGV[8] == '1'
 -- Redis's clock, read once for the whole call.
 local rtime
 local function redis_now()
-  if not rtime then
-    local t = redis.call('TIME')
-    rtime = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  end
+  if not rtime then rtime = clock(0) end
   return rtime
 end
 
@@ -334,8 +331,8 @@ while i <= #ARGV do
   k, i = k + nk, i + 17 + nf
 end
 
-if #costs > 0 then call('HSET', KEYS[6], unpack(costs)) end
-if tot and #costs > 0 then
+if #costs > 0 then
+  call('HSET', KEYS[6], unpack(costs))
   call('HSET', KEYS[7], 'n', intstr(tot.n), 'in', intstr(tot.i), 'out', intstr(tot.o))
 end
 if seq_set then call('SET', KEYS[2], intstr(seq)) end
