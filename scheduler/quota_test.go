@@ -2,6 +2,7 @@ package scheduler_test
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -10,6 +11,7 @@ import (
 	"github.com/sluice-dev/sluice/config"
 	"github.com/sluice-dev/sluice/internal/harness"
 	"github.com/sluice-dev/sluice/internal/redistest"
+	"github.com/sluice-dev/sluice/internal/rkeys"
 	"github.com/sluice-dev/sluice/jobs"
 	"github.com/sluice-dev/sluice/scheduler"
 )
@@ -129,4 +131,86 @@ func TestQuotaRetryNotCharged(t *testing.T) {
 			t.Errorf("quotas after the retries: %d requests, %d tokens left, want 0 and 800 (charged once)", rq.Remaining, tq.Remaining)
 		}
 	})
+}
+
+// TestAdmissionRenewsTTLsByPeriod: a user's quota hash lives two hours
+// from its last renewal, renewed once an hour (its buckets are full an
+// hour after their last change); the user's counts and job index live a
+// minute longer than a record from the user's last admission, renewed once
+// a minute; the tenant's job index is renewed by every admission. Checked
+// with a queue cap (the counts are read anyway) and without one.
+func TestAdmissionRenewsTTLsByPeriod(t *testing.T) {
+	for _, maxQueued := range []int{0, 100} {
+		t.Run(fmt.Sprint("max_queued=", maxQueued), func(t *testing.T) {
+			rdb := redistest.Start(t).Client(t)
+			clk := harness.NewClock(time.Date(2026, 11, 29, 14, 0, 0, 0, time.UTC))
+			s := scheduler.New(rdb, jobs.NewStore(rdb, jobs.Options{}), scheduler.Options{Clock: clk.Now, LeaseTTL: time.Hour})
+			ctx := context.Background()
+			g := &config.ModelGroup{Name: "one", RPM: 1000, InputTPM: 1e6, OutputTPM: 1e6, Burst: time.Minute, MaxConcurrency: 10}
+			policy := config.UserPolicy{Weight: 1, RequestsPerHour: 1000, TokensPerHour: 1e6, MaxQueued: maxQueued}
+			var record string
+			admit := func() {
+				t.Helper()
+				j := &jobs.Job{ID: jobs.NewID(g.Name), Tenant: "t", UserID: "u", Model: "m", Group: g.Name,
+					MaxTokens: 10, Request: []byte(`{}`), CreatedAt: clk.Now()}
+				res, err := s.Admit(ctx, scheduler.Admission{Job: j, Group: g, InputEstimate: 10, Policy: policy})
+				if err != nil || res.Outcome != scheduler.Admitted {
+					t.Fatal(res, err)
+				}
+				record = jobs.Key(j.ID)
+			}
+			ttl := func(k string) time.Duration {
+				t.Helper()
+				d, err := rdb.TTL(ctx, k).Result()
+				if err != nil {
+					t.Fatal(err)
+				}
+				return d
+			}
+			quota, counts, index, tenant := rkeys.Quota("t", "u"), jobs.CountsKey(g.Name, "t", "u"),
+				rkeys.UserJobs(g.Name, "t", "u"), rkeys.TenantJobs(g.Name, "t")
+			check := func(when string, want map[string]time.Duration) {
+				t.Helper()
+				for k, w := range want {
+					if d := ttl(k); d < w-2*time.Second || d > w {
+						t.Errorf("%s: %s lives %v, want %v", when, k, d, w)
+					}
+				}
+			}
+
+			admit()
+			rec := ttl(record)
+			if rec <= 0 {
+				t.Fatalf("the record lives %v", rec)
+			}
+			check("first admission", map[string]time.Duration{quota: 2 * time.Hour,
+				counts: rec + time.Minute, index: rec + time.Minute, tenant: rec})
+
+			markTTLs(t, rdb)
+			clk.Advance(59 * time.Second)
+			admit()
+			check("59 s later", map[string]time.Duration{quota: ttlMark, counts: ttlMark, index: ttlMark, tenant: rec})
+
+			clk.Advance(time.Second)
+			admit()
+			check("a minute after the first", map[string]time.Duration{quota: ttlMark,
+				counts: rec + time.Minute, index: rec + time.Minute, tenant: rec})
+
+			markTTLs(t, rdb)
+			clk.Advance(59 * time.Minute)
+			admit()
+			check("an hour after the first", map[string]time.Duration{quota: 2 * time.Hour,
+				counts: rec + time.Minute, index: rec + time.Minute, tenant: rec})
+
+			// A lost counts hash (its stamp with it) renews at once.
+			markTTLs(t, rdb)
+			if err := rdb.Del(ctx, counts).Err(); err != nil {
+				t.Fatal(err)
+			}
+			clk.Advance(time.Second)
+			admit()
+			check("after the counts were lost", map[string]time.Duration{quota: ttlMark,
+				counts: rec + time.Minute, index: rec + time.Minute, tenant: rec})
+		})
+	}
 }

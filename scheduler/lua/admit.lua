@@ -157,9 +157,11 @@ end
 
 -- What the end writes: costs, live entries and deadlines as argument lists,
 -- the listing indexes' entries by index (and the indexes to trim, with the
--- score below which entries go), waiting users' increments, and the keys
--- whose TTL is renewed.
-local costs, live, deadlines, index, trim, waiting, renew = {}, {}, {}, {}, {}, {}, {}
+-- score below which entries go; the tenant's, shared, have their TTL
+-- renewed each call), waiting users' increments, and the users' counts
+-- whose TTL (and their job index's) is renewed, with the time.
+local costs, live, deadlines, index, trim, waiting, renew, shared = {}, {}, {}, {}, {}, {}, {}, {}
+local RENEW = 60
 local admitted = false
 
 -- admit decides the job whose keys start at KEYS[k] and arguments at
@@ -192,11 +194,11 @@ local function admit(k, i, nf)
   end
 
   -- The user's quotas, when this step charges them.
-  local rph, tph, qr, qt = 0, 0, 0, 0
+  local rph, tph, qr, qt, qhas, qrenew = 0, 0, 0, 0, false, false
   if quotas ~= '' then
     local x, y = string.match(quotas, '^(%d+),(%d+)$')
     rph, tph = tonumber(x), tonumber(y)
-    qr, qt = quota_level(KEYS[k + 5], now, rph, tph)
+    qr, qt, qhas, qrenew = quota_level(KEYS[k + 5], now, rph, tph)
     local refusal = quota_refusal(qr, qt, rph, tph, cost)
     if refusal then return refusal end
   end
@@ -209,10 +211,13 @@ local function admit(k, i, nf)
     return {'outcome', 'unavailable', 'retry_ms', math.max(1000, at - now), 'down_ms', now - st.down}
   end
 
-  -- 2. Queue cap.
+  -- 2. Queue cap. (The counts' renewal stamp comes in the same read.)
   maxq = tonumber(maxq)
+  local renewed
   if maxq > 0 then
-    local queued = math.max(0, num(call('HGET', KEYS[k + 2], 'queued'), 0))
+    local c = call('HMGET', KEYS[k + 2], 'queued', 'x')
+    local queued = math.max(0, num(c[1], 0))
+    renewed = c[2]
     if queued >= maxq then return {'outcome', 'queue_limit', 'queued', queued, 'limit', maxq} end
   end
 
@@ -293,7 +298,14 @@ local function admit(k, i, nf)
   waiting[ukey] = (waiting[ukey] or 0) + 1
   live[#live + 1] = id
   live[#live + 1] = 'q' .. ukey
-  renew[KEYS[k + 2]] = true
+  -- The user's counts and job index live RENEW seconds longer than a
+  -- record from the user's last admission, renewed (stamp x in the counts)
+  -- once in RENEW seconds rather than at each admission.
+  if renewed == nil then renewed = call('HGET', KEYS[k + 2], 'x') end
+  renewed = tonumber(renewed)
+  if not renewed or now - renewed >= RENEW * 1000 or now < renewed then
+    renew[KEYS[k + 2]] = {KEYS[k + 4], now}
+  end
   -- Listing indexes, scored by creation time in ms × 1000 + the group's
   -- sequence (mod 1000), so jobs created in the same millisecond still list
   -- newest first (exact in a double until the year 2255). (Redis writes a
@@ -307,6 +319,7 @@ local function admit(k, i, nf)
     end
     ix[#ix + 1] = score
     ix[#ix + 1] = id
+    if x == k + 3 then shared[KEYS[x]] = true end
     -- Entries older than the records they name: trimmed now and then.
     if sq % 64 == 0 then trim[KEYS[x]] = (now - ttl * 1000) * 1000 end
   end
@@ -316,7 +329,7 @@ local function admit(k, i, nf)
 
   local remaining, reset = -1, 0
   if quotas ~= '' then
-    remaining, reset = quota_take(KEYS[k + 5], now, qr, qt, rph, tph, cost)
+    remaining, reset = quota_take(KEYS[k + 5], now, qr, qt, rph, tph, cost, qrenew)
   end
   admitted = true
   return {'outcome', 'ok', 'event', ev, 'position', position, 'eta', eta, 'quota_remaining', remaining, 'quota_reset', reset, 'created_at', created}
@@ -342,8 +355,12 @@ for ukey, c in pairs(waiting) do call('HINCRBY', KEYS[10], ukey, intstr(c)) end
 for key, entries in pairs(index) do
   call('ZADD', key, unpack(entries))
   if trim[key] then call('ZREMRANGEBYSCORE', key, '-inf', trim[key]) end
-  call('EXPIRE', key, ttls)
+  if shared[key] then call('EXPIRE', key, ttls) end
 end
-for key in pairs(renew) do call('EXPIRE', key, ttls) end
+for key, r in pairs(renew) do
+  call('HSET', key, 'x', intstr(r[2]))
+  call('EXPIRE', key, intstr(ttl + RENEW))
+  call('EXPIRE', r[1], intstr(ttl + RENEW))
+end
 if admitted then call('PUBLISH', ARGV[2], 'arrival') end
 return out

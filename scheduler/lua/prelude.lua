@@ -396,17 +396,19 @@ local function cache_cached(key, ps, at)
 end
 
 -- A user's hourly quotas are token buckets of the hourly figures, refilled
--- continuously, in one hash (r, t, ts) in the user's own slot (quota.lua;
--- outside a cluster admit.lua charges them in the admission's own step).
--- quota_level brings them up to now: the levels (0 for an unlimited
--- figure) and whether the hash exists.
+-- continuously, in one hash (r, t, ts, x) in the user's own slot
+-- (quota.lua; outside a cluster admit.lua charges them in the admission's
+-- own step). quota_level brings them up to now: the levels (0 for an
+-- unlimited figure), whether the hash exists, and whether its time to live
+-- is due for renewal (see quota_save).
 local function quota_level(key, now, rph, tph)
-  local q = redis.call('HMGET', key, 'r', 't', 'ts')
+  local q = redis.call('HMGET', key, 'r', 't', 'ts', 'x')
   local dt = math.max(0, now - num(q[3], now))
   local r, t = 0, 0
   if rph > 0 then r = math.min(rph, num(q[1], rph) + rph / 3600000 * dt) end
   if tph > 0 then t = math.min(tph, num(q[2], tph) + tph / 3600000 * dt) end
-  return r, t, q[3] ~= false
+  local x = tonumber(q[4])
+  return r, t, q[3] ~= false, not x or now - x >= 3600000 or now < x
 end
 
 -- quota_refusal is the reply refusing a job of cost tokens at levels r and
@@ -425,17 +427,24 @@ local function quota_refusal(r, t, rph, tph, cost)
   return nil
 end
 
--- quota_save stores the levels r and t as of now; the buckets are
--- forgotten two hours after their last change (full again by then).
-local function quota_save(key, now, r, t)
-  redis.call('HSET', key, 'r', r, 't', t, 'ts', now)
-  redis.call('EXPIRE', key, 7200)
+-- quota_save stores the levels r and t as of now. A bucket is full again
+-- an hour after its last change at most, and then it may be forgotten: the
+-- hash lives two hours from its last renewal (x), renewed when that is an
+-- hour old (renew, from quota_level), so one EXPIRE serves an hour of
+-- changes.
+local function quota_save(key, now, r, t, renew)
+  if renew then
+    redis.call('HSET', key, 'r', r, 't', t, 'ts', now, 'x', now)
+    redis.call('EXPIRE', key, 7200)
+  else
+    redis.call('HSET', key, 'r', r, 't', t, 'ts', now)
+  end
 end
 
 -- quota_take charges a job (one request, cost tokens) that quota_refusal
 -- let through; it returns the requests remaining (-1: unlimited) and the
 -- seconds until the request bucket is full.
-local function quota_take(key, now, r, t, rph, tph, cost)
+local function quota_take(key, now, r, t, rph, tph, cost, renew)
   local remaining, reset = -1, 0
   if rph > 0 then
     r = r - 1
@@ -443,6 +452,6 @@ local function quota_take(key, now, r, t, rph, tph, cost)
     reset = math.ceil((rph - r) / (rph / 3600))
   end
   if tph > 0 then t = t - cost end
-  quota_save(key, now, r, t)
+  quota_save(key, now, r, t, renew)
   return remaining, reset
 end

@@ -4,7 +4,7 @@
 -- charge is a step of its own, before the job's admission, given back when
 -- admission refuses; on one Redis admit.lua charges them in its own step.
 --
--- KEYS[1] the user's quota (hash: r, t, ts)
+-- KEYS[1] the user's quota (hash: r, t, ts, x)
 -- KEYS[2] the job's settlement mark (a give counts once per job)
 -- ARGV[1] now ms (0 = Redis TIME)   ARGV[2] "take" | "give"
 -- ARGV[3] requests per hour   ARGV[4] tokens per hour (0 = unlimited)
@@ -18,19 +18,19 @@
 --   (KEYS[2] remembers). Reply 1, or 0 when it was given already.
 local now = clock(ARGV[1])
 local rph, tph = tonumber(ARGV[3]), tonumber(ARGV[4])
-local r, t, exists = quota_level(KEYS[1], now, rph, tph)
+local r, t, exists, renew = quota_level(KEYS[1], now, rph, tph)
 
 if ARGV[2] == 'give' then
   if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', 7200) then return 0 end
   if not exists then return 1 end -- the buckets are full (or were lost): nothing to give back
   if rph > 0 then r = math.min(rph, r + tonumber(ARGV[5]) - math.min(tonumber(ARGV[7]), 1)) end
   if tph > 0 then t = math.min(tph, t + tonumber(ARGV[6]) - tonumber(ARGV[8])) end
-  quota_save(KEYS[1], now, r, t)
+  quota_save(KEYS[1], now, r, t, renew)
   return 1
 end
 
 local cost = tonumber(ARGV[5])
 local refusal = quota_refusal(r, t, rph, tph, cost)
 if refusal then return refusal end
-local remaining, reset = quota_take(KEYS[1], now, r, t, rph, tph, cost)
+local remaining, reset = quota_take(KEYS[1], now, r, t, rph, tph, cost, renew)
 return {'outcome', 'ok', 'quota_remaining', remaining, 'quota_reset', reset}
