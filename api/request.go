@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"net/url"
+	"strconv"
 	"strings"
 	"unicode/utf8"
 
@@ -449,33 +450,54 @@ func pathUserID(c *echo.Context) (string, error) {
 }
 
 func positiveInt(raw json.RawMessage, max int) (int, error) {
-	var n json.Number
-	d := json.NewDecoder(bytes.NewReader(raw))
-	d.UseNumber()
-	if err := d.Decode(&n); err != nil {
-		return 0, err
+	var i int64
+	if digits(raw) {
+		// The common case, without a decoder: a plain JSON number (no
+		// leading zero, which JSON does not allow).
+		var err error
+		if i, err = strconv.ParseInt(string(raw), 10, 64); err != nil {
+			return 0, err
+		}
+	} else {
+		var n json.Number
+		if err := json.Unmarshal(raw, &n); err != nil {
+			return 0, err
+		}
+		var err error
+		if i, err = n.Int64(); err != nil {
+			return 0, err
+		}
 	}
-	i, err := n.Int64()
-	if err != nil || i < 1 || i > int64(max) {
+	if i < 1 || i > int64(max) {
 		return 0, fmt.Errorf("out of range")
 	}
 	return int(i), nil
 }
 
+// digits reports whether b is a whole JSON number of digits alone.
+func digits(b []byte) bool {
+	if len(b) == 0 || len(b) > 18 || (b[0] == '0' && len(b) > 1) {
+		return false
+	}
+	for _, c := range b {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
+	return true
+}
+
 // decodeStrict decodes exactly one JSON value with nothing after it.
 func decodeStrict(b []byte, v any) error {
-	d := json.NewDecoder(bytes.NewReader(b))
-	if err := d.Decode(v); err != nil {
+	// json.Unmarshal refuses anything after the value too, without a
+	// decoder's copy of the body; a decoder tells why.
+	if json.Unmarshal(b, v) == nil {
+		return nil
+	}
+	if err := json.NewDecoder(bytes.NewReader(b)).Decode(v); err != nil {
 		return err
 	}
-	if d.More() {
-		return fmt.Errorf("unexpected data after the JSON value")
-	}
-	var extra json.RawMessage
-	if err := d.Decode(&extra); err == nil {
-		return fmt.Errorf("unexpected data after the JSON value")
-	}
-	return nil
+	return fmt.Errorf("unexpected data after the JSON value")
 }
 
 func jsonProblem(err error) string {

@@ -40,3 +40,44 @@ func TestFitsGroup(t *testing.T) {
 		})
 	}
 }
+
+// TestPositiveInt: max_tokens is a whole JSON number from 1 to the
+// maximum; the digits-only fast path and the decoder agree.
+func TestPositiveInt(t *testing.T) {
+	tests := []struct {
+		raw  string
+		want int // 0: refused
+	}{
+		{"1", 1}, {"1024", 1024}, {"128000", 128000}, {"128001", 0}, {"0", 0}, {"-5", 0},
+		{"012", 0}, {"1.5", 0}, {"1e3", 0}, {"1.0e2", 0}, {`"12"`, 12}, {"99999999999999999999", 0},
+		{"true", 0}, {"null", 0}, {"", 0},
+	}
+	for _, tc := range tests {
+		n, err := positiveInt([]byte(tc.raw), 128000)
+		if tc.want == 0 {
+			if err == nil {
+				t.Errorf("positiveInt(%s) = %d, want a refusal", tc.raw, n)
+			}
+			continue
+		}
+		if err != nil || n != tc.want {
+			t.Errorf("positiveInt(%s) = %d, %v; want %d", tc.raw, n, err, tc.want)
+		}
+	}
+}
+
+// TestDecodeStrict: one JSON value and nothing after it, or an error.
+func TestDecodeStrict(t *testing.T) {
+	for _, in := range []string{`{"a":1}`, " {\"a\":1}\n\t"} {
+		var v map[string]any
+		if err := decodeStrict([]byte(in), &v); err != nil || v["a"] != 1.0 {
+			t.Errorf("decodeStrict(%q) = %v, %v", in, v, err)
+		}
+	}
+	for _, in := range []string{`{"a":1} {"b":2}`, `{"a":1}]`, `{"a":1}}`, `{"a":1`, ``, `{"a":1} x`} {
+		var v map[string]any
+		if err := decodeStrict([]byte(in), &v); err == nil {
+			t.Errorf("decodeStrict(%q) accepted %v", in, v)
+		}
+	}
+}
