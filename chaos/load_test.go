@@ -374,6 +374,10 @@ type result struct {
 	notes      []string
 	misses     []string
 	done       bool // the scenario ran to its end
+	// lossMeasured: jobs lost and answers bought twice are what the
+	// scenario measures (a setting that allows them), reported in the
+	// notes rather than failed on.
+	lossMeasured bool
 }
 
 // count reads the upstream's journal and the jobs' final states and fills
@@ -489,11 +493,22 @@ func (l *load) count(t *testing.T, r *result) {
 	if len(unaccepted) > 0 {
 		miss("%d requests never accepted: %s", len(unaccepted), clip(unaccepted))
 	}
-	if r.lost != 0 {
-		miss("lost %d jobs (want 0): %s", r.lost, clip(lostWhy))
-	}
-	if r.dup != 0 {
-		miss("%d duplicate complete upstream answers (want 0): %s", r.dup, clip(dupWhy))
+	switch {
+	case r.lossMeasured:
+		r.notes = append(r.notes, fmt.Sprintf("measured, not asserted: %d of %d accepted jobs lost, %d answers bought twice", r.lost, r.accepted, r.dup))
+		if r.lost != 0 {
+			r.notes = append(r.notes, "lost: "+clip(lostWhy))
+		}
+		if r.dup != 0 {
+			r.notes = append(r.notes, "bought twice: "+clip(dupWhy))
+		}
+	default:
+		if r.lost != 0 {
+			miss("lost %d jobs (want 0): %s", r.lost, clip(lostWhy))
+		}
+		if r.dup != 0 {
+			miss("%d duplicate complete upstream answers (want 0): %s", r.dup, clip(dupWhy))
+		}
 	}
 	if r.fiveXX != 0 {
 		var s []string

@@ -17,8 +17,8 @@ import (
 	"github.com/sluice-dev/sluice/internal/rkeys"
 )
 
-// BenchmarkClusterAdmission drives POST /v1/jobs through two `sluice api`
-// processes (64 clients in all) for two model groups, against one Redis
+// BenchmarkClusterAdmission drives POST /v1/jobs through one and through
+// two `sluice api` processes (64 clients in all) for two model groups, against one Redis
 // and against a Redis Cluster of three primaries where the two groups'
 // engines live on different primaries. It reports admissions per second
 // and, per Redis primary, its share of the admissions, the scripts' time
@@ -31,11 +31,13 @@ import (
 //	go test -run '^$' -bench ClusterAdmission -benchtime 20000x ./cmd/sluice/
 func BenchmarkClusterAdmission(b *testing.B) {
 	for _, mode := range []string{"single", "cluster"} {
-		b.Run(mode, func(b *testing.B) { benchClusterAdmission(b, mode) })
+		for _, apis := range []int{1, 2} {
+			b.Run(fmt.Sprintf("%s/apis=%d", mode, apis), func(b *testing.B) { benchClusterAdmission(b, mode, apis) })
+		}
 	}
 }
 
-func benchClusterAdmission(b *testing.B, mode string) {
+func benchClusterAdmission(b *testing.B, mode string, napi int) {
 	var url string
 	var nodes []*redistest.Server
 	g2 := "haiku"
@@ -72,7 +74,7 @@ redis:
 	}
 	env := []string{"REDIS_URL=" + url, "ANTHROPIC_BASE_URL=http://127.0.0.1:1", "SLUICE_LOG_LEVEL=info"}
 	var apis []string
-	for i := 0; i < 2; i++ {
+	for i := 0; i < napi; i++ {
 		p := startProc(b, "api", path, env)
 		apis = append(apis, p.baseURL(b))
 	}
