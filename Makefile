@@ -30,6 +30,10 @@ vet: ## gofmt check, go vet and staticcheck (installed at its pinned version)
 chaos: ## fault suite, full size: real processes SIGKILLed, SIGSTOPped, restarted under load; prints a table (needs redis-server)
 	$(GO) test -race -count=1 -v -timeout 30m ./chaos -args -chaos.full
 
+.PHONY: test-ha
+test-ha: ## Redis failover tests, full size: Sentinel and Redis Cluster primaries SIGKILLed under load (needs redis-server)
+	$(GO) test -race -count=1 -v -timeout 30m -run 'TestSentinelFailover|TestClusterFailover' ./chaos -args -chaos.full
+
 .PHONY: bench
 bench: ## run the Go benchmarks
 	$(GO) test -run '^$$' -bench . -benchmem $(PKGS)
