@@ -23,8 +23,8 @@ import (
 )
 
 // The admission benchmarks drive POST /v1/jobs with 64 concurrent clients
-// for b.N requests in all, from 10,000 users in turn, and report admissions per second and the p50/p99
-// latency. BenchmarkAdmission is sluice's real path (auth, validation,
+// for b.N requests in all, from 10,000 users in turn, and report
+// admissions per second and the p50/p99 latency. BenchmarkAdmission is sluice's real path (auth, validation,
 // estimate, the admission script: idempotency, quotas, queue cap, bounded
 // wait, fair queue, record, event); BenchmarkNaiveEnqueue is the floor it
 // is compared with: an Echo handler that parses the body and calls asynq

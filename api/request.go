@@ -451,22 +451,19 @@ func pathUserID(c *echo.Context) (string, error) {
 
 func positiveInt(raw json.RawMessage, max int) (int, error) {
 	var i int64
+	var err error
 	if digits(raw) {
 		// The common case, without a decoder: a plain JSON number (no
 		// leading zero, which JSON does not allow).
-		var err error
-		if i, err = strconv.ParseInt(string(raw), 10, 64); err != nil {
-			return 0, err
-		}
+		i, err = strconv.ParseInt(string(raw), 10, 64)
 	} else {
 		var n json.Number
-		if err := json.Unmarshal(raw, &n); err != nil {
-			return 0, err
+		if err = json.Unmarshal(raw, &n); err == nil {
+			i, err = n.Int64()
 		}
-		var err error
-		if i, err = n.Int64(); err != nil {
-			return 0, err
-		}
+	}
+	if err != nil {
+		return 0, err
 	}
 	if i < 1 || i > int64(max) {
 		return 0, fmt.Errorf("out of range")

@@ -18,9 +18,10 @@ import (
 )
 
 // BenchmarkClusterAdmission drives POST /v1/jobs through one and through
-// two `sluice api` processes (64 clients in all) for two model groups, against one Redis
-// and against a Redis Cluster of three primaries where the two groups'
-// engines live on different primaries. It reports admissions per second
+// two `sluice api` processes (64 clients in all) for two model groups,
+// against one Redis and against a Redis Cluster of three primaries where
+// the two groups' engines live on different primaries. It reports
+// admissions per second
 // and, per Redis primary, its share of the admissions, the scripts' time
 // per admission it ran (wall time inside Redis: on a machine where every
 // process shares the cores, it includes waiting for one) and how many

@@ -194,11 +194,12 @@ local function admit(k, i, nf)
   end
 
   -- The user's quotas, when this step charges them.
-  local rph, tph, qr, qt, qhas, qrenew = 0, 0, 0, 0, false, false
+  local rph, tph, qr, qt, qrenew = 0, 0, 0, 0, false
   if quotas ~= '' then
     local x, y = string.match(quotas, '^(%d+),(%d+)$')
     rph, tph = tonumber(x), tonumber(y)
-    qr, qt, qhas, qrenew = quota_level(KEYS[k + 5], now, rph, tph)
+    local _
+    qr, qt, _, qrenew = quota_level(KEYS[k + 5], now, rph, tph)
     local refusal = quota_refusal(qr, qt, rph, tph, cost)
     if refusal then return refusal end
   end
@@ -302,8 +303,7 @@ local function admit(k, i, nf)
   -- record from the user's last admission, renewed (stamp x in the counts)
   -- once in RENEW seconds rather than at each admission.
   if renewed == nil then renewed = call('HGET', KEYS[k + 2], 'x') end
-  renewed = tonumber(renewed)
-  if not renewed or now - renewed >= RENEW * 1000 or now < renewed then
+  if renew_due(renewed, now, RENEW * 1000) then
     renew[KEYS[k + 2]] = {KEYS[k + 4], now}
   end
   -- Listing indexes, scored by creation time in ms × 1000 + the group's

@@ -97,6 +97,14 @@ local function num(v, def)
   return n
 end
 
+-- renew_due says whether a key whose lifetime was last renewed at stamp
+-- (ms, as stored: nil or false when never) is due again at now, period ms
+-- later (a clock that went back renews too).
+local function renew_due(stamp, now, period)
+  stamp = tonumber(stamp)
+  return not stamp or now - stamp >= period or now < stamp
+end
+
 -- lim_load reads the group's limiter state, brought up to time now.
 -- cfg = {rpm, itpm, otpm, burst_ms}
 local function lim_load(key, now, cfg)
@@ -407,8 +415,7 @@ local function quota_level(key, now, rph, tph)
   local r, t = 0, 0
   if rph > 0 then r = math.min(rph, num(q[1], rph) + rph / 3600000 * dt) end
   if tph > 0 then t = math.min(tph, num(q[2], tph) + tph / 3600000 * dt) end
-  local x = tonumber(q[4])
-  return r, t, q[3] ~= false, not x or now - x >= 3600000 or now < x
+  return r, t, q[3] ~= false, renew_due(q[4], now, 3600000)
 end
 
 -- quota_refusal is the reply refusing a job of cost tokens at levels r and
